@@ -1,0 +1,253 @@
+"""The Stable Diffusion 1.x / 2.x U-Net.
+
+    unet(x, t, context) -> prediction        x [B, C_in, h, w], t [B] or scalar, context [B, L, D]
+    unet.features(x, t, context, names)      -> {name: tensor}, stops after the deepest name asked for
+
+Hook points for primitives (nothing else in the model knows about them):
+- `procs={attention name: proc}` replaces the attention product of chosen layers for one call
+  (see `layers.Attention`); `unet.attention_names` lists the names, e.g. `down.1.attn.0.self`,
+  `mid.attn.0.cross`, `up.3.attn.2.self`.
+- `features(...)` returns named block outputs: `conv_in`, `down.0`…`down.3` (after the
+  level's downsampler), `mid`, `up.0`…`up.3` (after the level's upsampler), exactly the
+  tensors diffusers' blocks return. For SD at 512² (64² latents):
+
+      conv_in [320, 64, 64]   down.0 [320, 32, 32]   down.1 [640, 16, 16]   down.2 [1280, 8, 8]
+      down.3 [1280, 8, 8]     mid [1280, 8, 8]       up.0 [1280, 16, 16]    up.1 [1280, 32, 32]
+      up.2 [640, 64, 64]      up.3 [320, 64, 64]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import Attention, Downsample, Procs, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of an SD U-Net. `heads[i]` is the number of attention heads at level i
+    (diffusers calls this `attention_head_dim` in SD1 configs; SD2 uses 64-wide heads)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    attention: tuple[bool, ...] = (True, True, True, False)
+    heads: tuple[int, ...] = (8, 8, 8, 8)
+    layers_per_block: int = 2
+    context_dim: int = 768
+    linear_proj: bool = False
+    upcast_attention: bool = False
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        n = len(self.channels)
+        if not (len(self.attention) == len(self.heads) == n):
+            raise ValueError(f"channels, attention and heads need one entry per level, got {self}")
+
+
+SD15 = UNetConfig()
+SD21 = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, upcast_attention=True)
+SD21_BASE = replace(SD21, upcast_attention=False)
+# Same structure as SD1 / SD2 (four levels, attention on the first three), a few thousand times smaller.
+TINY_SD1 = UNetConfig(channels=(32, 64, 64, 64), heads=(2, 2, 2, 2), context_dim=32)
+TINY_SD2 = UNetConfig(
+    channels=(32, 64, 64, 64), heads=(1, 2, 2, 2), context_dim=48, linear_proj=True, upcast_attention=True
+)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, level: int, c_in: int, c_out: int, temb_dim: int, last: bool):
+        super().__init__()
+        n, g, eps = cfg.layers_per_block, cfg.norm_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResBlock(c_in if j == 0 else c_out, c_out, temb_dim, g, eps) for j in range(n)])
+        self.attentions = nn.ModuleList(
+            [
+                SpatialTransformer(
+                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention,
+                    f"down.{level}.attn.{j}", g,
+                )
+                for j in range(n if cfg.attention[level] else 0)
+            ]
+        )
+        self.downsamplers = nn.ModuleList([] if last else [Downsample(c_out)])
+
+    def forward(self, h: Tensor, temb: Tensor, context: Tensor, procs: Procs) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if len(self.attentions):
+                h = self.attentions[j](h, context, procs)
+            skips.append(h)
+        for down in self.downsamplers:
+            h = down(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, c: int, temb_dim: int):
+        super().__init__()
+        g, eps = cfg.norm_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResBlock(c, c, temb_dim, g, eps), ResBlock(c, c, temb_dim, g, eps)])
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(c, cfg.heads[-1], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention, "mid.attn.0", g)]
+        )
+
+    def forward(self, h: Tensor, temb: Tensor, context: Tensor, procs: Procs) -> Tensor:
+        h = self.resnets[0](h, temb)
+        h = self.attentions[0](h, context, procs)
+        return self.resnets[1](h, temb)
+
+
+class UpBlock(nn.Module):
+    """Up level i (0 = deepest); each resnet takes the concatenation with one skip from the down path."""
+
+    def __init__(self, cfg: UNetConfig, i: int, temb_dim: int):
+        super().__init__()
+        rev = cfg.channels[::-1]
+        n, g, eps = cfg.layers_per_block, cfg.norm_groups, cfg.norm_eps
+        level = len(rev) - 1 - i
+        c_prev, c_out, c_skip_in = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, len(rev) - 1)]
+        self.resnets = nn.ModuleList(
+            [
+                ResBlock((c_prev if j == 0 else c_out) + (c_skip_in if j == n else c_out), c_out, temb_dim, g, eps)
+                for j in range(n + 1)
+            ]
+        )
+        self.attentions = nn.ModuleList(
+            [
+                SpatialTransformer(
+                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention,
+                    f"up.{i}.attn.{j}", g,
+                )
+                for j in range(n + 1 if cfg.attention[level] else 0)
+            ]
+        )
+        self.upsamplers = nn.ModuleList([Upsample(c_out)] if i < len(rev) - 1 else [])
+
+    def forward(self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs) -> Tensor:
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+            if len(self.attentions):
+                h = self.attentions[j](h, context, procs)
+        for up in self.upsamplers:
+            h = up(h)
+        return h
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = SD15):
+        super().__init__()
+        self.config = cfg
+        c0, n = cfg.channels[0], len(cfg.channels)
+        temb_dim = 4 * c0
+        self.time_embedding = TimestepEmbedding(c0, temb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            [
+                DownBlock(cfg, i, cfg.channels[max(i - 1, 0)], cfg.channels[i], temb_dim, last=i == n - 1)
+                for i in range(n)
+            ]
+        )
+        self.mid_block = MidBlock(cfg, cfg.channels[-1], temb_dim)
+        self.up_blocks = nn.ModuleList([UpBlock(cfg, i, temb_dim) for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, c0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+        self.feature_names = (
+            ("conv_in",) + tuple(f"down.{i}" for i in range(n)) + ("mid",) + tuple(f"up.{i}" for i in range(n))
+        )
+        self.attention_names = tuple(
+m.name for m in self.modules() if isinstance(m, Attention))
+
+    @property
+    def downscale(self) -> int:
+        """Latent sizes must be multiples of this (2 per downsampling level)."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    def forward(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None) -> Tensor:
+        """x [B, C_in, h, w], t scalar or [B], context [B, L, context_dim] -> [B, C_out, h, w]."""
+        return self._run(x, t, context, procs, ())[0]
+
+    def features(
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, names: Sequence[str], procs: Procs = None
+    ) -> dict[str, Tensor]:
+        """Named block outputs (see module docstring); the network stops after the deepest one."""
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown or not names:
+            raise ValueError(f"unknown feature names {unknown or '(none given)'}; choose from {self.feature_names}")
+        return self._run(x, t, context, procs, tuple(names))[1]
+
+    def _run(
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs, names: tuple[str, ...]
+    ) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+        t = self._check_inputs(x, t, context)
+        feats: dict[str, Tensor] = {}
+
+        def keep(name: str, h: Tensor) -> bool:  # True once every requested feature is collected
+            if name in names:
+                feats[name] = h
+            return bool(names) and len(feats) == len(names)
+
+        temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
+        h = self.conv_in(x)
+        if keep("conv_in", h):
+            return None, feats
+        skips = [h]
+        for i, block in enumerate(self.down_blocks):
+            h, block_skips = block(h, temb, context, procs)
+            skips.extend(block_skips)
+            if keep(f"down.{i}", h):
+                return None, feats
+        h = self.mid_block(h, temb, context, procs)
+        if keep("mid", h):
+            return None, feats
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            h = block(h, skips[-n:], temb, context, procs)
+            del skips[-n:]
+            if keep(f"up.{i}", h):
+                return None, feats
+        return self.conv_out(F.silu(self.conv_norm_out(h))), feats
+
+    def _check_inputs(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor) -> Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, h, w] latents, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
+            raise ValueError(
+                f"latent height and width must be multiples of {self.downscale} "
+                f"(images: multiples of {8 * self.downscale}), got {tuple(x.shape[2:])}"
+            )
+        b = x.shape[0]
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be [{b}, L, {cfg.context_dim}], got shape {tuple(context.shape)}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape [{b}], got shape {tuple(t.shape)}")
+        return t
+
+    @torch.no_grad()
+    def widen_conv_in(self, in_channels: int) -> "UNet":
+        """Accept `in_channels` = k × current input channels (e.g. image and mask latents
+        concatenated, k = 2): conv_in's weight is tiled k times and divided by k, so that k equal
+        copies of the old input give the old output (Marigold's initialisation). In place."""
+        old = self.conv_in
+        k, rem = divmod(in_channels, old.in_channels)
+        if rem or k < 1:
+            raise ValueError(f"in_channels must be a multiple of {old.in_channels}, got {in_channels}")
+        new = nn.Conv2d(in_channels, old.out_channels, 3, padding=1, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.copy_(old.weight.repeat(1, k, 1, 1) / k)
+        new.bias.copy_(old.bias)
+        self.conv_in = new
+        self.config = replace(self.config, in_channels=in_channels)
+        return self
