@@ -1,0 +1,308 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unet_seg.hub import CheckpointError
+from unet_seg.models.unet import SD15, SD21, SD21_BASE, TINY_SD1, TINY_SD2, UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter: diffusers zero-initialises some convs, which hides bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return model
+
+
+def diffusers_unet(cfg: UNetConfig, folder: Path, seed: int = 0, **save_kwargs):
+    ref = perturb_(diffusers.UNet2DConditionModel(**cfg.to_diffusers()), seed).eval()
+    ref.save_pretrained(folder / "unet", safe_serialization=True, **save_kwargs)
+    return ref
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pair(request, tmp_path_factory):
+    cfg = {"sd1": TINY_SD1, "sd2": TINY_SD2}[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = diffusers_unet(cfg, folder)
+    return cfg, ref, UNet.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("t", [[0, 0], [999, 999], [1, 500], [37.5, 801.0]])
+def test_unet_matches_diffusers(pair, t):
+    cfg, ref, ours = pair
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.in_channels, 16, 24, generator=g)
+    ctx = torch.randn(2, 7, cfg.context_dim, generator=g)
+    t = torch.tensor(t)
+    with torch.no_grad():
+        expected = ref(x, t, ctx).sample
+        got = ours(x, t, ctx)
+    assert rel_err(got, expected) <= 1e-4
+
+
+def test_scalar_timestep_equals_broadcast_tensor(pair):
+    cfg, _, ours = pair
+    x, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 5, cfg.context_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, 250, ctx), ours(x, torch.full((3,), 250), ctx))
+
+
+def test_named_features_are_diffusers_block_outputs(pair):
+    cfg, ref, ours = pair
+    x, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 5, cfg.context_dim), torch.tensor([400])
+    captured = {}
+
+    def keep(name, first_of_tuple=False):
+        def hook(module, args, out):  # returns None: the block's output is left alone
+            captured[name] = out[0] if first_of_tuple else out
+
+        return hook
+
+    hooks = [b.register_forward_hook(keep(f"down.{k}", True)) for k, b in enumerate(ref.down_blocks)]
+    hooks += [b.register_forward_hook(keep(f"up.{k}")) for k, b in enumerate(ref.up_blocks)]
+    hooks.append(ref.mid_block.register_forward_hook(keep("mid")))
+    with torch.no_grad():
+        ref(x, t, ctx)
+        feats = ours.features(x, t, ctx, ours.feature_names[1:])
+    for h in hooks:
+        h.remove()
+    assert set(captured) == set(ours.feature_names[1:])
+    for name, expected in captured.items():
+        assert rel_err(feats[name], expected) <= 1e-4, name
+
+
+def test_features_early_exit_equals_full_run(pair):
+    cfg, _, ours = pair
+    x, ctx = torch.randn(2, 4, 8, 16), torch.randn(2, 3, cfg.context_dim)
+    with torch.no_grad():
+        full = ours.features(x, 10, ctx, ours.feature_names)
+        for name in ours.feature_names:
+            assert torch.equal(ours.features(x, 10, ctx, [name])[name], full[name])
+
+
+def test_procs_replace_attention_of_named_layers_only(pair):
+    cfg, _, ours = pair
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, cfg.context_dim)
+    seen = []
+
+    def zero_attention(q, k, v, name):
+        seen.append(name)
+        return torch.zeros_like(q)
+
+    target = "mid.attn.0.cross"
+    with torch.no_grad():
+        plain = ours(x, 5, ctx)
+        patched = ours(x, 5, ctx, procs={target: zero_attention})
+    assert seen == [target]
+    assert not torch.allclose(plain, patched)
+    assert target in ours.attention_names and len(set(ours.attention_names)) == len(ours.attention_names)
+
+
+@pytest.mark.parametrize("cfg, params", [(SD15, 859_520_964), (SD21, 865_910_724), (SD21_BASE, 865_910_724)])
+def test_presets_have_published_parameter_counts(cfg, params):
+    with torch.device("meta"):
+        assert sum(p.numel() for p in UNet(cfg).parameters()) == params
+
+
+@pytest.mark.parametrize("cfg", [SD15, SD21, SD21_BASE, TINY_SD1, TINY_SD2])
+def test_config_round_trips_through_diffusers_dict(cfg):
+    assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+
+
+def test_unsupported_diffusers_setting_is_refused():
+    with pytest.raises(ValueError, match="class_embed_type"):
+        UNetConfig.from_diffusers({**SD15.to_diffusers(), "class_embed_type": "timestep"})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return UNet(TINY_SD1).eval()
+
+
+@given(
+    b=st.integers(1, 3),
+    hw=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    int_t=st.booleans(),
+)
+def test_output_shape_and_dtype_follow_input(tiny, b, hw, dtype, int_t):
+    x = torch.randn(b, 4, 8 * hw[0], 8 * hw[1], dtype=dtype)
+    t = torch.randint(0, 1000, (b,)) if int_t else torch.rand(b) * 999
+    ctx = torch.randn(b, 4, TINY_SD1.context_dim, dtype=dtype)
+    model = tiny.to(dtype)
+    with torch.no_grad():
+        out = model(x, t, ctx)
+    tiny.float()
+    assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_batch_elements_are_independent(tiny):
+    x, ctx, t = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 32), torch.tensor([3, 500, 900])
+    with torch.no_grad():
+        batched = tiny(x, t, ctx)
+        single = torch.cat([tiny(x[i : i + 1], t[i : i + 1], ctx[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter(tiny):
+    x, ctx = torch.randn(1, 4, 8, 8, requires_grad=True), torch.randn(1, 3, 32)
+    tiny.zero_grad()
+    tiny(x, 100, ctx).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny.parameters())
+
+
+@pytest.mark.parametrize(
+    "x_shape, ctx_shape, t, match",
+    [
+        ((1, 3, 8, 8), (1, 3, 32), 1, "4, h, w"),
+        ((1, 4, 12, 8), (1, 3, 32), 1, "multiples of 8"),
+        ((1, 4, 8, 8), (1, 3, 64), 1, r"context must be \[1, L, 32\]"),
+        ((2, 4, 8, 8), (1, 3, 32), 1, r"context must be \[2, L, 32\]"),
+        ((2, 4, 8, 8), (2, 3, 32), torch.tensor([1, 2, 3]), r"t must be a scalar or have shape \[2\]"),
+        ((4, 8, 8), (1, 3, 32), 1, "latents"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(tiny, x_shape, ctx_shape, t, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(torch.randn(x_shape), t, torch.randn(ctx_shape))
+
+
+def test_integer_latents_are_refused(tiny):
+    with pytest.raises(TypeError, match="floating-point"):
+        tiny(torch.zeros(1, 4, 8, 8, dtype=torch.long), 1, torch.randn(1, 3, 32))
+
+
+def test_unknown_feature_name_lists_valid_ones(tiny):
+    with pytest.raises(ValueError, match="down.0"):
+        tiny.features(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 3, 32), ["decoder.9"])
+
+
+def test_widened_conv_in_on_duplicated_input_equals_original(tiny):
+    torch.manual_seed(3)
+    model = UNet(TINY_SD1).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        before = model(x, 7, ctx)
+        model.widen_conv_in(8)
+        after = model(torch.cat([x, x], dim=1), 7, ctx)
+    assert model.config.in_channels == 8
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model.widen_conv_in(12)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ref = diffusers_unet(TINY_SD2, tmp_path, max_shard_size="1MB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    ours = UNet.from_pretrained(tmp_path)
+    for name, p in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], p), name
+
+
+def test_dtype_argument_casts_weights(tmp_path):
+    diffusers_unet(TINY_SD1, tmp_path)
+    ours = UNet.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in ours.parameters())
+
+
+def test_mismatched_checkpoint_names_missing_unexpected_and_shapes(tmp_path):
+    diffusers_unet(TINY_SD1, tmp_path)
+    path = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    sd.pop("conv_out.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["conv_in.weight"] = torch.zeros(32, 8, 3, 3)
+    save_file(sd, path)
+    with pytest.raises(CheckpointError) as e:
+        UNet.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "conv_out.bias" in msg and "extra.weight" in msg and "conv_in.weight: checkpoint (32, 8, 3, 3)" in msg
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    diffusers_unet(TINY_SD1, tmp_path)
+    path = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: corrupt or truncated"):
+        UNet.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"cross_attention_dim": 32}')
+    (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="refusing a pickle"):
+        UNet.from_pretrained(tmp_path)
+
+
+def test_missing_folder_is_not_mistaken_for_a_repo(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        UNet.from_pretrained(str(tmp_path / "nope" / "deeper"))
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str = "a" * 40) -> None:
+    """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for rel, src in files.items():
+        dst = repo / "snapshots" / commit / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+
+
+def test_hub_repo_id_loads_offline_from_cache_with_pinned_revision(tmp_path, monkeypatch):
+    ref = diffusers_unet(TINY_SD1, tmp_path / "src")
+    unet_dir = tmp_path / "src" / "unet"
+    cache = tmp_path / "cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    fake_hub_cache(
+        cache,
+        "someone/tiny-sd",
+        {f"unet/{p.name}": p for p in unet_dir.iterdir()},
+        commit,
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    for revision in (None, commit):
+        ours = UNet.from_pretrained("someone/tiny-sd", revision=revision)
+        torch.testing.assert_close(ours.state_dict()["conv_in.weight"], ref.state_dict()["conv_in.weight"])
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        UNet.from_pretrained("someone/other-model")
+
+
+@pytest.mark.slow
+def test_full_sd21_unet_matches_diffusers(tmp_path):
+    """The real SD 2.1 architecture (random weights), one 32×32-latent forward."""
+    ref = diffusers_unet(SD21, tmp_path)
+    ours = UNet.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 1024, generator=g), torch.tensor([321])
+    with torch.no_grad():
+        err = rel_err(ours(x, t, ctx), ref(x, t, ctx).sample)
+    assert err <= 1e-4

@@ -1,0 +1,190 @@
+"""Where weights come from: a hub repo id or a local diffusers-layout folder -> config + state dict.
+
+Safetensors only: pickle-based files (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused, because
+loading them runs arbitrary code. Models are built on the `meta` device and take the loaded
+tensors by assignment, so a checkpoint is held in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, TypeVar, Union
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # unet/, vae/
+TRANSFORMERS_WEIGHTS = "model"  # text_encoder/
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, pickled, or not fitting the model."""
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing a pickle-based checkpoint. Unpickling runs arbitrary code; "
+            "convert it to .safetensors (e.g. with the `safetensors` package in a trusted environment)."
+        )
+
+
+def weight_filenames(weights_name: str, variant: Optional[str]) -> tuple[str, str]:
+    """(single file, sharded index) names, e.g. `diffusion_pytorch_model.fp16.safetensors`."""
+    stem = f"{weights_name}.{variant}" if variant else weights_name
+    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def component_files(
+    src: Union[str, os.PathLike],
+    subfolder: str,
+    weights_name: str,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+) -> tuple[dict, list[Path]]:
+    """Config dict and safetensors files of one component (`unet`, `vae`, `text_encoder`).
+
+    `src` is a local folder in the diffusers layout (the component in `src/subfolder`, or `src`
+    itself when it holds the component's config.json), or a hub repo id. From the hub only
+    the config and the weight files are downloaded (cached; set HF_HUB_OFFLINE=1 to use the
+    cache only); `revision` pins a branch, tag or commit.
+    """
+    path = Path(src)
+    if path.is_dir():
+        return _local_component(path, subfolder, weights_name, variant)
+    if path.exists():
+        raise CheckpointError(f"{src}: a file, not a diffusers folder (single-file checkpoints: `unet_seg.load_sd`)")
+    if not looks_like_repo_id(str(src)):
+        raise CheckpointError(f"{src}: no such folder, and not a hub repo id")
+    return _hub_component(str(src), subfolder, weights_name, revision, variant)
+
+
+def looks_like_repo_id(src: str) -> bool:
+    """`name` or `org/name`; anything path-like (leading `.`, `/`, `~`, more slashes) is not."""
+    return src.count("/") <= 1 and not src.startswith((".", "/", "~")) and not src.endswith(".safetensors")
+
+
+def _local_component(root: Path, subfolder: str, weights_name: str, variant: Optional[str]) -> tuple[dict, list[Path]]:
+    folder = root / subfolder if subfolder and (root / subfolder).is_dir() else root
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{root}: no {subfolder + '/' if subfolder else ''}config.json (diffusers layout expected)")
+    single, index = weight_filenames(weights_name, variant)
+    if (folder / single).is_file():
+        files = [folder / single]
+    elif (folder / index).is_file():
+        files = [folder / name for name in _shard_names(folder / index)]
+    else:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            refuse_pickle(folder / pickled[0])
+        raise CheckpointError(f"{folder}: neither {single} nor {index} found")
+    return _read_json(config), files
+
+
+def _hub_component(
+    repo_id: str, subfolder: str, weights_name: str, revision: Optional[str], variant: Optional[str]
+) -> tuple[dict, list[Path]]:
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=revision))
+
+    where = f"{repo_id}{'/' + subfolder if subfolder else ''}" + (f" @ {revision}" if revision else "")
+    try:
+        config = fetch("config.json")
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"hub repo {repo_id!r} not found (or private without a token)") from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{where}/config.json is not in the local cache and the hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); download it once with network access"
+        ) from e
+    except EntryNotFoundError as e:
+        raise CheckpointError(f"{where}: no config.json on the hub") from e
+    single, index = weight_filenames(weights_name, variant)
+    for name in (single, index):
+        try:
+            path = fetch(name)
+        except EntryNotFoundError:  # includes: not cached while offline
+            continue
+        if name == single:
+            return _read_json(config), [path]
+        return _read_json(config), [fetch(shard) for shard in _shard_names(path)]
+    raise CheckpointError(
+        f"{where}: neither {single} nor {index} could be found on the hub or in the cache "
+        "(pickle .bin weights are not loaded; offline, only cached files are seen)"
+    )
+
+
+def _shard_names(index: Path) -> list[str]:
+    return sorted(set(_read_json(index)["weight_map"].values()))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+def read_safetensors(
+    files: list[Path], dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
+) -> dict[str, Tensor]:
+    """All tensors of one or several safetensors files; floating tensors cast to `dtype`
+    (default float32) one at a time, so peak memory stays near one copy of the weights."""
+    dtype = dtype or torch.float32
+    device = str(device or "cpu")
+    out: dict[str, Tensor] = {}
+    for path in files:
+        refuse_pickle(path)
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    out[key] = t.to(dtype) if t.is_floating_point() else t
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+    return out
+
+
+def build_with_weights(make_model: Callable[[], M], state_dict: dict[str, Tensor], source: str) -> M:
+    """`make_model()` on the meta device, then take `state_dict` by assignment (no copy).
+
+    A state dict that does not fit raises `CheckpointError` naming the missing and unexpected
+    keys and the shape mismatches.
+    """
+    with torch.device("meta"):
+        model = make_model()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, Tensor], source: str) -> None:
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if state_dict[k].shape != expected[k]
+    ]
+    if missing or unexpected or shapes:
+
+        def listing(title: str, items: list[str]) -> str:
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20]) + more if items else ""
+
+        raise CheckpointError(
+            f"{source} does not fit the model:"
+            + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", shapes)
+        )
