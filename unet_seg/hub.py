@@ -154,6 +154,21 @@ def read_safetensors(
     return out
 
 
+def load_model(
+    make_model: Callable[[dict], M],
+    src: Union[str, os.PathLike],
+    subfolder: str,
+    weights_name: str,
+    revision: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    variant: Optional[str] = None,
+) -> M:
+    """`make_model(config dict)` with the component's weights loaded (see `component_files`)."""
+    config, files = component_files(src, subfolder, weights_name, revision, variant)
+    return build_with_weights(lambda: make_model(config), read_safetensors(files, dtype, device), f"{src}/{subfolder}")
+
+
 def build_with_weights(make_model: Callable[[], M], state_dict: dict[str, Tensor], source: str) -> M:
     """`make_model()` on the meta device, then take `state_dict` by assignment (no copy).
 

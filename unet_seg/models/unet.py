@@ -253,11 +253,10 @@ m.name for m in self.modules() if isinstance(m, Attention))
         variant: Optional[str] = None,
     ) -> "UNet":
         """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
-        from .. import hub
+        from ..hub import DIFFUSERS_WEIGHTS, load_model
 
-        config, files = hub.component_files(src, subfolder, hub.DIFFUSERS_WEIGHTS, revision, variant)
-        cfg = UNetConfig.from_diffusers(config)
-        return hub.build_with_weights(lambda: cls(cfg), hub.read_safetensors(files, dtype, device), f"{src}/{subfolder}")
+        make = lambda config: cls(UNetConfig.from_diffusers(config))  # noqa: E731
+        return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
 
     @property
     def downscale(self) -> int:

@@ -1,0 +1,237 @@
+"""The Stable Diffusion VAE (AutoencoderKL), speaking *scaled* latents.
+
+    vae.encode(img) -> z       img [B, 3, H, W] in [-1, 1]  ->  z [B, 4, H/8, W/8] = mean · scaling_factor
+    vae.decode(z)   -> img     the inverse direction; output ≈ [-1, 1] (not clamped)
+
+The VAE computes in its own parameter dtype: keep it in float32 (`vae.float()`) beside a bf16
+U-Net and it casts inputs in and outputs back, with autocast switched off inside.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import Attention, Downsample, ResBlock, Upsample
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "VAEConfig":
+        """From a diffusers `vae/config.json` dict; settings SD does not use are refused."""
+        n = len(d.get("block_out_channels", cls.channels))
+        fixed = {
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "act_fn": "silu",
+            "shift_factor": None,
+            "latents_mean": None,
+            "latents_std": None,
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+            "mid_block_add_attention": True,
+        }
+        for key, default in fixed.items():
+            value = d.get(key, default)
+            if (list(value) if isinstance(value, (list, tuple)) else value) != default:
+                raise ValueError(f"unsupported VAE setting {key}={value!r} (SD 1.x/2.x use {default!r})")
+        return cls(
+            in_channels=d.get("in_channels", 3),
+            out_channels=d.get("out_channels", 3),
+            channels=tuple(d.get("block_out_channels", cls.channels)),
+            layers_per_block=d.get("layers_per_block", 2),
+            latent_channels=d.get("latent_channels", 4),
+            norm_groups=d.get("norm_num_groups", 32),
+            scaling_factor=d.get("scaling_factor", 0.18215),
+        )
+
+    def to_diffusers(self) -> dict:
+        """Keyword arguments of diffusers' `AutoencoderKL` for the same network."""
+        n = len(self.channels)
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=["DownEncoderBlock2D"] * n,
+            up_block_types=["UpDecoderBlock2D"] * n,
+            block_out_channels=list(self.channels),
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_groups,
+            scaling_factor=self.scaling_factor,
+        )
+
+
+SD_VAE = VAEConfig()
+TINY_VAE = replace(SD_VAE, channels=(32, 32, 64, 64), layers_per_block=1)
+
+
+class SpatialSelfAttention(Attention):
+    """GroupNorm, single-head self-attention over the h·w positions, residual. [B, c, h, w] -> same."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__(c, heads=1, qkv_bias=True, name="vae.mid.attn")
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = super().forward(self.group_norm(x).flatten(2).transpose(1, 2))
+        return x + y.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(c, c, None, groups, 1e-6), ResBlock(c, c, None, groups, 1e-6)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(c, groups)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n: int, groups: int, down: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(c_in if j == 0 else c_out, c_out, None, groups, 1e-6) for j in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample(c_out, pad_asymmetric=True)] if down else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n: int, groups: int, up: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(c_in if j == 0 else c_out, c_out, None, groups, 1e-6) for j in range(n)])
+        self.upsamplers = nn.ModuleList([Upsample(c_out)] if up else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """img [B, 3, H, W] -> latent moments [B, 2·latent_channels, H/8, W/8] (before quant_conv)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n, g = cfg.channels, cfg.layers_per_block, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            [EncoderBlock(ch[max(i - 1, 0)], ch[i], n, g, down=i < len(ch) - 1) for i in range(len(ch))]
+        )
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """latent [B, latent_channels, h, w] (after post_quant_conv) -> img [B, 3, 8h, 8w]."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        rev, n, g = cfg.channels[::-1], cfg.layers_per_block + 1, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
+        self.mid_block = MidBlock(rev[0], g)
+        self.up_blocks = nn.ModuleList(
+            [DecoderBlock(rev[max(i - 1, 0)], rev[i], n, g, up=i < len(rev) - 1) for i in range(len(rev))]
+        )
+        self.conv_norm_out = nn.GroupNorm(g, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig = SD_VAE):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config.channels) - 1)
+
+    def encode(self, img: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+        """img [B, C, H, W] in [-1, 1], H and W multiples of 8 -> scaled latent [B, 4, H/8, W/8].
+
+        The posterior mean by default; `sample=True` draws z = μ + σ·ε (ε from `generator`).
+        """
+        self._check(img, self.config.in_channels, "img", self.downscale)
+        with self._own_precision(img):
+            mean, logvar = self.quant_conv(self.encoder(img.to(self._dtype))).chunk(2, dim=1)
+            z = mean
+            if sample:
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+                z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            return (z * self.config.scaling_factor).to(img.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latent [B, 4, h, w] -> image [B, C, h·8, w·8] in ≈[-1, 1]."""
+        self._check(z, self.config.latent_channels, "z", 1)
+        with self._own_precision(z):
+            x = self.post_quant_conv(z.to(self._dtype) / self.config.scaling_factor)
+            return self.decoder(x).to(z.dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    def _own_precision(self, x: Tensor):
+        """Autocast off while the VAE's weights are float32, so it really computes in float32."""
+        return torch.autocast(x.device.type, enabled=self._dtype != torch.float32)
+
+    @staticmethod
+    def _check(x: Tensor, channels: int, name: str, multiple: int) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{name} must be [B, {channels}, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"{name} height and width must be multiples of {multiple}, got {tuple(x.shape[2:])}")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: Union[str, os.PathLike],
+        subfolder: str = "vae",
+        revision: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
+        variant: Optional[str] = None,
+    ) -> "AutoencoderKL":
+        """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
+        from ..hub import DIFFUSERS_WEIGHTS, load_model
+
+        make = lambda config: cls(VAEConfig.from_diffusers(config))  # noqa: E731
+        return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
