@@ -142,7 +142,7 @@ def test_batch_elements_are_independent(tiny):
     with torch.no_grad():
         batched = tiny(x, t, ctx)
         single = torch.cat([tiny(x[i : i + 1], t[i : i + 1], ctx[i : i + 1]) for i in range(3)])
-    assert rel_err(batched, single) <= 1e-5
+    assert rel_err(batched, single) <= 1e-4  # float32 summation order differs with batch size
 
 
 def test_gradients_reach_every_parameter(tiny):

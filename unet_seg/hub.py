@@ -123,6 +123,28 @@ def _hub_component(
     )
 
 
+def fetch_files(
+    src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: list[str] = [], revision=None
+) -> Path:
+    """A local folder holding `subfolder`'s files (downloaded and cached for a hub repo id)."""
+    if Path(src).is_dir():
+        folder = Path(src) / subfolder
+        missing = [name for name in required if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: missing {', '.join(missing)}")
+        return folder
+    folder = None
+    for name in [*required, *optional]:
+        try:
+            folder = Path(hf_hub_download(str(src), name, subfolder=subfolder, revision=revision)).parent
+        except RepositoryNotFoundError as e:
+            raise CheckpointError(f"hub repo {src!r} not found (or private without a token)") from e
+        except EntryNotFoundError as e:  # includes: not cached while offline
+            if name in required:
+                raise CheckpointError(f"{src}/{subfolder}/{name}: not on the hub, or not cached while offline") from e
+    return folder
+
+
 def _shard_names(index: Path) -> list[str]:
     return sorted(set(_read_json(index)["weight_map"].values()))
 
@@ -135,10 +157,14 @@ def _read_json(path: Path) -> dict:
 
 
 def read_safetensors(
-    files: list[Path], dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
+    files: list[Path],
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    keep: Optional[Callable[[str], bool]] = None,
 ) -> dict[str, Tensor]:
-    """All tensors of one or several safetensors files; floating tensors cast to `dtype`
-    (default float32) one at a time, so peak memory stays near one copy of the weights."""
+    """The tensors of one or several safetensors files (those whose key `keep` accepts);
+    floating tensors cast to `dtype` (default float32) one at a time, so peak memory stays
+    near one copy of the weights."""
     dtype = dtype or torch.float32
     device = str(device or "cpu")
     out: dict[str, Tensor] = {}
@@ -147,6 +173,8 @@ def read_safetensors(
         try:
             with safe_open(str(path), framework="pt", device=device) as f:
                 for key in f.keys():
+                    if keep is not None and not keep(key):
+                        continue
                     t = f.get_tensor(key)
                     out[key] = t.to(dtype) if t.is_floating_point() else t
         except (SafetensorError, OSError, RuntimeError) as e:
@@ -167,6 +195,16 @@ def load_model(
     """`make_model(config dict)` with the component's weights loaded (see `component_files`)."""
     config, files = component_files(src, subfolder, weights_name, revision, variant)
     return build_with_weights(lambda: make_model(config), read_safetensors(files, dtype, device), f"{src}/{subfolder}")
+
+
+def read_shapes(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file as an empty `meta` tensor of its shape: the header only."""
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
 def build_with_weights(make_model: Callable[[], M], state_dict: dict[str, Tensor], source: str) -> M:

@@ -131,10 +131,11 @@ _DIFFUSERS_FIXED = {  # diffusers settings whose SD value is the only one implem
 SD15 = UNetConfig()
 SD21 = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, upcast_attention=True)
 SD21_BASE = replace(SD21, upcast_attention=False)
-# Same structure as SD1 / SD2 (four levels, attention on the first three), a few thousand times smaller.
-TINY_SD1 = UNetConfig(channels=(32, 64, 64, 64), heads=(2, 2, 2, 2), context_dim=32)
+# Same structure as SD1 / SD2 (four levels, attention on the first three; SD1: 8 heads per level,
+# SD2: 64-wide heads), a few hundred times smaller.
+TINY_SD1 = UNetConfig(channels=(32, 64, 64, 64), heads=(8, 8, 8, 8), context_dim=32)
 TINY_SD2 = UNetConfig(
-    channels=(32, 64, 64, 64), heads=(1, 2, 2, 2), context_dim=48, linear_proj=True, upcast_attention=True
+    channels=(64, 128, 128, 128), heads=(1, 2, 2, 2), context_dim=48, linear_proj=True, upcast_attention=True
 )
 
 

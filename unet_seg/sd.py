@@ -1,0 +1,146 @@
+"""`load_sd`: a whole Stable Diffusion checkpoint in one call.
+
+    sd = load_sd("stabilityai/stable-diffusion-2-1-base")      # hub repo id (cached, revision-pinnable)
+    sd = load_sd("path/to/diffusers/folder")                     # model_index.json, unet/, vae/, ...
+    sd = load_sd("v1-5-pruned-emaonly.safetensors")              # original single-file checkpoint
+    context = sd.encode_prompt(["a photo of a cat"])             # [1, 77, D]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import hub, ldm
+from .diffusion import NoiseSchedule
+from .models.clip import CLIPTextConfig, CLIPTextEncoder
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNet, UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+TOKENIZER_FILES = ["vocab.json", "merges.txt"], ["tokenizer_config.json", "special_tokens_map.json"]
+# SD 1.x / 2.x training schedule; single files do not store the prediction type.
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+
+
+@dataclass
+class StableDiffusion:
+    """The networks of one checkpoint (components not asked for are None) and its noise schedule."""
+
+    unet: Optional[UNet]
+    vae: Optional[AutoencoderKL]
+    text_encoder: Optional[CLIPTextEncoder]
+    tokenizer: Optional[CLIPTokenizer]
+    schedule: NoiseSchedule
+    source: str
+    notes: str = ""  # what was inferred rather than read (single files)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Union[str, list[str]]) -> Tensor:
+        """Prompts -> the U-Net's cross-attention context [B, 77, D]."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("encode_prompt needs the tokenizer and text_encoder components")
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(self.tokenizer(prompts).to(device))
+
+
+def load_sd(
+    src: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    components: Optional[Iterable[str]] = None,
+    vae_dtype: Optional[torch.dtype] = None,
+    prediction_type: Optional[str] = None,
+    variant: Optional[str] = None,
+) -> StableDiffusion:
+    """Load SD 1.x / 2.x from a hub repo id, a diffusers-layout folder or a single `.safetensors`
+    file in the original layout. `dtype` defaults to float32; `vae_dtype` (default `dtype`) lets
+    the VAE stay float32 beside a bf16 U-Net. `components` picks a subset of
+    `unet, vae, text_encoder, tokenizer`. `prediction_type` overrides the checkpoint's (single
+    files store none: SD1 is taken as epsilon, SD2 as v_prediction, and `notes` says so)."""
+    wanted = tuple(COMPONENTS if components is None else components)
+    unknown = sorted(set(wanted) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; choose from {COMPONENTS}")
+    path = Path(src)
+    if path.is_file():
+        hub.refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise hub.CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors)")
+        return _load_single_file(path, dtype, device, wanted, vae_dtype or dtype, prediction_type)
+    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+        raise hub.CheckpointError(
+            f"{path}: unknown layout: expected a diffusers folder (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/) or a single .safetensors file"
+        )
+    return _load_diffusers(src, revision, dtype, device, wanted, vae_dtype or dtype, prediction_type, variant)
+
+
+def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_type, variant) -> StableDiffusion:
+    def load(name, make, weights):
+        if name not in wanted:
+            return None
+        return hub.load_model(make, src, name, weights, revision, vae_dtype if name == "vae" else dtype, device, variant)
+
+    folder = hub.fetch_files(src, "scheduler", ["scheduler_config.json"], revision=revision)
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    if prediction_type:
+        config["prediction_type"] = prediction_type
+    return StableDiffusion(
+        unet=load("unet", lambda d: UNet(UNetConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
+        vae=load("vae", lambda d: AutoencoderKL(VAEConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
+        text_encoder=load(
+            "text_encoder", lambda d: CLIPTextEncoder(CLIPTextConfig.from_transformers(d)), hub.TRANSFORMERS_WEIGHTS
+        ),
+        tokenizer=(
+            CLIPTokenizer.from_folder(hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision))
+            if "tokenizer" in wanted
+            else None
+        ),
+        schedule=NoiseSchedule.from_config(config),
+        source=str(src) + (f" @ {revision}" if revision else ""),
+    )
+
+
+def _load_single_file(path: Path, dtype, device, wanted, vae_dtype, prediction_type) -> StableDiffusion:
+    u, v, t = ldm.split(hub.read_shapes(path))  # configs come from shapes; weights are read per component
+    if not u:
+        raise hub.CheckpointError(f"{path}: no `{ldm.UNET_PREFIX}*` tensors: not an original-layout SD checkpoint")
+    sd2 = next(s for k, s in u.items() if k.endswith("proj_in.weight")).ndim == 2
+    prediction_type = prediction_type or ("v_prediction" if sd2 else "epsilon")
+    notes = (
+        f"inferred {'SD2' if sd2 else 'SD1'} from the tensor shapes of {path.name} "
+        f"({'linear' if sd2 else 'convolutional'} attention projections, "
+        f"{'OpenCLIP' if ldm.is_openclip(t) else 'CLIP'} text encoder); prediction type {prediction_type}"
+        + (" (assumed, as for SD 2.x-768; pass prediction_type='epsilon' for 2.x-base)" if sd2 and "v" in prediction_type else "")
+    )
+
+    def build(name: str, prefix: str, dtype, make_model, convert):
+        sd = hub.read_safetensors([path], dtype, device, keep=lambda k: k.startswith(prefix))
+        return hub.build_with_weights(make_model, convert({k[len(prefix) :]: x for k, x in sd.items()}), f"{path} ({name})")
+
+    unet = vae = text_encoder = tokenizer = None
+    if "unet" in wanted:
+        unet_cfg = ldm.infer_unet_config(u, upcast_attention=sd2 and prediction_type == "v_prediction")
+        unet = build("U-Net", ldm.UNET_PREFIX, dtype, lambda: UNet(unet_cfg), lambda sd: ldm.unet_from_ldm(sd, unet_cfg))
+    if "vae" in wanted:
+        vae_cfg = ldm.infer_vae_config(v)
+        vae = build("VAE", ldm.VAE_PREFIX, vae_dtype, lambda: AutoencoderKL(vae_cfg), lambda sd: ldm.vae_from_ldm(sd, vae_cfg))
+    if "text_encoder" in wanted:
+        text_cfg = ldm.infer_text_config(t)
+        text_encoder = build(
+            "text encoder", ldm.TEXT_PREFIX, dtype, lambda: CLIPTextEncoder(text_cfg),
+            lambda sd: ldm.text_from_ldm(sd, text_cfg.layers),
+        )  # fmt: skip
+    if "tokenizer" in wanted:
+        tokenizer = CLIPTokenizer.from_bpe(pad_token="!" if sd2 else "<|endoftext|>")
+    schedule = NoiseSchedule.from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, str(path), notes)
