@@ -83,7 +83,6 @@ class Attention(nn.Module):
     """Multi-head attention whose inner product is delegated to a processor.
 
     x [B, L, dim], context [B, Lc, context_dim] (None: self-attention) -> [B, L, dim].
-    `upcast`: run the attention product in float32 when inputs are half precision.
     """
 
     def __init__(
@@ -92,13 +91,12 @@ class Attention(nn.Module):
         heads: int,
         context_dim: Optional[int] = None,
         qkv_bias: bool = False,
-        upcast: bool = False,
         name: str = "",
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
-        self.heads, self.upcast, self.name = heads, upcast, name
+        self.heads, self.name = heads, name
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
@@ -112,10 +110,7 @@ class Attention(nn.Module):
         k = self.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)
         v = self.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)
         proc = sdpa if procs is None else procs.get(self.name, sdpa)
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = proc(q.float(), k.float(), v.float(), self.name).to(q.dtype)
-        else:
-            out = proc(q, k, v, self.name)
+        out = proc(q, k, v, self.name)
         return self.to_out[0](out.transpose(1, 2).reshape(b, -1, h * out.shape[-1]))
 
 
@@ -145,12 +140,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the text context, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool, name: str):
+    def __init__(self, dim: int, heads: int, context_dim: int, name: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, upcast=upcast, name=f"{name}.self")
+        self.attn1 = Attention(dim, heads, name=f"{name}.self")
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast, name=f"{name}.cross")
+        self.attn2 = Attention(dim, heads, context_dim, name=f"{name}.cross")
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -166,15 +161,13 @@ class SpatialTransformer(nn.Module):
     x [B, c, h, w], context [B, L, context_dim] -> [B, c, h, w].
     """
 
-    def __init__(
-        self, dim: int, heads: int, context_dim: int, linear_proj: bool, upcast: bool, name: str, groups: int = 32
-    ):
+    def __init__(self, dim: int, heads: int, context_dim: int, linear_proj: bool, name: str, groups: int = 32):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         proj = (lambda: nn.Linear(dim, dim)) if linear_proj else (lambda: nn.Conv2d(dim, dim, 1))
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim, upcast, name)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim, name)])
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor, procs: Procs = None) -> Tensor:

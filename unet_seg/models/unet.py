@@ -32,7 +32,9 @@ from .layers import Attention, Downsample, Procs, ResBlock, SpatialTransformer, 
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture of an SD U-Net. `heads[i]` is the number of attention heads at level i
-    (diffusers calls this `attention_head_dim` in SD1 configs; SD2 uses 64-wide heads)."""
+    (diffusers calls this `attention_head_dim` in SD1 configs; SD2 uses 64-wide heads).
+    `upcast_attention` (SD 2.x-768) is kept for the checkpoint's config only: it guarded the
+    fp16 softmax of unfused attention, and SDPA's fused kernels accumulate in float32 anyway."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -147,7 +149,7 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(
             [
                 SpatialTransformer(
-                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention,
+                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj,
                     f"down.{level}.attn.{j}", g,
                 )
                 for j in range(n if cfg.attention[level] else 0)
@@ -174,7 +176,7 @@ class MidBlock(nn.Module):
         g, eps = cfg.norm_groups, cfg.norm_eps
         self.resnets = nn.ModuleList([ResBlock(c, c, temb_dim, g, eps), ResBlock(c, c, temb_dim, g, eps)])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(c, cfg.heads[-1], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention, "mid.attn.0", g)]
+            [SpatialTransformer(c, cfg.heads[-1], cfg.context_dim, cfg.linear_proj, "mid.attn.0", g)]
         )
 
     def forward(self, h: Tensor, temb: Tensor, context: Tensor, procs: Procs) -> Tensor:
@@ -201,7 +203,7 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(
             [
                 SpatialTransformer(
-                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj, cfg.upcast_attention,
+                    c_out, cfg.heads[level], cfg.context_dim, cfg.linear_proj,
                     f"up.{i}.attn.{j}", g,
                 )
                 for j in range(n + 1 if cfg.attention[level] else 0)
