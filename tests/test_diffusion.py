@@ -56,7 +56,7 @@ def oracle(x0: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule):
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("reference", ["DDPMScheduler", "DDIMScheduler"])
 def test_alphas_cumprod_equal_diffusers(kind, reference):
-    ref = getattr(diffusers, reference)(beta_schedule=kind, beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    ref = getattr(diffusers, reference)(**{**SD, "beta_schedule": kind}, prediction_type="v_prediction")
     ours = NoiseSchedule.from_config(dict(ref.config))  # the full config, extra keys included
     assert ours.alphas_cumprod.dtype == ref.alphas_cumprod.dtype == torch.float32
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
@@ -67,7 +67,8 @@ def test_sd_preset_is_scaled_linear_from_config():
     sd = NoiseSchedule.sd("v_prediction")
     assert torch.equal(sd.alphas_cumprod, NoiseSchedule.from_config(SD).alphas_cumprod)
     assert sd.prediction_type == "v_prediction" and NoiseSchedule.from_config(SD).prediction_type == "epsilon"
-    assert sd.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085) and sd.alphas_cumprod[-1].item() == pytest.approx(0.0047, rel=0.01)
+    assert sd.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085)
+    assert sd.alphas_cumprod[-1].item() == pytest.approx(0.0047, rel=0.01)
 
 
 @pytest.mark.parametrize(
@@ -131,9 +132,11 @@ def test_q_sample_preserves_dtype_and_device(dtype):
 @given(t=timesteps)
 def test_q_sample_gradients_are_sqrt_alpha_bar_and_sqrt_one_minus(t):
     a = NoiseSchedule.sd().alphas_cumprod.double()
-    x0, noise = randn(2, 3, 4, dtype=torch.float64).requires_grad_(), randn(2, 3, 4, seed=1, dtype=torch.float64).requires_grad_()
+    x0 = randn(2, 3, 4, dtype=torch.float64).requires_grad_()
+    noise = randn(2, 3, 4, seed=1, dtype=torch.float64).requires_grad_()
     q_sample(x0, full_t(t, 2), noise, a).sum().backward()
-    assert torch.allclose(x0.grad, a[t].sqrt().expand_as(x0)) and torch.allclose(noise.grad, (1 - a[t]).sqrt().expand_as(noise))
+    assert torch.allclose(x0.grad, a[t].sqrt().expand_as(x0))
+    assert torch.allclose(noise.grad, (1 - a[t]).sqrt().expand_as(noise))
 
 
 @given(t=st.lists(timesteps, min_size=1, max_size=3), seed=seeds)
@@ -158,7 +161,8 @@ def test_x0_and_eps_of_the_true_target_are_x0_and_noise(t, kind, seed):
     schedule = NoiseSchedule.sd(kind)
     x0, eps = randn(2, 4, 6, 6, seed=seed), randn(2, 4, 6, 6, seed=seed + 1)
     tt = full_t(t, 2)
-    got_x0, got_eps = x0_and_eps(training_target(x0, eps, tt, schedule), q_sample(x0, tt, eps, schedule.alphas_cumprod), tt, schedule)
+    x_t = q_sample(x0, tt, eps, schedule.alphas_cumprod)
+    got_x0, got_eps = x0_and_eps(training_target(x0, eps, tt, schedule), x_t, tt, schedule)
     # fp32: x0 from ε divides by √ᾱ (≥ 0.07), ε from x0 by √(1−ᾱ) (≥ 0.03)
     assert rel_err(got_x0, x0) <= 1e-5 and rel_err(got_eps, eps) <= 1e-5
 
@@ -195,7 +199,9 @@ def test_process_functions_trace_without_graph_breaks():
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("num_train_timesteps, steps_offset", [(1000, 1), (1000, 0), (999, 1)])
 def test_ddim_timesteps_equal_diffusers_for_every_step_count(spacing, num_train_timesteps, steps_offset):
-    ref = diffusers.DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset)
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset
+    )
     for n in range(1, num_train_timesteps + 1):
         ref.set_timesteps(n)
         ours = ddim_timesteps(n, num_train_timesteps, spacing, steps_offset)
@@ -225,17 +231,20 @@ def dummy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", PREDICTION_TYPES)
-@pytest.mark.parametrize("spacing, steps, offset", [("trailing", 1, 0), ("trailing", 5, 0), ("trailing", 8, 0), ("leading", 1, 1), ("leading", 6, 1), ("leading", 7, 0)])
+@pytest.mark.parametrize(
+    "spacing, steps, offset",
+    [("trailing", 1, 0), ("trailing", 5, 0), ("trailing", 8, 0), ("leading", 1, 1), ("leading", 6, 1),
+     ("leading", 7, 0)],  # where diffusers steps to the next listed timestep (see ddim_sample)
+)
 def test_ddim_sample_equals_diffusers_ddim_loop(kind, spacing, steps, offset):
-    ref = diffusers.DDIMScheduler(
-        **SD, prediction_type=kind, timestep_spacing=spacing, steps_offset=offset, clip_sample=False, set_alpha_to_one=True
-    )
+    spacing_args = {"timestep_spacing": spacing, "steps_offset": offset}
+    ref = diffusers.DDIMScheduler(**SD, **spacing_args, prediction_type=kind, clip_sample=False, set_alpha_to_one=True)
     ref.set_timesteps(steps)
-    x_T = randn(2, 4, 8, 8)
-    x = x_T
+    x = x_T = randn(2, 4, 8, 8)
     for t in ref.timesteps:
         x = ref.step(dummy_model(x, t.expand(2)), t, x).prev_sample
-    ours = ddim_sample(dummy_model, x_T, ddim_timesteps(steps, spacing=spacing, steps_offset=offset), NoiseSchedule.from_config({**SD, "prediction_type": kind}))
+    schedule = NoiseSchedule.from_config({**SD, "prediction_type": kind})
+    ours = ddim_sample(dummy_model, x_T, ddim_timesteps(steps, spacing=spacing, steps_offset=offset), schedule)
     assert rel_err(ours, x) <= 1e-4
 
 
@@ -247,7 +256,8 @@ def test_ddim_step_equals_diffusers_step(kind, steps, t, seed):
     t_prev = max(t - T // steps, 0)
     x, pred = randn(2, 4, 6, 6, seed=seed), randn(2, 4, 6, 6, seed=seed + 1)
     expected = ref.step(pred, t, x).prev_sample
-    ours = ddim_step(x, pred, full_t(t, 2), full_t(t_prev, 2), NoiseSchedule.from_config({**SD, "prediction_type": kind}))
+    schedule = NoiseSchedule.from_config({**SD, "prediction_type": kind})
+    ours = ddim_step(x, pred, full_t(t, 2), full_t(t_prev, 2), schedule)
     assert rel_err(ours, expected) <= 1e-5
 
 
@@ -364,7 +374,8 @@ def test_multires_noise_preserves_shape_dtype_device_and_unit_mean_square(shape,
     assert noise.shape == like.shape and noise.dtype == dtype and noise.device == like.device
     assert torch.isfinite(noise).all()
     tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
-    assert torch.allclose(noise.double().square().mean(dim=(1, 2, 3)), torch.ones(shape[0], dtype=torch.float64), atol=tol)
+    mean_square = noise.double().square().mean(dim=(1, 2, 3))
+    assert torch.allclose(mean_square, torch.ones_like(mean_square), atol=tol)
 
 
 @given(seed=seeds, annealed=st.booleans())

@@ -14,7 +14,6 @@ parameterisation; close over the conditioning (text context, concatenated image 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -62,9 +61,9 @@ class NoiseSchedule:
         """
         kind = config.get("beta_schedule", "linear")
         if config.get("trained_betas") is not None:
-            raise ValueError("scheduler config has trained_betas: only 'linear' and 'scaled_linear' schedules are supported")
+            raise ValueError("scheduler config has trained_betas: only 'linear' and 'scaled_linear' are supported")
         if config.get("rescale_betas_zero_snr", False):
-            raise ValueError("scheduler config has rescale_betas_zero_snr=True: zero-terminal-SNR schedules are not supported")
+            raise ValueError("scheduler config has rescale_betas_zero_snr=True: zero terminal SNR is not supported")
         start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
         steps = config.get("num_train_timesteps", 1000)
         if kind == "linear":
@@ -78,9 +77,8 @@ class NoiseSchedule:
     @classmethod
     def sd(cls, prediction_type: str = "epsilon") -> NoiseSchedule:
         """Stable Diffusion 1.x / 2.x: scaled_linear, β 0.00085 → 0.012, T = 1000."""
-        return cls.from_config(
-            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": prediction_type}
-        )
+        sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+        return cls.from_config({**sd, "prediction_type": prediction_type})
 
 
 def _describe(x) -> str:
@@ -183,7 +181,9 @@ def predict_x0(model: Model, x_t: Tensor, t: Union[int, Tensor], schedule: Noise
     return x0_and_eps(model(x_t, t), x_t, t, schedule)[0]
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "trailing", steps_offset: int = 0) -> Tensor:
+def ddim_timesteps(
+    num_steps: int, num_train_timesteps: int = 1000, spacing: str = "trailing", steps_offset: int = 0
+) -> Tensor:
     """Descending DDIM timesteps [num_steps] (int64), as diffusers' `DDIMScheduler.set_timesteps`.
 
     spacing (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Table 2):
@@ -214,7 +214,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str
 
 
 def ddim_step(x_t: Tensor, pred: Tensor, t: Tensor, t_prev: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """x_{t_prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂ (DDIM eq. 12, η = 0); t_prev = −1 means clean (ᾱ = 1).
+    """x_{t_prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂ (DDIM eq. 12, η = 0); t_prev = −1 means ᾱ = 1.
 
     x_t, pred [B, ...]; t, t_prev [B]. Equals diffusers' `DDIMScheduler.step` (clip_sample=False)
     from t to t_prev = t − T//n, with set_alpha_to_one=True for the final step.
