@@ -208,6 +208,7 @@ def ddim_timesteps(
     elif spacing == "linspace":
         t = (i * ((num_train_timesteps - 1) / max(num_steps - 1, 1))).round().flip(0)
     else:
+        # the step np.arange really takes, (start + step) − start: equal to diffusers for every n
         delta = (num_train_timesteps - num_train_timesteps / num_steps) - num_train_timesteps
         t = (num_train_timesteps + i * delta).round() - 1
     return t.long()
