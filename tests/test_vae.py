@@ -79,6 +79,16 @@ def test_float32_vae_stays_float32_under_bf16_autocast(tiny):
     torch.testing.assert_close(autocast.float(), plain, rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_vae_does_not_switch_autocast_on():
+    vae = AutoencoderKL(TINY_VAE).bfloat16().eval()
+    seen = []
+    hook = vae.encoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 16, 16).bfloat16())
+    hook.remove()
+    assert seen == [False] and z.dtype == torch.bfloat16
+
+
 def test_gradients_flow_through_decode(tiny):
     z = torch.randn(1, 4, 2, 2, requires_grad=True)
     tiny.decode(z).square().mean().backward()

@@ -10,6 +10,7 @@ U-Net and it casts inputs in and outputs back, with autocast switched off inside
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
@@ -208,8 +209,9 @@ class AutoencoderKL(nn.Module):
         return self.post_quant_conv.weight.dtype
 
     def _own_precision(self, x: Tensor):
-        """Autocast off while the VAE's weights are float32, so it really computes in float32."""
-        return torch.autocast(x.device.type, enabled=self._dtype != torch.float32)
+        """Autocast off while the VAE's weights are float32, so it really computes in float32;
+        otherwise the caller's autocast state stands."""
+        return torch.autocast(x.device.type, enabled=False) if self._dtype == torch.float32 else nullcontext()
 
     @staticmethod
     def _check(x: Tensor, channels: int, name: str, multiple: int) -> None:
