@@ -1,0 +1,287 @@
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unet_seg.attention import (
+    AgentQueries,
+    AgentRefinement,
+    attention_map_capture,
+    cross_attention_layers,
+    kv_fusion_attention,
+    kv_fusion_procs,
+    self_attention_layers,
+)
+from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_unet(which: str) -> UNet:
+    torch.manual_seed({"sd1": 0, "sd2": 1}[which])
+    return UNet({"sd1": TINY_SD1, "sd2": TINY_SD2}[which]).eval()
+
+
+def grouped_qkv(groups, supports, heads, length, d, seed):
+    """q, k, v [G·(1+S), heads, L, d] in the episode layout."""
+    b = groups * (1 + supports)
+    return [randn(b, heads, length, d, seed=seed + i) for i in range(3)]
+
+
+def episodes(x, groups, supports):
+    return x.unflatten(0, (groups, 1 + supports))
+
+
+episode_shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 8))
+
+
+# ------------------------------------------------------------------------ layer-name helpers
+
+
+def test_layer_name_helpers_split_self_and_cross_attention():
+    names = tiny_unet("sd1").attention_names
+    self_layers, cross_layers = self_attention_layers(names), cross_attention_layers(names)
+    assert self_layers and cross_layers
+    assert all(n.endswith(".self") for n in self_layers) and all(n.endswith(".cross") for n in cross_layers)
+    assert sorted(self_layers + cross_layers) == sorted(names)
+
+
+# ------------------------------------------------------------------------ attention-map capture
+
+
+@given(
+    b=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    lat=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    s_exp=st.integers(0, 2),
+    lk=st.integers(1, 9),
+    d=st.integers(1, 8),
+    seed=seeds,
+)
+def test_attention_map_capture_returns_sdpa_output_and_head_mean_softmax_maps(b, heads, lat, s_exp, lk, d, seed):
+    s = 2**s_exp
+    lat_h, lat_w = lat[0] * s, lat[1] * s  # the layer's grid is lat at downsampling s
+    lq = lat[0] * lat[1]
+    q, k, v = randn(b, heads, lq, d, seed=seed), randn(b, heads, lk, d, seed=seed + 1), randn(b, heads, lk, d, seed=seed + 2)
+    procs, maps = attention_map_capture(["layer"], (lat_h, lat_w))
+    out = procs["layer"](q, k, v, "layer")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    manual = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1).mean(1)  # [B, Lq, Lk]
+    expected = manual.transpose(1, 2).reshape(b, lk, lat[0], lat[1])
+    torch.testing.assert_close(maps["layer"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps["layer"].sum(1), torch.ones(b, lat[0], lat[1]))
+
+
+def test_attention_map_capture_records_every_requested_unet_layer_with_its_grid():
+    unet = tiny_unet("sd2")
+    layers = cross_attention_layers(unet.attention_names)
+    procs, maps = attention_map_capture(layers, (16, 8))
+    x, ctx = randn(2, 4, 16, 8), randn(2, 5, TINY_SD2.context_dim, seed=1)
+    with torch.no_grad():
+        out = unet(x, 500, ctx, procs=procs)
+        torch.testing.assert_close(out, unet(x, 500, ctx), rtol=1e-5, atol=1e-5)
+    assert set(maps) == set(layers)
+    level_of = {"down.0": 0, "down.1": 1, "down.2": 2, "mid": 3, "up.1": 2, "up.2": 1, "up.3": 0}
+    for name, m in maps.items():
+        s = 2 ** level_of[name.split(".attn.")[0]]
+        assert m.shape == (2, 5, 16 // s, 8 // s), name
+        torch.testing.assert_close(m.sum(1), torch.ones(2, 16 // s, 8 // s))
+
+
+def test_attention_map_capture_rejects_a_sequence_that_is_no_grid_of_the_latent():
+    procs, _ = attention_map_capture(["a"], (8, 8))
+    q = randn(1, 1, 6, 4)  # 6 tokens: no (8/s)·(8/s) grid
+    with pytest.raises(ValueError, match="no .* grid"):
+        procs["a"](q, q, q, "a")
+    with pytest.raises(ValueError, match="latent_size"):
+        attention_map_capture(["a"], (0, 8))
+
+
+def test_attention_map_capture_compiles_without_graph_breaks():
+    procs, maps = attention_map_capture(["a"], (4, 4))
+    q = randn(2, 2, 16, 4)
+    out = torch.compile(lambda q: procs["a"](q, q, q, "a"), fullgraph=True, backend="eager")(q)
+    assert out.shape == q.shape and maps["a"].shape == (2, 16, 4, 4)
+
+
+# ------------------------------------------------------------------------ KV fusion
+
+
+@given(shape=episode_shapes, seed=seeds)
+def test_kv_fusion_without_supports_equals_self_attention(shape, seed):
+    groups, _, heads, length, d = shape
+    q, k, v = grouped_qkv(groups, 0, heads, length, d, seed)
+    torch.testing.assert_close(kv_fusion_attention(q, k, v, 0), F.scaled_dot_product_attention(q, k, v))
+
+
+@given(shape=episode_shapes, seed=seeds)
+def test_kv_fusion_matches_explicit_concatenation_per_episode(shape, seed):
+    groups, supports, heads, length, d = shape
+    q, k, v = grouped_qkv(groups, supports, heads, length, d, seed)
+    out = episodes(kv_fusion_attention(q, k, v, supports), groups, supports)
+    qe, ke, ve = (episodes(x, groups, supports) for x in (q, k, v))
+    for g in range(groups):
+        k_cat = torch.cat(list(ke[g]), dim=1)  # [heads, (1+S)·L, d]
+        v_cat = torch.cat(list(ve[g]), dim=1)
+        weights = torch.softmax(qe[g, 0] @ k_cat.transpose(-1, -2) / d**0.5, dim=-1)
+        torch.testing.assert_close(out[g, 0], weights @ v_cat, rtol=1e-5, atol=1e-5)
+        for s in range(1, 1 + supports):  # supports: plain self-attention
+            torch.testing.assert_close(out[g, s], F.scaled_dot_product_attention(qe[g, s], ke[g, s], ve[g, s]))
+
+
+@given(shape=episode_shapes, seed=seeds)
+def test_kv_fusion_with_supports_identical_to_query_equals_attention_on_duplicated_sequence(shape, seed):
+    groups, supports, heads, length, d = shape
+    q, k, v = grouped_qkv(groups, 0, heads, length, d, seed)
+    grouped = [x.repeat_interleave(1 + supports, dim=0) for x in (q, k, v)]  # every image = its query
+    out = episodes(kv_fusion_attention(*grouped, supports), groups, supports)[:, 0]
+    duplicated = F.scaled_dot_product_attention(q, k.repeat(1, 1, 1 + supports, 1), v.repeat(1, 1, 1 + supports, 1))
+    torch.testing.assert_close(out, duplicated, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@given(shape=episode_shapes, seed=seeds, data=st.data())
+def test_kv_fusion_is_permutation_invariant_over_supports(shape, seed, data):
+    groups, supports, heads, length, d = shape
+    q, k, v = grouped_qkv(groups, supports, heads, length, d, seed)
+    perm = data.draw(st.permutations(range(supports)))
+    order = torch.tensor([0] + [1 + p for p in perm])
+    permute = lambda x: episodes(x, groups, supports)[:, order].flatten(0, 1)  # noqa: E731
+    out = kv_fusion_attention(q, k, v, supports)
+    out_permuted = kv_fusion_attention(permute(q), permute(k), permute(v), supports)
+    torch.testing.assert_close(out_permuted, permute(out), rtol=1e-5, atol=1e-5)
+
+
+@given(shape=episode_shapes, seed=seeds, data=st.data())
+def test_kv_fusion_padding_mask_makes_padded_supports_irrelevant(shape, seed, data):
+    groups, supports, heads, length, d = shape
+    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=supports, max_size=supports), min_size=groups, max_size=groups)))
+    q, k, v = grouped_qkv(groups, supports, heads, length, d, seed)
+    padded = torch.cat([torch.zeros(groups, 1, dtype=torch.bool), ~mask], dim=1).flatten()  # [B]
+    k2, v2 = k.clone(), v.clone()
+    k2[padded], v2[padded] = randn(int(padded.sum()), heads, length, d, seed=seed + 7) * 5, 0.0
+    query = lambda x: episodes(x, groups, supports)[:, 0]  # noqa: E731
+    out = query(kv_fusion_attention(q, k, v, supports, mask))
+    torch.testing.assert_close(out, query(kv_fusion_attention(q, k2, v2, supports, mask)))
+    # the same as dropping the padded supports from each episode
+    for g in range(groups):
+        keep = [0] + [1 + s for s in range(supports) if mask[g, s]]
+        qe, ke, ve = (episodes(x, groups, supports)[g, keep] for x in (q, k, v))
+        expected = kv_fusion_attention(qe, ke, ve, len(keep) - 1)[0]
+        torch.testing.assert_close(out[g], expected, rtol=1e-5, atol=1e-5)
+
+
+@given(shape=episode_shapes, seed=seeds)
+def test_kv_fusion_subsample_with_one_valid_support_equals_one_shot(shape, seed):
+    groups, supports, heads, length, d = shape
+    supports += 1  # subsampling needs S >= 2
+    q, k, v = grouped_qkv(groups, supports, heads, length, d, seed)
+    mask = torch.zeros(groups, supports, dtype=torch.bool)
+    mask[:, supports // 2] = True  # the L sampled tokens are exactly this support's
+    got = kv_fusion_attention(q, k, v, supports, mask, subsample=True, generator=torch.Generator().manual_seed(seed))
+    expected = kv_fusion_attention(q, k, v, supports, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_fusion_subsample_draws_reproducibly_from_the_generator():
+    q, k, v = grouped_qkv(2, 4, 2, 16, 8, seed=3)
+    run = lambda seed: kv_fusion_attention(q, k, v, 4, subsample=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    torch.testing.assert_close(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+    assert not torch.allclose(run(0), kv_fusion_attention(q, k, v, 4))  # attends to L of the 4L support tokens
+
+
+def test_kv_fusion_subsample_compiles_without_graph_breaks_on_the_global_rng():
+    q, k, v = grouped_qkv(2, 3, 2, 8, 4, seed=0)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    fn = lambda q, k, v: kv_fusion_attention(q, k, v, 3, mask, subsample=True)  # noqa: E731
+    assert torch.compile(fn, fullgraph=True, backend="eager")(q, k, v).shape == q.shape
+
+
+@pytest.mark.parametrize("which", ["sd1", "sd2"])
+def test_kv_fusion_on_all_unet_self_attention_changes_queries_and_leaves_supports_plain(which):
+    unet, cfg = tiny_unet(which), {"sd1": TINY_SD1, "sd2": TINY_SD2}[which]
+    groups, supports = 2, 2
+    b = groups * (1 + supports)
+    x, ctx, t = randn(b, 4, 8, 8), randn(b, 3, cfg.context_dim, seed=1), torch.arange(b) * 100
+    procs = kv_fusion_procs(self_attention_layers(unet.attention_names), supports)
+    with torch.no_grad():
+        fused, plain = unet(x, t, ctx, procs=procs), unet(x, t, ctx)
+    is_query = torch.arange(b) % (1 + supports) == 0
+    torch.testing.assert_close(fused[~is_query], plain[~is_query], rtol=1e-5, atol=1e-5)
+    assert (fused[is_query] - plain[is_query]).abs().amax() > 1e-3
+
+
+def test_kv_fusion_rejects_bad_layouts_and_masks():
+    q, k, v = grouped_qkv(2, 2, 1, 4, 4, seed=0)
+    with pytest.raises(ValueError, match="episodes of 1 query \\+ 3 supports"):
+        kv_fusion_attention(q, k, v, 3)
+    with pytest.raises(TypeError, match="bool"):
+        kv_fusion_attention(q, k, v, 2, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="shape \\[G, S=2\\]"):
+        kv_fusion_attention(q, k, v, 2, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="1 episodes"):
+        kv_fusion_attention(q, k, v, 2, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Lq == Lk"):
+        kv_fusion_attention(q, k[:, :, :2], v[:, :, :2], 2)
+    with pytest.raises(ValueError, match="self-attention layers"):
+        kv_fusion_procs(["down.0.attn.0.cross"], 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        kv_fusion_procs(["down.0.attn.0.self"], -1)
+
+
+# ------------------------------------------------------------------------ agent queries (QueryDiff)
+
+
+@settings(max_examples=8)
+@given(
+    b=st.integers(1, 2),
+    r=st.integers(1, 6),
+    channels=st.lists(st.sampled_from([8, 16]), min_size=1, max_size=4),
+    seed=seeds,
+)
+def test_agent_queries_have_documented_shapes_and_gradients_reach_q_init(b, r, channels, seed):
+    torch.manual_seed(seed)
+    dim, heads = 16, 2
+    agent = AgentQueries(channels, num_queries=r, dim=dim, heads=heads)
+    refine = AgentRefinement(channels=8, query_dim=dim, heads=heads)
+    stages = [randn(b, c, 8 // 2**i, 4, seed=seed + i) for i, c in enumerate(channels)]
+    q_agent = agent(stages)
+    assert q_agent.shape == (b, r, dim)
+    pixels = randn(b, 8, 6, 5, seed=seed + 9)
+    refined = refine(pixels, q_agent)
+    assert refined.shape == pixels.shape and refined.dtype == pixels.dtype
+    refined.square().mean().backward()
+    assert agent.q_init.grad is not None and agent.q_init.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in refine.parameters())
+
+
+def test_agent_queries_treat_batch_rows_independently():
+    torch.manual_seed(0)
+    agent, refine = AgentQueries([8, 16], num_queries=4, dim=16, heads=2), AgentRefinement(8, 16, heads=2)
+    stages, pixels = [randn(3, 8, 4, 4), randn(3, 16, 2, 2, seed=1)], randn(3, 8, 5, 5, seed=2)
+    out = refine(pixels, agent(stages))
+    perm = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(refine(pixels[perm], agent([s[perm] for s in stages])), out[perm])
+
+
+def test_agent_modules_reject_wrong_shapes():
+    agent, refine = AgentQueries([8, 16], num_queries=4, dim=16, heads=2), AgentRefinement(8, 16, heads=2)
+    with pytest.raises(ValueError, match="expected 2 stage"):
+        agent([randn(1, 8, 4, 4)])
+    with pytest.raises(ValueError, match="stage 1 features must be \\[1, 16, h, w\\]"):
+        agent([randn(1, 8, 4, 4), randn(1, 8, 2, 2)])
+    with pytest.raises(ValueError, match="pixels must be"):
+        refine(randn(1, 4, 4, 4), randn(1, 4, 16))
+    with pytest.raises(ValueError, match="queries must be"):
+        refine(randn(1, 8, 4, 4), randn(1, 4, 8))
+    with pytest.raises(ValueError, match="at least one"):
+        AgentQueries([])
