@@ -1,0 +1,187 @@
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unet_seg.diffusion import NoiseSchedule, q_sample
+from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
+from unet_seg.taps import timestep_features
+
+from .helpers import rel_err
+
+CONFIGS = {"sd1": TINY_SD1, "sd2": TINY_SD2}
+ALPHAS = NoiseSchedule.sd().alphas_cumprod
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_unet(which: str) -> UNet:
+    torch.manual_seed({"sd1": 0, "sd2": 1}[which])
+    return UNet(CONFIGS[which]).eval()
+
+
+def inputs(which, b, h=8, w=8, seed=0):
+    return randn(b, 4, h, w, seed=seed), randn(b, 3, CONFIGS[which].context_dim, seed=seed + 1)
+
+
+@given(
+    which=st.sampled_from(["sd1", "sd2"]),
+    b=st.integers(1, 2),
+    ts=st.lists(st.integers(0, 999), min_size=1, max_size=3),
+    names=st.lists(st.sampled_from(["conv_in", "down.1", "mid", "up.0", "up.2", "up.3"]), min_size=1, max_size=3, unique=True),
+    seed=seeds,
+)
+def test_timesteps_in_one_call_equal_separate_per_timestep_forwards(which, b, ts, names, seed):
+    unet = tiny_unet(which)
+    z0, ctx = inputs(which, b, 16, 16, seed=seed)
+    noise = randn(b, len(ts), 4, 16, 16, seed=seed + 2)
+    with torch.no_grad():
+        got = timestep_features(unet, z0, ts, ctx, names, alphas_cumprod=ALPHAS, noise=noise)
+        for k, t in enumerate(ts):
+            t_b = torch.full((b,), t)
+            x_t = q_sample(z0, t_b, noise[:, k], ALPHAS)
+            expected = unet.features(x_t, t_b, ctx, names)
+            for n in names:
+                assert got[n].shape[:2] == (b, len(ts))
+                # batch-size-dependent conv kernels differ in rounding; GroupNorm amplifies it
+                assert rel_err(got[n][:, k], expected[n]) <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["sd1", "sd2"])
+def test_early_exit_features_equal_the_full_runs_and_skip_deeper_blocks(which):
+    unet = tiny_unet(which)
+    z0, ctx = inputs(which, 2)
+    noise = randn(2, 2, 4, 8, 8, seed=5)
+    called = set()
+
+    def recording(q, k, v, name):
+        called.add(name)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    procs = {n: recording for n in unet.attention_names}
+    kwargs = dict(alphas_cumprod=ALPHAS, noise=noise, procs=procs)
+    with torch.no_grad():
+        early = timestep_features(unet, z0, [10, 700], ctx, ["down.1"], **kwargs)
+        assert called and not any(n.startswith(("mid", "up")) for n in called)
+        full = timestep_features(unet, z0, [10, 700], ctx, list(unet.feature_names), **kwargs)
+    assert any(n.startswith("up.3") for n in called)
+    torch.testing.assert_close(early["down.1"], full["down.1"])
+
+
+def test_timestep_features_run_one_batched_unet_forward(monkeypatch):
+    unet = tiny_unet("sd1")
+    batches = []
+    original = unet.features
+    monkeypatch.setattr(unet, "features", lambda x, *a, **kw: batches.append(x.shape[0]) or original(x, *a, **kw))
+    z0, ctx = inputs("sd1", 3)
+    with torch.no_grad():
+        out = timestep_features(unet, z0, [1, 2, 3, 4], ctx, ["up.1"], alphas_cumprod=ALPHAS)
+    assert batches == [12] and out["up.1"].shape[:2] == (3, 4)
+
+
+@given(which=st.sampled_from(["sd1", "sd2"]), b=st.integers(1, 2), k=st.integers(1, 3), seed=seeds)
+def test_attention_maps_sum_to_one_over_tokens_and_equal_a_manual_softmax(which, b, k, seed):
+    unet = tiny_unet(which)
+    z0, ctx = inputs(which, b, h=16, w=8, seed=seed)
+    noise = randn(b, k, 4, 16, 8, seed=seed + 2)
+    layer = "up.2.attn.1.cross"  # level 1: a (16/2)×(8/2) grid
+    recorded = {}
+
+    def recording(q, k_, v, name):
+        recorded["q"], recorded["k"] = q, k_
+        return F.scaled_dot_product_attention(q, k_, v)
+
+    ts = [999 - 300 * i for i in range(k)]
+    with torch.no_grad():
+        out = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, attention_maps=[layer])
+        timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, procs={layer: recording})
+    maps = out[layer]
+    assert maps.shape == (b, k, 3, 8, 4)
+    torch.testing.assert_close(maps.sum(2), torch.ones(b, k, 8, 4))
+    q, k_ = recorded["q"], recorded["k"]
+    manual = torch.softmax(q @ k_.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # [B·K, 32, 3]
+    expected = manual.transpose(1, 2).reshape(b, k, 3, 8, 4)
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_maps_alone_stop_after_their_block():
+    unet = tiny_unet("sd2")
+    z0, ctx = inputs("sd2", 1)
+    with torch.no_grad():
+        out = timestep_features(unet, z0, [500], ctx, [], alphas_cumprod=ALPHAS, attention_maps=["down.1.attn.0.cross"])
+    assert list(out) == ["down.1.attn.0.cross"] and out["down.1.attn.0.cross"].shape == (1, 1, 3, 4, 4)
+
+
+def test_shared_noise_broadcasts_over_timesteps_and_generator_draws_reproducibly():
+    unet = tiny_unet("sd1")
+    z0, ctx = inputs("sd1", 2)
+    eps = randn(2, 1, 4, 8, 8, seed=4)
+    run = lambda **kw: timestep_features(unet, z0, [100, 600], ctx, ["mid"], alphas_cumprod=ALPHAS, **kw)["mid"]  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(run(noise=eps), run(noise=eps.expand(2, 2, 4, 8, 8).clone()))
+        a, b = run(generator=torch.Generator().manual_seed(0)), run(generator=torch.Generator().manual_seed(0))
+        c = run(generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_context_of_batch_one_is_shared_by_all_samples():
+    unet = tiny_unet("sd1")
+    z0, ctx = inputs("sd1", 3)
+    noise = randn(3, 1, 4, 8, 8, seed=1)
+    with torch.no_grad():
+        shared = timestep_features(unet, z0, [300], ctx[:1], ["up.1"], alphas_cumprod=ALPHAS, noise=noise)
+        tiled = timestep_features(unet, z0, [300], ctx[:1].expand(3, -1, -1), ["up.1"], alphas_cumprod=ALPHAS, noise=noise)
+    torch.testing.assert_close(shared["up.1"], tiled["up.1"])
+
+
+def test_timestep_features_compile_without_graph_breaks():
+    unet = tiny_unet("sd2")
+    z0, ctx = inputs("sd2", 1)
+    noise = randn(1, 2, 4, 8, 8, seed=3)
+    t = torch.tensor([50, 800])
+
+    def taps(z0, ctx, noise):
+        return timestep_features(
+            unet, z0, t, ctx, ["up.1"], alphas_cumprod=ALPHAS, noise=noise, attention_maps=["up.1.attn.0.cross"]
+        )
+
+    with torch.no_grad():
+        compiled = torch.compile(taps, fullgraph=True, backend="eager")(z0, ctx, noise)
+        eager = taps(z0, ctx, noise)
+    assert set(compiled) == set(eager)
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n])
+
+
+def test_timestep_features_reject_bad_inputs():
+    unet = tiny_unet("sd1")
+    z0, ctx = inputs("sd1", 2)
+    run = lambda *a, **kw: timestep_features(unet, *a, alphas_cumprod=ALPHAS, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="z0 must be"):
+        run(z0[0], [1], ctx, ["mid"])
+    with pytest.raises(TypeError, match="timesteps"):
+        run(z0, [0.5], ctx, ["mid"])
+    with pytest.raises(TypeError, match="timesteps"):
+        run(z0, [], ctx, ["mid"])
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        run(z0, [1000], ctx, ["mid"])
+    with pytest.raises(ValueError, match="context must be"):
+        run(z0, [1], ctx.repeat(2, 1, 1), ["mid"])
+    with pytest.raises(ValueError, match="noise must broadcast"):
+        run(z0, [1, 2], ctx, ["mid"], noise=randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="unknown feature names"):
+        run(z0, [1], ctx, ["up.9"])
+    with pytest.raises(ValueError, match="unknown attention layers"):
+        run(z0, [1], ctx, ["mid"], attention_maps=["up.1.attn.9.cross"])
+    with pytest.raises(ValueError, match="choose one"):
+        run(z0, [1], ctx, [], attention_maps=["mid.attn.0.cross"], procs={"mid.attn.0.cross": None})
+    with pytest.raises(ValueError, match="at least one"):
+        run(z0, [1], ctx, [])
