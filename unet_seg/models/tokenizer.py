@@ -1,17 +1,19 @@
-"""CLIP's byte-level BPE tokenizer: prompts -> token ids [B, 77] for the CLIP text encoder.
+r"""CLIP's byte-level BPE tokenizer: prompts -> token ids [B, 77] for the CLIP text encoder.
 
 Gives the ids of transformers' `CLIPTokenizer` (5.x, tokenizers-backed) on the same vocab.json and
 merges.txt, which is what diffusers feeds SD's text encoder:
 
     NFC -> whitespace runs to one space -> per-character lower-casing
     -> special-token strings (BOS, EOS, pad) become their ids; the rest splits into words with
-       CLIP's pattern  's|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+
+       CLIP's pattern  's|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+
     -> each word's UTF-8 bytes as printable characters -> BPE, `</w>` on the word's last symbol
     -> [BOS, tokens[:max_length - 2], EOS] padded with the pad id to max_length.
 
 No ftfy clean-up (transformers 5 applies none either). SD1 checkpoints pad with EOS (49407), SD2
 with "!" (id 0); as in transformers, a pad string in the text is read as the pad token, so SD2
-tokenizes "cat!" as [cat</w>, 0] where OpenCLIP has [cat</w>, !</w>].
+tokenizes "cat!" as [cat</w>, 0] where OpenCLIP has [cat</w>, !</w>]. Special-token strings are
+read after lower-casing, as CLIP does; transformers reads SD1's "<|endoftext|>" case-sensitively.
+Letters and numbers are Unicode categories L* and N* of this Python's `unicodedata`.
 """
 
 import functools
@@ -45,8 +47,8 @@ def byte_symbols() -> dict[int, str]:
 
 
 def _category_class(major: str) -> str:
-    """`re` character-class body of every character whose Unicode category starts with `major`
-    ("L" letters, "N" numbers): stdlib `re` has no \\p{L} / \\p{N}."""
+    r"""`re` character-class body of every character whose Unicode category starts with `major`
+    ("L" letters, "N" numbers): stdlib `re` has no \p{L} / \p{N}."""
     codes = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] == major]
     starts = [c for i, c in enumerate(codes) if i == 0 or codes[i - 1] != c - 1]
     ends = [c for i, c in enumerate(codes) if i == len(codes) - 1 or codes[i + 1] != c + 1]
@@ -55,7 +57,7 @@ def _category_class(major: str) -> str:
 
 @functools.cache
 def clip_word_pattern() -> re.Pattern:
-    """CLIP's word pattern `'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+` for stdlib `re`."""
+    r"""CLIP's word pattern `'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+` for stdlib `re`."""
     letters, numbers = _category_class("L"), _category_class("N")
     return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{letters}]+|[{numbers}]|[^{WHITESPACE}{letters}{numbers}]+")
 
