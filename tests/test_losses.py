@@ -1,0 +1,229 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unet_seg.losses import (
+    check_finite,
+    consistency_kl,
+    consistency_l2,
+    cross_entropy,
+    dice_loss,
+    diffusion_consistency_loss,
+    latent_mse,
+)
+
+seeds = st.integers(0, 2**31 - 1)
+ROUNDING = 1e-6  # float32 sums of non-negative terms may land a few ulps below 0
+
+
+def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def dcl_inputs(seed, b=2, r=3, d=4, h=3, w=5):
+    return randn(b, r, d, seed=seed), randn(b, d, h, w, seed=seed + 1), randn(b, d, h, w, seed=seed + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-negativity and zero at equality
+
+
+@given(seeds, st.floats(0.1, 10.0))
+def test_every_loss_is_non_negative(seed, scale):
+    a, b = randn(2, 5, 3, 4, seed=seed, scale=scale), randn(2, 5, 3, 4, seed=seed + 1, scale=scale)
+    target = torch.randint(5, (2, 3, 4), generator=torch.Generator().manual_seed(seed))
+    assert consistency_l2(a, b) >= 0
+    assert consistency_kl(a, b) >= -ROUNDING
+    assert cross_entropy(a, target) >= 0
+    assert 0 <= dice_loss(a, (b > 0).float()) <= 1
+    assert latent_mse(a, b) >= 0
+    l_dist, l_sup = diffusion_consistency_loss(*dcl_inputs(seed))
+    assert l_dist >= -ROUNDING and l_sup >= 0
+
+
+@given(seeds, st.floats(0.1, 10.0))
+def test_consistency_and_latent_losses_are_zero_on_equal_inputs(seed, scale):
+    x = randn(2, 5, 3, 4, seed=seed, scale=scale)
+    assert consistency_l2(x, x.clone()) == 0
+    assert latent_mse(x, x.clone()) == 0
+    assert consistency_kl(x, x.clone()).abs() <= ROUNDING
+
+
+@given(seeds, st.integers(1, 4), st.integers(1, 5))
+def test_dcl_is_zero_when_strong_features_are_what_one_agent_rebuilds(seed, b, d):
+    # One agent: softmax over agents is 1, so F̂ is q at every pixel, spatially flat; strong
+    # features flat and equal to q give a flat target (L_dist = 0) and q̂ = q (L_sup = 0).
+    q = randn(b, 1, d, seed=seed)
+    weak = randn(b, d, 2, 3, seed=seed + 1)
+    strong = q.transpose(1, 2).unsqueeze(-1).expand(b, d, 2, 3)
+    l_dist, l_sup = diffusion_consistency_loss(q, weak, strong)
+    assert l_dist.abs() <= ROUNDING and l_sup <= 1e-12
+
+
+@given(st.integers(0, 4))
+def test_ce_and_dice_vanish_when_logits_saturate_to_the_target(seed):
+    target = torch.randint(3, (2, 4, 4), generator=torch.Generator().manual_seed(seed))
+    one_hot = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    assert cross_entropy(40 * (2 * one_hot - 1), target) < 1e-12
+    assert dice_loss(40 * (2 * one_hot - 1), one_hot) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed values
+
+
+def test_kl_is_teacher_to_student_with_softmax_over_classes():
+    teacher = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # p_t = (1/4, 3/4)
+    student = torch.zeros(1, 2, 1, 1)  # p_s = (1/2, 1/2)
+    forward = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    backward = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert consistency_kl(student, teacher).item() == pytest.approx(forward, rel=1e-6)
+    assert abs(forward - backward) > 0.01  # the direction is observable
+    # Two pixels, the second already consistent: the mean over pixels halves it.
+    two = consistency_kl(torch.cat([student, teacher], 3), torch.cat([teacher, teacher], 3))
+    assert two.item() == pytest.approx(forward / 2, rel=1e-6)
+
+
+def test_l2_is_mean_squared_difference():
+    assert consistency_l2(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])).item() == pytest.approx(2.5)
+
+
+def test_cross_entropy_averages_over_non_ignored_pixels_only():
+    logits = torch.zeros(1, 4, 2, 2)
+    logits[0, 0, 0, 0] = math.log(3.0)  # p(class 0) = 3 / 6 at pixel (0, 0)
+    logits[0, 1, :, 1] = 100.0  # ignored pixels, confidently wrong: must not count
+    target = torch.tensor([[[0, 255], [3, 255]]])
+    expected = (math.log(2.0) + math.log(4.0)) / 2
+    assert cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_of_an_all_ignored_batch_is_zero_not_nan():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((1, 2, 2), 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_dice_normalises_each_mask_then_averages():
+    logits = torch.zeros(2, 2)  # σ = 1/2 everywhere
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # mask 0: 1 − (2·0.5 + 1) / (1 + 1 + 1) = 1/3;  mask 1: 1 − (0 + 1) / (1 + 0 + 1) = 1/2
+    assert dice_loss(logits, targets).item() == pytest.approx((1 / 3 + 1 / 2) / 2, rel=1e-6)
+
+
+def test_dcl_by_hand_with_one_agent_one_channel_two_pixels():
+    q = torch.tensor([[[0.5]]])  # [B=1, r=1, d=1]
+    weak = torch.zeros(1, 1, 1, 2)  # S = 0: the agent attends both pixels equally
+    strong = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    p1 = 1 / (1 + math.e**2)
+    p2 = 1 - p1
+    kl = p1 * math.log(p1 / 0.5) + p2 * math.log(p2 / 0.5)  # target softmax(1, 3) vs flat F̂
+    sup = (0.5 - (1.0 + 3.0) / 2) ** 2  # q̂ = mean of the strong features
+    l_dist, l_sup = diffusion_consistency_loss(q, weak, strong)
+    assert l_dist.item() == pytest.approx(kl, rel=1e-6)
+    assert l_sup.item() == pytest.approx(sup, rel=1e-6)
+
+
+@given(seeds)
+def test_dcl_distribution_loss_ignores_per_channel_offsets_of_strong_features(seed):
+    q, weak, strong = dcl_inputs(seed)
+    shift = randn(2, 4, 1, 1, seed=seed + 3, scale=5.0)
+    a, _ = diffusion_consistency_loss(q, weak, strong)
+    b, _ = diffusion_consistency_loss(q, weak, strong + shift)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+@given(seeds)
+def test_gradients_are_finite_and_reach_the_student_only_when_teacher_is_detached(seed):
+    for loss_fn in (consistency_l2, consistency_kl):
+        student = randn(2, 3, 4, 4, seed=seed).requires_grad_()
+        teacher = randn(2, 3, 4, 4, seed=seed + 1).requires_grad_()
+        loss_fn(student, teacher).backward()
+        assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+        assert teacher.grad is None
+        loss_fn(student, teacher, detach_teacher=False).backward()
+        assert torch.isfinite(teacher.grad).all() and teacher.grad.abs().sum() > 0
+
+
+@given(seeds)
+def test_dcl_gradients_are_finite_and_never_reach_strong_features(seed):
+    q, weak, strong = (x.requires_grad_() for x in dcl_inputs(seed))
+    l_dist, l_sup = diffusion_consistency_loss(q, weak, strong)
+    (l_dist + l_sup).backward()
+    for x in (q, weak):
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert strong.grad is None
+
+
+@given(seeds)
+def test_segmentation_loss_gradients_are_finite(seed):
+    logits = randn(2, 4, 3, 3, seed=seed, scale=30.0).requires_grad_()
+    target = torch.randint(4, (2, 3, 3), generator=torch.Generator().manual_seed(seed))
+    (cross_entropy(logits, target) + dice_loss(logits, (logits.detach() < 0).float())).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype, compile, bad input
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_losses_keep_the_input_dtype(dtype):
+    a, b = randn(1, 3, 2, 2, seed=0, dtype=dtype), randn(1, 3, 2, 2, seed=1, dtype=dtype)
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    for loss in (
+        consistency_l2(a, b),
+        consistency_kl(a, b),
+        cross_entropy(a, target),
+        dice_loss(a, b > 0),
+        latent_mse(a, b),
+        *diffusion_consistency_loss(a[:, :, :, 0].transpose(1, 2), b, a),
+    ):
+        assert loss.dtype == dtype and loss.ndim == 0
+
+
+def test_losses_compile_without_graph_breaks():
+    def total(q, weak, strong, logits, teacher, target):
+        l_dist, l_sup = diffusion_consistency_loss(q, weak, strong)
+        return (
+            l_dist
+            + l_sup
+            + consistency_l2(logits, teacher)
+            + consistency_kl(logits, teacher)
+            + cross_entropy(logits, target)
+            + dice_loss(logits, teacher > 0)
+            + latent_mse(logits, teacher)
+        )
+
+    args = (*dcl_inputs(0), randn(2, 4, 3, 5, seed=5), randn(2, 4, 3, 5, seed=6), torch.randint(4, (2, 3, 5)))
+    compiled = torch.compile(total, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*args), total(*args))
+
+
+def test_check_finite_names_the_loss_and_passes_finite_values_through():
+    loss = torch.tensor(1.5)
+    assert check_finite(loss, "dice") is loss
+    with pytest.raises(FloatingPointError, match=r"loss_ce is not finite: \[nan\]"):
+        check_finite(torch.tensor(float("nan")), "loss_ce")
+    with pytest.raises(FloatingPointError, match="l_dist is not finite"):
+        check_finite(torch.tensor([1.0, float("inf")]), "l_dist")
+
+
+def test_bad_shapes_and_dtypes_are_rejected():
+    with pytest.raises(ValueError, match="same shape"):
+        consistency_l2(torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="disagree"):
+        cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"weak features must be \[2, 4, h, w\]"):
+        diffusion_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 5, 3, 3), torch.zeros(2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"queries must be \[B, r, d\]"):
+        diffusion_consistency_loss(torch.zeros(2, 4), torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))
