@@ -22,6 +22,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # unet/, vae/
 TRANSFORMERS_WEIGHTS = "model"  # text_encoder/
 
+OFFLINE = "the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download it once with network access"
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -102,10 +104,7 @@ def _hub_component(
     except RepositoryNotFoundError as e:
         raise CheckpointError(f"hub repo {repo_id!r} not found (or private without a token)") from e
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{where}/config.json is not in the local cache and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download it once with network access"
-        ) from e
+        raise CheckpointError(f"{where}/config.json is not in the local cache and {OFFLINE}") from e
     except EntryNotFoundError as e:
         raise CheckpointError(f"{where}: no config.json on the hub") from e
     single, index = weight_filenames(weights_name, variant)
@@ -139,9 +138,12 @@ def fetch_files(
             folder = Path(hf_hub_download(str(src), name, subfolder=subfolder, revision=revision)).parent
         except RepositoryNotFoundError as e:
             raise CheckpointError(f"hub repo {src!r} not found (or private without a token)") from e
-        except EntryNotFoundError as e:  # includes: not cached while offline
+        except LocalEntryNotFoundError as e:
             if name in required:
-                raise CheckpointError(f"{src}/{subfolder}/{name}: not on the hub, or not cached while offline") from e
+                raise CheckpointError(f"{src}/{subfolder}/{name} is not in the local cache and {OFFLINE}") from e
+        except EntryNotFoundError as e:
+            if name in required:
+                raise CheckpointError(f"{src}/{subfolder}/{name}: not on the hub") from e
     return folder
 
 
@@ -191,10 +193,20 @@ def load_model(
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
     variant: Optional[str] = None,
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda sd: sd,
 ) -> M:
-    """`make_model(config dict)` with the component's weights loaded (see `component_files`)."""
+    """`make_model(config dict)` with the component's weights (renamed by `convert`) loaded."""
     config, files = component_files(src, subfolder, weights_name, revision, variant)
-    return build_with_weights(lambda: make_model(config), read_safetensors(files, dtype, device), f"{src}/{subfolder}")
+    state_dict = convert(read_safetensors(files, dtype, device))
+    return build_with_weights(lambda: make_model(config), state_dict, f"{src}/{subfolder}")
+
+
+def clip_text_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP text-encoder keys as published (`text_model.` prefix; transformers 5 saves without
+    it), less `position_ids`, a buffer that transformers before 4.31 saved and we compute."""
+    return {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items() if not k.endswith("position_ids")
+    }
 
 
 def read_shapes(path: Path) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import Tensor
 
+from .hub import clip_text_keys
 from .models.clip import CLIPTextConfig
 from .models.unet import UNetConfig
 from .models.vae import VAEConfig
@@ -132,10 +133,7 @@ def text_from_ldm(sd: dict[str, Tensor], layers: int) -> dict[str, Tensor]:
     """Original text-encoder tensors (prefix stripped) -> our names, keeping the first `layers`
     layers (SD2 conditions on OpenCLIP's penultimate layer: 23 of its 24)."""
     if not any(k.startswith("model.") for k in sd):  # SD1: transformers CLIP
-        inner = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
-        if not any(k.startswith("text_model.") for k in inner):  # checkpoints from old transformers
-            inner = {f"text_model.{k}": v for k, v in inner.items()}
-        return {k: v for k, v in inner.items() if not k.endswith("position_ids")}
+        return clip_text_keys({k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")})
     out = {k: sd[f"model.{v}"] for k, v in OPENCLIP_TOP.items()}
     for i in range(layers):
         out.update({a: sd[f"model.{b}"] for a, b in openclip_layer_names(i).items()})

@@ -85,10 +85,11 @@ def load_sd(
 
 
 def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_type, variant) -> StableDiffusion:
-    def load(name, make, weights):
+    def load(name, make, weights, convert=lambda sd: sd):
         if name not in wanted:
             return None
-        return hub.load_model(make, src, name, weights, revision, vae_dtype if name == "vae" else dtype, device, variant)
+        dtype_ = vae_dtype if name == "vae" else dtype
+        return hub.load_model(make, src, name, weights, revision, dtype_, device, variant, convert)
 
     folder = hub.fetch_files(src, "scheduler", ["scheduler_config.json"], revision=revision)
     config = json.loads((folder / "scheduler_config.json").read_text())
@@ -98,7 +99,10 @@ def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_
         unet=load("unet", lambda d: UNet(UNetConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
         vae=load("vae", lambda d: AutoencoderKL(VAEConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
         text_encoder=load(
-            "text_encoder", lambda d: CLIPTextEncoder(CLIPTextConfig.from_transformers(d)), hub.TRANSFORMERS_WEIGHTS
+            "text_encoder",
+            lambda d: CLIPTextEncoder(CLIPTextConfig.from_transformers(d)),
+            hub.TRANSFORMERS_WEIGHTS,
+            hub.clip_text_keys,
         ),
         tokenizer=(
             CLIPTokenizer.from_folder(hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision))
