@@ -62,9 +62,9 @@ def tint(image: Tensor, colour: tuple[float, float, float] = (1.0, -1.0, -1.0), 
 def mask_to_image(mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0) -> Tensor:
     """mask [B, H, W] with values in {0, 1, 255} -> image [B, 3, H, W] in [-1, 1].
 
-    x = fg where m = 1, bg elsewhere; fg and bg are floats or [B, 3, H, W] images. Ignore pixels (255) are
-    painted as background. Output dtype: that of the image renderings, else the mask's if it
-    is floating point, else float32.
+    x = fg where m = 1, bg elsewhere; fg and bg are floats or [B, 3, H, W] images. Ignore
+    pixels (255) are painted as background. Output dtype: that of the image renderings, else
+    the mask's if it is floating point, else float32.
     """
     m = _binary_mask(mask, "mask").unsqueeze(1).expand(-1, 3, -1, -1)
     fg, bg = _renderings(mask, foreground, background)
@@ -228,7 +228,7 @@ def _renderings(like: Tensor, foreground: Rendering, background: Rendering, dtyp
 
 
 def _binary_mask(mask: Tensor, name: str) -> Tensor:
-    """{0, 1, 255} mask -> {0, 1} (255 -> 0), after checking shape and values."""
+    """{0, 1, 255} mask -> bool foreground (255 -> False), after checking shape and values."""
     if mask.ndim != 3:
         raise ValueError(f"{name} must be [B, H, W], got shape {tuple(mask.shape)}")
     if mask.is_complex():
@@ -248,7 +248,8 @@ def _check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bad.any():
         raise ValueError(
-            f"labels must be in [0, {num_classes}) or {ignore_index} (ignore), found {labels[bad].unique()[:5].tolist()}"
+            f"labels must be in [0, {num_classes}) or {ignore_index} (ignore), "
+            f"found {labels[bad].unique()[:5].tolist()}"
         )
 
 
@@ -268,7 +269,7 @@ def _check_multiple_of_8(x: Tensor, name: str) -> None:
     if x.ndim != 3:
         raise ValueError(f"{name} must be [B, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] % 8 or x.shape[2] % 8:
-        raise ValueError(f"{name} height and width must be multiples of 8 (the VAE's downscale), got {tuple(x.shape[1:])}")
+        raise ValueError(f"{name} height and width must be multiples of 8 (VAE downscale), got {tuple(x.shape[1:])}")
 
 
 def _palette_with_ignore(palette: Tensor) -> Tensor:

@@ -7,7 +7,8 @@
     check_finite                       NaN/inf guard for training loops (syncs with the device)
 
 The losses themselves never branch on tensor values, so they compile without graph breaks;
-`check_finite` is the one place that looks at a value, and belongs outside compiled code.
+NaN or inf in their inputs propagates into the loss unchanged. `check_finite` is the one place
+that looks at a value and raises, naming the loss; it belongs outside compiled code.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Te
     raise inside PyTorch (an IndexError on CPU, a device assert on CUDA).
     """
     if logits.ndim != target.ndim + 1 or logits.shape[:1] + logits.shape[2:] != target.shape:
-        raise ValueError(f"logits [B, C, H, W] and target [B, H, W] disagree: {tuple(logits.shape)} vs {tuple(target.shape)}")
+        shapes = f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        raise ValueError(f"logits [B, C, H, W] and target [B, H, W] disagree: {shapes}")
     if target.dtype != torch.long:
         raise TypeError(f"target must be int64 class indices, got {target.dtype}")
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
