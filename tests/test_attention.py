@@ -40,7 +40,8 @@ def episodes(x, groups, supports):
     return x.unflatten(0, (groups, 1 + supports))
 
 
-episode_shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 8))
+# (groups G, supports S, heads, tokens L, head width d)
+episode_shapes = st.tuples(*(st.integers(1, n) for n in (3, 3, 3, 12, 8)))
 
 
 # ------------------------------------------------------------------------ layer-name helpers
@@ -70,7 +71,8 @@ def test_attention_map_capture_returns_sdpa_output_and_head_mean_softmax_maps(b,
     s = 2**s_exp
     lat_h, lat_w = lat[0] * s, lat[1] * s  # the layer's grid is lat at downsampling s
     lq = lat[0] * lat[1]
-    q, k, v = randn(b, heads, lq, d, seed=seed), randn(b, heads, lk, d, seed=seed + 1), randn(b, heads, lk, d, seed=seed + 2)
+    q = randn(b, heads, lq, d, seed=seed)
+    k, v = randn(b, heads, lk, d, seed=seed + 1), randn(b, heads, lk, d, seed=seed + 2)
     procs, maps = attention_map_capture(["layer"], (lat_h, lat_w))
     out = procs["layer"](q, k, v, "layer")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -163,7 +165,8 @@ def test_kv_fusion_is_permutation_invariant_over_supports(shape, seed, data):
 @given(shape=episode_shapes, seed=seeds, data=st.data())
 def test_kv_fusion_padding_mask_makes_padded_supports_irrelevant(shape, seed, data):
     groups, supports, heads, length, d = shape
-    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=supports, max_size=supports), min_size=groups, max_size=groups)))
+    row = st.lists(st.booleans(), min_size=supports, max_size=supports)
+    mask = torch.tensor(data.draw(st.lists(row, min_size=groups, max_size=groups)))
     q, k, v = grouped_qkv(groups, supports, heads, length, d, seed)
     padded = torch.cat([torch.zeros(groups, 1, dtype=torch.bool), ~mask], dim=1).flatten()  # [B]
     k2, v2 = k.clone(), v.clone()
@@ -193,7 +196,9 @@ def test_kv_fusion_subsample_with_one_valid_support_equals_one_shot(shape, seed)
 
 def test_kv_fusion_subsample_draws_reproducibly_from_the_generator():
     q, k, v = grouped_qkv(2, 4, 2, 16, 8, seed=3)
-    run = lambda seed: kv_fusion_attention(q, k, v, 4, subsample=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    def run(seed):
+        return kv_fusion_attention(q, k, v, 4, subsample=True, generator=torch.Generator().manual_seed(seed))
+
     torch.testing.assert_close(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
     assert not torch.allclose(run(0), kv_fusion_attention(q, k, v, 4))  # attends to L of the 4L support tokens

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unet_seg.attention import kv_fusion_procs, self_attention_layers
 from unet_seg.diffusion import NoiseSchedule, q_sample
 from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
 from unet_seg.taps import timestep_features
@@ -35,7 +36,9 @@ def inputs(which, b, h=8, w=8, seed=0):
     which=st.sampled_from(["sd1", "sd2"]),
     b=st.integers(1, 2),
     ts=st.lists(st.integers(0, 999), min_size=1, max_size=3),
-    names=st.lists(st.sampled_from(["conv_in", "down.1", "mid", "up.0", "up.2", "up.3"]), min_size=1, max_size=3, unique=True),
+    names=st.lists(
+        st.sampled_from(["conv_in", "down.1", "mid", "up.0", "up.2", "up.3"]), min_size=1, max_size=3, unique=True
+    ),
     seed=seeds,
 )
 def test_timesteps_in_one_call_equal_separate_per_timestep_forwards(which, b, ts, names, seed):
@@ -52,6 +55,22 @@ def test_timesteps_in_one_call_equal_separate_per_timestep_forwards(which, b, ts
                 assert got[n].shape[:2] == (b, len(ts))
                 # batch-size-dependent conv kernels differ in rounding; GroupNorm amplifies it
                 assert rel_err(got[n][:, k], expected[n]) <= 1e-5
+
+
+def test_kv_fusion_episodes_stay_whole_at_every_stacked_timestep():
+    unet = tiny_unet("sd2")
+    z0, ctx = inputs("sd2", 4, 16, 16)  # two episodes of query + 1 support
+    noise = randn(4, 3, 4, 16, 16, seed=2)
+    procs = kv_fusion_procs(self_attention_layers(unet.attention_names), num_supports=1)
+    ts = [20, 400, 900]
+    with torch.no_grad():
+        got = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, procs=procs)
+        plain = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise)
+        for k, t in enumerate(ts):
+            t_b = torch.full((4,), t)
+            expected = unet.features(q_sample(z0, t_b, noise[:, k], ALPHAS), t_b, ctx, ["up.2"], procs)["up.2"]
+            assert rel_err(got["up.2"][:, k], expected) <= 1e-5
+    assert rel_err(got["up.2"][0::2], plain["up.2"][0::2]) > 1e-3  # queries see their supports
 
 
 @pytest.mark.parametrize("which", ["sd1", "sd2"])
@@ -100,14 +119,15 @@ def test_attention_maps_sum_to_one_over_tokens_and_equal_a_manual_softmax(which,
 
     ts = [999 - 300 * i for i in range(k)]
     with torch.no_grad():
-        out = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, attention_maps=[layer])
-        timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, procs={layer: recording})
+        kwargs = dict(alphas_cumprod=ALPHAS, noise=noise)
+        out = timestep_features(unet, z0, ts, ctx, ["up.2"], attention_maps=[layer], **kwargs)
+        timestep_features(unet, z0, ts, ctx, ["up.2"], procs={layer: recording}, **kwargs)
     maps = out[layer]
     assert maps.shape == (b, k, 3, 8, 4)
     torch.testing.assert_close(maps.sum(2), torch.ones(b, k, 8, 4))
     q, k_ = recorded["q"], recorded["k"]
-    manual = torch.softmax(q @ k_.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # [B·K, 32, 3]
-    expected = manual.transpose(1, 2).reshape(b, k, 3, 8, 4)
+    manual = torch.softmax(q @ k_.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # [K·B, 32, 3]
+    expected = manual.transpose(1, 2).reshape(k, b, 3, 8, 4).transpose(0, 1)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -123,7 +143,10 @@ def test_shared_noise_broadcasts_over_timesteps_and_generator_draws_reproducibly
     unet = tiny_unet("sd1")
     z0, ctx = inputs("sd1", 2)
     eps = randn(2, 1, 4, 8, 8, seed=4)
-    run = lambda **kw: timestep_features(unet, z0, [100, 600], ctx, ["mid"], alphas_cumprod=ALPHAS, **kw)["mid"]  # noqa: E731
+
+    def run(**kw):
+        return timestep_features(unet, z0, [100, 600], ctx, ["mid"], alphas_cumprod=ALPHAS, **kw)["mid"]
+
     with torch.no_grad():
         torch.testing.assert_close(run(noise=eps), run(noise=eps.expand(2, 2, 4, 8, 8).clone()))
         a, b = run(generator=torch.Generator().manual_seed(0)), run(generator=torch.Generator().manual_seed(0))
@@ -138,7 +161,9 @@ def test_context_of_batch_one_is_shared_by_all_samples():
     noise = randn(3, 1, 4, 8, 8, seed=1)
     with torch.no_grad():
         shared = timestep_features(unet, z0, [300], ctx[:1], ["up.1"], alphas_cumprod=ALPHAS, noise=noise)
-        tiled = timestep_features(unet, z0, [300], ctx[:1].expand(3, -1, -1), ["up.1"], alphas_cumprod=ALPHAS, noise=noise)
+        tiled = timestep_features(
+            unet, z0, [300], ctx[:1].expand(3, -1, -1), ["up.1"], alphas_cumprod=ALPHAS, noise=noise
+        )
     torch.testing.assert_close(shared["up.1"], tiled["up.1"])
 
 

@@ -46,9 +46,11 @@ def timestep_features(
     [B, 1, C, h, w] to share one ε across timesteps), drawn from `generator` when None.
     Returns {name: [B, K, ...]}, index k matching `timesteps[k]`.
 
-    The K noisy latents are stacked along the batch (sample-major: row b·K + k) and the network
-    stops after the deepest block that any requested feature or attention map needs. `procs`
-    are passed through, e.g. KV fusion; they see the stacked batch of B·K rows.
+    The K noisy latents are stacked along the batch, timestep-major (row k·B + b), and the
+    network stops after the deepest block that any requested feature or attention map needs.
+    `procs` are passed through and see those B·K rows: processors that group consecutive rows,
+    such as KV fusion's episodes, see whole groups at every timestep. Outputs are [B, K, ...]
+    views of the stacked result (call `.contiguous()` where that matters).
     """
     if z0.ndim != 4:
         raise ValueError(f"z0 must be [B, C, h, w] latents, got shape {tuple(z0.shape)}")
@@ -76,16 +78,15 @@ def timestep_features(
     else:
         raise ValueError(f"noise must broadcast to [B, K, C, h, w] = {[b, k, c, h, w]}, got {list(noise.shape)}")
 
-    x_t = q_sample(
-        z0[:, None].expand(b, k, c, h, w).flatten(0, 1), t.repeat(b), noise.flatten(0, 1), alphas_cumprod
-    )
-    context = context.expand(b, -1, -1)[:, None].expand(-1, k, -1, -1).flatten(0, 1)
+    t = t.repeat_interleave(b)  # [K·B], row k·B + b
+    x_t = q_sample(z0.expand(k, b, c, h, w).flatten(0, 1), t, noise.transpose(0, 1).flatten(0, 1), alphas_cumprod)
+    context = context.expand(k, b, -1, -1).flatten(0, 1)
     capture_procs, maps = attention_map_capture(attention_maps, (h, w))
     blocks = list(dict.fromkeys([*names, *(n.split(".attn.")[0] for n in attention_maps)]))
-    feats = unet.features(x_t, t.repeat(b), context, blocks, {**(procs or {}), **capture_procs})
+    feats = unet.features(x_t, t, context, blocks, {**(procs or {}), **capture_procs})
     out = {n: feats[n] for n in names}
     out.update(maps)
-    return {n: v.unflatten(0, (b, k)) for n, v in out.items()}
+    return {n: v.unflatten(0, (k, b)).transpose(0, 1) for n, v in out.items()}
 
 
 def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
