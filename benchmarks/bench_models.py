@@ -47,6 +47,15 @@ def timed(fn, iters: int, warmup: int, device: str) -> float:
     return statistics.median(times)
 
 
+def sdpa_backend(name: str):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return nullcontext() if name == "default" else sdpa_kernel(backends[name])
+
+
 def flops_of(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -103,6 +112,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--sdpa", default="default", choices=["default", "flash", "cudnn", "efficient"], help="SDPA backend")
+    p.add_argument("--libs", default="unet_seg,diffusers")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -126,12 +137,13 @@ def main() -> None:
         pair = unet_pair(cfg, dtype, device) if kind == "unet" else vae_pair(cfg, dtype, device)
         if args.channels_last:
             pair = [(lib, m.to(memory_format=torch.channels_last)) for lib, m in pair]
+        pair = [(lib, m) for lib, m in pair if lib in args.libs.split(",")]
         for batch in map(int, args.batches.split(",")):
             for mode in args.modes.split(","):
                 result = {}
                 for lib, model in pair:
                     fn = calls(kind, lib, model, batch, args.size, getattr(cfg, "context_dim", 0), dtype, device)
-                    with torch.no_grad():
+                    with torch.no_grad(), sdpa_backend(args.sdpa):
                         flops = flops_of(fn)
                         if mode != "eager":
                             torch._dynamo.reset()
@@ -141,12 +153,13 @@ def main() -> None:
                     result[lib] = ms
                     rows.append((name, batch, mode, lib, ms, 1e3 * batch / ms, flops / ms / 1e9))
                     print(f"{name:11s} b{batch} {mode:11s} {lib:9s} {ms:8.2f} ms", flush=True)
-                rows.append((name, batch, mode, "ratio", result["diffusers"] / result["unet_seg"], None, None))
+                if len(result) == 2:
+                    rows.append((name, batch, mode, "ratio", result["diffusers"] / result["unet_seg"], None, None))
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     header = (
         f"# unet_seg vs diffusers — {gpu}\n\n"
         f"{datetime.date.today()} · torch {torch.__version__} · {args.dtype} · {args.size}² images "
-        f"({args.size // 8}² latents), text context 77 tokens · channels_last={args.channels_last} · "
+        f"({args.size // 8}² latents), text context 77 tokens · channels_last={args.channels_last} · SDPA {args.sdpa} · "
         f"median of {args.iters} calls after 3 warm-ups · random weights{' · TINY configs' if args.tiny else ''}\n\n"
         "| model | batch | mode | library | ms | images/s | TFLOP/s |\n|---|---|---|---|---|---|---|\n"
     )
@@ -161,7 +174,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in gpu)
-    (out / f"models_{tag}{'_tiny' if args.tiny else ''}.md").write_text(table)
+    variant = f"{'_cl' if args.channels_last else ''}{'' if args.sdpa == 'default' else '_' + args.sdpa}"
+    (out / f"models_{tag}{variant}{'_tiny' if args.tiny else ''}.md").write_text(table)
 
 
 if __name__ == "__main__":
