@@ -1,0 +1,457 @@
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import unet_seg.train as train
+from unet_seg.hub import CheckpointError
+from unet_seg.train import (
+    ResumableSampler,
+    atomic_path,
+    autocast,
+    check_finite_everywhere,
+    checkpoint_path,
+    init_distributed,
+    is_main,
+    latest_checkpoint,
+    load_checkpoint,
+    maybe_compile,
+    progress,
+    resumable_loader,
+    save_checkpoint,
+    seed_everything,
+    unwrap,
+    write_metrics,
+)
+
+# ---------------------------------------------------------------- helpers
+
+
+def assert_same_tree(a, b, where="root"):
+    """Equal structure, types and values; tensors equal bit for bit with the same dtype."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}/{i}")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
+
+
+DATA = TensorDataset(torch.linspace(-1, 1, 24 * 4).reshape(24, 4), torch.linspace(0, 1, 24).reshape(24, 1))
+BATCH = 4  # 6 steps per epoch
+
+
+def run_training(out, stop, resume=False, restore_rng=True):
+    """Train to global step `stop` (optionally resuming from `out`), save, and return the losses
+    of the steps run here plus the final model and optimizer state. Randomness from all four
+    RNGs enters every step (dropout, torch noise, numpy, python random) and the data order
+    comes from the seeded sampler."""
+    seed_everything(0)
+    model = tiny_net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    loader = resumable_loader(DATA, BATCH, seed=0)
+    steps_per_epoch = len(loader)
+    step = 0
+    if resume:
+        step = load_checkpoint(latest_checkpoint(out), {"net": model}, opt, sched, restore_rng=restore_rng).step
+    losses = []
+    while step < stop:
+        epoch, batch = divmod(step, steps_per_epoch)
+        loader.sampler.set_epoch(epoch, start=batch * BATCH)
+        for x, y in loader:
+            scale = 1 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
+            noisy = x + 0.05 * torch.randn_like(x)
+            loss = check_finite_everywhere(F.mse_loss(model(noisy) * scale, y), "loss")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+            step += 1
+            if step == stop:
+                break
+    save_checkpoint(out, step, {"net": model}, opt, sched, epoch=epoch)
+    return torch.stack(losses), model.state_dict(), opt.state_dict(), sched.state_dict()
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("k", [3, 8])  # inside the first epoch; inside the second
+def test_resume_after_k_steps_equals_straight_run_bit_for_bit(tmp_path, k):
+    n = 14  # crosses two epoch boundaries
+    straight = run_training(tmp_path / "straight", n)
+    first = run_training(tmp_path / "split", k)
+    second = run_training(tmp_path / "split", n, resume=True)
+    assert torch.equal(torch.cat([first[0], second[0]]), straight[0])
+    assert_same_tree(second[1], straight[1])
+    assert_same_tree(second[2], straight[2])
+    assert_same_tree(second[3], straight[3])
+
+
+def test_resume_without_restoring_rng_diverges(tmp_path):
+    # The control for the test above: the RNG states are what make it pass.
+    straight = run_training(tmp_path / "straight", 10)
+    run_training(tmp_path / "split", 4)
+    second = run_training(tmp_path / "split", 10, resume=True, restore_rng=False)
+    assert not torch.equal(second[0], straight[0][4:])
+
+
+def test_sampler_start_skips_exactly_the_consumed_samples():
+    sampler = ResumableSampler(range(20), seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start=7)
+    assert list(sampler) == full[7:] and len(sampler) == 13
+    sampler.set_epoch(3)
+    assert sorted(sampler) == list(range(20)) and list(sampler) != full
+    with pytest.raises(ValueError, match="start must lie in"):
+        sampler.set_epoch(0, start=21)
+
+
+def test_starting_a_loader_iterator_leaves_the_global_rng_alone():
+    loader = resumable_loader(DATA, BATCH, seed=0)
+    state = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------- optimizer and other state
+
+
+def stepped(make_opt, steps=3):
+    torch.manual_seed(0)
+    model = tiny_net().eval()
+    opt = make_opt(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+OPTIMIZERS = {
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.85, 0.99), weight_decay=0.05, amsgrad=True),
+    "sgd-momentum": lambda m: torch.optim.SGD(
+        [{"params": m[0].parameters(), "lr": 0.1}, {"params": m[3].parameters(), "lr": 0.01, "nesterov": True}],
+        momentum=0.9,
+        dampening=0.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("steps", [0, 3])
+def test_optimizer_state_round_trips_exactly(tmp_path, name, steps):
+    model, opt = stepped(OPTIMIZERS[name], steps)
+    path = save_checkpoint(tmp_path, 7, {"m": model}, opt)
+    fresh_model = tiny_net()
+    fresh_opt = OPTIMIZERS[name](fresh_model)
+    if steps:
+        assert fresh_opt.state_dict() != opt.state_dict()
+    assert load_checkpoint(path, {"m": fresh_model}, fresh_opt).step == 7
+    assert_same_tree(fresh_opt.state_dict(), opt.state_dict())
+    assert_same_tree(fresh_model.state_dict(), model.state_dict())
+
+
+def test_step_epoch_extra_and_scheduler_round_trip(tmp_path):
+    model, opt = stepped(OPTIMIZERS["adamw"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    extra = {"args": {"lr": 3e-4, "name": "demo", "sizes": (64, 64)}, "best": torch.tensor(0.25), 3: [None, True]}
+    path = save_checkpoint(tmp_path, 40, {"m": model}, opt, sched, epoch=5, extra=extra)
+    new_opt = OPTIMIZERS["adamw"](tiny_net())
+    new_sched = torch.optim.lr_scheduler.CosineAnnealingLR(new_opt, T_max=10)
+    resumed = load_checkpoint(path, {"m": tiny_net()}, new_opt, new_sched)
+    assert (resumed.step, resumed.epoch) == (40, 5)
+    assert_same_tree(resumed.extra, extra)
+    assert_same_tree(new_sched.state_dict(), sched.state_dict())
+
+
+TREES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**62), 2**62)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=5)
+    | st.builds(lambda v: torch.tensor(v), st.lists(st.floats(-1e6, 1e6, width=32), max_size=3)),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(min_size=1, max_size=4) | st.integers(0, 99), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=10)
+@given(tree=TREES)
+def test_packed_tree_survives_a_safetensors_file_unchanged(tmp_path_factory, tree):
+    tensors = {}
+    header = json.dumps(train._pack({"x": tree}, "extra", tensors))
+    path = tmp_path_factory.mktemp("tree") / "t.safetensors"
+    save_file(tensors, str(path))
+    loaded = load_file(str(path))
+    assert_same_tree(train._unpack(json.loads(header), loaded)["x"], tree)
+
+
+def test_unstorable_values_are_named():
+    with pytest.raises(TypeError, match=r"extra/f: cannot store a function"):
+        train._pack({"f": lambda: 0}, "extra", {})
+    with pytest.raises(TypeError, match="dict keys must be str or int"):
+        train._pack({(1, 2): 0}, "extra", {})
+
+
+# ---------------------------------------------------------------- errors and atomicity
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors", {"m": tiny_net()})
+    with pytest.raises(CheckpointError, match="None: no such checkpoint"):
+        load_checkpoint(latest_checkpoint(tmp_path), {"m": tiny_net()})
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.0])
+def test_truncated_checkpoint_raises_naming_the_file(tmp_path, keep):
+    model, opt = stepped(OPTIMIZERS["adamw"])
+    path = save_checkpoint(tmp_path, 1, {"m": model}, opt)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=f"{path.name}: corrupt or truncated"):
+        load_checkpoint(path, {"m": model}, opt)
+
+
+def test_garbage_and_foreign_files_raise_naming_the_file(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="garbage.safetensors: corrupt"):
+        load_checkpoint(garbage, {"m": tiny_net()})
+    foreign = tmp_path / "weights.safetensors"
+    save_file(tiny_net().state_dict(), str(foreign))
+    with pytest.raises(CheckpointError, match="weights.safetensors: a safetensors file, but not a unet_seg"):
+        load_checkpoint(foreign, {"m": tiny_net()})
+
+
+def test_state_dict_mismatch_names_keys_and_model(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"head": tiny_net()})
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(CheckpointError, match=r"(?s)model 'head'.*missing keys.*2\.weight.*unexpected keys.*3\.weight"):
+        load_checkpoint(path, {"head": other})
+    with pytest.raises(CheckpointError, match=r"no state for model\(s\) \['unet'\]"):
+        load_checkpoint(path, {"unet": tiny_net()})
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_checkpoint(path, {"head": tiny_net()}, torch.optim.SGD(tiny_net().parameters(), lr=0.1))
+
+
+def test_optimizer_of_another_shape_raises_naming_the_file(tmp_path):
+    model, opt = stepped(OPTIMIZERS["adamw"])
+    path = save_checkpoint(tmp_path, 1, {"m": model}, opt)
+    wrong = torch.optim.AdamW(tiny_net()[0].parameters())
+    with pytest.raises(CheckpointError, match=f"{path.name}: the optimizer state does not fit"):
+        load_checkpoint(path, {"m": tiny_net()}, wrong)
+
+
+def test_failed_write_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    model, opt = stepped(OPTIMIZERS["adamw"])
+    path = save_checkpoint(tmp_path, 5, {"m": model}, opt)
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 5, {"m": tiny_net()}, opt)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 6, {"m": tiny_net()}, opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_bytes() == before
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "table.md"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the ne")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["table.md"]
+
+
+def test_keep_last_deletes_only_older_checkpoints(tmp_path):
+    model = tiny_net()
+    (tmp_path / "notes.txt").write_text("mine")
+    for step in (100, 5, 20, 300):
+        save_checkpoint(tmp_path, step, {"m": model}, keep_last=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["notes.txt", checkpoint_path(tmp_path, 100).name, checkpoint_path(tmp_path, 300).name]
+    assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 300)
+    with pytest.raises(ValueError, match="keep_last"):
+        save_checkpoint(tmp_path, 1, {"m": model}, keep_last=0)
+
+
+def test_checkpoints_store_the_unwrapped_module(tmp_path):
+    model = tiny_net()
+    compiled = maybe_compile(model, enabled=True)
+    assert unwrap(compiled) is model
+    path = save_checkpoint(tmp_path, 1, {"m": compiled})
+    fresh = tiny_net()
+    load_checkpoint(path, {"m": fresh})
+    assert_same_tree(fresh.state_dict(), model.state_dict())
+
+
+# ---------------------------------------------------------------- seeding and loop helpers
+
+
+def draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+@given(seed=st.integers(0, 2**40), rank=st.integers(0, 7))
+def test_seed_everything_makes_all_rngs_repeat_and_ranks_differ(seed, rank):
+    seed_everything(seed, rank)
+    first = draws()
+    seed_everything(seed, rank)
+    assert draws() == first
+    seed_everything(seed, rank + 1)
+    other = draws()
+    assert all(a != b for a, b in zip(other, first))
+
+
+def test_seed_everything_rejects_negative_values():
+    with pytest.raises(ValueError, match="seed and rank must be >= 0"):
+        seed_everything(-1)
+
+
+def test_single_process_defaults():
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    rank, world, local_rank, device = init_distributed()
+    assert (rank, world, local_rank, device.type) == (0, 1, 0, "cpu") and is_main()
+    assert progress(range(3)).disable  # pytest's stderr is not a terminal
+    assert maybe_compile(tiny_net) is tiny_net  # no CUDA: eager unless asked
+
+
+def test_check_finite_everywhere_single_process():
+    loss = torch.tensor(0.5)
+    assert check_finite_everywhere(loss, "loss") is loss
+    with pytest.raises(FloatingPointError, match="dice is not finite"):
+        check_finite_everywhere(torch.tensor([1.0, float("inf")]), "dice")
+
+
+def test_autocast_is_off_on_cpu_unless_asked():
+    x = torch.randn(2, 4)
+    with autocast("cpu"):
+        assert (x @ x.T).dtype == torch.float32
+    with autocast("cpu", enabled=True):
+        assert (x @ x.T).dtype == torch.bfloat16
+
+
+def test_write_metrics_flat_and_nested(tmp_path):
+    write_metrics({"mIoU": torch.tensor(51.25), "IoU/cat": float("nan"), "images": 12}, tmp_path / "m", title="Eval")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"mIoU": 51.25, "IoU/cat": None, "images": 12}
+    md = (tmp_path / "m.md").read_text()
+    assert md.startswith("## Eval\n") and "| mIoU | 51.25 |" in md and "| IoU/cat | – |" in md
+    write_metrics({"ours": {"mIoU": 51.2, "FB-IoU": 70.0}, "baseline": {"mIoU": 12.0}}, tmp_path / "t")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines == ["| | mIoU | FB-IoU |", "|---|---|---|", "| ours | 51.2 | 70 |", "| baseline | 12 | – |"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.md", "t.json", "t.md"]
+
+
+def test_write_metrics_rejects_bad_values(tmp_path):
+    with pytest.raises(TypeError, match="metric miou: expected a number"):
+        write_metrics({"miou": [1, 2]}, tmp_path / "m")
+    with pytest.raises(ValueError, match="metric iou: a tensor must hold one value"):
+        write_metrics({"iou": torch.zeros(3)}, tmp_path / "m")
+    with pytest.raises(ValueError, match="non-empty dict"):
+        write_metrics({}, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- two processes (gloo)
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from unet_seg.train import (barrier, check_finite_everywhere, cleanup_distributed, init_distributed, is_main,
+                                load_checkpoint, print0, save_checkpoint, seed_everything, write_metrics)
+
+    out = Path(sys.argv[1])
+    rank, world, local_rank, device = init_distributed()
+    seed_everything(0, rank)
+    model = torch.nn.Linear(2, 2)
+    torch.rand(5)
+    path = save_checkpoint(out / "ckpt", 3, {"m": model})   # collective: rank 0 writes, all wait
+    expected = torch.rand(4)                                 # what this rank draws after the save
+    seed_everything(99, rank)
+    step = load_checkpoint(path, {"m": model}).step          # every rank reads; own RNG back
+    after = torch.rand(4)
+    write_metrics({"rank": rank}, out / "metrics")           # rank 0 only
+    print0("printed by rank", rank)
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    try:
+        check_finite_everywhere(loss, "loss")
+        raised = ""
+    except FloatingPointError as e:
+        raised = str(e)
+    barrier()
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world": world, "local_rank": local_rank, "device": str(device), "main": is_main(),
+        "step": step, "rng_restored": torch.equal(after, expected), "draw": expected.tolist(), "raised": raised}))
+    cleanup_distributed()
+    """
+)
+
+
+def test_two_gloo_processes_share_one_checkpoint_and_write_once(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, seen in enumerate(ranks):
+        assert (seen["rank"], seen["world"], seen["local_rank"], seen["device"]) == (r, 2, r, "cpu")
+        assert seen["main"] == (r == 0) and seen["step"] == 3 and seen["rng_restored"]
+    assert ranks[0]["draw"] != ranks[1]["draw"]  # per-rank RNG streams, each restored
+    assert "loss is not finite on another rank" in ranks[0]["raised"]
+    assert ranks[1]["raised"].startswith("loss is not finite: [nan]")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"rank": 0}
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000000003.safetensors"]
+    assert result.stdout.count("printed by rank") == 1 and "printed by rank 0" in result.stdout

@@ -1,0 +1,529 @@
+"""What every recipe needs around its training loop: processes, seeds, checkpoints, progress.
+
+    rank, world, local_rank, device = init_distributed()      # torchrun or a plain process
+    seed_everything(args.seed, rank)
+    loader = resumable_loader(dataset, args.batch_size, args.seed)
+    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    forward = maybe_compile(model)                            # CUDA only unless asked
+    step = 0
+    if args.resume:
+        step = load_checkpoint(latest_checkpoint(args.out), {"head": model}, opt, sched).step
+    steps_per_epoch = len(loader)                             # before any resume offset
+    bar = progress(total=args.steps, initial=step)
+    while step < args.steps:
+        epoch, batch = divmod(step, steps_per_epoch)
+        loader.sampler.set_epoch(epoch, start=batch * args.batch_size)
+        for x, y in loader:
+            with autocast(device):
+                loss = check_finite_everywhere(loss_fn(forward(x), y), "loss")
+            ...; step += 1; bar.update()
+            if step % args.save_every == 0:
+                save_checkpoint(args.out, step, {"head": model}, opt, sched, epoch, keep_last=3)
+            if step == args.steps:
+                break
+    write_metrics({"mIoU": miou}, args.out / "metrics")
+    cleanup_distributed()
+
+Collectives (`save_checkpoint`, `check_finite_everywhere`, `barrier`) must be called by every
+rank; only rank 0 writes files. Checkpoints are safetensors only: tensors as tensors, everything
+else (optimizer hyper-parameters, scheduler state, counters, RNG states) as JSON in the header.
+Resuming is exact (bit for bit on the same hardware and world size) when the data order comes
+from `resumable_loader` and the loss draws randomness only from the global RNGs restored here.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Optional, TypeVar, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from .hub import CheckpointError, check_state_dict
+from .losses import check_finite
+
+F = TypeVar("F", bound=Callable)
+PathLike = Union[str, os.PathLike]
+
+CHECKPOINT_FORMAT = "unet_seg.checkpoint/1"
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, world_size, local_rank, device) of this process.
+
+    Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) this joins the process
+    group: NCCL with one GPU per process (cuda:LOCAL_RANK) when CUDA is available, else gloo on
+    CPU. A plain `python x.py` is rank 0 of 1 on cuda:0 or CPU, with no process group.
+    Calling it again returns the same values.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world_size, local_rank, device
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a process without a process group."""
+    return _rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if _world_size() > 1:
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on rank 0 only (flushed, so logs of several processes interleave sensibly)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel and torch.compile wrappers (in any nesting)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------- randomness
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python `random`, numpy's global RNG and torch (CPU and every CUDA device) with
+    `seed + rank`.
+
+    The per-rank offset gives each process its own noise, timesteps and augmentations; the data
+    order (`resumable_loader`) and model initialisation do not depend on it (the sampler takes
+    the shared `seed`, and DDP broadcasts rank 0's weights when it wraps the model).
+    """
+    if seed < 0 or rank < 0:
+        raise ValueError(f"seed and rank must be >= 0, got seed={seed}, rank={rank}")
+    seed = seed + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a seeded permutation of the dataset, reshuffled by `set_epoch`, that
+    can start part-way into an epoch: `set_epoch(epoch, start)` skips the first `start` of this
+    rank's samples without loading them, so a resumed run sees what the interrupted one would
+    have. The order depends only on (seed, epoch, rank, world size).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, drop_last: bool = True):
+        super().__init__(
+            dataset, num_replicas=_world_size(), rank=_rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start must lie in [0, {self.num_samples}] (samples per rank and epoch), got {start}")
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def resumable_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs: Any) -> DataLoader:
+    """A DataLoader over a `ResumableSampler` (reach it as `loader.sampler`), dropping the last
+    incomplete batch, with its own generator so that starting an iterator leaves the global
+    torch RNG alone (by default each one draws from it, which a mid-epoch resume would shift).
+
+    Exact resume with `num_workers > 0` also needs augmentations seeded from the sample index
+    rather than from the worker's RNG. Other keyword arguments go to DataLoader.
+    """
+    sampler = ResumableSampler(dataset, seed, shuffle=shuffle, drop_last=True)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+
+
+def _rng_state() -> dict:
+    """This process's global RNG states as JSON-able data."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "cuda": (
+            base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+            if torch.cuda.is_available()
+            else None
+        ),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+
+
+def _bytes_tensor(b64: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+
+def _all_gather_str(s: str) -> list[str]:
+    """Every rank's `s`, in rank order (a collective: all ranks call it). Strings travel as
+    padded uint8 tensors, so nothing is pickled."""
+    world_size = _world_size()
+    if world_size == 1:
+        return [s]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(s.encode()), dtype=torch.uint8).to(device)
+    length = torch.tensor([data.numel()], device=device)
+    lengths = [torch.empty_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    lengths_int = [int(n) for n in lengths]
+    padded = torch.zeros(max(lengths_int), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [t[:n].cpu().numpy().tobytes().decode() for t, n in zip(gathered, lengths_int)]
+
+
+# ---------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block ends without an exception
+    the file is fsynced and renamed onto `path` (atomic on POSIX: readers see the old file or
+    the new one, never a part of it), otherwise it is deleted and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Resumed(NamedTuple):
+    step: int
+    epoch: int
+    extra: dict
+
+
+def _pack(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """A nested structure as JSON: tensors move to `tensors` under their path `key` and leave a
+    reference; dicts, lists and tuples are tagged so that they come back as they were (dict keys
+    may be str or int, as in `optimizer.state_dict()`)."""
+    if isinstance(obj, Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors would be stored under {key!r}")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"{key}: dict keys must be str or int to be stored, got {type(k).__name__}")
+        return {"dict": [[k, _pack(v, f"{key}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_pack(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"tuple" if isinstance(obj, tuple) else "list": items}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"{key}: cannot store a {type(obj).__name__} in a checkpoint "
+        "(tensors, numbers, strings, None, and dicts, lists and tuples of them)"
+    )
+
+
+def _unpack(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    (tag, value), = obj.items()
+    if tag == "tensor":
+        return tensors[value]
+    if tag == "dict":
+        return {k: _unpack(v, tensors) for k, v in value}
+    items = [_unpack(v, tensors) for v in value]
+    return tuple(items) if tag == "tuple" else items
+
+
+def checkpoint_path(directory: PathLike, step: int) -> Path:
+    """`directory/step_000001000.safetensors`: the name `save_checkpoint` gives step 1000."""
+    return Path(directory) / f"step_{step:09d}.safetensors"
+
+
+def latest_checkpoint(directory: PathLike) -> Optional[Path]:
+    """The checkpoint of the highest step in `directory`, or None if there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(
+    directory: PathLike,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    epoch: int = 0,
+    extra: Optional[dict] = None,
+    keep_last: Optional[int] = None,
+) -> Path:
+    """Write `checkpoint_path(directory, step)` atomically (rank 0) and return its path.
+
+    Call it on every rank: each rank's RNG states are gathered so that all of them resume
+    exactly; the ranks wait for the file before returning. Stored: each model's state dict
+    (unwrapped from DDP/compile, under `model/<name>/`), the optimizer and scheduler state dicts,
+    `step`, `epoch`, `extra` (JSON-able values and tensors, e.g. the run's arguments or the best
+    metric so far) and the RNG states. Pass only the modules that training changes. With
+    `keep_last=N`, older `step_*.safetensors` files in `directory` beyond the newest N are deleted.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    rng = [json.loads(s) for s in _all_gather_str(json.dumps(_rng_state()))]
+    path = checkpoint_path(directory, step)
+    if is_main():
+        tensors: dict[str, Tensor] = {}
+        for name, model in models.items():
+            for key, value in unwrap(model).state_dict().items():
+                tensors[f"model/{name}/{key}"] = value.detach().cpu().contiguous()
+        header = {
+            "step": step,
+            "epoch": epoch,
+            "models": list(models),
+            "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+            "scheduler": _pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+            "extra": _pack(extra or {}, "extra", tensors),
+            "rng": rng,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(header)})
+        if keep_last is not None:
+            found = sorted((int(m.group(1)), p) for p in Path(directory).iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
+            for _, old in found[:-keep_last]:
+                old.unlink()
+    barrier()
+    return path
+
+
+def load_checkpoint(
+    path: Optional[PathLike],
+    models: dict[str, nn.Module],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    restore_rng: bool = True,
+) -> Resumed:
+    """Restore what `save_checkpoint` stored into `models` (same names), the optimizer and the
+    scheduler (when given), and this rank's RNG states; return (step, epoch, extra).
+
+    Every rank reads the file. A missing, truncated or corrupt file, a missing model, optimizer
+    or scheduler state, and a state dict that does not fit (keys listed) raise CheckpointError
+    naming the file. Resumed with a different world size, the RNG states are not restored (a
+    warning says so): training continues, but not bit for bit.
+    """
+    if path is None or not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        header = json.loads(metadata["state"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from e
+    if header is None:
+        raise CheckpointError(f"{path}: a safetensors file, but not a unet_seg training checkpoint")
+
+    missing = sorted(models.keys() - set(header["models"]))
+    if missing:
+        raise CheckpointError(f"{path}: no state for model(s) {missing}; it holds {header['models']}")
+    for name, model in models.items():
+        model = unwrap(model)
+        prefix = f"model/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, f"{path} (model {name!r})")
+        model.load_state_dict(state)
+    for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if header[what] is None:
+            raise CheckpointError(f"{path}: holds no {what} state")
+        try:
+            obj.load_state_dict(_unpack(header[what], tensors))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the {what} state does not fit ({e})") from e
+    if restore_rng:
+        if len(header["rng"]) == _world_size():
+            _set_rng_state(header["rng"][_rank()])
+        else:
+            warnings.warn(
+                f"{path} was written by {len(header['rng'])} process(es), this run has {_world_size()}: "
+                "RNG states not restored, so the resumed run will not match an uninterrupted one bit for bit"
+            )
+    return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors))
+
+
+# ---------------------------------------------------------------- loop helpers
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
+    """A tqdm bar on rank 0 when stderr is a terminal; silent on other ranks and in logs
+    (tqdm's `disable=None`). Keyword arguments go to tqdm (`total`, `initial`, `desc`, ...)."""
+    kwargs.setdefault("disable", None if is_main() else True)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def check_finite_everywhere(loss: Tensor, name: str) -> Tensor:
+    """`losses.check_finite` agreed over all ranks: if the loss is NaN or inf on any rank, every
+    rank raises FloatingPointError, instead of the healthy ones hanging in the next all-reduce.
+    A collective and a device sync: call it on every rank, outside compiled code; the loss must
+    live on the process group's device (CUDA for NCCL)."""
+    if _world_size() == 1:
+        return check_finite(loss, name)
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        check_finite(loss, name)  # raises here, with the values, on the rank that went bad
+        raise FloatingPointError(f"{name} is not finite on another rank")
+    return loss
+
+
+def maybe_compile(fn: F, enabled: Optional[bool] = None, **compile_kwargs: Any) -> F:
+    """`torch.compile(fn, **compile_kwargs)` when `enabled`; by default (None) only when CUDA is
+    available, so CPU runs and CI stay eager unless they ask. A compiled module's state dict
+    gains an `_orig_mod.` prefix: checkpoints here store `unwrap(model)` and need no care."""
+    if enabled is None:
+        enabled = torch.cuda.is_available()
+    return torch.compile(fn, **compile_kwargs) if enabled else fn
+
+
+def autocast(device: Union[str, torch.device], enabled: Optional[bool] = None, dtype: torch.dtype = torch.bfloat16):
+    """`torch.autocast` to bf16 (default), on by default on CUDA and off elsewhere; `enabled=True`
+    turns it on for CPU too. Use as `with autocast(device): loss = ...`; compiles without breaks."""
+    device = torch.device(device)
+    if enabled is None:
+        enabled = device.type == "cuda"
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------- results
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {where}: a tensor must hold one value, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; an IoU of an absent class is NaN
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"metric {where}: expected a number, string, None or one-element tensor, got {type(value).__name__}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_metrics(metrics: dict[str, Any], path: PathLike, title: Optional[str] = None) -> None:
+    """Write `metrics` to `path`.json and `path`.md (rank 0 only; each file atomically).
+
+    `metrics` is flat, {"mIoU": 51.2, "FB-IoU": 70.1}: a two-column table; or one level nested,
+    {"ours": {"mIoU": 51.2}, "baseline": {"mIoU": 12.0}}: one row per key, one column per inner
+    key. Values: numbers, strings, None, one-element tensors; NaN and inf become null / "–".
+    """
+    if not isinstance(metrics, dict) or not metrics:
+        raise ValueError(f"metrics must be a non-empty dict, got {metrics!r}")
+    nested = all(isinstance(v, dict) for v in metrics.values())
+    if nested:
+        table = {row: {col: _json_value(v, f"{row}/{col}") for col, v in cols.items()} for row, cols in metrics.items()}
+        columns = list(dict.fromkeys(col for cols in table.values() for col in cols))
+        lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {row} | " + " | ".join(_cell(cols.get(c)) for c in columns) + " |" for row, cols in table.items()]
+    else:
+        table = {name: _json_value(v, name) for name, v in metrics.items()}
+        lines = ["| metric | value |", "|---|---|"] + [f"| {name} | {_cell(v)} |" for name, v in table.items()]
+    if not is_main():
+        return
+    path = Path(path)
+    markdown = (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n"
+    _atomic_write_text(path.with_name(path.name + ".md"), markdown)
+    _atomic_write_text(path.with_name(path.name + ".json"), json.dumps(table, indent=2) + "\n")
