@@ -9,10 +9,8 @@ size of the weights: peak RSS near 1x the weights means no second copy was held.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -1,9 +1,12 @@
 """Shared test utilities: random weights, error measures, hub layouts written by hand."""
 
+import functools
 import math
 from pathlib import Path
 
 import torch
+
+from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,3 +32,14 @@ def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: st
         dst = repo / "snapshots" / commit / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_unet(which: str) -> UNet:
+    """A shared, default-initialised tiny U-Net: "sd1" or "sd2"."""
+    torch.manual_seed({"sd1": 0, "sd2": 1}[which])
+    return UNet({"sd1": TINY_SD1, "sd2": TINY_SD2}[which]).eval()

@@ -1,4 +1,3 @@
-import functools
 
 import pytest
 import torch
@@ -15,19 +14,11 @@ from unet_seg.attention import (
     kv_fusion_procs,
     self_attention_layers,
 )
-from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
+from unet_seg.models.unet import TINY_SD1, TINY_SD2
+
+from .helpers import randn, tiny_unet
 
 seeds = st.integers(0, 2**31 - 1)
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_unet(which: str) -> UNet:
-    torch.manual_seed({"sd1": 0, "sd2": 1}[which])
-    return UNet({"sd1": TINY_SD1, "sd2": TINY_SD2}[which]).eval()
 
 
 def grouped_qkv(groups, supports, heads, length, d, seed):

@@ -1,4 +1,3 @@
-import functools
 
 import pytest
 import torch
@@ -8,24 +7,14 @@ from hypothesis import strategies as st
 
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
 from unet_seg.diffusion import NoiseSchedule, q_sample
-from unet_seg.models.unet import TINY_SD1, TINY_SD2, UNet
+from unet_seg.models.unet import TINY_SD1, TINY_SD2
 from unet_seg.taps import timestep_features
 
-from .helpers import rel_err
+from .helpers import randn, rel_err, tiny_unet
 
 CONFIGS = {"sd1": TINY_SD1, "sd2": TINY_SD2}
 ALPHAS = NoiseSchedule.sd().alphas_cumprod
 seeds = st.integers(0, 2**31 - 1)
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_unet(which: str) -> UNet:
-    torch.manual_seed({"sd1": 0, "sd2": 1}[which])
-    return UNet(CONFIGS[which]).eval()
 
 
 def inputs(which, b, h=8, w=8, seed=0):
