@@ -360,9 +360,11 @@ def test_single_process_defaults():
     if "RANK" in os.environ:
         pytest.skip("running under torchrun")
     rank, world, local_rank, device = init_distributed()
-    assert (rank, world, local_rank, device.type) == (0, 1, 0, "cpu") and is_main()
+    cuda = torch.cuda.is_available()
+    assert (rank, world, local_rank, device.type) == (0, 1, 0, "cuda" if cuda else "cpu") and is_main()
     assert progress(range(3)).disable  # pytest's stderr is not a terminal
-    assert maybe_compile(tiny_net) is tiny_net  # no CUDA: eager unless asked
+    assert (maybe_compile(tiny_net) is tiny_net) != cuda  # without CUDA: eager unless asked
+    assert maybe_compile(tiny_net, enabled=False) is tiny_net
 
 
 def test_check_finite_everywhere_single_process():
@@ -442,7 +444,8 @@ def test_two_gloo_processes_share_one_checkpoint_and_write_once(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd.append(str(tmp_path))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -312,7 +312,7 @@ def _pack(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
 def _unpack(obj: Any, tensors: dict[str, Tensor]) -> Any:
     if not isinstance(obj, dict):
         return obj
-    (tag, value), = obj.items()
+    [(tag, value)] = obj.items()
     if tag == "tensor":
         return tensors[value]
     if tag == "dict":
@@ -326,13 +326,19 @@ def checkpoint_path(directory: PathLike, step: int) -> Path:
     return Path(directory) / f"step_{step:09d}.safetensors"
 
 
-def latest_checkpoint(directory: PathLike) -> Optional[Path]:
-    """The checkpoint of the highest step in `directory`, or None if there is none."""
+def _checkpoints(directory: PathLike) -> list[Path]:
+    """The `step_*.safetensors` files in `directory`, oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: PathLike) -> Optional[Path]:
+    """The checkpoint of the highest step in `directory`, or None if there is none."""
+    found = _checkpoints(directory)
+    return found[-1] if found else None
 
 
 def save_checkpoint(
@@ -375,8 +381,7 @@ def save_checkpoint(
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(header)})
         if keep_last is not None:
-            found = sorted((int(m.group(1)), p) for p in Path(directory).iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
-            for _, old in found[:-keep_last]:
+            for old in _checkpoints(directory)[:-keep_last]:
                 old.unlink()
     barrier()
     return path
@@ -494,7 +499,9 @@ def _json_value(value: Any, where: str) -> Any:
         return None  # JSON has no NaN; an IoU of an absent class is NaN
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"metric {where}: expected a number, string, None or one-element tensor, got {type(value).__name__}")
+    raise TypeError(
+        f"metric {where}: expected a number, string, None or one-element tensor, got {type(value).__name__}"
+    )
 
 
 def _cell(value: Any) -> str:
