@@ -123,7 +123,7 @@ def _hub_component(
 
 
 def fetch_files(
-    src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: list[str] = [], revision=None
+    src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: tuple[str, ...] = (), revision=None
 ) -> Path:
     """A local folder holding `subfolder`'s files (downloaded and cached for a hub repo id)."""
     if Path(src).is_dir():

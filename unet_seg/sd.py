@@ -25,7 +25,7 @@ from .models.unet import UNet, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
-TOKENIZER_FILES = ["vocab.json", "merges.txt"], ["tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = ["vocab.json", "merges.txt"], ("tokenizer_config.json", "special_tokens_map.json")
 # SD 1.x / 2.x training schedule; single files do not store the prediction type.
 SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 
