@@ -24,7 +24,9 @@ from .helpers import perturb_, randn, rel_err
 
 transformers = pytest.importorskip("transformers")
 
-TINY_GELU = CLIPVisionConfig(image_size=28, patch_size=7, width=48, layers=3, heads=3, mlp_dim=96, projection_dim=24, act="gelu")
+TINY_GELU = CLIPVisionConfig(
+    image_size=28, patch_size=7, width=48, layers=3, heads=3, mlp_dim=96, projection_dim=24, act="gelu"
+)
 
 
 def reference(cfg: CLIPVisionConfig):

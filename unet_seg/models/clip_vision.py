@@ -47,8 +47,8 @@ class CLIPVisionConfig:
     def __post_init__(self):
         if self.act not in ("quick_gelu", "gelu"):
             raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {self.act!r}")
-        sizes = (self.image_size, self.patch_size, self.width, self.layers, self.heads, self.mlp_dim, self.projection_dim)
-        if min(sizes) < 1:
+        sizes = (self.image_size, self.patch_size, self.width, self.layers, self.heads, self.mlp_dim)
+        if min(*sizes, self.projection_dim) < 1:
             raise ValueError(f"sizes must be positive, got {self}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
