@@ -117,7 +117,7 @@ def test_annotation_of_another_size_is_refused(tmp_path):
 
 def test_annotation_with_values_above_150_is_refused(tmp_path):
     write_pair(tmp_path, "training", "a", np.full((8, 8), 200))
-    with pytest.raises(ValueError, match=r"0\.\.150"):
+    with pytest.raises(ValueError, match=r"a\.png: raw ADE20K labels must lie in 0\.\.150, got values in 200\.\.200"):
         ADE20K(tmp_path)[0]
 
 

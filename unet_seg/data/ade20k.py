@@ -79,7 +79,10 @@ def read_label(path: Path) -> Tensor:
         raw = np.asarray(img)
     if raw.ndim != 2:
         raise ValueError(f"{path}: annotations must be single-channel 8-bit PNGs, got array shape {raw.shape}")
-    return reduce_zero_label(torch.from_numpy(raw.astype(np.int64)))
+    try:
+        return reduce_zero_label(torch.from_numpy(raw.astype(np.int64)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 class ADE20K(Dataset):
