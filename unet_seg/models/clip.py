@@ -85,25 +85,28 @@ TINY_SD1_TEXT = replace(SD1_TEXT, width=32, layers=2, heads=2, mlp_dim=64)  # fu
 TINY_SD2_TEXT = replace(SD2_TEXT, width=48, layers=3, heads=3, mlp_dim=96)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+class SelfAttention(nn.Module):
+    """CLIP's multi-head self-attention; causal for the text tower. `cfg`: any config with
+    width, heads (the text and vision configs)."""
+
+    def __init__(self, cfg, causal: bool):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, L, D] -> [B, L, D]; position i attends to positions <= i."""
+        """x [B, L, D] -> [B, L, D]; if causal, position i attends to positions <= i."""
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg):  # width, mlp_dim, act
         super().__init__()
         self.quick_gelu = cfg.act == "quick_gelu"
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
@@ -115,10 +118,12 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """Pre-norm transformer layer of both CLIP towers. `cfg`: width, heads, mlp_dim, act, layer_norm_eps."""
+
+    def __init__(self, cfg, causal: bool):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.self_attn = CausalSelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -140,7 +145,7 @@ class CLIPTextEncoder(nn.Module):
                         position_embedding=nn.Embedding(cfg.max_positions, cfg.width),
                     )
                 ),
-                encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers)))),
+                encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg, causal=True) for _ in range(cfg.layers)))),
                 final_layer_norm=nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps),
             )
         )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import MLP
+from .clip import EncoderLayer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,36 +124,6 @@ class VisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding(positions)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, L, D] -> [B, L, D]; every token attends to every token."""
-        b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.self_attn = SelfAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)  # reads only width, mlp_dim and act
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPVisionEncoder(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig = VIT_L14):
         super().__init__()
@@ -163,7 +133,7 @@ class CLIPVisionEncoder(nn.Module):
             dict(
                 embeddings=VisionEmbeddings(cfg),
                 pre_layrnorm=nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps),
-                encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers)))),
+                encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(cfg, causal=False) for _ in range(cfg.layers)))),
                 post_layernorm=nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps),
             )
         )
