@@ -147,7 +147,7 @@ def test_styles_differ_in_mean_colour_and_contrast_over_a_dataset():
     assert hazy.std() < 0.7 * clean.std()
 
 
-def test_identity_style_without_noise_leaves_the_painted_scene():
+def test_style_brightness_adds_a_constant_and_jitter_changes_the_image():
     plain, _ = scene(gen(0), [1, 2], style=Style())
     jittered, _ = scene(gen(0), [1, 2], style=Style(jitter=0.2))
     assert plain.min() >= -1 and not torch.equal(plain, jittered)

@@ -296,7 +296,7 @@ class SemanticScenes(Dataset):
     ):
         _check_seed_and_length(seed, length)
         _check_size(size)
-        _check_class_ids(classes, "classes")
+        _check_classes(classes)
         _check_ignore_border(ignore_border)
         lo, hi = objects
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
@@ -350,7 +350,7 @@ class FewShotEpisodes(Dataset):
     ):
         _check_seed_and_length(seed, length)
         _check_size(size)
-        _check_class_ids(classes, "classes")
+        _check_classes(classes)
         _check_ignore_border(ignore_border)
         if not isinstance(shots, int) or shots < 1:
             raise ValueError(f"shots must be an int >= 1, got {shots!r}")
@@ -391,11 +391,15 @@ def _check_size(size: Size) -> tuple[int, int]:
 
 
 def _check_class_ids(ids: Sequence[int], name: str) -> None:
-    if len(ids) == 0 and name == "classes":
-        raise ValueError("classes must not be empty")
     bad = [c for c in ids if not isinstance(c, int) or not 1 <= c <= NUM_CLASSES]
     if bad:
         raise ValueError(f"{name} must be class ids in 1..{NUM_CLASSES}, got {bad[:5]}")
+
+
+def _check_classes(classes: Sequence[int]) -> None:
+    if len(classes) == 0:
+        raise ValueError("classes must not be empty")
+    _check_class_ids(classes, "classes")
 
 
 def _check_ignore_border(width: int) -> None:
