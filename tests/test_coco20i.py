@@ -280,6 +280,15 @@ def test_colour_class_maps_are_refused(tmp_path):
         COCO20i(tmp_path, 0, "val")
 
 
+def test_an_image_and_class_map_of_different_sizes_are_refused(tmp_path):
+    write_fixture(tmp_path)
+    for j in range(N_IMAGES):  # every episode of fold 0 reads one of these
+        image = np.zeros((H, W + 8, 3), np.uint8)
+        Image.fromarray(image).save(tmp_path / "val2014" / f"{stem('val2014', j)}.jpg")
+    with pytest.raises(ValueError, match=r"the image is \(36, 48\) but its class map is \(36, 40\)"):
+        COCO20i(tmp_path, 0, "val", size=SIZE)[0]
+
+
 def test_classes_with_too_few_images_for_the_shots_are_named(root):
     with pytest.raises(ValueError, match=r"4-shot episodes need at least 5 images per class.*'person': 4"):
         COCO20i(root, 0, "val", shots=4, size=SIZE)

@@ -54,7 +54,8 @@ root/annotations/<train2014|val2014>_class_pixels.json (written on first use, re
 rebuilt when the set of PNGs changes; a few minutes for the 123k maps of COCO 2014). The index
 serves every fold and both rules: class c's images are those with at least `min_pixels` pixels
 of c. `min_pixels=1` (any pixel) is the default; PFENet keeps a class in an image only from
-2·32·32 = 2048 pixels on.
+2·32·32 = 2048 pixels on. Build the index once before a multi-process run, so that the ranks
+do not all scan: `for s in ("train2014", "val2014"): class_pixel_index(root, s)`.
 
 Every episode is a pure function of (seed, epoch, index), so episodes are the same in any
 DataLoader worker, on any rank and after a resume; `set_epoch` gives training new episodes each
@@ -124,21 +125,22 @@ def train_classes(fold: int, rule: str = "interleaved") -> tuple[int, ...]:
     return tuple(c for c in range(NUM_CLASSES) if c not in test)
 
 
-def read_class_map(path: Path) -> np.ndarray:
-    """A class-map PNG -> uint8 [H, W] with values in {0..80, 255}."""
+def read_class_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A class-map PNG -> (uint8 [H, W] with values in {0..80, 255}, pixel count of each value [256])."""
     with Image.open(path) as img:
         raw = np.asarray(img)
     if raw.ndim != 2 or raw.dtype != np.uint8:
         raise ValueError(f"{path}: class maps must be single-channel 8-bit PNGs, got {raw.dtype} array {raw.shape}")
-    bad = np.setdiff1d(np.unique(raw), np.r_[0 : NUM_CLASSES + 1, IGNORE_INDEX])
+    counts = np.bincount(raw.ravel(), minlength=256)
+    bad = np.flatnonzero(counts[NUM_CLASSES + 1 : IGNORE_INDEX]) + NUM_CLASSES + 1
     if bad.size:
         raise ValueError(f"{path}: values must be 0 (background), 1..{NUM_CLASSES} or 255, found {bad[:5].tolist()}")
-    return raw
+    return raw, counts
 
 
 def class_pixels(path: Path) -> dict[int, int]:
     """Pixel count of each class (0-indexed) present in the class map at `path`."""
-    counts = np.bincount(read_class_map(path).ravel(), minlength=256)[1 : NUM_CLASSES + 1]
+    counts = read_class_map(path)[1][1 : NUM_CLASSES + 1]
     return {int(c): int(n) for c, n in enumerate(counts) if n}
 
 
@@ -244,7 +246,7 @@ class COCO20i(Dataset):
     def _load(self, stem: str, class_id: int) -> tuple[Tensor, Tensor]:
         """Image [3, S, S] in [-1, 1] and binary mask [S, S] in {0, 1, 255} of class `class_id`."""
         image = read_image(self.images_dir / f"{stem}.jpg")
-        raw = torch.from_numpy(read_class_map(self.masks_dir / f"{stem}.png").astype(np.int64))
+        raw = torch.from_numpy(read_class_map(self.masks_dir / f"{stem}.png")[0].astype(np.int64))
         if image.shape[1:] != raw.shape:
             raise ValueError(f"{stem}: the image is {tuple(image.shape[1:])} but its class map is {tuple(raw.shape)}")
         mask = torch.where(raw == IGNORE_INDEX, IGNORE_INDEX, (raw == class_id + 1).long())
