@@ -8,14 +8,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unet_seg.data.ade20k import (
-    ADE20K,
-    ADE20K_CLASSES,
-    IGNORE_INDEX,
-    RandomResizeCropFlip,
-    ResizeImage,
-    reduce_zero_label,
-)
+from unet_seg.data.ade20k import ADE20K, ADE20K_CLASSES, reduce_zero_label
+from unet_seg.data.transforms import IGNORE_INDEX, RandomResizeCropFlip, ResizeImage
 
 
 def write_pair(root: Path, split: str, stem: str, raw_label: np.ndarray, rgb=None) -> None:

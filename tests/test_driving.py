@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from unet_seg.data.ade20k import RandomResizeCropFlip, ResizeImage
+from unet_seg.data.transforms import RandomResizeCropFlip, ResizeImage
 from unet_seg.data.driving import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_LABEL_IDS,

@@ -78,7 +78,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from unet_seg.data.ade20k import IGNORE_INDEX, read_image
+from unet_seg.data.transforms import IGNORE_INDEX, read_image
 
 NUM_FOLDS = 4
 FOLD_RULES = ("interleaved", "consecutive")

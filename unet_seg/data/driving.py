@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from unet_seg.data.ade20k import IGNORE_INDEX, Transform, read_image
+from unet_seg.data.transforms import IGNORE_INDEX, Transform, read_image
 
 # The 19 classes in train-id order (cityscapesScripts helpers/labels.py; mmseg CityscapesDataset).
 CITYSCAPES_CLASSES = (
