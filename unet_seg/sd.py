@@ -19,10 +19,10 @@ from torch import Tensor
 
 from . import hub, ldm
 from .diffusion import NoiseSchedule
-from .models.clip import CLIPTextConfig, CLIPTextEncoder
+from .models.clip import CLIPTextEncoder
 from .models.tokenizer import CLIPTokenizer
-from .models.unet import UNet, UNetConfig
-from .models.vae import AutoencoderKL, VAEConfig
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 TOKENIZER_FILES = ["vocab.json", "merges.txt"], ("tokenizer_config.json", "special_tokens_map.json")
@@ -85,25 +85,20 @@ def load_sd(
 
 
 def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_type, variant) -> StableDiffusion:
-    def load(name, make, weights, convert=lambda sd: sd):
+    def load(model_cls):
+        name = {UNet: "unet", AutoencoderKL: "vae", CLIPTextEncoder: "text_encoder"}[model_cls]
         if name not in wanted:
             return None
-        dtype_ = vae_dtype if name == "vae" else dtype
-        return hub.load_model(make, src, name, weights, revision, dtype_, device, variant, convert)
+        return model_cls.from_pretrained(src, name, revision, vae_dtype if name == "vae" else dtype, device, variant)
 
     folder = hub.fetch_files(src, "scheduler", ["scheduler_config.json"], revision=revision)
     config = json.loads((folder / "scheduler_config.json").read_text())
     if prediction_type:
         config["prediction_type"] = prediction_type
     return StableDiffusion(
-        unet=load("unet", lambda d: UNet(UNetConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
-        vae=load("vae", lambda d: AutoencoderKL(VAEConfig.from_diffusers(d)), hub.DIFFUSERS_WEIGHTS),
-        text_encoder=load(
-            "text_encoder",
-            lambda d: CLIPTextEncoder(CLIPTextConfig.from_transformers(d)),
-            hub.TRANSFORMERS_WEIGHTS,
-            hub.clip_text_keys,
-        ),
+        unet=load(UNet),
+        vae=load(AutoencoderKL),
+        text_encoder=load(CLIPTextEncoder),
         tokenizer=(
             CLIPTokenizer.from_folder(hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision))
             if "tokenizer" in wanted

@@ -16,7 +16,9 @@ transformers >= 5 saves without the `text_model.` prefix (it re-adds it when loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,22 @@ class CLIPTextEncoder(nn.Module):
         for layer in tm.encoder.layers:
             x = layer(x)
         return tm.final_layer_norm(x)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: Union[str, os.PathLike],
+        subfolder: str = "text_encoder",
+        revision: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
+        variant: Optional[str] = None,
+    ) -> "CLIPTextEncoder":
+        """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
+        from ..hub import TRANSFORMERS_WEIGHTS, clip_text_keys, load_model
+
+        make = lambda config: cls(CLIPTextConfig.from_transformers(config))  # noqa: E731
+        return load_model(make, src, subfolder, TRANSFORMERS_WEIGHTS, revision, dtype, device, variant, clip_text_keys)
 
     def _check(self, ids: Tensor) -> None:
         cfg = self.config
