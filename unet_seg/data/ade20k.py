@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .transforms import IGNORE_INDEX, Transform, read_image
+from .transforms import IGNORE_INDEX, Transform, item_generator, read_image
 
 SPLITS = ("training", "validation")
 
@@ -120,6 +120,5 @@ class ADE20K(Dataset):
                 f"{self.images[index]} is {tuple(image.shape[1:])} but its annotation is {tuple(label.shape)}"
             )
         if self.transform is not None:
-            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-            image, label = self.transform(image, label, torch.Generator().manual_seed(int(seed)))
+            image, label = self.transform(image, label, item_generator(self.seed, self.epoch, index))
         return dict(image=image, label=label, path=str(self.images[index]))

@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from unet_seg.data.transforms import IGNORE_INDEX, Transform, read_image
+from unet_seg.data.transforms import IGNORE_INDEX, Transform, item_generator, read_image
 
 # The 19 classes in train-id order (cityscapesScripts helpers/labels.py; mmseg CityscapesDataset).
 CITYSCAPES_CLASSES = (
@@ -244,6 +244,5 @@ class DrivingScenes(Dataset):
                 raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its label is {tuple(label.shape)}")
             label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest-exact")[0, 0].long()
         if self.transform is not None:
-            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-            image, label = self.transform(image, label, torch.Generator().manual_seed(int(seed)))
+            image, label = self.transform(image, label, item_generator(self.seed, self.epoch, index))
         return dict(image=image, label=label, path=str(image_path))

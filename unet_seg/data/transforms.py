@@ -19,6 +19,12 @@ IGNORE_INDEX = 255
 Transform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 
 
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator for item `index` in `epoch`: the same in any DataLoader worker or rank and
+    after a resume, different across epochs."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]))
+
+
 def read_image(path: Path) -> Tensor:
     """An image file -> [3, H, W] float32 in [-1, 1] (RGB, the SD/VAE convention)."""
     with Image.open(path) as img:
