@@ -213,3 +213,25 @@ def test_bad_sources_get_clear_errors(tmp_path):
         load_sd(tmp_path / "vae_only.safetensors")
     with pytest.raises(ValueError, match="unknown components"):
         load_sd(tmp_path / "empty", components=["controlnet"])
+
+
+def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp_path):
+    family, root = folder
+    sd = load_sd(root)
+    sd.unet.widen_conv_in(8)  # as a fine-tuned image+mask U-Net would be saved
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(sd, name).save_pretrained(tmp_path / name)
+    ref_unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    ref_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    ref_text = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
+    x, ctx = torch.randn(1, 8, 8, 8), torch.randn(1, 5, UNETS[family].context_dim)
+    img, ids = torch.rand(1, 3, 16, 16) * 2 - 1, sd.tokenizer(PROMPTS[:1])
+    with torch.no_grad():
+        assert rel_err(ref_unet(x, 10, ctx).sample, sd.unet(x, 10, ctx)) <= 1e-6
+        assert rel_err(ref_vae.encode(img).latent_dist.mean * TINY_VAE.scaling_factor, sd.vae.encode(img)) <= 1e-6
+        assert rel_err(ref_text(ids).last_hidden_state, sd.text_encoder(ids)) <= 1e-6
+    for cls, name in ((UNet, "unet"), (AutoencoderKL, "vae"), (CLIPTextEncoder, "text_encoder")):
+        back = cls.from_pretrained(tmp_path, name)
+        assert back.config == getattr(sd, name).config
+        assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), getattr(sd, name).state_dict().values()))
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -7,15 +7,17 @@ tensors by assignment, so a checkpoint is held in memory once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, TypeVar, Union
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -207,6 +209,42 @@ def clip_text_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {
         (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items() if not k.endswith("position_ids")
     }
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block ends without an exception
+    the file is fsynced and renamed onto `path` (atomic on POSIX: readers see the old file or
+    the new one, never a part of it), otherwise it is deleted and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_component(state_dict: dict[str, Tensor], config: dict, folder: Union[str, os.PathLike], weights_name: str) -> Path:
+    """Write one component in the hub layout: `folder/config.json` and `folder/<weights_name>.safetensors`
+    (each written atomically), loadable by our `from_pretrained` and by diffusers / transformers."""
+    folder = Path(folder)
+    with atomic_path(folder / f"{weights_name}.safetensors") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(tmp))
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 def read_shapes(path: Path) -> dict[str, Tensor]:

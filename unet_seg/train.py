@@ -34,7 +34,6 @@ from `resumable_loader` and the loss draws randomness only from the global RNGs 
 from __future__ import annotations
 
 import base64
-import contextlib
 import itertools
 import json
 import math
@@ -54,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from .hub import CheckpointError, check_state_dict
+from .hub import CheckpointError, atomic_path, check_state_dict
 from .losses import check_finite
 
 F = TypeVar("F", bound=Callable)
@@ -243,31 +242,6 @@ def _all_gather_str(s: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; when the block ends without an exception
-    the file is fsynced and renamed onto `path` (atomic on POSIX: readers see the old file or
-    the new one, never a part of it), otherwise it is deleted and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

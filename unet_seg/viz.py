@@ -18,7 +18,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .train import PathLike, atomic_path
+from .hub import atomic_path
+from .train import PathLike
 
 IGNORE_INDEX = 255
 IGNORE_GREY = (128, 128, 128)

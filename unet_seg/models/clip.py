@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -178,6 +179,14 @@ class CLIPTextEncoder(nn.Module):
 
         make = lambda config: cls(CLIPTextConfig.from_transformers(config))  # noqa: E731
         return load_model(make, src, subfolder, TRANSFORMERS_WEIGHTS, revision, dtype, device, variant, clip_text_keys)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
+        and the reference library load it."""
+        from ..hub import TRANSFORMERS_WEIGHTS, save_component
+
+        config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **self.config.to_transformers()}
+        return save_component(self.state_dict(), config, folder, TRANSFORMERS_WEIGHTS)
 
     def _check(self, ids: Tensor) -> None:
         cfg = self.config

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -260,6 +261,14 @@ m.name for m in self.modules() if isinstance(m, Attention))
 
         make = lambda config: cls(UNetConfig.from_diffusers(config))  # noqa: E731
         return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
+        and the reference library load it."""
+        from ..hub import DIFFUSERS_WEIGHTS, save_component
+
+        config = {"_class_name": "UNet2DConditionModel", **self.config.to_diffusers()}
+        return save_component(self.state_dict(), config, folder, DIFFUSERS_WEIGHTS)
 
     @property
     def downscale(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -237,3 +238,11 @@ class AutoencoderKL(nn.Module):
 
         make = lambda config: cls(VAEConfig.from_diffusers(config))  # noqa: E731
         return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
+        and the reference library load it."""
+        from ..hub import DIFFUSERS_WEIGHTS, save_component
+
+        config = {"_class_name": "AutoencoderKL", **self.config.to_diffusers()}
+        return save_component(self.state_dict(), config, folder, DIFFUSERS_WEIGHTS)
