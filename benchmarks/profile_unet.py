@@ -65,7 +65,7 @@ def main() -> None:
     print(f"GPU kernel time per call: {total / 1e3:.2f} ms\n\n| family | ms/call | share |\n|---|---|---|")
     for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1]):
         print(f"| {fam} | {us / 1e3:.2f} | {100 * us / total:.0f}% |")
-    print(f"\n| top kernels | ms/call | share |\n|---|---|---|")
+    print("\n| top kernels | ms/call | share |\n|---|---|---|")
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| `{name[:90]}` | {us / 1e3:.3f} | {100 * us / total:.1f}% |")
 
