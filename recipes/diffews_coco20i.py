@@ -1,0 +1,320 @@
+"""DiffewS few-shot segmentation (OI2M) on COCO-20i, or on synthetic episodes with `--demo`.
+
+Zhu et al., "Unleashing the Potential of the Diffusion Model in Few-shot Semantic Segmentation",
+NeurIPS 2024 (review: ../shared/design/papers/diffews-review.md; facts checked against the
+official training script aim-uofa/DiffewS train_tools/train_icl_multitask_nocrop_nearest_nshot_v3.py).
+
+    python recipes/diffews_coco20i.py --demo                                    # CPU, minutes, no download
+    torchrun --nproc_per_node=8 recipes/diffews_coco20i.py \\
+        --model stabilityai/stable-diffusion-2-1 --data-root /data/coco20i --fold 0 --shots 5
+
+Method (one episode = a query and K supports of one class, all through the U-Net in one batch):
+
+    z_q = E(query), z_s = E(support), m_s = E(white-on-black support mask)     VAE frozen
+    x   = [cat(z_q, 0), cat(z_s1, m_s1), .., cat(z_sK, m_sK)]                  conv_in widened 4 -> 8
+    out = UNet(x, t = 1, context = CLIP(""), self-attention = KV fusion)      query attends to [q; s1..sK]
+    L   = ‖out_query − (−E(query mask))‖²                                      latent MSE, query only
+    p   = (mean_c D(−out_query) + 1) / 2;   mask = p > 0.25 · max p             relative threshold
+
+| hyper-parameter | value | source |
+|---|---|---|
+| backbone | SD 2.1 U-Net, fine-tuned in full; VAE, text encoder frozen | paper §3, official script |
+| text conditioning | empty prompt, encoded once | official script (fixed `input_ids`) |
+| support mask injection | channel concat of image and mask latents | paper Fig. 4 (best of four) |
+| mask rendering | white foreground on black | paper Fig. 5 (a) |
+| interaction | KV fusion self-attention, every self-attention layer | paper Fig. 2d / Fig. 4 |
+| query mask channels | zeros (see note 1) | official: 4-channel input for the query |
+| generation | one step, image to mask (OI2M) | paper Fig. 6 |
+| timestep | t = 1 | official `--train_timestep` default 1 |
+| target | −(query mask latent), VAE posterior sample | official `target = -cond_latents_tag` |
+| resolution | 512 | official `--resolution` default |
+| optimiser | AdamW, β (0.9, 0.999), wd 1e-2, ε 1e-8, grad-norm clip 1.0 | official defaults |
+| learning rate | 3e-5, linear decay to 0, no warm-up | official (`polynomial`, power 1.0) |
+| batch | 2 episodes per device | official `--train_batch_size` default (see note 2) |
+| iterations | 30 000 | official `--max_train_steps` default |
+| training shots | uniform in 1..N per step, random subset (DiffewS-n) | official script; paper Table 7 |
+| N-shot inference | random subsample of the support K/V to L tokens | paper appendix Table 6 |
+| threshold | relative, 0.25 · max | paper appendix Table 4 |
+| evaluation | 1000 episodes per fold, mIoU over the 20 test classes, FB-IoU | paper Table 2 (HSNet protocol) |
+
+Notes. (1) The official model keeps a separate 4-channel `conv_in` for the query
+("ref8inchannels-tag4inchannels"); here one widened `conv_in` serves both, with the query's
+mask channels zero, which equals a 4-channel conv whose weights start at half the pretrained
+ones (widen_conv_in tiles and halves them). (2) The official loop takes the supports of the
+first episode of each batch only; here every episode has its own supports. (3) The official
+script regresses the U-Net output on −z directly, with no noise and no schedule algebra, so
+`unet_seg.diffusion`'s parameterisations are not involved: the output *is* the mask latent's
+negative. (4) `--demo` cannot use pretrained weights (no download): it trains the tiny VAE as
+an autoencoder on synthetic images and masks first, then the tiny U-Net from random weights,
+with lr 1e-3 instead of 3e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unet_seg import load_sd
+from unet_seg.attention import kv_fusion_procs, self_attention_layers
+from unet_seg.codecs import latent_to_probability, mask_to_image, mask_to_latent, threshold_relative
+from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
+from unet_seg.losses import latent_mse
+from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
+from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.train import (
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
+    load_checkpoint, maybe_compile, print0, progress, resumable_loader, save_checkpoint, seed_everything, unwrap,
+    write_metrics,
+)  # fmt: skip
+from unet_seg.viz import image_to_uint8, overlay, save_grid
+
+TIMESTEP = 1  # official --train_timestep default
+THRESHOLD_RATIO = 0.25  # paper appendix Table 4
+EVAL_SHOTS = (1, 5)
+DEMO = dict(size=64, steps=400, batch_size=8, lr=1e-3, vae_steps=200, episodes=200)
+REAL = dict(size=512, steps=30000, batch_size=2, lr=3e-5, vae_steps=0, episodes=1000)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="DiffewS (OI2M) few-shot segmentation: train on a fold's training classes, evaluate 1- and "
+        "5-shot mIoU / FB-IoU on its held-out classes. --demo runs on CPU with tiny random models and "
+        "synthetic episodes (no download); otherwise give --model and --data-root.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--demo", action="store_true", help="tiny random model, synthetic data, CPU, no download")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or local folder")
+    p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
+    p.add_argument("--fold", type=int, default=0, help="fold 0..3: its 20 (demo: 5) classes are held out")
+    p.add_argument("--shots", type=int, default=1, help="training draws 1..SHOTS supports per step (DiffewS-n)")
+    p.add_argument("--steps", type=int, help=f"training steps (default {REAL['steps']}, demo {DEMO['steps']})")
+    p.add_argument("--batch-size", type=int, help=f"episodes per process and step ({REAL['batch_size']}, demo {DEMO['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({REAL['lr']}, demo {DEMO['lr']})")
+    p.add_argument("--size", type=int, help=f"image side, multiple of 64 ({REAL['size']}, demo {DEMO['size']})")
+    p.add_argument("--vae-steps", type=int, help=f"demo only: autoencoder steps for the tiny VAE ({DEMO['vae_steps']})")
+    p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--out", default="runs/diffews", help="checkpoints, metrics.{md,json}, episodes.png")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (default: off)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in (DEMO if args.demo else REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.size % 64:
+        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
+    if not args.demo and not args.data_root:
+        p.error("--data-root is required without --demo")
+    if args.shots < 1 or args.steps < 1 or args.batch_size < 1:
+        p.error("--shots, --steps and --batch-size must be >= 1")
+    args.out = Path(args.out)
+    return args
+
+
+def fields(batch) -> tuple[torch.Tensor, ...]:
+    """(query, query_mask, supports, support_masks, class_id) of a collated batch of episodes
+    (synthetic `Episode` tuples or COCO-20i dicts)."""
+    b = batch if isinstance(batch, dict) else batch._asdict()
+    return b["query"], b["query_mask"], b["supports"], b["support_masks"], b["class_id"]
+
+
+def unet_input(vae, query, supports, support_masks, sample: bool) -> torch.Tensor:
+    """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] ->
+    grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), then cat(z_s, E(mask_s))."""
+    g, s = supports.shape[:2]
+    images = torch.cat([query[:, None], supports], dim=1).flatten(0, 1)
+    z = vae.encode(images, sample=sample).unflatten(0, (g, 1 + s))
+    m = vae.encode(mask_to_image(support_masks.flatten(0, 1)), sample=sample).unflatten(0, (g, s))
+    m = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1)
+    return torch.cat([z, m], dim=2).flatten(0, 1)
+
+
+def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> torch.Tensor:
+    """One U-Net call with KV fusion on every self-attention layer -> query outputs [G, 4, h, w]."""
+    procs = kv_fusion_procs(self_attention_layers(unwrap(unet).attention_names), num_supports, subsample=subsample)
+    t = torch.full((x.shape[0],), TIMESTEP, device=x.device)
+    out = unet(x, t, context.expand(x.shape[0], -1, -1), procs=procs)
+    return out.unflatten(0, (-1, 1 + num_supports))[:, 0]
+
+
+def pretrain_demo_vae(vae, classes, size: int, steps: int, seed: int, device) -> float:
+    """Demo only: the tiny VAE as a plain autoencoder (MSE) on synthetic images and their
+    white-on-black mask images, so that masks survive encode -> decode. Returns the last loss."""
+    data = FewShotEpisodes(seed + 7, 100_000, classes, shots=1, size=size)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    vae.train()
+    for step, batch in zip(progress(range(steps), desc="VAE"), loader):
+        query, query_mask, supports, support_masks, _ = fields(batch)
+        x = torch.cat([query, supports[:, 0], mask_to_image(query_mask), mask_to_image(support_masks[:, 0])]).to(device)
+        loss = F.mse_loss(vae.decode(vae.encode(x)), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift: int, device):
+    """This rank's share of `data` (K-shot episodes) -> all-rank confusion matrices
+    {name: [num_labels, num_labels]} for DiffewS and two baselines, plus up to 4 episodes to draw."""
+    names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
+    conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
+    subset = torch.utils.data.Subset(data, range(rank, len(data), world))
+    shown = []
+    for batch in torch.utils.data.DataLoader(subset, batch_size=8):
+        query, query_mask, supports, support_masks, class_id = (x.to(device) for x in fields(batch))
+        x = unet_input(vae, query, supports, support_masks, sample=False)
+        with autocast(device):
+            pred = query_prediction(unet, x, context, shots, subsample=shots > 1)
+        mask = threshold_relative(latent_to_probability(vae, -pred.float()), THRESHOLD_RATIO)
+        label = (class_id + label_shift).view(-1, 1, 1)
+        target = torch.where(query_mask == 255, 255, query_mask * label)
+        for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
+            conf[name] += confusion_matrix(m * label, target, num_labels)
+        if len(shown) < 4:
+            shown += list(zip(query, supports[:, 0], support_masks[:, 0], mask, query_mask))[: 4 - len(shown)]
+    return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
+
+
+def summarise(conf: torch.Tensor, test_labels) -> dict:
+    """Few-shot mIoU: foreground IoU per test class, accumulated over episodes, averaged over the
+    classes; FB-IoU: mean of background and foreground IoU over all episodes (in %)."""
+    binary = torch.stack([conf[0, 0], conf[0, 1:].sum(), conf[1:, 0].sum(), conf[1:, 1:].sum()]).view(2, 2)
+    miou = iou_per_class(conf)[list(test_labels)].nanmean()
+    return {"mIoU": round(100 * miou.item(), 2), "FB-IoU": round(100 * fb_iou(binary).item(), 2)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    rank, world, local_rank, device = init_distributed()
+    if args.demo:
+        print0(
+            "DEMO: tiny random-weight SD-structured U-Net/VAE/text encoder, synthetic few-shot episodes, "
+            f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --data-root <COCO-20i>)"
+        )
+    seed_everything(args.seed, rank)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data: the fold's training classes for training, its held-out classes for evaluation
+    if args.demo:
+        train_classes, test_classes = fold_split(args.fold)
+        train_data = FewShotEpisodes(args.seed, 100_000, train_classes, shots=args.shots, size=args.size)
+        test_data = {k: FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=k, size=args.size) for k in EVAL_SHOTS}
+        class_names, label_shift, test_labels = CLASS_NAMES, 0, test_classes
+    else:
+        from unet_seg.data.coco20i import COCO20I_CLASSES, COCO20i, fold_classes
+
+        train_data = COCO20i(args.data_root, args.fold, "train", shots=args.shots, size=args.size, seed=args.seed)
+        test_data = {k: COCO20i(args.data_root, args.fold, "val", shots=k, size=args.size, episodes=args.episodes) for k in EVAL_SHOTS}
+        class_names, label_shift = ("background",) + tuple(COCO20I_CLASSES), 1
+        test_labels = tuple(c + 1 for c in fold_classes(args.fold))
+    num_labels = len(class_names)
+    print0(f"fold {args.fold}: train classes {len(set(train_data.classes))}, test classes {list(test_labels)}")
+
+    # ---- models: SD U-Net with conv_in 4 -> 8, frozen VAE, empty-prompt context computed once
+    if args.demo:
+        torch.manual_seed(args.seed)
+        unet, vae = UNet(TINY_SD2), AutoencoderKL(TINY_VAE)
+        text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
+    else:
+        sd = load_sd(args.model, vae_dtype=torch.float32)
+        unet, vae, text_encoder, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
+    unet.widen_conv_in(8).to(device).train()
+    vae.to(device)
+    with torch.no_grad():
+        context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
+    del text_encoder
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=args.steps)
+
+    step, models = 0, {"unet": unet, "vae": vae} if args.demo else {"unet": unet}
+    if args.resume and latest_checkpoint(args.out) is not None:
+        step = load_checkpoint(latest_checkpoint(args.out), models, opt, sched).step
+        vae.eval().requires_grad_(False)
+        print0(f"resumed from step {step}")
+    elif args.demo:
+        print0(
+            f"DEMO: a random VAE cannot round-trip masks, so the tiny VAE is first trained as an autoencoder "
+            f"on synthetic training-class images and mask images ({args.vae_steps} steps); real runs use SD's VAE"
+        )
+        loss = pretrain_demo_vae(vae, train_data.classes, args.size, args.vae_steps, args.seed, device)
+        print0(f"VAE reconstruction MSE {loss:.4f}")
+    vae.eval().requires_grad_(False)
+    model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
+    forward = maybe_compile(model, args.compile)
+
+    # ---- train: one-step query-mask latent regression, 1..shots supports per step
+    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    steps_per_epoch = len(loader)
+    bar = progress(total=args.steps, initial=step, desc="DiffewS")
+    while step < args.steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        loader.sampler.set_epoch(epoch, start=offset * args.batch_size)
+        for batch in loader:
+            query, query_mask, supports, support_masks, _ = (x.to(device) for x in fields(batch))
+            s = int(torch.randint(1, args.shots + 1, ()))
+            pick = torch.randperm(args.shots)[:s].to(device)
+            with torch.no_grad():
+                x = unet_input(vae, query, supports[:, pick], support_masks[:, pick], sample=True)
+                target = -mask_to_latent(vae, query_mask)
+            with autocast(device):
+                pred = query_prediction(forward, x, context, s, subsample=False)
+            loss = check_finite_everywhere(latent_mse(pred.float(), target), "latent MSE")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
+            if step % args.save_every == 0 or step == args.steps:
+                save_checkpoint(args.out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
+            if step == args.steps:
+                break
+    bar.close()
+    train_time = time.perf_counter() - started
+
+    # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines
+    unet.eval()
+    metrics, rows = {}, []
+    for k, data in test_data.items():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            conf, shown = evaluate(unet, vae, context, data, k, num_labels, label_shift, device)
+        for name, c in conf.items():
+            if name == "DiffewS" or k == 1:  # baselines read the first support only: the same for every K
+                metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
+        if k == 1:
+            shown_labels = [0, *test_labels]
+            print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [class_names[c] for c in shown_labels]))
+            rows = [
+                [image_to_uint8(q), overlay(s, sm), overlay(q, m), overlay(q, qm)]
+                for q, s, sm, m, qm in shown
+            ]
+    wall = time.perf_counter() - started
+    title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
+    write_metrics(metrics, args.out / "metrics", title=title)
+    if rows and rank == 0:
+        save_grid(rows, args.out / "episodes.png", titles=["query", "support", "prediction", "ground truth"], scale=2)
+    print0("| | mIoU | FB-IoU |\n|---|---|---|")
+    for name, m in metrics.items():
+        print0(f"| {name} | {m['mIoU']:.2f} | {m['FB-IoU']:.2f} |")
+    print0(f"train {train_time:.0f} s, total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, episodes.png")
+    barrier()
+    cleanup_distributed()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The DiffewS recipe end to end, reduced: it trains, evaluates, writes metrics and the episode
+grid, resumes from its checkpoint, and runs under 2 gloo processes. Whether the full demo
+learns (beats the baselines) is measured by running it, not here: too slow for a unit test."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unet_seg.train import checkpoint_path
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "diffews_coco20i.py"
+TINY = ["--demo", "--steps", "2", "--vae-steps", "1", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("diffews_coco20i", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
+    metrics = _recipe().main(TINY + ["--shots", "2", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[0].startswith("DEMO:")
+    expected = {"DiffewS 1-shot", "DiffewS 5-shot", "baseline: support mask", "baseline: all foreground"}
+    assert set(metrics) == expected
+    table = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(table) == expected
+    for row in table.values():
+        assert 0 <= row["mIoU"] <= 100 and 0 <= row["FB-IoU"] <= 100
+    assert "| DiffewS 1-shot |" in (tmp_path / "metrics.md").read_text()
+    assert (tmp_path / "episodes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in sorted(tmp_path.glob("step_*.safetensors"))] == [checkpoint_path(tmp_path, s).name for s in (1, 2)]
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = _recipe()
+    recipe.main(TINY + ["--out", str(tmp_path / "straight")])
+    (tmp_path / "split").mkdir()  # an interrupted run: only its step-1 checkpoint exists
+    shutil.copy(checkpoint_path(tmp_path / "straight", 1), tmp_path / "split")
+    recipe.main(TINY + ["--out", str(tmp_path / "split"), "--resume"])
+    a = load_file(str(checkpoint_path(tmp_path / "straight", 2)))
+    b = load_file(str(checkpoint_path(tmp_path / "split", 2)))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bad_size_is_refused_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--demo", "--size", "72"])
+    assert "multiple of 64" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_finish(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE)]
+    run = subprocess.run(cmd + TINY + ["--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("DEMO:") == 2  # the two demo lines, printed by rank 0 only
+    assert "on 2 process(es)" in run.stdout
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "episodes.png").is_file()
