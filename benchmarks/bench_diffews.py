@@ -1,0 +1,183 @@
+"""DiffewS (recipes/diffews_coco20i.py) on one GPU: 1-shot episode inference and training throughput.
+
+    python benchmarks/bench_diffews.py                                  # CUDA, SD2.1 + SD VAE, 512²
+    python benchmarks/bench_diffews.py --tiny --device cpu --iters 2    # smoke test of the script itself
+
+The timed functions are the recipe's own (`unet_input`, `query_prediction`, the loss and the
+optimiser step), on random weights. One inference episode: VAE-encode query, support and support
+mask, one U-Net call on [query, support] with KV fusion, VAE-decode the query's mask latent,
+threshold. One training step: the same encodes (posterior samples) and U-Net call with gradients,
+latent MSE, backward, grad clip, AdamW. U-Net weights fp32 under bf16 autocast, as the recipe runs;
+the VAE in `--vae-dtypes` (float32 is the recipe's default). "FLOP limit" is the throughput the
+counted FLOPs (torch.utils.flop_counter) would allow at the bf16 matmul rate measured in the same
+run; "of limit" is measured / limit. Prints a markdown table and writes it to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_models import timed  # noqa: E402
+
+from unet_seg.codecs import latent_to_probability, mask_to_latent, threshold_relative  # noqa: E402
+from unet_seg.losses import latent_mse  # noqa: E402
+from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("diffews_coco20i", ROOT / "recipes" / "diffews_coco20i.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def matmul_tflops(device: str) -> float:
+    """Measured dense bf16 matmul rate (8192³), the ceiling the FLOP limit is taken against."""
+    if device != "cuda":
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / timed(lambda: a @ b, 20, 3, device) / 1e9
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,8", help="episodes per call (inference) / per step (training)")
+    p.add_argument("--train-batches", default="2,8", help="episodes per training step (2 = the paper's per-GPU batch)")
+    p.add_argument("--vae-dtypes", default="float32,bfloat16")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    device = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    recipe = load_recipe()
+    peak = matmul_tflops(device)
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD2 if args.tiny else SD21).widen_conv_in(8).to(device)
+    vae_fp32 = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device).eval().requires_grad_(False)
+    if device == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        vae_fp32.to(memory_format=torch.channels_last)
+    vaes = {"float32": vae_fp32}
+    if "bfloat16" in args.vae_dtypes:
+        vaes["bfloat16"] = AutoencoderKL(vae_fp32.config).to(device, torch.bfloat16).eval().requires_grad_(False)
+        vaes["bfloat16"].load_state_dict(vae_fp32.state_dict())
+        if device == "cuda":
+            vaes["bfloat16"].to(memory_format=torch.channels_last)
+    context = torch.randn(1, 77, unet.config.context_dim, device=device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2, fused=device == "cuda")
+    g = torch.Generator(device).manual_seed(0)
+
+    def episodes(n: int):
+        s = args.size
+        query = torch.rand(n, 3, s, s, generator=g, device=device) * 2 - 1
+        supports = torch.rand(n, 1, 3, s, s, generator=g, device=device) * 2 - 1
+        masks = (torch.rand(n, 1, s, s, generator=g, device=device) > 0.5).long()
+        return query, supports, masks, masks[:, 0]
+
+    def make_infer(vae, unet_call):
+        def infer(query, supports, support_masks):
+            x = recipe.unet_input(vae, query, supports, support_masks, sample=False)
+            with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+                pred = recipe.query_prediction(unet_call, x, context, 1, subsample=False)
+            return threshold_relative(latent_to_probability(vae, -pred.float()), recipe.THRESHOLD_RATIO)
+
+        return infer
+
+    def make_train(vae, unet_call):
+        def step(query, supports, support_masks, query_mask):
+            with torch.no_grad():
+                x = recipe.unet_input(vae, query, supports, support_masks, sample=True)
+                target = -mask_to_latent(vae, query_mask)
+            with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+                pred = recipe.query_prediction(unet_call, x, context, 1, subsample=False)
+            loss = latent_mse(pred.float(), target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            return loss
+
+        return step
+
+    compiled_unet = torch.compile(unet)
+    rows = []
+    for vae_name, vae in vaes.items():
+        if vae_name not in args.vae_dtypes.split(","):
+            continue
+        for mode in args.modes.split(","):
+            unet_call = unet if mode == "eager" else compiled_unet
+            vae_enc, vae_dec = vae.encode, vae.decode
+            if mode == "compile":  # the VAE compiled too: encode and decode are plain forwards
+                vae.encode, vae.decode = torch.compile(vae.encode), torch.compile(vae.decode)
+            infer, train = make_infer(vae, unet_call), make_train(vae, unet_call)
+            for n in map(int, args.batches.split(",")):
+                batch = episodes(n)[:3]
+                with torch.inference_mode():
+                    flops = flops_of(lambda: infer(*batch)) if mode == "eager" else None
+                    ms = timed(lambda: infer(*batch), args.iters, 3, device)
+                rows.append(("inference 1-shot", vae_name, mode, n, ms, flops))
+                print(f"infer VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
+            unet.train()
+            for n in map(int, args.train_batches.split(",")):
+                batch = episodes(n)
+                flops = flops_of(lambda: train(*batch)) if mode == "eager" else None
+                ms = timed(lambda: train(*batch), args.iters, 3, device)
+                rows.append(("training 1-shot", vae_name, mode, n, ms, flops))
+                print(f"train VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
+            unet.eval()
+            vae.encode, vae.decode = vae_enc, vae_dec
+
+    # FLOPs do not depend on the mode: take the eager count for the compiled rows
+    counted = {(r[0], r[1], r[3]): r[5] for r in rows if r[5] is not None}
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    cfg = "TINY_SD2 + TINY_VAE" if args.tiny else "SD2.1 U-Net (conv_in 8 ch) + SD VAE"
+    header = (
+        f"# DiffewS episode throughput — {gpu}\n\n"
+        f"{datetime.date.today()} · torch {torch.__version__} · {cfg}, random weights · {args.size}² images · "
+        f"U-Net fp32 weights under bf16 autocast, channels_last on CUDA · KV fusion on every self-attention · "
+        f"median of {args.iters} calls after 3 warm-ups · measured bf16 matmul peak {peak:.0f} TFLOP/s\n\n"
+        "| what | VAE | mode | episodes/call | ms | episodes/s | U-Net images/s | TFLOP/episode | FLOP limit (episodes/s) | of limit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for what, vae_name, mode, n, ms, _ in rows:
+        flops = counted.get((what, vae_name, n))
+        eps = 1e3 * n / ms
+        tflop = flops / n / 1e12 if flops else float("nan")
+        limit = peak / tflop if flops else float("nan")
+        lines.append(
+            f"| {what} | {vae_name} | {mode} | {n} | {ms:.2f} | {eps:.1f} | {2 * eps:.1f} | {tflop:.2f} | {limit:.1f} | {eps / limit:.0%} |"
+        )
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in gpu)
+    (out / f"diffews_{tag}{'_tiny' if args.tiny else ''}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
