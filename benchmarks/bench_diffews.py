@@ -8,7 +8,8 @@ optimiser step), on random weights. One inference episode: VAE-encode query, sup
 mask, one U-Net call on [query, support] with KV fusion, VAE-decode the query's mask latent,
 threshold. One training step: the same encodes (posterior samples) and U-Net call with gradients,
 latent MSE, backward, grad clip, AdamW. U-Net weights fp32 under bf16 autocast, as the recipe runs;
-the VAE in `--vae-dtypes` (float32 is the recipe's default). "FLOP limit" is the throughput the
+the VAE in `--vae-dtypes` (float32 is the recipe's default). "compile" compiles the U-Net and the VAE's
+encoder and decoder, as the recipe's `--compile` does. "FLOP limit" is the throughput the
 counted FLOPs (torch.utils.flop_counter) would allow at the bf16 matmul rate measured in the same
 run; "of limit" is measured / limit. Prints a markdown table and writes it to `--out`.
 """
@@ -59,7 +60,7 @@ def flops_of(fn) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8", help="episodes per call (inference) / per step (training)")
-    p.add_argument("--train-batches", default="2,8", help="episodes per training step (2 = the paper's per-GPU batch)")
+    p.add_argument("--train-batches", default="2", help="episodes per training step (2 = the paper's per-GPU batch)")
     p.add_argument("--vae-dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--size", type=int, default=512)
@@ -122,36 +123,42 @@ def main() -> None:
 
         return step
 
-    compiled_unet = torch.compile(unet)
-    rows = []
+    vaes = {k: v for k, v in vaes.items() if k in args.vae_dtypes.split(",")}
+    batches, train_batches = [int(n) for n in args.batches.split(",")], [int(n) for n in args.train_batches.split(",")]
+    counted = {}  # FLOPs, counted once in eager mode (the count does not depend on the mode)
     for vae_name, vae in vaes.items():
-        if vae_name not in args.vae_dtypes.split(","):
-            continue
-        for mode in args.modes.split(","):
-            unet_call = unet if mode == "eager" else compiled_unet
-            vae_enc, vae_dec = vae.encode, vae.decode
-            if mode == "compile":  # the VAE compiled too: encode and decode are plain forwards
-                vae.encode, vae.decode = torch.compile(vae.encode), torch.compile(vae.decode)
+        for n in batches:
+            with torch.inference_mode():
+                counted["inference 1-shot", vae_name, n] = flops_of(lambda: make_infer(vae, unet)(*episodes(n)[:3]))
+        unet.train()
+        for n in train_batches:
+            counted["training 1-shot", vae_name, n] = flops_of(lambda: make_train(vae, unet)(*episodes(n)))
+        unet.eval()
+
+    rows = []
+    for mode in args.modes.split(","):
+        unet_call = unet
+        if mode == "compile":  # as the recipe's --compile: U-Net, VAE encoder and decoder, static shapes
+            unet_call = torch.compile(unet, dynamic=False)
+            for vae in vaes.values():
+                vae.encoder.compile(dynamic=False)
+                vae.decoder.compile(dynamic=False)
+        for vae_name, vae in vaes.items():
             infer, train = make_infer(vae, unet_call), make_train(vae, unet_call)
-            for n in map(int, args.batches.split(",")):
+            for n in batches:
                 batch = episodes(n)[:3]
                 with torch.inference_mode():
-                    flops = flops_of(lambda: infer(*batch)) if mode == "eager" else None
                     ms = timed(lambda: infer(*batch), args.iters, 3, device)
-                rows.append(("inference 1-shot", vae_name, mode, n, ms, flops))
+                rows.append(("inference 1-shot", vae_name, mode, n, ms))
                 print(f"infer VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
             unet.train()
-            for n in map(int, args.train_batches.split(",")):
+            for n in train_batches:
                 batch = episodes(n)
-                flops = flops_of(lambda: train(*batch)) if mode == "eager" else None
                 ms = timed(lambda: train(*batch), args.iters, 3, device)
-                rows.append(("training 1-shot", vae_name, mode, n, ms, flops))
+                rows.append(("training 1-shot", vae_name, mode, n, ms))
                 print(f"train VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
             unet.eval()
-            vae.encode, vae.decode = vae_enc, vae_dec
 
-    # FLOPs do not depend on the mode: take the eager count for the compiled rows
-    counted = {(r[0], r[1], r[3]): r[5] for r in rows if r[5] is not None}
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     cfg = "TINY_SD2 + TINY_VAE" if args.tiny else "SD2.1 U-Net (conv_in 8 ch) + SD VAE"
     header = (
@@ -163,11 +170,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for what, vae_name, mode, n, ms, _ in rows:
-        flops = counted.get((what, vae_name, n))
+    for what, vae_name, mode, n, ms in rows:
+        flops = counted[what, vae_name, n]
         eps = 1e3 * n / ms
-        tflop = flops / n / 1e12 if flops else float("nan")
-        limit = peak / tflop if flops else float("nan")
+        tflop = flops / n / 1e12
+        limit = peak / tflop
         lines.append(
             f"| {what} | {vae_name} | {mode} | {n} | {ms:.2f} | {eps:.1f} | {2 * eps:.1f} | {tflop:.2f} | {limit:.1f} | {eps / limit:.0%} |"
         )

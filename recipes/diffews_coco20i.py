@@ -52,6 +52,7 @@ with lr 1e-3 instead of 3e-5.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import latent_to_probability, mask_to_image, mask_to_latent, threshold_relative
+from unet_seg.codecs import latent_to_probability, mask_to_image, mask_to_latent, threshold_absolute, threshold_relative
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--out", default="runs/diffews", help="checkpoints, metrics.{md,json}, episodes.png")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the VAE (default: off)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for key, value in (DEMO if args.demo else REAL).items():
@@ -143,12 +144,15 @@ def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> to
     return out.unflatten(0, (-1, 1 + num_supports))[:, 0]
 
 
-def pretrain_demo_vae(vae, classes, size: int, steps: int, seed: int, device) -> float:
-    """Demo only: the tiny VAE as a plain autoencoder (MSE) on synthetic images and their
-    white-on-black mask images, so that masks survive encode -> decode. Returns the last loss."""
+def pretrain_demo_vae(vae, classes, size: int, steps: int, seed: int, device) -> dict:
+    """Demo only: the tiny VAE as a plain autoencoder (posterior mean, MSE) on synthetic images
+    and their white-on-black mask images; then its posterior σ is set to 1e-3 (logvar bias
+    −13.8, weights 0), small as SD's VAE's is: the recipe trains on posterior samples, and an
+    untrained σ (≈1) would drown the latents. Returns diagnostics on a fresh batch."""
     data = FewShotEpisodes(seed + 7, 100_000, classes, shots=1, size=size)
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.05, total_iters=steps)
     vae.train()
     for step, batch in zip(progress(range(steps), desc="VAE"), loader):
         query, query_mask, supports, support_masks, _ = fields(batch)
@@ -157,8 +161,20 @@ def pretrain_demo_vae(vae, classes, size: int, steps: int, seed: int, device) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
+    with torch.no_grad():
+        logvar = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[logvar] = 0.0
+        vae.quant_conv.bias[logvar] = 2 * math.log(1e-3)
     vae.eval().requires_grad_(False)
-    return loss.item()
+    query, query_mask, *_ = fields(next(iter(loader)))
+    query, query_mask = query.to(device), query_mask.to(device)
+    with torch.no_grad():
+        z = vae.encode(mask_to_image(query_mask), sample=True)
+        mask = threshold_absolute(latent_to_probability(vae, z), 0.5)
+        iou = ((mask == 1) & (query_mask == 1)).sum() / ((mask == 1) | (query_mask == 1)).sum()
+        mse = F.mse_loss(vae.decode(vae.encode(query)), query)
+    return {"image MSE": mse.item(), "mask round-trip IoU": iou.item()}
 
 
 @torch.no_grad()
@@ -231,6 +247,9 @@ def main(argv=None) -> dict:
         unet, vae, text_encoder, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
     unet.widen_conv_in(8).to(device).train()
     vae.to(device)
+    if device.type == "cuda":  # NHWC convolutions: -26% U-Net time on an H100 (benchmarks/NOTES.md)
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     with torch.no_grad():
         context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
     del text_encoder
@@ -247,11 +266,14 @@ def main(argv=None) -> dict:
             f"DEMO: a random VAE cannot round-trip masks, so the tiny VAE is first trained as an autoencoder "
             f"on synthetic training-class images and mask images ({args.vae_steps} steps); real runs use SD's VAE"
         )
-        loss = pretrain_demo_vae(vae, train_data.classes, args.size, args.vae_steps, args.seed, device)
-        print0(f"VAE reconstruction MSE {loss:.4f}")
+        stats = pretrain_demo_vae(vae, train_data.classes, args.size, args.vae_steps, args.seed, device)
+        print0("VAE: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     vae.eval().requires_grad_(False)
     model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
     forward = maybe_compile(model, args.compile)
+    if args.compile:  # the VAE is most of an episode's FLOPs (3 encodes + 1 decode at 512²)
+        vae.encoder.compile()
+        vae.decoder.compile()
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)

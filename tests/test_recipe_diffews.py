@@ -69,3 +69,23 @@ def test_two_gloo_processes_finish(tmp_path):
     assert run.stdout.count("DEMO:") == 2  # the two demo lines, printed by rank 0 only
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "episodes.png").is_file()
+
+
+def test_demo_vae_posterior_samples_stay_at_the_mean():
+    """An untrained posterior σ (≈1) would make the recipe's sampled latents mostly noise."""
+    import torch
+
+    from unet_seg.data.synthetic import FewShotEpisodes, fold_split
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE)
+    classes = fold_split(0)[0]
+    stats = _recipe().pretrain_demo_vae(vae, classes, 64, 1, 0, torch.device("cpu"))
+    assert 0 <= stats["mask round-trip IoU"] <= 1 and stats["image MSE"] >= 0
+    image = FewShotEpisodes(3, 2, classes, size=64)[0].query[None]
+    with torch.no_grad():
+        mean = vae.encode(image)
+        sample = vae.encode(image, sample=True, generator=torch.Generator().manual_seed(0))
+    spread = (sample - mean).abs().max().item()
+    assert 0 < spread < 1e-3 * vae.config.scaling_factor * 6  # σ = 1e-3 before scaling, 6σ bound
