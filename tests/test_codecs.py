@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from unet_seg.codecs import (
     IGNORE_COLOUR,
+    BlockCodec,
     image_to_probability,
     label_map_to_latents,
     label_map_to_masks,
@@ -325,3 +326,43 @@ def test_bad_labels_are_rejected():
 def test_palette_holding_the_ignore_colour_is_rejected():
     with pytest.raises(ValueError, match="ignore colour"):
         labels_to_palette_image(torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# BlockCodec: the weight-free VAE stand-in of the CPU demos
+
+
+@given(shapes, seeds, st.sampled_from([torch.float32, torch.float64]))
+def test_block_codec_latent_is_block_mean_and_texture_energy_and_keeps_dtype(shape, seed, dtype):
+    b, h, w = shape
+    img = (torch.rand(b, 3, 8 * h, 8 * w, generator=gen(seed)) * 2 - 1).to(dtype)
+    z = BlockCodec().encode(img, sample=True, generator=gen(seed))
+    assert z.shape == (b, 4, h, w) and z.dtype == dtype
+    blocks = img.unflatten(2, (h, 8)).unflatten(4, (w, 8))  # [b, 3, h, 8, w, 8]
+    torch.testing.assert_close(z[:, :3], blocks.mean((3, 5)))
+    energy = blocks.var((3, 5), unbiased=False).mean(1).sqrt() * 4 - 1
+    torch.testing.assert_close(z[:, 3], energy)
+
+
+@given(shapes, seeds)
+def test_block_codec_round_trips_constant_images_and_keeps_masks_in_probability_range(shape, seed):
+    b, h, w = shape
+    codec = BlockCodec()
+    colour = torch.rand(b, 3, 1, 1, generator=gen(seed)) * 2 - 1
+    img = colour.expand(b, 3, 8 * h, 8 * w)
+    torch.testing.assert_close(codec.decode(codec.encode(img)), img)
+    mask = random_mask(b, 8 * h, 8 * w, seed, ignore=False)
+    prob = latent_to_probability(codec, mask_to_latent(codec, mask))
+    assert prob.shape == mask.shape and prob.min() >= 0 and prob.max() <= 1
+    torch.testing.assert_close(latent_to_probability(codec, mask_to_latent(codec, blocky(mask[:, ::8, ::8]))).mean(),
+                               blocky(mask[:, ::8, ::8]).float().mean(), atol=0.1, rtol=0)
+
+
+def test_block_codec_rejects_bad_shapes():
+    codec = BlockCodec()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        codec.encode(torch.zeros(1, 3, 12, 16))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        codec.encode(torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"\[B, 4, h, w\]"):
+        codec.decode(torch.zeros(1, 3, 2, 2))
