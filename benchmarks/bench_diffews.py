@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import platform
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import timed  # noqa: E402
+from bench_models import device_name, file_tag, flops_of, timed, write_table  # noqa: E402
 
 from unet_seg.codecs import latent_to_probability, mask_to_latent, threshold_relative  # noqa: E402
 from unet_seg.losses import latent_mse  # noqa: E402
@@ -49,12 +47,6 @@ def matmul_tflops(device: str) -> float:
         return float("nan")
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     return 2 * 8192**3 / timed(lambda: a @ b, 20, 3, device) / 1e9
-
-
-def flops_of(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -159,7 +151,7 @@ def main() -> None:
                 print(f"train VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
             unet.eval()
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    gpu = device_name(device)
     cfg = "TINY_SD2 + TINY_VAE" if args.tiny else "SD2.1 U-Net (conv_in 8 ch) + SD VAE"
     header = (
         f"# DiffewS episode throughput — {gpu}\n\n"
@@ -179,12 +171,7 @@ def main() -> None:
             f"| {what} | {vae_name} | {mode} | {n} | {ms:.2f} | {eps:.1f} | {2 * eps:.1f} | {tflop:.2f} | {limit:.1f} | {eps / limit:.0%} |"
         )
     table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in gpu)
-    (out / f"diffews_{tag}{'_tiny' if args.tiny else ''}.md").write_text(table)
-
+    write_table(table, args.out, f"diffews_{file_tag(gpu)}", args.tiny)
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,23 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's, for table headers and result file names."""
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+
+
+def write_table(table: str, out: str, stem: str, tiny: bool = False) -> None:
+    """Print a markdown table and write it to `out/<stem>[_tiny].md` (stem gets the device tag)."""
+    print(table)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}{'_tiny' if tiny else ''}.md").write_text(table)
+
+
+def file_tag(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def unet_pair(cfg, dtype, device):
     import diffusers
 
@@ -155,7 +172,7 @@ def main() -> None:
                     print(f"{name:11s} b{batch} {mode:11s} {lib:9s} {ms:8.2f} ms", flush=True)
                 if len(result) == 2:
                     rows.append((name, batch, mode, "ratio", result["diffusers"] / result["unet_seg"], None, None))
-    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    gpu = device_name(device)
     header = (
         f"# unet_seg vs diffusers — {gpu}\n\n"
         f"{datetime.date.today()} · torch {torch.__version__} · {args.dtype} · {args.size}² images "
@@ -170,13 +187,8 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {batch} | {mode} | {lib} | {ms:.2f} | {ips:.1f} | {tflops:.1f} |")
     table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in gpu)
     variant = f"{'_cl' if args.channels_last else ''}{'' if args.sdpa == 'default' else '_' + args.sdpa}"
-    (out / f"models_{tag}{variant}{'_tiny' if args.tiny else ''}.md").write_text(table)
-
+    write_table(table, args.out, f"models_{file_tag(gpu)}{variant}", args.tiny)
 
 if __name__ == "__main__":
     main()

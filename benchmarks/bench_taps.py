@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_models import timed  # noqa: E402
+from bench_models import device_name, file_tag, timed, write_table  # noqa: E402
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models.unet import SD21, TINY_SD2, UNet  # noqa: E402
@@ -75,7 +74,7 @@ def main() -> None:
                 rows.append((k, mode, ms_loop, ms_batched))
                 print(f"K={k} {mode:8s} loop {ms_loop:8.2f} ms  batched {ms_batched:8.2f} ms", flush=True)
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    gpu = device_name(device)
     feats = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
     header = (
         f"# Timestep feature taps: one batched call vs a per-timestep loop — {gpu}\n\n"
@@ -87,12 +86,7 @@ def main() -> None:
     )
     lines = [f"| {k} | {mode} | {lp:.2f} | {bt:.2f} | **{lp / bt:.2f}×** |" for k, mode, lp, bt in rows]
     table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in gpu)
-    (out / f"taps_{tag}{'_tiny' if args.tiny else ''}.md").write_text(table)
-
+    write_table(table, args.out, f"taps_{file_tag(gpu)}", args.tiny)
 
 if __name__ == "__main__":
     main()
