@@ -182,6 +182,22 @@ def _evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift
     return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
 
 
+class SupportsOfNextEpisode(torch.utils.data.Dataset):
+    """Control for the demo: episode i's query with the supports of episode i+1 (of the last
+    episode: i−1), which show another class (`FewShotEpisodes` cycles through its classes). A
+    model that reads its supports loses accuracy here; one that only finds objects does not."""
+
+    def __init__(self, episodes: FewShotEpisodes):
+        self.episodes = episodes
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, i: int):
+        other = self.episodes[i + 1 if i + 1 < len(self.episodes) else i - 1]
+        return self.episodes[i]._replace(supports=other.supports, support_masks=other.support_masks)
+
+
 def summarise(conf: torch.Tensor, test_labels) -> dict:
     """Few-shot mIoU: foreground IoU per test class, accumulated over episodes, averaged over the
     classes; FB-IoU: mean of background and foreground IoU over all episodes (in %)."""
@@ -300,6 +316,9 @@ def main(argv=None) -> dict:
                 [image_to_uint8(q), overlay(s, sm), overlay(q, m), overlay(q, qm)]
                 for q, s, sm, m, qm in shown
             ]
+    if args.demo:
+        conf, _ = evaluate(unet, vae, context, SupportsOfNextEpisode(test_data[1]), 1, num_labels, label_shift, device, args.seed)
+        metrics["control: DiffewS 1-shot, supports of another class"] = summarise(conf["DiffewS"], test_labels)
     wall = time.perf_counter() - started
     title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
     write_metrics(metrics, args.out / "metrics", title=title)

@@ -30,7 +30,8 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("DEMO:")
     assert "step 1: 1-shot mIoU" in out and "step 2: 1-shot" not in out  # periodic, and not twice at the end
-    expected = {"DiffewS 1-shot", "DiffewS 5-shot", "baseline: support mask", "baseline: all foreground"}
+    expected = {"DiffewS 1-shot", "DiffewS 5-shot", "baseline: support mask", "baseline: all foreground",
+                "control: DiffewS 1-shot, supports of another class"}
     assert set(metrics) == expected
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert set(table) == expected
@@ -83,3 +84,17 @@ def test_two_gloo_processes_finish(tmp_path):
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "episodes.png").is_file()
 
+
+
+def test_control_pairs_each_query_with_supports_of_another_class():
+    import torch
+
+    from unet_seg.data.synthetic import FewShotEpisodes, fold_split
+
+    episodes = FewShotEpisodes(0, 6, fold_split(0)[1], shots=2, size=32)
+    control = _recipe().SupportsOfNextEpisode(episodes)
+    for i in range(len(episodes)):
+        mine, next_one, mixed = episodes[i], episodes[i + 1 if i + 1 < len(episodes) else i - 1], control[i]
+        assert next_one.class_id != mine.class_id and mixed.class_id == mine.class_id
+        assert torch.equal(mixed.query, mine.query) and torch.equal(mixed.query_mask, mine.query_mask)
+        assert torch.equal(mixed.supports, next_one.supports) and torch.equal(mixed.support_masks, next_one.support_masks)
