@@ -58,6 +58,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -78,6 +79,7 @@ from unet_seg.viz import image_to_uint8, overlay, save_grid
 TIMESTEP = 1  # official --train_timestep default
 THRESHOLD_RATIO = 0.25  # paper appendix Table 4
 EVAL_SHOTS = (1, 5)
+MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
 DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, episodes=200)
 REAL = dict(size=512, steps=30000, batch_size=2, lr=3e-5, episodes=1000)
 
@@ -313,7 +315,7 @@ def main(argv=None) -> dict:
             shown_labels = [0, *test_labels]
             print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [class_names[c] for c in shown_labels]))
             rows = [
-                [image_to_uint8(q), overlay(s, sm), overlay(q, m), overlay(q, qm)]
+                [image_to_uint8(q), overlay(s, sm, MASK_COLOUR, 0.7), overlay(q, m, MASK_COLOUR, 0.7), overlay(q, qm, MASK_COLOUR, 0.7)]
                 for q, s, sm, m, qm in shown
             ]
     if args.demo:
