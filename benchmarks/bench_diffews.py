@@ -3,8 +3,7 @@
     python benchmarks/bench_diffews.py                                  # CUDA, SD2.1 + SD VAE, 512²
     python benchmarks/bench_diffews.py --tiny --device cpu --iters 2    # smoke test of the script itself
 
-The timed functions are the recipe's own (`unet_input`, `query_prediction`, the loss and the
-optimiser step), on random weights. One inference episode: VAE-encode query, support and support
+The timed functions are the recipe's own (`predict_masks`, `train_step`), on random weights. One inference episode: VAE-encode query, support and support
 mask, one U-Net call on [query, support] with KV fusion, VAE-decode the query's mask latent,
 threshold. One training step: the same encodes (posterior samples) and U-Net call with gradients,
 latent MSE, backward, grad clip, AdamW. U-Net weights fp32 under bf16 autocast, as the recipe runs;
@@ -29,8 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import device_name, file_tag, flops_of, timed, write_table  # noqa: E402
 
-from unet_seg.codecs import latent_to_probability, mask_to_latent, threshold_relative  # noqa: E402
-from unet_seg.losses import latent_mse  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
 
 
@@ -74,7 +71,7 @@ def main() -> None:
         unet.to(memory_format=torch.channels_last)
         vae_fp32.to(memory_format=torch.channels_last)
     vaes = {"float32": vae_fp32}
-    if "bfloat16" in args.vae_dtypes:
+    if "bfloat16" in args.vae_dtypes.split(","):
         vaes["bfloat16"] = AutoencoderKL(vae_fp32.config).to(device, torch.bfloat16).eval().requires_grad_(False)
         vaes["bfloat16"].load_state_dict(vae_fp32.state_dict())
         if device == "cuda":
@@ -91,29 +88,12 @@ def main() -> None:
         return query, supports, masks, masks[:, 0]
 
     def make_infer(vae, unet_call):
-        def infer(query, supports, support_masks):
-            x = recipe.unet_input(vae, query, supports, support_masks, sample=False)
-            with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-                pred = recipe.query_prediction(unet_call, x, context, 1, subsample=False)
-            return threshold_relative(latent_to_probability(vae, -pred.float()), recipe.THRESHOLD_RATIO)
-
-        return infer
+        return lambda query, supports, masks: recipe.predict_masks(unet_call, vae, context, query, supports, masks)
 
     def make_train(vae, unet_call):
-        def step(query, supports, support_masks, query_mask):
-            with torch.no_grad():
-                x = recipe.unet_input(vae, query, supports, support_masks, sample=True)
-                target = -mask_to_latent(vae, query_mask)
-            with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-                pred = recipe.query_prediction(unet_call, x, context, 1, subsample=False)
-            loss = latent_mse(pred.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            return loss
-
-        return step
+        return lambda query, supports, masks, query_mask: recipe.train_step(
+            unet_call, unet, vae, context, opt, query, query_mask, supports, masks
+        )
 
     vaes = {k: v for k, v in vaes.items() if k in args.vae_dtypes.split(",")}
     batches, train_batches = [int(n) for n in args.batches.split(",")], [int(n) for n in args.train_batches.split(",")]
@@ -172,6 +152,7 @@ def main() -> None:
         )
     table = header + "\n".join(lines) + "\n"
     write_table(table, args.out, f"diffews_{file_tag(gpu)}", args.tiny)
+
 
 if __name__ == "__main__":
     main()

@@ -149,7 +149,34 @@ def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> to
 
 
 @torch.no_grad()
-def evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift: int, device, seed: int):
+def predict_masks(unet, vae, context, query, supports, support_masks) -> torch.Tensor:
+    """K-shot episodes -> query masks [G, H, W] in {0, 1}: one U-Net call (support K/V subsampled
+    for K > 1), decode, relative threshold."""
+    shots = supports.shape[1]
+    x = unet_input(vae, query, supports, support_masks, sample=False)
+    with autocast(query.device):
+        pred = query_prediction(unet, x, context, shots, subsample=shots > 1)
+    return threshold_relative(latent_to_probability(vae, -pred.float()), THRESHOLD_RATIO)
+
+
+def train_step(model, unet, vae, context, opt, query, query_mask, supports, support_masks) -> torch.Tensor:
+    """One optimiser step of the latent regression on K-shot episodes (`model`: the U-Net as
+    called, possibly compiled or DDP-wrapped; `unet`: its parameters). Returns the loss."""
+    with torch.no_grad():
+        x = unet_input(vae, query, supports, support_masks, sample=True)
+        target = -mask_to_latent(vae, query_mask)
+    with autocast(query.device):
+        pred = query_prediction(model, x, context, supports.shape[1], subsample=False)
+    loss = check_finite_everywhere(latent_mse(pred.float(), target), "latent MSE")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+@torch.no_grad()
+def evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, seed: int):
     """This rank's share of `data` (K-shot episodes) -> all-rank confusion matrices
     {name: [num_labels, num_labels]} for DiffewS and two baselines, plus up to 4 episodes to draw.
     Runs in eval mode on its own RNG stream (support subsampling seeded by `seed`) and restores
@@ -158,12 +185,12 @@ def evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift:
     unet.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = _evaluate(unet, vae, context, data, shots, num_labels, label_shift, device)
+        out = _evaluate(unet, vae, context, data, num_labels, label_shift, device)
     unet.train(was_training)
     return out
 
 
-def _evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift: int, device):
+def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device):
     names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
     conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
@@ -171,10 +198,7 @@ def _evaluate(unet, vae, context, data, shots: int, num_labels: int, label_shift
     shown = []
     for batch in torch.utils.data.DataLoader(subset, batch_size=8):
         query, query_mask, supports, support_masks, class_id = (x.to(device) for x in fields(batch))
-        x = unet_input(vae, query, supports, support_masks, sample=False)
-        with autocast(device):
-            pred = query_prediction(unet, x, context, shots, subsample=shots > 1)
-        mask = threshold_relative(latent_to_probability(vae, -pred.float()), THRESHOLD_RATIO)
+        mask = predict_masks(unet, vae, context, query, supports, support_masks)
         label = (class_id + label_shift).view(-1, 1, 1)
         target = torch.where(query_mask == 255, 255, query_mask * label)
         for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
@@ -278,16 +302,7 @@ def main(argv=None) -> dict:
             query, query_mask, supports, support_masks, _ = (x.to(device) for x in fields(batch))
             s = int(torch.randint(1, args.shots + 1, ()))
             pick = torch.randperm(args.shots)[:s].to(device)
-            with torch.no_grad():
-                x = unet_input(vae, query, supports[:, pick], support_masks[:, pick], sample=True)
-                target = -mask_to_latent(vae, query_mask)
-            with autocast(device):
-                pred = query_prediction(forward, x, context, s, subsample=False)
-            loss = check_finite_everywhere(latent_mse(pred.float(), target), "latent MSE")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            loss = train_step(forward, unet, vae, context, opt, query, query_mask, supports[:, pick], support_masks[:, pick])
             sched.step()
             step += 1
             bar.update()
@@ -296,7 +311,7 @@ def main(argv=None) -> dict:
                 save_checkpoint(args.out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 quick = torch.utils.data.Subset(test_data[1], range(min(args.eval_episodes, len(test_data[1]))))
-                conf, _ = evaluate(unet, vae, context, quick, 1, num_labels, label_shift, device, args.seed)
+                conf, _ = evaluate(unet, vae, context, quick, num_labels, label_shift, device, args.seed)
                 miou = summarise(conf["DiffewS"], test_labels)["mIoU"]
                 print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")
             if step == args.steps:
@@ -307,7 +322,7 @@ def main(argv=None) -> dict:
     # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines
     metrics, rows = {}, []
     for k, data in test_data.items():
-        conf, shown = evaluate(unet, vae, context, data, k, num_labels, label_shift, device, args.seed)
+        conf, shown = evaluate(unet, vae, context, data, num_labels, label_shift, device, args.seed)
         for name, c in conf.items():
             if name == "DiffewS" or k == 1:  # baselines read the first support only: the same for every K
                 metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
@@ -319,7 +334,7 @@ def main(argv=None) -> dict:
                 for q, s, sm, m, qm in shown
             ]
     if args.demo:
-        conf, _ = evaluate(unet, vae, context, SupportsOfNextEpisode(test_data[1]), 1, num_labels, label_shift, device, args.seed)
+        conf, _ = evaluate(unet, vae, context, SupportsOfNextEpisode(test_data[1]), num_labels, label_shift, device, args.seed)
         metrics["control: DiffewS 1-shot, supports of another class"] = summarise(conf["DiffewS"], test_labels)
     wall = time.perf_counter() - started
     title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
