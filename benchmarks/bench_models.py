@@ -145,6 +145,7 @@ def main() -> None:
     p.add_argument("--libs", default="unet_seg,diffusers")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result file name (e.g. the experiment)")
     args = p.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,7 +200,7 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {batch} | {mode} | {lib} | {ms:.2f} | {ips:.1f} | {tflops:.1f} |")
     table = header + "\n".join(lines) + "\n"
-    variant = f"{'_cl' if args.channels_last else ''}{'' if args.sdpa == 'default' else '_' + args.sdpa}"
+    variant = f"{'_cl' if args.channels_last else ''}{'' if args.sdpa == 'default' else '_' + args.sdpa}{'_' + args.tag if args.tag else ''}"
     write_table(table, args.out, f"models_{file_tag(gpu)}{variant}", args.tiny)
 
 if __name__ == "__main__":

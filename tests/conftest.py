@@ -18,6 +18,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture
+def cpu_only(monkeypatch):
+    """Run a recipe on the CPU even where CUDA is present: bit-exact resume is a CPU property. CUDA
+    kernels are not bitwise reproducible (two fresh QueryDiff demo runs on an H100 differed by 0.02
+    in their weights after 2 AdamW steps, deterministic algorithms on or off)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
 def shared_dir() -> Path:
     """`../shared` beside the checkout; tests that need it skip cleanly where it is absent."""
     if not SHARED.is_dir():

@@ -60,12 +60,13 @@ def load_recipe(name: str):
 
 def run_torchrun(name: str, args: list[str], processes: int = 2, timeout: int = 300):
     """recipes/<name>.py under `torch.distributed.run` with `processes` gloo ranks on the CPU,
-    one thread each -> the CompletedProcess (text stdout/stderr)."""
+    one thread each (CUDA hidden: on a one-GPU machine two ranks would ask for cuda:1) -> the
+    CompletedProcess (text stdout/stderr)."""
     import os
     import subprocess
     import sys
 
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)

@@ -34,7 +34,7 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
     assert checkpoint_path(tmp_path, 2).name in names
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     from safetensors.torch import load_file
 
     recipe = _recipe()

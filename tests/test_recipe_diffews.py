@@ -35,7 +35,7 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
     assert [p.name for p in sorted(tmp_path.glob("step_*.safetensors"))] == [checkpoint_path(tmp_path, s).name for s in (1, 2)]
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     import torch
     from safetensors.torch import load_file
 

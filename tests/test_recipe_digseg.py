@@ -4,20 +4,15 @@ resumes from its checkpoint, runs under 2 gloo processes, and (a shortened demo,
 the trained-parameter selection, CLIP's candidates, training pairs and the label assembly."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe
+from .helpers import load_recipe, run_torchrun
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digseg_ade20k.py"
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
         "--ensemble", "2", "--ddim-steps", "2"]
 
@@ -43,7 +38,7 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
     assert [p.name for p in sorted(tmp_path.glob("step_*.safetensors"))] == [checkpoint_path(tmp_path, s).name for s in (1, 2)]
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     from safetensors.torch import load_file
 
     recipe = _recipe()
@@ -60,9 +55,7 @@ def test_resume_continues_to_the_same_weights(tmp_path):
 
 
 def test_two_gloo_processes_finish(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE)]
-    run = subprocess.run(cmd + TINY + ["--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    run = run_torchrun("digseg_ade20k", TINY + ["--out", str(tmp_path)], timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("DEMO:") == 1  # printed by rank 0 only
     assert "on 2 process(es)" in run.stdout

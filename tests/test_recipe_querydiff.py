@@ -4,20 +4,15 @@ building the diffusion model, runs under 2 gloo processes, and (a shortened demo
 segment the held-out style."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe
+from .helpers import load_recipe, run_torchrun
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "querydiff_gta2cs.py"
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
 
@@ -43,7 +38,7 @@ def test_demo_trains_both_models_and_writes_metrics_and_grid(tmp_path, capsys):
         ]
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     from safetensors.torch import load_file
 
     recipe = _recipe()
@@ -108,9 +103,7 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
 
 
 def test_two_gloo_processes_finish(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE)]
-    run = subprocess.run(cmd + TINY + ["--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    run = run_torchrun("querydiff_gta2cs", TINY + ["--out", str(tmp_path)], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("DEMO:") == 1  # printed by rank 0 only
     assert "on 2 process(es)" in run.stdout
