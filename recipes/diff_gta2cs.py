@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unet_seg import load_sd
 from unet_seg.codecs import BlockCodec
 from unet_seg.data import synthetic
-from unet_seg.diffusion import NoiseSchedule, q_sample, training_target
+from unet_seg.demo import pretrain_denoiser
+from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
@@ -82,7 +84,7 @@ from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_by_masks, timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, progress, resumable_loader, save_checkpoint, seed_everything,
+    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader, save_checkpoint, seed_everything,
     training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -102,14 +104,11 @@ REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_imag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="DIFF + IPKL domain-generalised segmentation: train on a source domain, report mIoU on unseen "
-        "target domains. --demo runs on CPU with tiny random models and synthetic styles (no download); "
-        "otherwise give --model and --data-root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--demo", action="store_true", help="tiny models, synthetic clean -> hazy styles, CPU, no download")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or local folder")
+    p = recipe_parser(
+        "DIFF + IPKL domain-generalised segmentation: train on a source domain, report mIoU on unseen target domains. "
+        "--demo runs on CPU with tiny random models and synthetic styles (no download); otherwise give --data-root.",
+        DEMO, REAL, out="runs/diff",
+    )  # fmt: skip
     p.add_argument("--data-root", help="folder holding gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/")
     p.add_argument("--source", default="gta5", choices=("gta5", "cityscapes"), help="training domain")
     p.add_argument("--targets", nargs="+", default=["cityscapes", "bdd100k", "mapillary"], help="unseen test domains (val splits)")
@@ -118,29 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
     p.add_argument("--uncond-ce", type=float, default=0.0, help="weight of CE on the unconditional branch (official code: 1)")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"diffusion timesteps tapped (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
-    p.add_argument("--steps", type=int, help=f"training steps (default {REAL['steps']}, demo {DEMO['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"images per process and step ({REAL['batch_size']}, demo {DEMO['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"fusion lr; the head gets 10x ({REAL['lr']}, demo {DEMO['lr']})")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
-    p.add_argument("--size", type=int, help=f"training crop side, multiple of 64 ({REAL['size']}, demo {DEMO['size']})")
     p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
     p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
-    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--out", default="runs/diff", help="checkpoints, metrics.{md,json}, predictions.png")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the fusion + head")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in (DEMO if args.demo else REAL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
+    args = parse_recipe_args(p, argv, DEMO, REAL)
     if not args.demo and not args.data_root:
         p.error("--data-root is required without --demo")
-    if args.steps < 1 or args.batch_size < 1:
-        p.error("--steps and --batch-size must be >= 1")
-    args.out = Path(args.out)
     return args
 
 
@@ -288,32 +270,12 @@ class FormScenes(torch.utils.data.Dataset):
 
 
 
-def pretrain_denoiser(unet, vae, text_encoder, tokenizer, schedule, steps: int, size: int, seed: int, device):
-    """Demo only: teach the tiny U-Net to denoise BlockCodec latents of unlabelled synthetic scenes
-    in random looks (`synthetic.random_style`, never the test style), captioned with the class names
-    present — what SD learned from web images, in miniature. Plain ε-prediction MSE, AdamW 1e-3."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-    unet.train()
-    for _ in progress(range(steps), desc="demo: pre-training the tiny U-Net"):
-        images, captions = [], []
-        for _ in range(8):
-            style, index = synthetic.random_style(g), int(torch.randint(10**6, (), generator=g))
-            image, label = synthetic.SemanticScenes(seed + 7, 10**6, size, style=style)[index]
-            images.append(image)
-            captions.append(", ".join(DEMO_CLASSES[f] for f in _FORM_OF_CLASS[label.unique()].unique().tolist() if 0 < f < 255))
-        with torch.no_grad():
-            z0 = vae.encode(torch.stack(images).to(device))
-            context = text_encoder(tokenizer(captions).to(device))
-        t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), device=device)
-        noise = torch.randn_like(z0)
-        pred = unet(q_sample(z0, t, noise, schedule.alphas_cumprod.to(device)), t, context)
-        loss = F.mse_loss(pred, training_target(z0, noise, t, schedule))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    unet.eval()
-    return loss.item()
+def caption_forms(labels: torch.Tensor, text_encoder, tokenizer) -> torch.Tensor:
+    """Demo pre-training's captions: the forms present in each label map [B, H, W] ("disc, ring"),
+    encoded -> [B, 77, D]."""
+    forms = [_FORM_OF_CLASS[y.unique().cpu()].unique().tolist() for y in labels]
+    captions = [", ".join(DEMO_CLASSES[f] for f in present if 0 < f < 255) for present in forms]
+    return text_encoder(tokenizer(captions).to(labels.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +393,8 @@ def main(argv=None) -> dict:
         text_encoder.eval().requires_grad_(False)
         schedule = NoiseSchedule.sd("epsilon")
         if not (args.resume and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
-            loss = pretrain_denoiser(unet, vae, text_encoder, tokenizer, schedule, args.pretrain_steps, args.size, args.seed, device)
+            captions = partial(caption_forms, text_encoder=text_encoder, tokenizer=tokenizer)
+            loss = pretrain_denoiser(unet, vae, schedule, args.pretrain_steps, args.size, args.seed, captions, batch_size=8, device=device)
             print0(f"pre-trained the tiny U-Net for {args.pretrain_steps} steps: denoising loss {loss:.3f}")
     else:
         sd = load_sd(args.model, device=device, components=("unet", "vae", "text_encoder", "tokenizer"))

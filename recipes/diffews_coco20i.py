@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,7 +70,7 @@ from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou
 from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, progress, resumable_loader, save_checkpoint, seed_everything,
+    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader, save_checkpoint, seed_everything,
     training_batches, unwrap, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -85,40 +84,23 @@ REAL = dict(size=512, steps=30000, batch_size=2, lr=3e-5, episodes=1000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="DiffewS (OI2M) few-shot segmentation: train on a fold's training classes, evaluate 1- and "
-        "5-shot mIoU / FB-IoU on its held-out classes. --demo runs on CPU with tiny random models and "
-        "synthetic episodes (no download); otherwise give --model and --data-root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--demo", action="store_true", help="tiny random model, synthetic data, CPU, no download")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or local folder")
+    p = recipe_parser(
+        "DiffewS (OI2M) few-shot segmentation: train on a fold's training classes, evaluate 1- and 5-shot mIoU / "
+        "FB-IoU on its held-out classes. --demo runs on CPU with tiny random models and synthetic episodes "
+        "(no download); otherwise give --model and --data-root.",
+        DEMO, REAL, out="runs/diffews",
+    )  # fmt: skip
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, help="fold 0..3: its 20 (demo: 5) classes are held out")
     p.add_argument("--shots", type=int, default=1, help="training draws 1..SHOTS supports per step (DiffewS-n)")
-    p.add_argument("--steps", type=int, help=f"training steps (default {REAL['steps']}, demo {DEMO['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"episodes per process and step ({REAL['batch_size']}, demo {DEMO['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate ({REAL['lr']}, demo {DEMO['lr']})")
-    p.add_argument("--size", type=int, help=f"image side, multiple of 64 ({REAL['size']}, demo {DEMO['size']})")
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=0, help="1-shot mIoU on --eval-episodes test episodes every N steps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
-    p.add_argument("--out", default="runs/diffews", help="checkpoints, metrics.{md,json}, episodes.png")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the VAE (default: off)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in (DEMO if args.demo else REAL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
+    args = parse_recipe_args(p, argv, DEMO, REAL)
     if not args.demo and not args.data_root:
         p.error("--data-root is required without --demo")
-    if args.shots < 1 or args.steps < 1 or args.batch_size < 1:
-        p.error("--shots, --steps and --batch-size must be >= 1")
-    args.out = Path(args.out)
+    if args.shots < 1:
+        p.error("--shots must be >= 1")
     return args
 
 

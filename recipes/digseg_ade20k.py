@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +94,7 @@ from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, clip_preprocess, load_clip
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, progress, resumable_loader, save_checkpoint, seed_everything,
+    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader, save_checkpoint, seed_everything,
     training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -111,49 +110,32 @@ REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="DiGSeg: fine-tune SD 2.x to denoise per-class mask latents conditioned on the image latent and "
-        "the class text; evaluate mIoU with E×S test-time settings. --demo runs on CPU with tiny random models and "
-        "synthetic scenes (no download); otherwise give --model, --clip and --data-root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--demo", action="store_true", help="tiny random models, synthetic scenes, CPU, no download")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or local folder")
+    p = recipe_parser(
+        "DiGSeg: fine-tune SD 2.x to denoise per-class mask latents conditioned on the image latent and the class "
+        "text; evaluate mIoU with E×S test-time settings. --demo runs on CPU with tiny random models and synthetic "
+        "scenes (no download); otherwise give --model, --clip and --data-root.",
+        DEMO, REAL, out="runs/digseg",
+    )  # fmt: skip
     p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="full CLIP ViT-L/14 (hub id or folder)")
     p.add_argument("--data-root", help="ADEChallengeData2016 folder (see unet_seg.data.ade20k)")
     p.add_argument("--candidates", choices=("all", "clip"), help="classes denoised per image: every class, or CLIP's "
                    "selection (A.3); default clip, demo all")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="default: the checkpoint's (demo: v)")
     p.add_argument("--trainable", choices=("paper", "all"), help=f"U-Net parameters trained ({REAL['trainable']}, demo {DEMO['trainable']})")
-    p.add_argument("--steps", type=int, help=f"training steps ({REAL['steps']}, demo {DEMO['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"images per process and step ({REAL['batch_size']}, demo {DEMO['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"learning rate ({REAL['lr']}, demo {DEMO['lr']})")
-    p.add_argument("--size", type=int, help=f"image side, multiple of 64 ({REAL['size']}, demo {DEMO['size']})")
     p.add_argument("--ensemble", type=int, help=f"E, seeds averaged in latent space ({REAL['ensemble']}, demo {DEMO['ensemble']})")
     p.add_argument("--ddim-steps", type=int, help=f"S, DDIM-trailing steps ({REAL['ddim_steps']}, demo {DEMO['ddim_steps']})")
     p.add_argument("--threshold", type=float, help=f"τ, mask and background threshold ({REAL['threshold']}, demo {DEMO['threshold']})")
     p.add_argument("--images", type=int, help=f"test images ({REAL['images']}: all of ADE20K val; demo {DEMO['images']})")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
     p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
-    p.add_argument("--out", default="runs/digseg", help="checkpoints, metrics.{md,json}, predictions.png")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (and the VAE) (default: off)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in (DEMO if args.demo else REAL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_recipe_args(p, argv, DEMO, REAL)
     args.candidates = args.candidates or ("all" if args.demo else "clip")
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
     if not args.demo and not args.data_root:
         p.error("--data-root is required without --demo")
-    if min(args.steps, args.batch_size, args.ensemble, args.ddim_steps, args.images) < 1:
-        p.error("--steps, --batch-size, --ensemble, --ddim-steps and --images must be >= 1")
+    if min(args.ensemble, args.ddim_steps, args.images) < 1:
+        p.error("--ensemble, --ddim-steps and --images must be >= 1")
     if args.ddim_steps > 1000:
         p.error(f"--ddim-steps must be <= 1000 (T), got {args.ddim_steps}")
-    args.out = Path(args.out)
     return args
 
 

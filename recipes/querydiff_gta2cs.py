@@ -94,8 +94,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unet_seg import load_sd
 from unet_seg.attention import AgentQueries, AgentRefinement
 from unet_seg.codecs import BlockCodec
-from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split, random_style
-from unet_seg.diffusion import NoiseSchedule, q_sample, training_target
+from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
+from unet_seg.demo import pretrain_denoiser
+from unet_seg.diffusion import NoiseSchedule
 from unet_seg.losses import diffusion_consistency_loss, dice_loss
 from unet_seg.matching import linear_sum_assignment
 from unet_seg.metrics import iou_per_class, iou_table
@@ -104,7 +105,7 @@ from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, progress, resumable_loader, save_checkpoint, seed_everything, write_metrics,
+    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader, save_checkpoint, seed_everything, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -120,14 +121,12 @@ REAL = dict(size=512, steps=40000, batch_size=2, lr=1e-4, dim=256, heads=8, deco
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion "
-        "model during training only. --demo runs on CPU with tiny random models and synthetic data "
-        "(train CLEAN, test HAZY) and also trains the same model without DCL for comparison.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--demo", action="store_true", help="tiny models, synthetic data, CPU, no download, no timm")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or folder (training only)")
+    p = recipe_parser(
+        "QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion model during "
+        "training only (--model is loaded for training alone). --demo runs on CPU with tiny random models and "
+        "synthetic data, no timm (train CLEAN, test HAZY), and also trains the same model without DCL.",
+        DEMO, REAL, out="runs/querydiff",
+    )  # fmt: skip
     p.add_argument("--backbone", default="dinov2", choices=("dinov2", "resnet50"), help="timm backbone (real runs)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
     p.add_argument("--gta-root", help="GTA5 root (unet_seg.data.driving layout), the training set")
@@ -139,31 +138,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-weak", type=int, default=T_WEAK, help="weak-noise timestep t_w (of 1000)")
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
     p.add_argument("--queries", type=int, default=100, help="agent queries r (= decoder queries)")
-    p.add_argument("--steps", type=int, help=f"training steps ({REAL['steps']}, demo {DEMO['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"images per process and step ({REAL['batch_size']}, demo {DEMO['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({REAL['lr']}, demo {DEMO['lr']})")
-    p.add_argument("--size", type=int, help=f"training crop side, multiple of 64 ({REAL['size']}, demo {DEMO['size']})")
     p.add_argument("--eval-images", type=int, help="demo: test images per style (real: 0 = whole val sets)")
     p.add_argument("--teacher-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net teacher (200)")
-    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--out", default="runs/querydiff", help="checkpoints (per model), metrics.{md,json}, predictions.png")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoints in --out (SD is never loaded)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the segmentation model (default: off)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in (DEMO if args.demo else REAL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    args = parse_recipe_args(p, argv, DEMO, REAL)
     if args.compare is None:
         args.compare = args.demo
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
     if not args.demo and not args.eval_only and not args.gta_root:
         p.error("--gta-root is required without --demo")
-    if args.steps < 1 or args.batch_size < 1 or args.queries < 1 or args.dcl_weight < 0:
-        p.error("--steps, --batch-size, --queries must be >= 1 and --dcl-weight >= 0")
-    args.out = Path(args.out)
+    if args.queries < 1 or args.dcl_weight < 0:
+        p.error("--queries must be >= 1 and --dcl-weight >= 0")
     return args
 
 
@@ -574,33 +558,12 @@ def build_teacher(args, device):
     with torch.no_grad():
         context = text_encoder.to(device).eval()(tokenizer([""]).to(device))
     if args.demo and args.teacher_steps:
-        loss = pretrain_teacher(unet, vae, context, schedule, args.teacher_steps, args.size, args.seed, device)
+        empty_prompt = lambda labels: context.expand(len(labels), -1, -1)  # noqa: E731
+        loss = pretrain_denoiser(unet, vae, schedule, args.teacher_steps, args.size, args.seed, empty_prompt, batch_size=16, device=device)
         print0(f"demo teacher: tiny U-Net pre-trained for {args.teacher_steps} denoising steps on random looks (loss {loss:.3f})")
     return unet, vae, context, alphas.to(device), (args.t_weak, args.t_strong)
 
 
-def pretrain_teacher(unet: UNet, vae, context: Tensor, schedule: NoiseSchedule, steps: int, size: int, seed: int, device) -> float:
-    """Demo only, SD's web-scale pre-training in miniature: ε-prediction on BlockCodec latents of
-    unlabelled synthetic scenes (all 20 classes) in random looks (`random_style`, never the test
-    style), empty prompt, AdamW 1e-3, batch 16. Draws from its own generator; leaves the U-Net
-    frozen in eval mode. Returns the last loss."""
-    g = torch.Generator().manual_seed(seed + 7)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-    unet.train().requires_grad_(True)
-    alphas = schedule.alphas_cumprod.to(device)
-    for _ in progress(range(steps), desc="demo teacher"):
-        images = [SemanticScenes(seed + 7, 10**6, size, style=random_style(g))[int(torch.randint(10**6, (), generator=g))][0] for _ in range(16)]
-        with torch.no_grad():
-            z0 = vae.encode(torch.stack(images).to(device))
-        t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g).to(device)
-        noise = torch.randn(z0.shape, generator=g).to(device)
-        pred = unet(q_sample(z0, t, noise, alphas), t, context.expand(len(z0), -1, -1))
-        loss = F.mse_loss(pred, training_target(z0, noise, t, schedule))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    unet.eval().requires_grad_(False)
-    return loss.item()
 
 
 def datasets(args):

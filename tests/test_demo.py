@@ -1,0 +1,60 @@
+"""The demo stand-in for SD's pre-training: it trains, reproducibly, leaves the U-Net frozen and
+the global RNG alone, and hands the scenes' labels to the conditioning."""
+
+import pytest
+import torch
+
+from unet_seg.codecs import BlockCodec
+from unet_seg.demo import pretrain_denoiser
+from unet_seg.diffusion import NoiseSchedule
+from unet_seg.models import TINY_SD2, UNet
+
+
+def _pretrained(seed: int, steps: int = 2, seen: list | None = None, prediction_type: str = "epsilon"):
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD2)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+
+    def condition(labels):
+        if seen is not None:
+            seen.append(labels)
+        return torch.zeros(len(labels), 77, TINY_SD2.context_dim)
+
+    loss = pretrain_denoiser(unet, BlockCodec(), NoiseSchedule.sd(prediction_type), steps, 64, seed, condition, batch_size=2)
+    return unet, before, loss
+
+
+def test_pretraining_changes_the_weights_and_leaves_them_frozen_in_eval_mode():
+    unet, before, loss = _pretrained(seed=0)
+    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+
+
+def test_pretraining_is_reproducible_per_seed():
+    a, _, loss_a = _pretrained(seed=0)
+    b, _, loss_b = _pretrained(seed=0)
+    c, _, loss_c = _pretrained(seed=1)
+    assert loss_a == loss_b and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert loss_c != loss_a
+
+
+def test_pretraining_draws_nothing_from_the_global_rng():
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD2)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    pretrain_denoiser(unet, BlockCodec(), NoiseSchedule.sd(), 1, 64, 0, lambda y: torch.zeros(len(y), 77, TINY_SD2.context_dim), batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_conditioning_sees_each_steps_label_maps():
+    seen = []
+    _pretrained(seed=0, steps=2, seen=seen, prediction_type="v_prediction")
+    assert len(seen) == 2 and all(y.shape == (2, 64, 64) and y.dtype == torch.long for y in seen)
+    assert all(int(y.max()) > 0 for y in seen)  # scenes hold objects, not background alone
+
+
+def test_pretraining_refuses_no_steps():
+    with pytest.raises(ValueError, match="steps"):
+        pretrain_denoiser(UNet(TINY_SD2), BlockCodec(), NoiseSchedule.sd(), 0, 64, 0, lambda y: y)
