@@ -437,13 +437,10 @@ def main(argv=None) -> dict:
         }
     wall = time.perf_counter() - started
     title = f"DIFF, trained on {'the clean synthetic style (DEMO)' if args.demo else args.source}, mIoU %"
-    write_metrics(metrics, args.out / "metrics", title=title)
+    table = write_metrics(metrics, args.out / "metrics", title=title)
     if rows and rank == 0:
         save_grid(rows, args.out / "predictions.png", titles=["image", "prediction", "ground truth"], scale=2 if args.demo else 1)
-    domains = list(targets)
-    print0("\n| | " + " | ".join(domains) + " |\n|---|" + "---|" * len(domains))
-    for variant, row in metrics.items():
-        print0(f"| {variant} | " + " | ".join(f"{row[d]:.2f}" for d in domains) + " |")
+    print0("\n" + table)
     print0(f"total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
     barrier()
     cleanup_distributed()

@@ -313,12 +313,10 @@ def main(argv=None) -> dict:
         metrics["control: DiffewS 1-shot, supports of another class"] = summarise(conf["DiffewS"], test_labels)
     wall = time.perf_counter() - started
     title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
-    write_metrics(metrics, args.out / "metrics", title=title)
+    table = write_metrics(metrics, args.out / "metrics", title=title)
     if rows and rank == 0:
         save_grid(rows, args.out / "episodes.png", titles=["query", "support", "prediction", "ground truth"], scale=2)
-    print0("| | mIoU | FB-IoU |\n|---|---|---|")
-    for name, m in metrics.items():
-        print0(f"| {name} | {m['mIoU']:.2f} | {m['FB-IoU']:.2f} |")
+    print0("\n" + table)
     print0(f"train {train_time:.0f} s, total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, episodes.png")
     barrier()
     cleanup_distributed()

@@ -478,15 +478,13 @@ def main(argv=None) -> dict:
         print0(iou_table(conf[first], list(label_names)))
     wall = time.perf_counter() - started
     title = f"DiGSeg, {len(test_data)} test images" + (" (DEMO: synthetic)" if args.demo else " (ADE20K-150 val)")
-    write_metrics(metrics, args.out / "metrics", title=title)
+    table = write_metrics(metrics, args.out / "metrics", title=title)
     if shown and rank == 0:
         shift = 0 if args.demo else 1  # ADE20K's class 0 (wall) gets a colour: overlay leaves label 0 untinted
         draw = lambda x, lab: overlay(x, torch.where(lab == 255, 255, lab + shift).cpu(), alpha=0.6)  # noqa: E731
         rows = [[image_to_uint8(x), draw(x, p), draw(x, y)] for x, p, y in shown]
         save_grid(rows, args.out / "predictions.png", titles=["image", "prediction", "ground truth"], scale=2 if args.demo else 1)
-    print0("| | mIoU | aAcc | images/s |\n|---|---|---|---|")
-    for name, m in metrics.items():
-        print0(f"| {name} | {m['mIoU']:.2f} | {m['aAcc']:.2f} | {m.get('images/s', '')} |")
+    print0("\n" + table)
     print0(f"train {train_time:.0f} s, total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
     barrier()
     cleanup_distributed()

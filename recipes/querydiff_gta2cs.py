@@ -707,7 +707,7 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - started
 
     title = "QueryDiff " + ("(DEMO: synthetic CLEAN -> HAZY)" if args.demo else "GTA5 -> " + ", ".join(tests))
-    write_metrics(metrics, args.out / "metrics", title=title)
+    table = write_metrics(metrics, args.out / "metrics", title=title)
     if rank == 0 and shown:
         names = list(shown)
         rows = []
@@ -715,10 +715,7 @@ def main(argv=None) -> dict:
             image, _, label = shown[names[0]][i]
             rows.append([image_to_uint8(image)] + [overlay(image, shown[n][i][1]) for n in names] + [overlay(image, label)])
         save_grid(rows, args.out / "predictions.png", titles=[next(iter(tests))] + names + ["ground truth"], scale=3 if args.demo else 1)
-    columns = list(next(iter(metrics.values())))
-    print0("| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-    for name, row in metrics.items():
-        print0(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    print0("\n" + table)
     print0(f"total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
     barrier()
     cleanup_distributed()

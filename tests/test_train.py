@@ -405,10 +405,11 @@ def test_autocast_is_off_on_cpu_unless_asked():
 
 
 def test_write_metrics_flat_and_nested(tmp_path):
-    write_metrics({"mIoU": torch.tensor(51.25), "IoU/cat": float("nan"), "images": 12}, tmp_path / "m", title="Eval")
+    printed = write_metrics({"mIoU": torch.tensor(51.25), "IoU/cat": float("nan"), "images": 12}, tmp_path / "m", title="Eval")
     assert json.loads((tmp_path / "m.json").read_text()) == {"mIoU": 51.25, "IoU/cat": None, "images": 12}
     md = (tmp_path / "m.md").read_text()
     assert md.startswith("## Eval\n") and "| mIoU | 51.25 |" in md and "| IoU/cat | – |" in md
+    assert printed == md  # what a recipe prints is what it wrote
     write_metrics({"ours": {"mIoU": 51.2, "FB-IoU": 70.0}, "baseline": {"mIoU": 12.0}}, tmp_path / "t")
     lines = (tmp_path / "t.md").read_text().splitlines()
     assert lines == ["| | mIoU | FB-IoU |", "|---|---|---|", "| ours | 51.2 | 70 |", "| baseline | 12 | – |"]

@@ -554,8 +554,9 @@ def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def write_metrics(metrics: dict[str, Any], path: PathLike, title: Optional[str] = None) -> None:
-    """Write `metrics` to `path`.json and `path`.md (rank 0 only; each file atomically).
+def write_metrics(metrics: dict[str, Any], path: PathLike, title: Optional[str] = None) -> str:
+    """Write `metrics` to `path`.json and `path`.md (rank 0 only; each file atomically) and
+    return the markdown table (every rank), for printing.
 
     `metrics` is flat, {"mIoU": 51.2, "FB-IoU": 70.1}: a two-column table; or one level nested,
     {"ours": {"mIoU": 51.2}, "baseline": {"mIoU": 12.0}}: one row per key, one column per inner
@@ -572,9 +573,9 @@ def write_metrics(metrics: dict[str, Any], path: PathLike, title: Optional[str] 
     else:
         table = {name: _json_value(v, name) for name, v in metrics.items()}
         lines = ["| metric | value |", "|---|---|"] + [f"| {name} | {_cell(v)} |" for name, v in table.items()]
-    if not is_main():
-        return
-    path = Path(path)
     markdown = (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n"
-    _atomic_write_text(path.with_name(path.name + ".md"), markdown)
-    _atomic_write_text(path.with_name(path.name + ".json"), json.dumps(table, indent=2) + "\n")
+    if is_main():
+        path = Path(path)
+        _atomic_write_text(path.with_name(path.name + ".md"), markdown)
+        _atomic_write_text(path.with_name(path.name + ".json"), json.dumps(table, indent=2) + "\n")
+    return markdown
