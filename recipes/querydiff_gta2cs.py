@@ -70,7 +70,8 @@ web-scale pre-training in miniature, as in the DIFF demo. The control is the sam
 initial weights, data order and loss points, trained with λ = 0 (no diffusion branch at all).
 Measured (300 steps, hazy mIoU on 100 images, seeds 0 / 1): without DCL 20.87 / 20.14; with DCL
 and a random TINY_SD2 teacher 19.66 / 20.97, with the pre-trained teacher 19.40 / 19.93, and at
-t_s = 500 19.24 / 19.64 — DCL does not beat the control here (the seed-to-seed spread is about
+t_s = 500 19.24 / 19.64, with a teacher pre-trained 1000 steps 20.99 / 20.44 (its control
+22.19 / 20.35, run on a GPU) — DCL does not beat the control here (the seed-to-seed spread is about
 one point); the clean style drops as well (22.74 / 25.55 without, 22.46 / 22.95 with). The tiny
 model is far from converged (≈ 21 mIoU after 300 steps) and the clean-to-hazy gap is only 2-5
 points, so a regulariser of the queries has little room to show; whether SD 2.1's features
