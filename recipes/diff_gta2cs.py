@@ -61,8 +61,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +84,8 @@ from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_by_masks, timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader, save_checkpoint, seed_everything,
-    training_batches, write_metrics,
+    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
+    save_checkpoint, seed_everything, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 

@@ -1,5 +1,6 @@
 """What every recipe needs around its training loop: processes, seeds, checkpoints, progress.
 
+    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), None, DEMO, REAL)
     rank, world, local_rank, device = init_distributed()      # torchrun or a plain process
     seed_everything(args.seed, rank)
     loader = resumable_loader(dataset, args.batch_size, args.seed)
