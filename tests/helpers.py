@@ -2,6 +2,7 @@
 
 import functools
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,3 +71,20 @@ def run_torchrun(name: str, args: list[str], processes: int = 2, timeout: int = 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: list[str] = (), run_dir: str = ""):
+    """Run a recipe's `main` for 2 steps (`args` must save every step), then again from only its
+    step-1 checkpoint with --resume -> the tensors of both step-2 checkpoints (straight, resumed).
+    `straight_only`: extra options of the straight run (e.g. a periodic evaluation that must not
+    perturb training); `run_dir`: where the recipe keeps the checkpoints under --out."""
+    from safetensors.torch import load_file
+
+    from unet_seg.train import checkpoint_path
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(args + list(straight_only) + ["--out", str(straight)])
+    (split / run_dir).mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
+    shutil.copy(checkpoint_path(straight / run_dir, 1), split / run_dir)
+    main(args + ["--out", str(split), "--resume"])
+    return tuple(load_file(str(checkpoint_path(d / run_dir, 2))) for d in (straight, split))

@@ -4,14 +4,13 @@ and builds the conditional branch from the class prompts inside their masks only
 numbers are in the README (it does not show the paper's gain in miniature; no test claims it)."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe, run_torchrun
+from .helpers import load_recipe, run_torchrun, straight_and_resumed
 
 TINY = ["--demo", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
 
@@ -35,16 +34,7 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
-    from safetensors.torch import load_file
-
-    recipe = _recipe()
-    tiny = TINY + ["--no-baseline"]
-    recipe.main(tiny + ["--out", str(tmp_path / "straight")])
-    (tmp_path / "split").mkdir()  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(tmp_path / "straight", 1), tmp_path / "split")
-    recipe.main(tiny + ["--out", str(tmp_path / "split"), "--resume"])
-    a = load_file(str(checkpoint_path(tmp_path / "straight", 2)))
-    b = load_file(str(checkpoint_path(tmp_path / "split", 2)))
+    a, b = straight_and_resumed(_recipe().main, TINY + ["--no-baseline"], tmp_path)
     assert a.keys() == b.keys() and any(k.startswith("model/segmenter/") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key

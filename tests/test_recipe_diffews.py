@@ -3,13 +3,12 @@ resumes from its checkpoint, runs under 2 gloo processes, and (a shortened demo,
 2 cores) learns to beat both trivial baselines on held-out classes."""
 
 import json
-import shutil
 
 import pytest
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe, run_torchrun
+from .helpers import load_recipe, run_torchrun, straight_and_resumed
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
 
@@ -37,17 +36,10 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     import torch
-    from safetensors.torch import load_file
 
-    recipe = _recipe()
     tiny = TINY + ["--shots", "3"]  # draws a shot count and supports from the global RNG each step
     evaluating = ["--eval-every", "1", "--eval-episodes", "2"]  # periodic evaluation must not perturb the run
-    recipe.main(tiny + evaluating + ["--out", str(tmp_path / "straight")])
-    (tmp_path / "split").mkdir()  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(tmp_path / "straight", 1), tmp_path / "split")
-    recipe.main(tiny + ["--out", str(tmp_path / "split"), "--resume"])
-    a = load_file(str(checkpoint_path(tmp_path / "straight", 2)))
-    b = load_file(str(checkpoint_path(tmp_path / "split", 2)))
+    a, b = straight_and_resumed(_recipe().main, tiny, tmp_path, straight_only=evaluating)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

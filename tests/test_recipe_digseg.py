@@ -4,14 +4,13 @@ resumes from its checkpoint, runs under 2 gloo processes, and (a shortened demo,
 the trained-parameter selection, CLIP's candidates, training pairs and the label assembly."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe, run_torchrun
+from .helpers import load_recipe, run_torchrun, straight_and_resumed
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
         "--ensemble", "2", "--ddim-steps", "2"]
@@ -39,16 +38,8 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
-    from safetensors.torch import load_file
-
-    recipe = _recipe()
     evaluating = ["--eval-every", "1", "--eval-images", "2"]  # periodic evaluation must not perturb the run
-    recipe.main(TINY + evaluating + ["--out", str(tmp_path / "straight")])
-    (tmp_path / "split").mkdir()  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(tmp_path / "straight", 1), tmp_path / "split")
-    recipe.main(TINY + ["--out", str(tmp_path / "split"), "--resume"])
-    a = load_file(str(checkpoint_path(tmp_path / "straight", 2)))
-    b = load_file(str(checkpoint_path(tmp_path / "split", 2)))
+    a, b = straight_and_resumed(_recipe().main, TINY, tmp_path, straight_only=evaluating)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -4,14 +4,13 @@ building the diffusion model, runs under 2 gloo processes, and (a shortened demo
 segment the held-out style."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import load_recipe, run_torchrun
+from .helpers import load_recipe, run_torchrun, straight_and_resumed
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
@@ -39,16 +38,8 @@ def test_demo_trains_both_models_and_writes_metrics_and_grid(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
-    from safetensors.torch import load_file
-
-    recipe = _recipe()
     tiny = TINY + ["--no-compare"]  # noise of the diffusion branch and the loss points come from the global RNG
-    recipe.main(tiny + ["--out", str(tmp_path / "straight")])
-    (tmp_path / "split" / "querydiff").mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(tmp_path / "straight" / "querydiff", 1), tmp_path / "split" / "querydiff")
-    recipe.main(tiny + ["--out", str(tmp_path / "split"), "--resume"])
-    a = load_file(str(checkpoint_path(tmp_path / "straight" / "querydiff", 2)))
-    b = load_file(str(checkpoint_path(tmp_path / "split" / "querydiff", 2)))
+    a, b = straight_and_resumed(_recipe().main, tiny, tmp_path, run_dir="querydiff")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -45,7 +45,10 @@ def pretrain_denoiser(
     alphas = schedule.alphas_cumprod.to(device)
     unet.train().requires_grad_(True)
     for _ in progress(range(steps), desc="demo: pre-training the tiny U-Net"):
-        scenes = [SemanticScenes(seed + 7, 10**6, size, style=random_style(g))[int(torch.randint(10**6, (), generator=g))] for _ in range(batch_size)]
+        scenes = []
+        for _ in range(batch_size):  # a look, then a scene index, both from g
+            look = SemanticScenes(seed + 7, 10**6, size, style=random_style(g))
+            scenes.append(look[int(torch.randint(10**6, (), generator=g))])
         images, labels = (torch.stack(x).to(device) for x in zip(*scenes))
         with torch.no_grad():
             z0 = codec.encode(images)
