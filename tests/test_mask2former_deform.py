@@ -1,0 +1,143 @@
+"""ms_deform_attn against an independent implementation (explicit bilinear interpolation by
+index arithmetic, no grid_sample) in float64: values and gradients of value, locations and
+weights; properties of the sampling; the MSDeformAttn layer."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unet_seg.mask2former import MSDeformAttn, ms_deform_attn
+from unet_seg.mask2former.deform import reference_points
+
+
+def bilinear_reference(value, sizes, loc, weights):
+    """Per level and sampling point: the four neighbouring pixel centres, weights (1-fx)(1-fy) ...,
+    corners outside the map contribute nothing. value [B, S, M, D] -> [B, Q, M·D]."""
+    b, _, m, d = value.shape
+    q = loc.shape[1]
+    out = value.new_zeros(b, q, m, d)
+    start = 0
+    for level, (h, w) in enumerate(sizes):
+        v = value[:, start:start + h * w]  # [B, h·w, M, D]
+        start += h * w
+        for p in range(loc.shape[4]):
+            x = loc[:, :, :, level, p, 0] * w - 0.5  # pixel coordinates, centre of pixel i at i
+            y = loc[:, :, :, level, p, 1] * h - 0.5
+            x0, y0 = x.floor(), y.floor()
+            fx, fy = x - x0, y - y0
+            for dx, dy, corner_w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+                xi, yi = (x0 + dx).long(), (y0 + dy).long()
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1))  # [B, Q, M]
+                picked = torch.stack([v[i, index[i], torch.arange(m)[None, :].expand(q, m)] for i in range(b)])  # [B, Q, M, D]
+                out = out + (weights[:, :, :, level, p] * corner_w * inside)[..., None] * picked
+    return out.reshape(b, q, m * d)
+
+
+def _inputs(b=2, q=5, m=2, d=3, sizes=((4, 5), (2, 3), (1, 1)), p=3, seed=0, spread=0.2):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in sizes)
+    value = torch.randn(b, s, m, d, generator=g, dtype=torch.float64)
+    loc = torch.rand(b, q, m, len(sizes), p, 2, generator=g, dtype=torch.float64) * (1 + 2 * spread) - spread  # some outside
+    weights = torch.rand(b, q, m, len(sizes), p, generator=g, dtype=torch.float64)
+    return value, sizes, loc, weights
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_the_explicit_bilinear_reference_in_values_and_gradients(seed):
+    value, sizes, loc, weights = _inputs(seed=seed)
+    ours_in = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    ref_in = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    ours = ms_deform_attn(ours_in[0], torch.tensor(sizes), ours_in[1], ours_in[2])
+    ref = bilinear_reference(ref_in[0], sizes, ref_in[1], ref_in[2])
+    assert ours.shape == (2, 5, 2 * 3)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for name, a, r in zip(("value", "sampling_locations", "attention_weights"), ours_in, ref_in):
+        assert a.grad.abs().sum() > 0, name
+        torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradcheck_in_all_three_inputs():
+    value, sizes, loc, weights = _inputs(b=1, q=2, m=2, d=2, sizes=((3, 4), (2, 2)), p=2, spread=0.1)
+    inputs = tuple(t.requires_grad_() for t in (value, loc, weights))
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn(v, sizes, l, a), inputs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), m=st.integers(1, 3), d=st.integers(1, 4), p=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_constant_map_gives_the_weights_of_the_points_far_inside(h, w, m, d, p, seed):
+    # Bilinear interpolation of a constant c is c wherever all four neighbours are inside: at
+    # locations between the first and the last pixel centre.
+    g = torch.Generator().manual_seed(seed)
+    value = torch.full((1, h * w, m, d), 2.5, dtype=torch.float64)
+    lo = torch.tensor([0.5 / w, 0.5 / h], dtype=torch.float64)
+    hi = torch.tensor([1 - 0.5 / w, 1 - 0.5 / h], dtype=torch.float64)
+    loc = lo + (hi - lo) * torch.rand(1, 3, m, 1, p, 2, generator=g, dtype=torch.float64)
+    weights = torch.rand(1, 3, m, 1, p, generator=g, dtype=torch.float64)
+    out = ms_deform_attn(value, [(h, w)], loc, weights).view(1, 3, m, d)
+    torch.testing.assert_close(out, 2.5 * weights.sum(-1).sum(-1)[..., None].expand(-1, -1, -1, d))
+
+
+def test_points_outside_every_map_give_zero_and_weights_act_linearly():
+    value, sizes, loc, weights = _inputs()
+    far = loc.clone()
+    far[..., 0] = 1.0 + 1.0 / 1  # more than one pixel right of every map (widest has 5 pixels)
+    assert ms_deform_attn(value, sizes, far, weights).abs().max() == 0
+    a = ms_deform_attn(value, sizes, loc, weights)
+    b = ms_deform_attn(value, sizes, loc, 3 * weights)
+    torch.testing.assert_close(b, 3 * a)
+
+
+def test_pixel_centres_return_the_pixel_values():
+    value, sizes, _, _ = _inputs(b=1, m=1, sizes=((3, 4),))
+    ref = reference_points(sizes, dtype=torch.float64)  # [12, 2]
+    loc = ref[None, :, None, None, None, :]  # one point per query at its own pixel centre
+    out = ms_deform_attn(value, sizes, loc, torch.ones(1, 12, 1, 1, 1, dtype=torch.float64))
+    torch.testing.assert_close(out, value[:, :, 0])
+
+
+def test_bad_shapes_are_refused_with_the_expected_shape():
+    value, sizes, loc, weights = _inputs()
+    with pytest.raises(ValueError, match="positions"):
+        ms_deform_attn(value[:, 1:], sizes, loc, weights)
+    with pytest.raises(ValueError, match="sampling_locations"):
+        ms_deform_attn(value, sizes, loc[..., :1], weights)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn(value, sizes, loc, weights[..., :1])
+
+
+def test_layer_shapes_init_and_gradients():
+    torch.manual_seed(0)
+    layer = MSDeformAttn(dim=16, levels=2, heads=4, points=3)
+    sizes = [(4, 4), (2, 2)]
+    tokens = torch.randn(2, 20, 16, requires_grad=True)
+    ref = reference_points(sizes).expand(2, -1, -1)
+    out = layer(tokens, ref, tokens, sizes)
+    assert out.shape == (2, 20, 16)
+    # Deformable DETR's init: head m's offsets point in direction 2πm/heads, radius p + 1 pixels
+    bias = layer.sampling_offsets.bias.view(4, 2, 3, 2)
+    torch.testing.assert_close(bias[1, 0, 2], torch.tensor([0.0, 3.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias[0, 1, 0], torch.tensor([1.0, 0.0]))
+    assert math.isclose(bias[2, 0, 1, 0].item(), -2.0, abs_tol=1e-6)
+    out.square().sum().backward()
+    assert tokens.grad.abs().sum() > 0
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_compiles_without_graph_breaks():
+    # fullgraph=True raises on any graph break; the eager backend keeps the test fast on CPU.
+    value, sizes, loc, weights = _inputs()
+    compiled = torch.compile(lambda v, l, a: ms_deform_attn(v, sizes, l, a), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(value, loc, weights), ms_deform_attn(value, sizes, loc, weights))
+    layer = MSDeformAttn(dim=16, levels=2, heads=4, points=3)
+    sizes = [(4, 4), (2, 2)]
+    tokens, ref = torch.randn(1, 20, 16), reference_points(sizes)[None]
+    compiled_layer = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled_layer(tokens, ref, tokens, sizes), layer(tokens, ref, tokens, sizes))
