@@ -231,6 +231,20 @@ def test_training_transform_is_fixed_by_seed_epoch_and_index(tmp_path):
     assert any(not torch.equal(labels_over_epochs[0], other) for other in labels_over_epochs[1:])
 
 
+def test_class_counts_count_train_ids_per_file_and_are_cached_next_to_the_data(tmp_path, monkeypatch):
+    write_gta5(tmp_path)
+    ds = DrivingScenes("gta5", tmp_path, "train")
+    counts = ds.class_counts()
+    labels = [ds[i]["label"] for i in range(len(ds))]
+    for row, label in zip(counts, labels):
+        assert row.tolist() == np.bincount(label[label != 255].numpy(), minlength=19).tolist()
+    assert counts.shape == (2, 19) and (tmp_path / "class_counts_train.json").is_file()
+    import unet_seg.data.driving as driving
+
+    monkeypatch.setattr(driving, "read_label", lambda *a: (_ for _ in ()).throw(AssertionError("not cached")))
+    assert np.array_equal(DrivingScenes("gta5", tmp_path, "train").class_counts(), counts)
+
+
 def test_evaluation_resize_gives_image_sides_divisible_by_8_and_keeps_the_label(tmp_path):
     write_cityscapes(tmp_path)
     item = DrivingScenes("cityscapes", tmp_path, "val", ResizeImage(scale=(64, 32)))[0]

@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from unet_seg.data.transforms import IGNORE_INDEX, Transform, item_generator, read_image
+from unet_seg.data.transforms import IGNORE_INDEX, Transform, cached_class_counts, class_pixel_counts, item_generator, read_image
 
 # The 19 classes in train-id order (cityscapesScripts helpers/labels.py; mmseg CityscapesDataset).
 CITYSCAPES_CLASSES = (
@@ -241,6 +242,7 @@ class DrivingScenes(Dataset):
         seed: int = 0,
     ):
         self.pairs = find_pairs(name, root, split)
+        self.root, self.split = Path(root), split
         self.layout = LAYOUTS[name]
         self.lookup = label_lookup(self.layout.ids)
         self.transform = transform
@@ -255,6 +257,10 @@ class DrivingScenes(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(index, item_generator(self.seed, self.epoch, index))
+
+    def item(self, index: int, generator: torch.Generator) -> dict:
+        """Item `index` transformed with draws from `generator` (`RareClassSampling` re-draws crops)."""
         image_path, label_path = self.pairs[index]
         image, label = read_image(image_path), read_label(label_path, self.lookup)
         if image.shape[1:] != label.shape:
@@ -262,5 +268,15 @@ class DrivingScenes(Dataset):
                 raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its label is {tuple(label.shape)}")
             label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest-exact")[0, 0].long()
         if self.transform is not None:
-            image, label = self.transform(image, label, item_generator(self.seed, self.epoch, index))
+            image, label = self.transform(image, label, generator)
         return dict(image=image, label=label, path=str(image_path))
+
+    def class_counts(self, cache: Union[str, Path, None] = None) -> np.ndarray:
+        """int64 [N, 19]: pixels of each train id in each label file (its own resolution), for
+        `RareClassSampling`; computed once (reads every label) and cached at `cache`, by default
+        `<root>/class_counts_<split>.json` next to the data."""
+        cache = Path(cache) if cache is not None else self.root / f"class_counts_{self.split}.json"
+        keys = [label.relative_to(self.root).as_posix() for _, label in self.pairs]
+        labels = (read_label(label, self.lookup) for _, label in self.pairs)
+        compute = lambda: class_pixel_counts(tqdm(labels, total=len(keys), desc="class statistics"), len(CITYSCAPES_CLASSES))  # noqa: E731
+        return cached_class_counts(cache, keys, compute)

@@ -1,10 +1,16 @@
 """Reading and transforming (image, label) pairs for the dataset readers (ADE20K, driving scenes,
 COCO-20i). Transforms are `transform(image [3, H, W], label [H, W], generator) -> (image, label)`,
 drawing all randomness from the generator so an item depends only on its seed.
+
+    RandomResizeCropFlip, ResizeImage           mmseg's ADE20K-style pipeline, evaluation resize
+    Compose, Resize, RandomCrop(cat_max_ratio), RandomFlip, PhotoMetricDistortion
+                                                DAFormer's GTA5 pipeline (DIFF's official config)
+    RareClassSampling(dataset, counts)          DAFormer's rare-class sampling over a dataset
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from ..hub import atomic_path
 
 IGNORE_INDEX = 255
 Transform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
@@ -97,3 +105,228 @@ class ResizeImage:
         size = (max(8, round(h * factor / 8) * 8), max(8, round(w * factor / 8) * 8))
         image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         return image.clamp(-1, 1), label
+
+
+# ---------------------------------------------------------------------------------------------
+# DAFormer's training pipeline (mmseg 0.16), used by DIFF's official GTA5 config:
+#     Compose([Resize((1280, 720)), RandomCrop((512, 512), cat_max_ratio=0.75), RandomFlip(),
+#              PhotoMetricDistortion()])                        drawn per item inside RareClassSampling
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Apply `transforms` in order, all drawing from the one generator."""
+
+    transforms: tuple[Transform, ...]
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        for transform in self.transforms:
+            image, label = transform(image, label, generator)
+        return image, label
+
+
+@dataclass(frozen=True)
+class Resize:
+    """mmseg `Resize(img_scale, keep_ratio=True)` without a ratio range: scale to fit `scale`
+    (long, short side) keeping the aspect (GTA5 1914x1052 -> 1280x704 at (1280, 720)); bilinear
+    (antialiased) image, nearest label. Draws nothing."""
+
+    scale: tuple[int, int]
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        h, w = image.shape[1:]
+        factor = min(max(self.scale) / max(h, w), min(self.scale) / min(h, w))
+        return _resize(image, label, (max(1, round(h * factor)), max(1, round(w * factor))))
+
+
+@dataclass(frozen=True)
+class RandomCrop:
+    """mmseg `RandomCrop(crop_size, cat_max_ratio)` followed by `Pad(crop_size)`: a window of
+    `crop` (H, W) (the whole side where the image is smaller) at a uniform place; while the
+    window holds fewer than 2 classes or one class covers `cat_max_ratio` or more of its
+    non-ignored pixels, draw again, at most `retries` times (the last draw is kept). The result is
+    padded to `crop` with 0 (mid grey) and 255 (ignore). `cat_max_ratio = 1` turns the check off."""
+
+    crop: tuple[int, int] = (512, 512)
+    cat_max_ratio: float = 0.75
+    retries: int = 10
+
+    def __post_init__(self):
+        _check_multiple_of_8(self.crop, "crop")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+
+    def window(self, shape: tuple[int, int], generator: torch.Generator) -> tuple[int, int]:
+        """(top, left) of a uniformly placed window."""
+        top = torch.randint(max(shape[0] - self.crop[0], 0) + 1, (), generator=generator).item()
+        left = torch.randint(max(shape[1] - self.crop[1], 0) + 1, (), generator=generator).item()
+        return top, left
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """image [3, H, W], label [H, W] -> image [3, *crop], label [*crop]."""
+        (ch, cw), shape = self.crop, label.shape
+        top, left = self.window(shape, generator)
+        if self.cat_max_ratio < 1:
+            for _ in range(self.retries):
+                window = label[top : top + ch, left : left + cw]
+                counts = torch.bincount(window[window != IGNORE_INDEX])
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                top, left = self.window(shape, generator)
+        image, label = image[:, top : top + ch, left : left + cw], label[top : top + ch, left : left + cw]
+        pad = (0, cw - image.shape[2], 0, ch - image.shape[1])
+        return F.pad(image, pad, value=0.0).contiguous(), F.pad(label, pad, value=IGNORE_INDEX).contiguous()
+
+
+@dataclass(frozen=True)
+class RandomFlip:
+    """Left-right flip with probability `prob`."""
+
+    prob: float = 0.5
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if torch.rand((), generator=generator).item() < self.prob:
+            return image.flip(-1).contiguous(), label.flip(-1).contiguous()
+        return image, label
+
+
+def rgb_to_hsv(rgb: Tensor) -> Tensor:
+    """[3, H, W] RGB in [0, 1] -> HSV, each in [0, 1] (hue in turns)."""
+    r, g, b = rgb
+    v, _ = rgb.max(0)
+    c = v - rgb.min(0)[0]
+    s = torch.where(v > 0, c / v.clamp_min(1e-12), torch.zeros_like(v))
+    cc = c.clamp_min(1e-12)
+    h = torch.where(v == r, ((g - b) / cc) % 6, torch.where(v == g, (b - r) / cc + 2, (r - g) / cc + 4))
+    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
+    return torch.stack([h % 1.0, s, v])
+
+
+def hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """The inverse of `rgb_to_hsv`."""
+    h, s, v = hsv
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device)[:, None, None] + 6 * h) % 6
+    return v - v * s * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+@dataclass(frozen=True)
+class PhotoMetricDistortion:
+    """mmseg `PhotoMetricDistortion` with its defaults, on [-1, 1] RGB images: each of brightness
+    (add U(−δ_b, δ_b) grey levels of 255), contrast (multiply by U(contrast_range)), saturation
+    (multiply S by U(saturation_range)) and hue (shift H by an integer in [−δ_h, δ_h) OpenCV units
+    of 2°) is applied with probability 1/2, in mmseg's order (contrast first or last, a coin flip),
+    clipping to the valid range after each. Differences from mmseg: float arithmetic instead of
+    uint8 truncation after each step (at most one grey level per step) and exact HSV instead of
+    OpenCV's 8-bit one. The label is untouched."""
+
+    brightness_delta: float = 32.0
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta: int = 18
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        coin = lambda: torch.randint(2, (), generator=generator).item() == 1  # noqa: E731
+        uniform = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=generator).item()  # noqa: E731
+        x = (image + 1) * 127.5  # 0..255
+        if coin():
+            x = (x + uniform(-self.brightness_delta, self.brightness_delta)).clamp(0, 255)
+        contrast_last = not coin()  # mmseg: mode 1 -> contrast first, mode 0 -> last
+        if not contrast_last and coin():
+            x = (x * uniform(*self.contrast_range)).clamp(0, 255)
+        if coin():
+            hsv = rgb_to_hsv(x / 255)
+            hsv[1] = (hsv[1] * uniform(*self.saturation_range)).clamp(0, 1)
+            x = hsv_to_rgb(hsv) * 255
+        if coin():
+            hsv = rgb_to_hsv(x / 255)
+            shift = torch.randint(-self.hue_delta, self.hue_delta, (), generator=generator).item() if self.hue_delta else 0
+            hsv[0] = (hsv[0] + shift / 180) % 1.0
+            x = hsv_to_rgb(hsv) * 255
+        if contrast_last and coin():
+            x = (x * uniform(*self.contrast_range)).clamp(0, 255)
+        return (x / 127.5 - 1).clamp(-1, 1), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Rare-class sampling (DAFormer, Hoyer et al. 2022, eq. 6): P(c) = softmax_c((1 − f_c) / T)
+
+
+def class_pixel_counts(labels, num_classes: int) -> np.ndarray:
+    """Labels (an iterable of [H, W] integer maps, 255 = ignore) -> int64 [N, num_classes]: the
+    pixels of each class in each map."""
+    rows = []
+    for label in labels:
+        label = torch.as_tensor(label).flatten()
+        rows.append(torch.bincount(label[label < num_classes], minlength=num_classes).numpy())
+    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, num_classes), np.int64)
+
+
+def cached_class_counts(path: Path, keys: list[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """`compute()` once, stored at `path` (JSON: the item keys, e.g. label files, and their
+    counts); later calls read it back while the keys are the same, else compute again. A
+    read-only data folder only costs the recomputation (the error is printed)."""
+    path = Path(path)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("keys") == keys:
+            return np.asarray(stored["counts"], np.int64).reshape(len(keys), -1)
+    counts = compute()
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"keys": keys, "counts": counts.tolist()}))
+    except OSError as err:
+        print(f"class statistics not cached ({err}); they will be computed again next time")
+    return counts
+
+
+def rare_class_probabilities(counts: np.ndarray, temperature: float = 0.01) -> np.ndarray:
+    """counts [N, C] -> P(c) = softmax((1 − f_c) / T) over the classes present anywhere (0 for
+    the others), f_c the class's share of all labelled pixels (DAFormer `get_rcs_class_probs`)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    total = counts.sum(0).astype(np.float64)
+    if total.sum() == 0:
+        raise ValueError("no labelled pixels: rare-class sampling needs class statistics")
+    logits = np.where(total > 0, (1 - total / total.sum()) / temperature, -np.inf)
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+class RareClassSampling(torch.utils.data.Dataset):
+    """DAFormer's rare-class sampling over a dataset with `item(index, generator) -> dict(image,
+    label, ...)`: item i draws (from its own (seed, epoch, i) generator) a class c with
+    `rare_class_probabilities(counts, temperature)`, then an image holding more than `min_pixels`
+    of c (counts at the files' resolution), then up to 10 transformed draws of that image until the
+    crop holds more than `min_pixels · min_crop_ratio` pixels of c (the last draw is kept).
+    DAFormer's constants: T = 0.01, 3000 pixels, ratio 0.5. Classes that no image holds in that
+    quantity are left out (DAFormer asserts instead)."""
+
+    def __init__(self, dataset, counts: np.ndarray, temperature: float = 0.01, min_pixels: int = 3000,
+                 min_crop_ratio: float = 0.5, seed: int = 0, retries: int = 10):  # fmt: skip
+        if len(counts) != len(dataset):
+            raise ValueError(f"counts has {len(counts)} rows for a dataset of {len(dataset)} items")
+        self.dataset, self.seed, self.epoch, self.retries = dataset, seed, 0, retries
+        self.min_crop_pixels = min_pixels * min_crop_ratio
+        p = rare_class_probabilities(counts, temperature) * ((counts > min_pixels).any(0))
+        if p.sum() == 0:
+            raise ValueError(f"no image holds more than {min_pixels} pixels of any class")
+        self.probs = torch.from_numpy(p / p.sum())
+        self.images_with = [np.flatnonzero(counts[:, c] > min_pixels) for c in range(counts.shape[1])]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        g = item_generator(self.seed, self.epoch, index)
+        c = torch.multinomial(self.probs, 1, generator=g).item()
+        images = self.images_with[c]
+        source = int(images[torch.randint(len(images), (), generator=g).item()])
+        for _ in range(self.retries):
+            item = self.dataset.item(source, g)
+            if (item["label"] == c).sum().item() > self.min_crop_pixels:
+                break
+        return item | {"rare_class": c}
