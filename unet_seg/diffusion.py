@@ -283,14 +283,28 @@ def multires_noise(
     levels: int = 10,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Multi-resolution Gaussian noise, optionally annealed with the timestep (Marigold, DiGSeg A.1).
+    """Multi-resolution Gaussian noise, optionally annealed with the timestep: Marigold's
+    construction (prs-eth/Marigold `src/util/multi_res_noise.py`, strategy "original", strength
+    0.9, annealed by t/T in its trainers), which DiGSeg's A.1 describes without a formula.
 
-    like: [B, C, H, W], whose shape, dtype and device the noise takes. ε = Σ_i w_i·up(ε_i), ε_i
-    Gaussian at level i: level 0 full size, each next level smaller by a random factor in [2, 4)
-    (one draw per level, shared by the batch), stopping at `levels` or once a side reaches 1;
-    up() is bilinear. Weights w_0 = 1 and w_i = s^i, or annealed with per-sample t [B]:
-    w_i(t) = (s·t/T)^i, so the noise tends to plain Gaussian as t -> 0. Each sample is rescaled
-    to unit mean square. The pyramid sizes are random, so keep this outside compiled code.
+    like: [B, C, H, W], whose shape, dtype and device the noise takes.
+
+        ε = ε_full + Σ_{i=0}^{levels−1} w^i · up(ε_i),    ε_full, ε_i ~ N(0, I)
+        size_0 = (H, W),  size_i = max(1, ⌊size_{i−1} / r_i^i⌋),  r_i ~ U[2, 4) (one draw per level)
+        ε ← ε / std(ε)                                          (one std over the whole batch)
+
+    stopping after the first level with a side of 1; up() is bilinear to (H, W). w = s, or with
+    per-sample t [B] annealed w = s·t/T, so the pyramid fades to white noise as t -> 0 (w^0 = 1
+    even for w = 0). Draw order, one generator: ε_full, then per level r_i then ε_i (Marigold's
+    order, so the same generator gives Marigold's noise). The sizes are random: keep this outside
+    compiled code.
+
+    Three differences to the construction this function had before (ours, 2026-11): (1) level
+    sizes: Marigold divides the *current* size by r_i^i, so they shrink super-exponentially
+    (64 -> 64 -> ~21 -> ~2 -> 1), where ours divided by a fresh r per level (64 -> ~21 -> ~7 -> ..);
+    (2) level 0 is a second full-resolution draw with weight 1 (ours started at the first coarse
+    level); (3) normalisation by the std of the whole batch (ours: each sample to unit mean
+    square), so annealed samples of one batch keep their relative scale.
     """
     if like.ndim != 4 or not like.is_floating_point():
         raise ValueError(f"like must be a 4-D float latent [B, C, H, W], got {_describe(like)}")
@@ -300,17 +314,18 @@ def multires_noise(
         raise ValueError(f"levels must be >= 0, got {levels}")
     b, c, h, w = like.shape
     dtype, device = torch.promote_types(like.dtype, torch.float32), like.device
-    s = torch.full((b, 1, 1, 1), float(strength), dtype=dtype, device=device)
+    weight = torch.full((b, 1, 1, 1), float(strength), dtype=dtype, device=device)
     if t is not None:
         _check_timesteps(t, like)
-        s = s * _per_sample(t.to(device, dtype), like) / num_train_timesteps
+        weight = weight * _per_sample(t.to(device, dtype), like) / num_train_timesteps
     noise = torch.randn(like.shape, generator=generator, dtype=dtype, device=device)
-    factors = torch.rand(levels, generator=generator, dtype=torch.float64, device=device).mul(2).add(2).tolist()
-    for i, r in enumerate(factors, start=1):
-        h, w = max(1, int(h / r)), max(1, int(w / r))
+    for i in range(levels):
+        r = torch.rand(1, generator=generator, dtype=torch.float32, device=device) * 2 + 2
+        shrink = r**i  # float32 arithmetic, as Marigold's, so the sizes agree to the pixel
+        h, w = max(1, int(h / shrink)), max(1, int(w / shrink))
         coarse = torch.randn(b, c, h, w, generator=generator, dtype=dtype, device=device)
-        noise = noise + s**i * F.interpolate(coarse, size=like.shape[-2:], mode="bilinear", align_corners=False)
+        noise = noise + F.interpolate(coarse, size=like.shape[-2:], mode="bilinear", align_corners=False) * weight**i
         if h == 1 or w == 1:
             break
-    noise = noise / noise.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
-    return noise.to(like.dtype)
+    scale = noise.std() if noise.numel() > 1 else noise.abs()  # a single element has no std
+    return (noise / scale).to(like.dtype)
