@@ -198,6 +198,57 @@ def test_widened_conv_in_on_duplicated_input_equals_original(tiny):
         model.widen_conv_in(12)
 
 
+def test_support_conv_in_starts_as_mean_of_pretrained_conv_over_image_and_mask():
+    """DiffewS' conv_in_ref: [W, W]/2 with the pretrained bias; conv_in itself stays as it was."""
+    torch.manual_seed(3)
+    model = UNet(TINY_SD1)
+    before = {k: v.clone() for k, v in model.conv_in.state_dict().items()}
+    model.add_support_conv_in(8)
+    z_img, z_mask = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        got = model.conv_in_support(torch.cat([z_img, z_mask], dim=1))
+        expected = (model.conv_in(z_img) + model.conv_in(z_mask)) / 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(model.conv_in.state_dict()[k], v) for k, v in before.items())
+    assert model.config.in_channels == 4 and "conv_in_support.weight" in model.state_dict()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model.add_support_conv_in(6)
+
+
+def test_support_rows_use_the_support_conv_and_the_others_the_pretrained_conv():
+    torch.manual_seed(4)
+    model = UNet(TINY_SD1).eval().add_support_conv_in(8)
+    with torch.no_grad():
+        model.conv_in_support.weight.normal_()  # as after training: no longer the mean of conv_in's
+    x, ctx = torch.randn(3, 8, 8, 8), torch.randn(3, 3, 32)
+    support = torch.tensor([False, True, True])
+    as_support = copy.deepcopy(model)
+    as_support.conv_in = as_support.conv_in_support
+    as_support.config = UNetConfig(**{**TINY_SD1.__dict__, "in_channels": 8})
+    with torch.no_grad():
+        out = model(x, 7, ctx, support=support)
+        query_alone = model(x[:1, :4], 7, ctx[:1])  # the query's mask channels are never read
+        supports_alone = as_support(x[1:], 7, ctx[1:])
+    torch.testing.assert_close(out[:1], query_alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:], supports_alone, rtol=1e-5, atol=1e-5)
+    model(x, 7, ctx, support=support).sum().backward()
+    assert model.conv_in.weight.grad.abs().sum() > 0 and model.conv_in_support.weight.grad.abs().sum() > 0
+
+
+def test_support_rows_are_checked():
+    model = UNet(TINY_SD1)
+    x, ctx = torch.randn(2, 8, 8, 8), torch.randn(2, 3, 32)
+    with pytest.raises(ValueError, match="add_support_conv_in"):
+        model(x, 1, ctx, support=torch.tensor([False, True]))
+    model.add_support_conv_in(8)
+    with pytest.raises(ValueError, match="bool tensor"):
+        model(x, 1, ctx, support=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[B, 8, h, w\]"):
+        model(x[:, :4], 1, ctx, support=torch.tensor([False, True]))
+    with pytest.raises(ValueError, match=r"\[B, 4, h, w\]"):
+        model(x, 1, ctx)  # without support rows the U-Net takes conv_in's 4 channels
+
+
 # --- loading -------------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ Hook points for primitives (nothing else in the model knows about them):
 - `procs={attention name: proc}` replaces the attention product of chosen layers for one call
   (see `layers.Attention`); `unet.attention_names` lists the names, e.g. `down.1.attn.0.self`,
   `mid.attn.0.cross`, `up.3.attn.2.self`.
+- `add_support_conv_in(C)` + `support=` rows: a second input convolution for some rows of the
+  batch (DiffewS' supports: image + mask latents), the pretrained conv_in for the others.
 - `features(...)` returns named block outputs: `conv_in`, `down.0`…`down.3` (after the
   level's downsampler), `mid`, `up.0`…`up.3` (after the level's upsampler), exactly the
   tensors diffusers' blocks return. For SD at 512² (64² latents):
@@ -242,6 +244,7 @@ class UNet(nn.Module):
         temb_dim = 4 * c0
         self.time_embedding = TimestepEmbedding(c0, temb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.conv_in_support: Optional[nn.Conv2d] = None  # add_support_conv_in
         self.down_blocks = nn.ModuleList(
             [
                 DownBlock(cfg, i, cfg.channels[max(i - 1, 0)], cfg.channels[i], temb_dim, last=i == n - 1)
@@ -288,23 +291,29 @@ m.name for m in self.modules() if isinstance(m, Attention))
         """Latent sizes must be multiples of this (2 per downsampling level)."""
         return 2 ** (len(self.config.channels) - 1)
 
-    def forward(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None) -> Tensor:
-        """x [B, C_in, h, w], t scalar or [B], context [B, L, context_dim] -> [B, C_out, h, w]."""
-        return self._run(x, t, context, procs, ())[0]
+    def forward(
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None, support: Optional[Tensor] = None
+    ) -> Tensor:
+        """x [B, C_in, h, w], t scalar or [B], context [B, L, context_dim] -> [B, C_out, h, w].
+        support: bool [B], rows that enter through `conv_in_support` (see `add_support_conv_in`);
+        then x is [B, C_support, h, w] and the other rows use conv_in on their first C_in channels."""
+        return self._run(x, t, context, procs, (), support)[0]
 
     def features(
-        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, names: Sequence[str], procs: Procs = None
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, names: Sequence[str], procs: Procs = None,
+        support: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
         """Named block and decoder-layer outputs (see module docstring); the network stops after the deepest one."""
         unknown = [n for n in names if n not in self.feature_names]
         if unknown or not names:
             raise ValueError(f"unknown feature names {unknown or '(none given)'}; choose from {self.feature_names}")
-        return self._run(x, t, context, procs, tuple(names))[1]
+        return self._run(x, t, context, procs, tuple(names), support)[1]
 
     def _run(
-        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs, names: tuple[str, ...]
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs, names: tuple[str, ...],
+        support: Optional[Tensor] = None,
     ) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        t = self._check_inputs(x, t, context)
+        t = self._check_inputs(x, t, context, support)
         feats: dict[str, Tensor] = {}
 
         def keep(name: str, h: Tensor) -> bool:  # True once every requested feature is collected
@@ -313,7 +322,11 @@ m.name for m in self.modules() if isinstance(m, Attention))
             return bool(names) and len(feats) == len(names)
 
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
-        h = self.conv_in(x)
+        if support is None:
+            h = self.conv_in(x)
+        else:  # both convolutions on every row, then a select: no data-dependent shapes
+            plain = self.conv_in(x[:, : self.config.in_channels])
+            h = torch.where(support.view(-1, 1, 1, 1), self.conv_in_support(x), plain)
         if keep("conv_in", h):
             return None, feats
         skips = [h]
@@ -335,10 +348,17 @@ m.name for m in self.modules() if isinstance(m, Attention))
                 return None, feats
         return self.conv_out(F.silu(self.conv_norm_out(h))), feats
 
-    def _check_inputs(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor) -> Tensor:
+    def _check_inputs(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, support: Optional[Tensor]) -> Tensor:
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be [B, {cfg.in_channels}, h, w] latents, got shape {tuple(x.shape)}")
+        c_in = cfg.in_channels
+        if support is not None:
+            if self.conv_in_support is None:
+                raise ValueError("support rows given but the U-Net has no conv_in_support: call add_support_conv_in first")
+            if not isinstance(support, Tensor) or support.dtype != torch.bool or support.shape != x.shape[:1]:
+                raise ValueError(f"support must be a bool tensor [B={x.shape[0]}], got {getattr(support, 'shape', support)}")
+            c_in = self.conv_in_support.in_channels
+        if x.ndim != 4 or x.shape[1] != c_in:
+            raise ValueError(f"x must be [B, {c_in}, h, w] latents, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
@@ -361,13 +381,29 @@ m.name for m in self.modules() if isinstance(m, Attention))
         """Accept `in_channels` = k × current input channels (e.g. image and mask latents
         concatenated, k = 2): conv_in's weight is tiled k times and divided by k, so that k equal
         copies of the old input give the old output (Marigold's initialisation). In place."""
-        old = self.conv_in
-        k, rem = divmod(in_channels, old.in_channels)
-        if rem or k < 1:
-            raise ValueError(f"in_channels must be a multiple of {old.in_channels}, got {in_channels}")
-        new = nn.Conv2d(in_channels, old.out_channels, 3, padding=1, device=old.weight.device, dtype=old.weight.dtype)
-        new.weight.copy_(old.weight.repeat(1, k, 1, 1) / k)
-        new.bias.copy_(old.bias)
-        self.conv_in = new
+        self.conv_in = _tiled(self.conv_in, in_channels)
         self.config = replace(self.config, in_channels=in_channels)
         return self
+
+    @torch.no_grad()
+    def add_support_conv_in(self, in_channels: int) -> "UNet":
+        """Add a second input convolution, `conv_in_support` (in_channels -> C_0), for rows marked
+        by forward's `support` (DiffewS: supports enter as [image latent; mask latent], 8 channels,
+        through it; queries keep the pretrained conv_in with their image latent only). Initialised
+        as the official DiffewS checkpoint's `conv_in_ref`: conv_in's weight tiled k = in_channels /
+        C_in times and divided by k, bias copied, so [z_1; z_2] gives (conv_in(z_1) + conv_in(z_2)) / 2.
+        conv_in itself is untouched. In place."""
+        self.conv_in_support = _tiled(self.conv_in, in_channels)
+        return self
+
+
+def _tiled(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of `conv` taking in_channels = k × its input channels: weight tiled k times and
+    divided by k, bias copied."""
+    k, rem = divmod(in_channels, conv.in_channels)
+    if rem or k < 1:
+        raise ValueError(f"in_channels must be a multiple of {conv.in_channels}, got {in_channels}")
+    new = nn.Conv2d(in_channels, conv.out_channels, 3, padding=1, device=conv.weight.device, dtype=conv.weight.dtype)
+    new.weight.copy_(conv.weight.repeat(1, k, 1, 1) / k)
+    new.bias.copy_(conv.bias)
+    return new
