@@ -1,0 +1,230 @@
+"""Mask2Former's pixel decoder, masked-attention decoder and set loss: shapes, gradients,
+invariants (tiny configs; the defaults are Mask2Former's)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unet_seg.mask2former import (
+    MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, point_sample, semantic_scores, semantic_targets,
+    set_loss, sine_position_embedding, uncertain_points,
+)  # fmt: skip
+from unet_seg.mask2former.criterion import match
+from unet_seg.mask2former.decoder import MaskedAttentionLayer
+
+CHANNELS = (8, 12, 16, 20)
+TINY = dict(dim=32, mask_dim=24, layers=2, heads=4, points=2, ffn=48, groups=8)
+
+
+def _features(b=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, c, size // s, size // s, generator=g) for c, s in zip(CHANNELS, (4, 8, 16, 32))]
+
+
+def test_defaults_are_mask2formers():
+    pixel = MSDeformAttnPixelDecoder((1024,) * 4)
+    assert len(pixel.layers) == 6 and pixel.layers[0].attn.heads == 8 and pixel.layers[0].attn.points == 4
+    assert pixel.layers[0].attn.levels == 3 and pixel.layers[0].ffn[0].out_features == 1024 and pixel.level_embed.shape == (3, 256)
+    decoder = MaskedAttentionDecoder(19)
+    assert len(decoder.layers) == 9 and decoder.layers[0].ffn[0].out_features == 2048 and decoder.class_embed.out_features == 20
+    assert SetLossConfig() == SetLossConfig(2.0, 5.0, 5.0, 0.1, 12544, 3.0, 0.75)
+
+
+def test_pixel_decoder_shapes_and_gradients():
+    torch.manual_seed(0)
+    pixel = MSDeformAttnPixelDecoder(CHANNELS, **TINY)
+    for layer in pixel.layers:  # at init (zero weights) the positions reach nothing: as after a few steps
+        torch.nn.init.normal_(layer.attn.sampling_offsets.weight, std=0.1)
+        torch.nn.init.normal_(layer.attn.attention_weights.weight, std=0.1)
+    feats = [f.requires_grad_() for f in _features()]
+    mask_features, memories = pixel(feats)
+    assert mask_features.shape == (2, 24, 16, 16)
+    assert [tuple(m.shape) for m in memories] == [(2, 32, 2, 2), (2, 32, 4, 4), (2, 32, 8, 8)]  # strides 32, 16, 8
+    (mask_features.square().mean() + sum(m.square().mean() for m in memories)).backward()
+    assert all(f.grad.abs().sum() > 0 for f in feats)
+    for name, p in pixel.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_pixel_decoder_is_per_image_and_float32_under_autocast():
+    torch.manual_seed(0)
+    pixel = MSDeformAttnPixelDecoder(CHANNELS, **TINY).eval()
+    feats = _features()
+    both, _ = pixel(feats)
+    alone, _ = pixel([f[1:] for f in feats])
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask_features, memories = pixel([f.bfloat16() for f in feats])
+    assert mask_features.dtype == torch.float32 and all(m.dtype == torch.float32 for m in memories)
+
+
+def test_pixel_decoder_refuses_wrong_levels():
+    pixel = MSDeformAttnPixelDecoder(CHANNELS, **TINY)
+    with pytest.raises(ValueError, match="4 maps"):
+        pixel(_features()[:3])
+    with pytest.raises(ValueError, match="4 backbone levels"):
+        MSDeformAttnPixelDecoder(CHANNELS[:3])
+
+
+@settings(max_examples=20, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), feats=st.sampled_from([2, 4, 16]))
+def test_sine_embedding_values(h, w, feats):
+    pos = sine_position_embedding(h, w, feats)
+    assert pos.shape == (2 * feats, h, w) and pos.abs().max() <= 1
+    assert torch.equal(pos[:feats], pos[:feats, :, :1].expand(-1, -1, w))  # the y half varies along rows only
+    assert torch.equal(pos[feats:], pos[feats:, :1].expand(-1, h, -1))
+    row = (torch.arange(1, h + 1) / (h + 1e-6) * 2 * math.pi)  # frequency 1 for the first pair: (j+1)/(h+ε)·2π
+    torch.testing.assert_close(pos[0, :, 0], row.sin())
+    torch.testing.assert_close(pos[1, :, 0], row.cos())
+
+
+def _decoder(num_classes=5, layers=3):
+    torch.manual_seed(0)
+    return MaskedAttentionDecoder(num_classes, dim=32, heads=4, layers=layers, ffn=48)
+
+
+def _decoder_inputs(b=2, q=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    memories = [torch.randn(b, 32, s, s, generator=g) for s in (2, 4, 8)]
+    return torch.randn(b, 32, 16, 16, generator=g), memories, torch.randn(b, q, 32, generator=g), torch.randn(b, q, 32, generator=g)
+
+
+def test_decoder_gives_one_prediction_per_layer_plus_the_initial_and_trains_everything():
+    decoder = _decoder()
+    mask_features, memories, q, pos = _decoder_inputs()
+    q.requires_grad_()
+    all_cls, all_masks = decoder(mask_features, memories, q, pos)
+    assert len(all_cls) == len(all_masks) == 4
+    assert all(c.shape == (2, 6, 6) for c in all_cls) and all(m.shape == (2, 6, 16, 16) for m in all_masks)
+    (sum(c.square().mean() for c in all_cls) + sum(m.square().mean() for m in all_masks)).backward()
+    assert q.grad.abs().sum() > 0
+    for name, p in decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert semantic_scores(all_cls[-1], all_masks[-1]).shape == (2, 5, 16, 16)
+
+
+def test_decoder_is_per_image():
+    decoder = _decoder().eval()
+    mask_features, memories, q, pos = _decoder_inputs()
+    cls, masks = decoder(mask_features, memories, q, pos)
+    cls1, masks1 = decoder(mask_features[1:], [m[1:] for m in memories], q[1:], pos[1:])
+    torch.testing.assert_close(cls[-1][1:], cls1[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masks[-1][1:], masks1[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_cross_attention_ignores_blocked_memory():
+    torch.manual_seed(0)
+    layer = MaskedAttentionLayer(16, 4, 32).eval()
+    q, pos = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    memory, memory_pos = torch.randn(2, 10, 16), torch.randn(2, 10, 16)
+    blocked = torch.zeros(2, 3, 10, dtype=torch.bool)
+    blocked[:, :, 4:] = True
+    changed = memory.clone()
+    changed[:, 4:] = 100 * torch.randn(2, 6, 16)
+    torch.testing.assert_close(layer(q, pos, memory, memory_pos, blocked), layer(q, pos, changed, memory_pos, blocked))
+    assert not torch.allclose(layer(q, pos, memory, memory_pos, blocked & False), layer(q, pos, changed, memory_pos, blocked & False))
+
+
+def test_a_query_masking_everything_attends_everywhere():
+    decoder = _decoder()
+    mask_features, memories, q, _ = _decoder_inputs()
+    _, _, blocked = decoder._predict(q, -mask_features.abs() - 1, (4, 4))  # some queries predict all-negative masks
+    assert blocked.shape == (2, 6, 16)
+    assert not blocked.all(-1).any()
+
+
+def test_decoder_compiles_without_graph_breaks():
+    decoder, pixel = _decoder(), MSDeformAttnPixelDecoder(CHANNELS, **{**TINY, "mask_dim": 32})
+    feats, (_, _, q, pos) = _features(), _decoder_inputs()
+    run = lambda f: decoder(*pixel(f), q, pos)[1][-1]  # noqa: E731
+    torch.testing.assert_close(torch.compile(run, backend="eager", fullgraph=True)(feats), run(feats))
+
+
+# --------------------------------------------------------------------------------------------- set loss
+
+
+def test_point_sample_reads_pixel_centres_and_uncertain_points_find_the_boundary():
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    centres = torch.tensor([[[0.5 / 4, 0.5 / 3], [3.5 / 4, 2.5 / 3], [1.5 / 4, 1.5 / 3]]])
+    torch.testing.assert_close(point_sample(x, centres).flatten(), torch.tensor([0.0, 11.0, 5.0]))
+    logits = torch.full((2, 1, 32, 32), 20.0)
+    logits[:, :, :, :16] = 0.0  # uncertain: the left half
+    coords = uncertain_points(logits, 100, 3.0, 0.75, torch.Generator().manual_seed(0))
+    assert coords.shape == (2, 100, 2) and coords.min() >= 0 and coords.max() <= 1
+    left = coords[..., 0] < 0.5
+    assert left[:, :75].all()  # the 75 important points, of 300 candidates (≈ 150 on the left)
+    assert 5 < left[:, 75:].sum() < 45  # the 2 × 25 uniform ones: about half
+
+
+def _targets(b=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (b, size // 8, size // 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    labels[0, :4, :4] = 255
+    return labels
+
+
+def test_semantic_targets_exclude_ignore():
+    labels = _targets()
+    classes, masks = semantic_targets(labels)
+    for c, m, lab in zip(classes, masks, labels):
+        assert 255 not in c.tolist() and m.shape[1:] == lab.shape
+        assert torch.equal(m.sum(0), (lab != 255).float())
+
+
+def _perfect(labels, num_classes=3, q=5, flip=False):
+    """Queries 0..K-1 predict class k with its mask (±8 logits at stride 4), the rest no-object."""
+    b = labels.shape[0]
+    cls = torch.full((b, q, num_classes + 1), -8.0)
+    cls[:, num_classes:, num_classes] = 8.0
+    masks = torch.full((b, q, labels.shape[1] // 4, labels.shape[2] // 4), -8.0)
+    small = labels[:, 2::4, 2::4]
+    for k in range(num_classes):
+        cls[:, k, k] = 8.0
+        masks[:, k][small == k] = 8.0
+    return cls, (-masks if flip else masks)
+
+
+def test_set_loss_is_small_for_the_right_answer_and_large_for_the_inverted_masks():
+    labels = _targets()
+    classes, masks = semantic_targets(labels)
+    cfg = SetLossConfig(points=256)
+    good = set_loss(*[[t] for t in _perfect(labels)], classes, masks, 3, cfg, torch.Generator().manual_seed(0))
+    bad = set_loss(*[[t] for t in _perfect(labels, flip=True)], classes, masks, 3, cfg, torch.Generator().manual_seed(0))
+    assert good < 0.05 * bad, (good, bad)
+
+
+def test_set_loss_without_targets_is_the_weighted_no_object_cross_entropy():
+    cls = torch.randn(2, 4, 4)
+    labels = torch.full((2, 8, 8), 255)
+    loss = set_loss([cls], [torch.randn(2, 4, 2, 2)], *semantic_targets(labels), 3)
+    expected = 2.0 * torch.nn.functional.cross_entropy(cls.flatten(0, 1), torch.full((8,), 3))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_matching_is_permutation_equivariant_and_loss_reaches_only_matched_masks():
+    labels = _targets()
+    classes, masks = semantic_targets(labels)
+    cls, pred = _perfect(labels)
+    cls = cls + 0.1 * torch.randn(cls.shape)
+    perm = torch.randperm(5)
+    q_idx, t_idx = match(cls[0], pred[0], classes[0], masks[0], SetLossConfig(points=256), torch.Generator().manual_seed(1))
+    q_p, t_p = match(cls[0, perm], pred[0, perm], classes[0], masks[0], SetLossConfig(points=256), torch.Generator().manual_seed(1))
+    assert dict(zip(t_idx.tolist(), q_idx.tolist())) == dict(zip(t_p.tolist(), perm[q_p].tolist()))
+    pred.requires_grad_()
+    set_loss([cls], [pred], classes, masks, 3, SetLossConfig(points=256)).backward()
+    touched = pred.grad.flatten(2).abs().sum(-1) > 0
+    assert touched[:, :3].all() and not touched[:, 3:].any()  # queries 3, 4 predict no-object and match nothing
+
+
+def test_deep_supervision_sums_the_steps():
+    labels = _targets()
+    targets = semantic_targets(labels)
+    (cls_a, pred_a), (cls_b, pred_b) = _perfect(labels), _perfect(labels, flip=True)
+    cfg = SetLossConfig(points=64)
+    both = set_loss([cls_a, cls_b], [pred_a, pred_b], *targets, 3, cfg, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same random draws, in the same order
+    apart = set_loss([cls_a], [pred_a], *targets, 3, cfg, g) + set_loss([cls_b], [pred_b], *targets, 3, cfg, g)
+    torch.testing.assert_close(both, apart)
