@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from unet_seg.codecs import (
     IGNORE_COLOUR,
     BlockCodec,
+    check_mask,
     image_to_probability,
     label_map_to_latents,
     label_map_to_masks,
@@ -296,6 +297,17 @@ def test_non_binary_mask_is_rejected():
         mask_to_image(torch.tensor([[[0, 2]]]))
     with pytest.raises(ValueError, match="found values"):
         mask_to_image(torch.tensor([[[0.5, 1.0]]]))
+
+
+def test_check_mask_rejects_what_mask_to_image_rejects_and_unchecked_painting_agrees_on_valid_masks():
+    with pytest.raises(ValueError, match=r"support mask must hold 0/1 \(255 = ignore\), found values \[3\]"):
+        check_mask(torch.tensor([[[0, 1, 3]]]), "support mask")
+    with pytest.raises(ValueError, match=r"mask must be \[B, H, W\]"):
+        check_mask(torch.zeros(1, 1, 8, 8))
+    valid = torch.randint(0, 2, (2, 8, 8)).masked_fill_(torch.rand(2, 8, 8) < 0.2, 255)
+    check_mask(valid)
+    assert torch.equal(mask_to_image(valid, check=False), mask_to_image(valid))
+    assert torch.equal(mask_to_latent(BlockVAE(), valid, check=False), mask_to_latent(BlockVAE(), valid))
 
 
 def test_wrong_shapes_are_rejected():

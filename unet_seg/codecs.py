@@ -30,8 +30,10 @@ Label maps [B, H, W] (classes 0..C−1, `ignore_index` 255):
     by the nearest palette colour. Ignore pixels are painted `IGNORE_COLOUR` (mid grey, which
     `make_palette` never uses) and decode back to `ignore_index`.
 
-Input checks read tensor values (one host sync each): call codecs in data pipelines and
-evaluation, not inside a compiled forward.
+Input checks read tensor values (one host sync each on a GPU): call codecs in data pipelines
+and evaluation, not inside a compiled forward. Where the masks were already checked (say with
+`check_mask` on the CPU batch a data loader yields), `check=False` skips the value check, so a
+GPU episode runs without waiting on the host.
 """
 
 from __future__ import annotations
@@ -61,14 +63,15 @@ def tint(image: Tensor, colour: tuple[float, float, float] = (1.0, -1.0, -1.0), 
     return (1 - alpha) * image + alpha * c
 
 
-def mask_to_image(mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0) -> Tensor:
+def mask_to_image(mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0, check: bool = True) -> Tensor:
     """mask [B, H, W] with values in {0, 1, 255} -> image [B, 3, H, W] in [-1, 1].
 
     x = fg where m = 1, bg elsewhere; fg and bg are floats or [B, 3, H, W] images. Ignore
     pixels (255) are painted as background. Output dtype: that of the image renderings, else
-    the mask's if it is floating point, else float32.
+    the mask's if it is floating point, else float32. `check=False` skips the value check (for
+    masks that passed `check_mask` already); any value other than 1 is then background.
     """
-    m = _binary_mask(mask, "mask").unsqueeze(1).expand(-1, 3, -1, -1)
+    m = _binary_mask(mask, "mask", check).unsqueeze(1).expand(-1, 3, -1, -1)
     fg, bg = _renderings(mask, foreground, background)
     return torch.where(m, fg, bg)
 
@@ -102,10 +105,10 @@ def threshold_relative(prob: Tensor, ratio: float = 0.25) -> Tensor:
     return (prob > ratio * peak).long()
 
 
-def mask_to_latent(vae, mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0) -> Tensor:
-    """mask [B, H, W] (H, W multiples of 8) -> scaled latent [B, 4, H/8, W/8]."""
+def mask_to_latent(vae, mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0, check: bool = True) -> Tensor:
+    """mask [B, H, W] (H, W multiples of 8) -> scaled latent [B, 4, H/8, W/8] (`check`: see `mask_to_image`)."""
     _check_multiple_of_8(mask, "mask")
-    return vae.encode(mask_to_image(mask, foreground, background))
+    return vae.encode(mask_to_image(mask, foreground, background, check))
 
 
 def latent_to_probability(vae, z: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0) -> Tensor:
@@ -257,16 +260,25 @@ def _renderings(like: Tensor, foreground: Rendering, background: Rendering, dtyp
     return as_tensor(foreground), as_tensor(background)
 
 
-def _binary_mask(mask: Tensor, name: str) -> Tensor:
-    """{0, 1, 255} mask -> bool foreground (255 -> False), after checking shape and values."""
+def check_mask(mask: Tensor, name: str = "mask") -> None:
+    """Raise ValueError / TypeError unless `mask` is [B, H, W] (bool, integer or float) holding
+    only 0, 1 and 255 (ignore). Reads the values: one host sync for a mask on a GPU."""
+    _binary_mask(mask, name)
+
+
+def _binary_mask(mask: Tensor, name: str, check: bool = True) -> Tensor:
+    """{0, 1, 255} mask -> bool foreground (255 -> False), after checking shape (and, with
+    `check`, values)."""
     if mask.ndim != 3:
         raise ValueError(f"{name} must be [B, H, W], got shape {tuple(mask.shape)}")
     if mask.is_complex():
         raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}")
-    is_one, is_ignore = mask == 1, mask == 255
-    if not ((mask == 0) | is_one | is_ignore).all():
-        bad = mask[(mask != 0) & ~is_one & ~is_ignore].unique()[:5].tolist()
-        raise ValueError(f"{name} must hold 0/1 (255 = ignore), found values {bad}")
+    is_one = mask == 1
+    if check:
+        is_ignore = mask == 255
+        if not ((mask == 0) | is_one | is_ignore).all():
+            bad = mask[(mask != 0) & ~is_one & ~is_ignore].unique()[:5].tolist()
+            raise ValueError(f"{name} must hold 0/1 (255 = ignore), found values {bad}")
     return is_one
 
 
