@@ -25,6 +25,7 @@ Method (one episode = a query and K supports of one class, all through the U-Net
 | interaction | KV fusion self-attention, every self-attention layer | paper Fig. 2d / Fig. 4 |
 | query mask channels | zeros (see note 1) | official: 4-channel input for the query |
 | generation | one step, image to mask (OI2M) | paper Fig. 6 |
+| frozen VAE precision | bf16 on a GPU (fp32 on the CPU) | official: fp16 |
 | timestep | t = 1 | official `--train_timestep` default 1 |
 | target | −(query mask latent), VAE posterior sample | official `target = -cond_latents_tag` |
 | resolution | 512 | official `--resolution` default |
@@ -63,7 +64,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import BlockCodec, latent_to_probability, mask_to_image, mask_to_latent, threshold_relative
+from unet_seg.codecs import BlockCodec, check_mask, latent_to_probability, mask_to_image, threshold_relative
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
@@ -106,20 +107,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fields(batch) -> tuple[torch.Tensor, ...]:
     """(query, query_mask, supports, support_masks, class_id) of a collated batch of episodes
-    (synthetic `Episode` tuples or COCO-20i dicts)."""
+    (synthetic `Episode` tuples or COCO-20i dicts), the masks checked here, on the loader's CPU
+    tensors, so that the episode on the GPU need not wait for a check."""
     b = batch if isinstance(batch, dict) else batch._asdict()
+    check_mask(b["query_mask"], "query_mask")
+    check_mask(b["support_masks"].flatten(0, 1), "support_masks")
     return b["query"], b["query_mask"], b["supports"], b["support_masks"], b["class_id"]
 
 
-def unet_input(vae, query, supports, support_masks, sample: bool) -> torch.Tensor:
-    """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] ->
-    grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), then cat(z_s, E(mask_s))."""
+def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=None):
+    """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] (checked already:
+    `check_mask`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), then
+    cat(z_s, E(mask_s)); with `query_mask` [G, H, W] its latent E(query mask) [G, 4, H/8, W/8],
+    else None). One VAE call encodes all images and masks (no host sync)."""
     g, s = supports.shape[:2]
-    images = torch.cat([query[:, None], supports], dim=1).flatten(0, 1)
-    z = vae.encode(images, sample=sample).unflatten(0, (g, 1 + s))
-    m = vae.encode(mask_to_image(support_masks.flatten(0, 1)), sample=sample).unflatten(0, (g, s))
-    m = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1)
-    return torch.cat([z, m], dim=2).flatten(0, 1)
+    masks = support_masks.flatten(0, 1) if query_mask is None else torch.cat([support_masks.flatten(0, 1), query_mask])
+    images = torch.cat([query, supports.flatten(0, 1), mask_to_image(masks, check=False).to(query.dtype)])
+    z = vae.encode(images, sample=sample)
+    z_q, z_s, m = z[:g, None], z[g : g * (1 + s)].unflatten(0, (g, s)), z[g * (1 + s) :]
+    m_s = m[: g * s].unflatten(0, (g, s))
+    x = torch.cat([torch.cat([z_q, torch.zeros_like(z_q)], dim=2), torch.cat([z_s, m_s], dim=2)], dim=1)
+    return x.flatten(0, 1), (None if query_mask is None else m[g * s :])
 
 
 def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> torch.Tensor:
@@ -135,7 +143,7 @@ def predict_masks(unet, vae, context, query, supports, support_masks) -> torch.T
     """K-shot episodes -> query masks [G, H, W] in {0, 1}: one U-Net call (support K/V subsampled
     for K > 1), decode, relative threshold."""
     shots = supports.shape[1]
-    x = unet_input(vae, query, supports, support_masks, sample=False)
+    x, _ = unet_input(vae, query, supports, support_masks, sample=False)
     with autocast(query.device):
         pred = query_prediction(unet, x, context, shots, subsample=shots > 1)
     return threshold_relative(latent_to_probability(vae, -pred.float()), THRESHOLD_RATIO)
@@ -144,9 +152,9 @@ def predict_masks(unet, vae, context, query, supports, support_masks) -> torch.T
 def train_step(model, unet, vae, context, opt, query, query_mask, supports, support_masks) -> torch.Tensor:
     """One optimiser step of the latent regression on K-shot episodes (`model`: the U-Net as
     called, possibly compiled or DDP-wrapped; `unet`: its parameters). Returns the loss."""
-    with torch.no_grad():
-        x = unet_input(vae, query, supports, support_masks, sample=True)
-        target = -mask_to_latent(vae, query_mask)
+    with torch.no_grad():  # the frozen VAE: posterior samples of all four, as the official script
+        x, z_query_mask = unet_input(vae, query, supports, support_masks, sample=True, query_mask=query_mask)
+        target = -z_query_mask
     with autocast(query.device):
         pred = query_prediction(model, x, context, supports.shape[1], subsample=False)
     loss = check_finite_everywhere(latent_mse(pred.float(), target), "latent MSE")
@@ -249,7 +257,7 @@ def main(argv=None) -> dict:
         unet, vae = UNet(TINY_SD2), BlockCodec()
         text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
     else:
-        sd = load_sd(args.model, vae_dtype=torch.float32)
+        sd = load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)  # frozen
         unet, vae, text_encoder, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
     unet.widen_conv_in(8).to(device).train()
     vae.to(device)
@@ -259,7 +267,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
     del text_encoder
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                            fused=device.type == "cuda")  # fmt: skip
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=args.steps)
 
     step, models = 0, {"unet": unet}

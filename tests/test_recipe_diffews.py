@@ -81,3 +81,40 @@ def test_control_pairs_each_query_with_supports_of_another_class():
         assert next_one.class_id != mine.class_id and mixed.class_id == mine.class_id
         assert torch.equal(mixed.query, mine.query) and torch.equal(mixed.query_mask, mine.query_mask)
         assert torch.equal(mixed.supports, next_one.supports) and torch.equal(mixed.support_masks, next_one.support_masks)
+
+
+def test_one_vae_call_encodes_what_separate_calls_encode():
+    """unet_input's single VAE call (queries, supports, support masks, query masks) equals one
+    encode per kind of image, laid out per episode as [cat(z_q, 0), cat(z_s1, m_s1), ...] (fp32)."""
+    import torch
+
+    from unet_seg.codecs import mask_to_latent
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE).eval()
+    g, s, size = 2, 3, 32
+    query, supports = torch.rand(g, 3, size, size) * 2 - 1, torch.rand(g, s, 3, size, size) * 2 - 1
+    support_masks = (torch.rand(g, s, size, size) > 0.5).long()
+    query_mask = (torch.rand(g, size, size) > 0.5).long().masked_fill_(torch.rand(g, size, size) < 0.1, 255)
+    with torch.no_grad():
+        x, z_query_mask = _recipe().unet_input(vae, query, supports, support_masks, sample=False, query_mask=query_mask)
+        x_only, none = _recipe().unet_input(vae, query, supports, support_masks, sample=False)
+        z_q, z_s = vae.encode(query), vae.encode(supports.flatten(0, 1)).unflatten(0, (g, s))
+        m_s = mask_to_latent(vae, support_masks.flatten(0, 1)).unflatten(0, (g, s))
+        expected = torch.cat([torch.cat([z_q, torch.zeros_like(z_q)], 1)[:, None], torch.cat([z_s, m_s], 2)], 1).flatten(0, 1)
+        torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_only, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z_query_mask, mask_to_latent(vae, query_mask), rtol=1e-5, atol=1e-5)
+    assert none is None and x.shape == (g * (1 + s), 8, size // 8, size // 8)
+
+
+def test_bad_support_mask_values_are_refused_before_the_episode():
+    import torch
+
+    from unet_seg.data.synthetic import FewShotEpisodes, fold_split
+
+    batch = next(iter(torch.utils.data.DataLoader(FewShotEpisodes(0, 2, fold_split(0)[1], size=32), batch_size=2)))
+    _recipe().fields(batch)  # valid
+    with pytest.raises(ValueError, match=r"support_masks must hold 0/1"):
+        _recipe().fields(batch._replace(support_masks=batch.support_masks * 2))
