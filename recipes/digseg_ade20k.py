@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -266,10 +267,12 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, 
 
 @torch.no_grad()
 def predict_probabilities(model, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor,
-                          ensemble: int, ddim_steps: int) -> Tensor:
+                          ensemble: int, ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
     """images [B, 3, H, W], class_embeds [K, P] (the same candidates for every image) -> class
     probabilities [B, K, H, W]: for each (image, class), `ensemble` DDIM-trailing runs of
-    `ddim_steps` steps from N(0, I) (global RNG), averaged in latent space, decoded (§3.7, A.3)."""
+    `ddim_steps` steps from N(0, I) (`noise` [E, B·K, 4, h, w], image-major; default drawn from
+    the global RNG), averaged in latent space, decoded (§3.7, A.3). The image is encoded once and
+    its latent shared by its K classes: all K·E runs go through each denoiser call together."""
     b, k = images.shape[0], class_embeds.shape[0]
     z_x = vae.encode(images).repeat_interleave(k, dim=0)  # [B·K, 4, h, w], image-major
     cond = class_embeds.repeat(b, 1)  # [B·K, P]
@@ -281,7 +284,10 @@ def predict_probabilities(model, vae, schedule: NoiseSchedule, images: Tensor, c
         with autocast(images.device):
             return ddim_sample(lambda x, t: model(x, zx, t, c).float(), noise, timesteps, schedule)
 
-    noise = torch.randn(ensemble, *z_x.shape, device=images.device)
+    if noise is None:
+        noise = torch.randn(ensemble, *z_x.shape, device=images.device)
+    elif noise.shape != (ensemble, *z_x.shape):
+        raise ValueError(f"noise must be [E, B·K, 4, h, w] = {[ensemble, *z_x.shape]}, got {list(noise.shape)}")
     z = ensemble_mean(run, noise)
     return latent_to_probability(vae, z.to(images.dtype)).unflatten(0, (b, k))
 

@@ -147,3 +147,27 @@ def test_segment_maps_argmax_to_dataset_labels_and_low_scores_to_background():
     prob = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.8, 0.65]]).view(1, 2, 1, 3)  # 2 candidates, 3 pixels
     labels = recipe.segment(prob, torch.tensor([4, 1]), torch.tensor([10, 11, 12, 13, 14]), background=99)
     assert labels.tolist() == [[[14, 11, 99]]]
+
+
+def test_all_classes_of_an_image_in_one_batch_equal_the_per_class_loop():
+    """predict_probabilities denoises the K classes of each image together, sharing the image
+    latent; with the same noise each (image, class) equals its own single-class call (fp32)."""
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+
+    recipe = _recipe()
+    torch.manual_seed(0)
+    model, vae = _model(recipe).eval(), AutoencoderKL(TINY_VAE).eval()
+    schedule = NoiseSchedule.sd("v_prediction")
+    b, k, e, size = 2, 3, 2, 64
+    images, embeds = torch.rand(b, 3, size, size) * 2 - 1, torch.randn(k, 32)
+    noise = torch.randn(e, b * k, 4, size // 8, size // 8)
+    batched = recipe.predict_probabilities(model, vae, schedule, images, embeds, e, 2, noise=noise)
+    assert batched.shape == (b, k, size, size)
+    for i in range(b):
+        for c in range(k):
+            one = recipe.predict_probabilities(model, vae, schedule, images[i : i + 1], embeds[c : c + 1], e, 2,
+                                               noise=noise[:, i * k + c : i * k + c + 1])  # fmt: skip
+            torch.testing.assert_close(batched[i, c], one[0, 0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="noise must be"):
+        recipe.predict_probabilities(model, vae, schedule, images, embeds, e, 2, noise=noise[:, :1])
