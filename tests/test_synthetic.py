@@ -255,6 +255,37 @@ def test_query_and_supports_are_different_images(seed, index):
     assert not torch.equal(ep.query, ep.supports[0]) and not torch.equal(ep.supports[0], ep.supports[1])
 
 
+def test_random_order_only_reorders_the_query_objects():
+    classes = fold_split(0)[1]
+    plain = FewShotEpisodes(3, 40, classes, shots=1)
+    shuffled = FewShotEpisodes(3, 40, classes, shots=1, random_order=True)
+    changed = 0
+    for i in range(40):
+        a, b = plain[i], shuffled[i]
+        assert torch.equal(a.supports, b.supports) and torch.equal(a.support_masks, b.support_masks)
+        if not torch.equal(a.query, b.query):  # the class painted first: it took the other object's geometry
+            changed += 1
+            assert not torch.equal(a.query_mask, b.query_mask)
+    assert 10 <= changed <= 30  # two objects: the episode's class is painted first about half the time
+
+
+def test_distractor_supports_show_the_querys_other_class():
+    classes = fold_split(0)[1]
+    right = FewShotEpisodes(5, 20, classes, shots=2, random_order=True)
+    wrong = FewShotEpisodes(5, 20, classes, shots=2, random_order=True, supports_of="distractor")
+    for i in range(20):
+        a, b = right[i], wrong[i]
+        assert torch.equal(a.query, b.query) and torch.equal(a.query_mask, b.query_mask) and a.class_id == b.class_id
+        assert not torch.equal(a.supports, b.supports)
+        assert all((m == 1).sum() > 0 for m in b.support_masks)
+    # the query's distractor (the control's support class) fills pixels of the query outside its mask:
+    # with no distractors there is nothing to show
+    with pytest.raises(ValueError, match="distractors >= 1"):
+        FewShotEpisodes(0, 4, classes, distractors=0, supports_of="distractor")
+    with pytest.raises(ValueError, match="supports_of"):
+        FewShotEpisodes(0, 4, classes, supports_of="other")
+
+
 def test_episode_classes_are_balanced_over_indices():
     classes = fold_split(1)[1]
     ds = FewShotEpisodes(0, 10, classes)

@@ -350,6 +350,13 @@ class FewShotEpisodes(Dataset):
     so every image contains the class. A class set from `fold_split` keeps every object of an
     episode inside that fold.
 
+    random_order: paint the query's objects in a random order, so the episode's object is not
+    always the complete one on top (nothing but its class tells it from the distractors); the
+    order comes from a stream of its own, so the objects' geometry and colours are unchanged.
+    supports_of="distractor": a control episode: the same query and query mask, but supports of
+    the class of the query's first distractor (another class that the query holds); with the
+    same draws as the episode's own supports, so only the supports' class differs.
+
     Image j of episode i (0 the query, 1..K the supports) depends only on (seed, i, j): the
     first k supports of a K-shot episode are the k-shot episode, and the queries agree.
     """
@@ -364,11 +371,17 @@ class FewShotEpisodes(Dataset):
         distractors: int = 1,
         style: Style = CLEAN_STYLE,
         ignore_border: int = 0,
+        random_order: bool = False,
+        supports_of: str = "episode",
     ):
         _check_seed_and_length(seed, length)
         _check_size(size)
         _check_classes(classes)
         _check_ignore_border(ignore_border)
+        if supports_of not in ("episode", "distractor"):
+            raise ValueError(f"supports_of must be 'episode' or 'distractor', got {supports_of!r}")
+        if supports_of == "distractor" and distractors < 1:
+            raise ValueError("supports_of='distractor' needs distractors >= 1 (the query's other class)")
         if not isinstance(shots, int) or shots < 1:
             raise ValueError(f"shots must be an int >= 1, got {shots!r}")
         if not isinstance(distractors, int) or distractors < 0:
@@ -377,6 +390,7 @@ class FewShotEpisodes(Dataset):
             raise ValueError(f"distractors need at least 2 distinct classes, got classes={tuple(classes)}")
         self.seed, self.length, self.classes, self.shots = seed, length, tuple(classes), shots
         self.size, self.distractors, self.style, self.ignore_border = size, distractors, style, ignore_border
+        self.random_order, self.supports_of = random_order, supports_of
 
     def __len__(self) -> int:
         return self.length
@@ -384,14 +398,19 @@ class FewShotEpisodes(Dataset):
     def __getitem__(self, index: int) -> Episode:
         _check_index(index, self.length)
         c = self.classes[index % len(self.classes)]
-        others = [k for k in self.classes if k != c]
-        images, masks = [], []
+        images, masks, shown = [], [], c
         for j in range(self.shots + 1):
             g = _generator(self.seed, index, j)
-            picks = torch.randint(len(others), (self.distractors,), generator=g).tolist() if others else []
-            image, labels = scene(g, [others[i] for i in picks] + [c], self.size, self.style, self.ignore_border)
+            others = [k for k in self.classes if k != shown]
+            picks = [others[i] for i in torch.randint(len(others), (self.distractors,), generator=g).tolist()] if others else []
+            objects = picks + [shown]
+            if self.random_order and j == 0:  # own stream: the same geometry whatever the order
+                objects = [objects[i] for i in torch.randperm(len(objects), generator=_generator(self.seed, index, j, 1)).tolist()]
+            image, labels = scene(g, objects, self.size, self.style, self.ignore_border)
             images.append(image)
-            masks.append(torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, (labels == c).long()))
+            masks.append(torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, (labels == shown).long()))
+            if j == 0 and self.supports_of == "distractor":
+                shown = picks[0]
         return Episode(images[0], masks[0], torch.stack(images[1:]), torch.stack(masks[1:]), torch.tensor(c))
 
 
