@@ -134,7 +134,7 @@ def level_names(unet) -> list[tuple[list[str], list[str]]]:
     """Per tapped up level: (its ResNet outputs `up.i.res.j`, its cross-attention layers)."""
     return [
         (
-            [n for n in unet.feature_names if n.startswith(f"up.{i}.res.")],
+            [f"up.{i}.res.{j}" for j in range(len(unet.up_blocks[i].resnets))],
             [n for n in unet.attention_names if n.startswith(f"up.{i}.attn.") and n.endswith(".cross")],
         )
         for i in LEVELS

@@ -65,14 +65,27 @@ def test_named_features_are_diffusers_block_outputs(pair):
         r.register_forward_hook(keep(f"up.{k}.res.{j}")) for k, b in enumerate(ref.up_blocks) for j, r in enumerate(b.resnets)
     ]
     hooks.append(ref.mid_block.register_forward_hook(keep("mid")))
+    hooks += [  # the residual branch is conv2's output (dropout 0, output scale 1)
+        r.conv2.register_forward_hook(keep(f"up.{k}.res.{j}.branch"))
+        for k, b in enumerate(ref.up_blocks) for j, r in enumerate(b.resnets)
+    ]  # fmt: skip
+    hooks += [
+        a.transformer_blocks[0].register_forward_hook(keep(f"up.{k}.attn.{j}"))
+        for k, b in enumerate(ref.up_blocks) for j, a in enumerate(getattr(b, "attentions", []))
+    ]  # fmt: skip
     with torch.no_grad():
         ref(x, t, ctx)
         feats = ours.features(x, t, ctx, ours.feature_names[1:])
     for h in hooks:
         h.remove()
     assert set(captured) == set(ours.feature_names[1:])
+    assert sum(".attn." in n for n in captured) == 9 and sum(n.endswith(".branch") for n in captured) == 12
     for name, expected in captured.items():
-        assert rel_err(feats[name], expected) <= 1e-4, name
+        if ".attn." in name:  # tokens [B, h·w, C] -> [B, C, h, w]
+            res = feats[name.replace("attn", "res")]
+            expected = expected.transpose(1, 2).reshape(res.shape)
+        assert feats[name].shape == expected.shape, name
+        assert rel_err(feats[name], expected) <= 1e-5, name
 
 
 def test_features_early_exit_equals_full_run(pair):

@@ -71,12 +71,16 @@ class ResBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
+        return self.parts(x, temb)[0]
+
+    def parts(self, x: Tensor, temb: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """-> (output, the residual branch: conv2's output before the shortcut is added)."""
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return skip + h, h
 
 
 class Attention(nn.Module):
@@ -171,6 +175,10 @@ class SpatialTransformer(nn.Module):
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor, procs: Procs = None) -> Tensor:
+        return self.parts(x, context, procs)[0]
+
+    def parts(self, x: Tensor, context: Tensor, procs: Procs = None) -> tuple[Tensor, Tensor]:
+        """-> (output, the transformer block's output before proj_out, as a [B, c, h, w] view)."""
         b, c, h, w = x.shape
         y = self.norm(x)
         if self.linear_proj:
@@ -179,11 +187,12 @@ class SpatialTransformer(nn.Module):
             y = self.proj_in(y).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             y = block(y, context, procs)
+        tokens = y.transpose(1, 2).unflatten(2, (h, w))
         if self.linear_proj:
             y = self.proj_out(y).transpose(1, 2).reshape(b, c, h, w)
         else:
-            y = self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
-        return x + y
+            y = self.proj_out(tokens)
+        return x + y, tokens
 
 
 class Downsample(nn.Module):

@@ -19,7 +19,11 @@ Hook points for primitives (nothing else in the model knows about them):
 
   and the decoder's layers: `up.i.res.j`, the output of ResNet j (0..layers_per_block) of up
   level i, before its attention and the level's upsampler (diffusers' `up_blocks[i].resnets[j]`):
-  up.0.res.* [1280, 8, 8], up.1.res.* [1280, 16, 16], up.2.res.* [640, 32, 32], up.3.res.* [320, 64, 64].
+  up.0.res.* [1280, 8, 8], up.1.res.* [1280, 16, 16], up.2.res.* [640, 32, 32], up.3.res.* [320, 64, 64];
+  `up.i.res.j.branch`, that ResNet's residual branch (conv2's output, before the shortcut is
+  added); `up.i.attn.j` (levels with attention, i ≥ 1), the output of the transformer block in
+  attention j (`up_blocks[i].attentions[j].transformer_blocks[0]`, before proj_out and the
+  residual) as [B, C, h, w]. The last two are DIFF's official "resnet" and "ca" features.
 """
 
 from __future__ import annotations
@@ -224,13 +228,16 @@ class UpBlock(nn.Module):
     def forward(
         self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs, tap: Tap = None
     ) -> tuple[Tensor, bool]:
-        """-> (output, stopped): `tap(j, resnet j's output)` returning True stops the block there."""
+        """-> (output, stopped): `tap(name, tensor)` sees `res.j.branch`, `res.j` and `attn.j` in
+        that order; returning True stops the block there."""
         for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-            if tap is not None and tap(j, h):
+            h, branch = resnet.parts(torch.cat([h, skips.pop()], dim=1), temb)
+            if tap is not None and (tap(f"res.{j}.branch", branch) | tap(f"res.{j}", h)):
                 return h, True
             if len(self.attentions):
-                h = self.attentions[j](h, context, procs)
+                h, block = self.attentions[j].parts(h, context, procs)
+                if tap is not None and tap(f"attn.{j}", block):
+                    return h, True
         for up in self.upsamplers:
             h = up(h)
         return h, False
@@ -258,6 +265,8 @@ class UNet(nn.Module):
         self.feature_names = (
             ("conv_in",) + tuple(f"down.{i}" for i in range(n)) + ("mid",) + tuple(f"up.{i}" for i in range(n))
             + tuple(f"up.{i}.res.{j}" for i in range(n) for j in range(cfg.layers_per_block + 1))
+            + tuple(f"up.{i}.res.{j}.branch" for i in range(n) for j in range(cfg.layers_per_block + 1))
+            + tuple(f"up.{i}.attn.{j}" for i, b in enumerate(self.up_blocks) for j in range(len(b.attentions)))
         )  # fmt: skip
         self.attention_names = tuple(
 m.name for m in self.modules() if isinstance(m, Attention))
@@ -340,7 +349,7 @@ m.name for m in self.modules() if isinstance(m, Attention))
             return None, feats
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
-            h, stopped = block(h, skips[-n:], temb, context, procs, lambda j, r, i=i: keep(f"up.{i}.res.{j}", r))
+            h, stopped = block(h, skips[-n:], temb, context, procs, lambda name, r, i=i: keep(f"up.{i}.{name}", r))
             if stopped:
                 return None, feats
             del skips[-n:]
