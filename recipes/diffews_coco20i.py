@@ -1,56 +1,55 @@
 """DiffewS few-shot segmentation (OI2M) on COCO-20i, or on synthetic episodes with `--demo`.
 
 Zhu et al., "Unleashing the Potential of the Diffusion Model in Few-shot Semantic Segmentation",
-NeurIPS 2024 (review: ../shared/design/papers/diffews-review.md; facts checked against the
-official training script aim-uofa/DiffewS train_tools/train_icl_multitask_nocrop_nearest_nshot_v3.py).
+NeurIPS 2024 (arXiv 2410.02369). Official code: aim-uofa/DiffewS (digest of what it does:
+../shared/design/fidelity/diffews-official.md; the paper's numbers: fidelity/numbers.md).
 
     python recipes/diffews_coco20i.py --demo                                    # CPU, minutes, no download
     torchrun --nproc_per_node=8 recipes/diffews_coco20i.py \\
-        --model stabilityai/stable-diffusion-2-1 --data-root /data/coco20i --fold 0 --shots 5
+        --model stabilityai/stable-diffusion-2-1 --data-root /data/coco20i --fold 0 --shots 7
 
 Method (one episode = a query and K supports of one class, all through the U-Net in one batch):
 
     z_q = E(query), z_s = E(support), m_s = E(white-on-black support mask)     VAE frozen
-    x   = [cat(z_q, 0), cat(z_s1, m_s1), .., cat(z_sK, m_sK)]                  conv_in widened 4 -> 8
+    x   = [z_q, cat(z_s1, m_s1), .., cat(z_sK, m_sK)]        query: pretrained conv_in (4 channels);
+                                                          supports: their own conv_in (8 channels)
     out = UNet(x, t = 1, context = CLIP(""), self-attention = KV fusion)      query attends to [q; s1..sK]
     L   = ‖out_query − (−E(query mask))‖²                                      latent MSE, query only
-    p   = (mean_c D(−out_query) + 1) / 2;   mask = p > 0.25 · max p             relative threshold
+    p   = mean_c ⌊255·(D(−out_query)_c + 1)/2⌋ / 255;  mask = p > 0.25 · max_c,pixels  relative threshold
 
-| hyper-parameter | value | source |
-|---|---|---|
-| backbone | SD 2.1 U-Net, fine-tuned in full; VAE, text encoder frozen | paper §3, official script |
-| text conditioning | empty prompt, encoded once | official script (fixed `input_ids`) |
-| support mask injection | channel concat of image and mask latents | paper Fig. 4 (best of four) |
-| mask rendering | white foreground on black | paper Fig. 5 (a) |
-| interaction | KV fusion self-attention, every self-attention layer | paper Fig. 2d / Fig. 4 |
-| query mask channels | zeros (see note 1) | official: 4-channel input for the query |
-| generation | one step, image to mask (OI2M) | paper Fig. 6 |
-| frozen VAE precision | bf16 on a GPU (fp32 on the CPU) | official: fp16 |
-| timestep | t = 1 | official `--train_timestep` default 1 |
-| target | −(query mask latent), VAE posterior sample | official `target = -cond_latents_tag` |
-| resolution | 512 | official `--resolution` default |
-| optimiser | AdamW, β (0.9, 0.999), wd 1e-2, ε 1e-8, grad-norm clip 1.0 | official defaults |
-| learning rate | 3e-5, linear decay to 0, no warm-up | official (`polynomial`, power 1.0) |
-| batch | 2 episodes per device | official `--train_batch_size` default (see note 2) |
-| iterations | 30 000 | official `--max_train_steps` default |
-| training shots | uniform in 1..N per step, random subset (DiffewS-n) | official script; paper Table 7 |
-| N-shot inference | random subsample of the support K/V to L tokens | paper appendix Table 6 |
-| threshold | relative, 0.25 · max | paper appendix Table 4 |
-| evaluation | 1000 episodes per fold, mIoU over the 20 test classes, FB-IoU | paper Table 2 (HSNet protocol) |
+| setting | paper | official code | here | why |
+|---|---|---|---|---|
+| backbone | SD 2.1, U-Net fine-tuned | SD 2.1 (768-v), all U-Net parameters; VAE, text encoder frozen | same | |
+| query input | image latent (Fig. 1c caption: + query mask) | 4-ch pretrained `conv_in`, image latent only | same (`UNet.add_support_conv_in`, `support=` rows) | the code is unambiguous |
+| support input | concat of image and mask latents (Fig. 4) | separate 8-ch `conv_in_ref` = [W, W]/2, bias copied | same | |
+| mask rendering | white on black (Fig. 5a) | ×2−1, 3 channels | same | |
+| interaction | KV fusion self-attention (Fig. 2d) | bank in all 16 self-attention layers | every self-attention layer | |
+| N-shot inference | all supports; "sample" trick in App. Table 6 | all K·L support tokens (`*_nosample.sh`) | all; `--support-sampling` keeps L of K·L | official scripts |
+| generation, timestep | one step image to mask (OI2M) | t = 1 in training and test, no noise | same | |
+| target | −E(query mask) | posterior **sample** in training, mean at test | same | |
+| text context | empty prompt | "" padded to 77 tokens in training, unpadded (2 tokens) at test | same (the causal encoder's first 2 rows) | official code |
+| precision | – | fp16 autocast training, fp32 evaluation | bf16 autocast training, fp32 U-Net at test; frozen VAE bf16 on a GPU | bf16: fp16's speed with fp32's range |
+| optimiser | – | AdamW (0.9, 0.999), wd 1e-2, ε 1e-8, clip 1.0 | same | |
+| learning rate | not stated | launcher 1e-5 (argparse default 3e-5), linear to 1e-7, no warm-up | 1e-5, linear to 1e-7 | the only released run |
+| iterations, batch | strict COCO-20i: 10 000 its, total batch 16 (4 GPUs × accumulation 4) | launcher 20 000 × 4, argparse 30 000 × 2 | 10 000 its, 2 episodes × 8 GPUs = 16 | the paper's strict setting |
+| supports per batch | – | episode 0's supports for the whole batch (needs batch 1) | each episode its own | a fix; equal at batch 1 |
+| training shots | DiffewS: 1; DiffewS-n: 1..7 (Table 7) | k ~ U{1..nshot}, random subset; launcher nshot 2 | `--shots` 1 (DiffewS) or 7 (DiffewS-n) | the paper's Table 2 models |
+| binarisation | relative τ_r = 0.25 (App. Table 3, 47.69) | decode, clamp, uint8 truncation, mean_c > 0.25·max over channels and pixels | same | |
+| evaluation | COCO-20i, 1000 episodes/fold, mIoU over 20 classes | 512² squash, scored at 512², 255 as background | same; 255 kept as ignore | COCO masks rarely hold 255 |
 
-Notes. (1) The official model keeps a separate 4-channel `conv_in` for the query
-("ref8inchannels-tag4inchannels"); here one widened `conv_in` serves both, with the query's
-mask channels zero, which equals a 4-channel conv whose weights start at half the pretrained
-ones (widen_conv_in tiles and halves them). (2) The official loop takes the supports of the
-first episode of each batch only; here every episode has its own supports. (3) The official
-script regresses the U-Net output on −z directly, with no noise and no schedule algebra, so
-`unet_seg.diffusion`'s parameterisations are not involved: the output *is* the mask latent's
-negative. (4) `--demo` cannot use pretrained weights (no download): the tiny U-Net starts from
-random weights with lr 1e-3 instead of 3e-5, and SD's frozen VAE is replaced by the frozen,
-weight-free `BlockCodec` (8×8 block colour means + texture energy; bilinear decoding). A tiny
-AutoencoderKL trained for 300 CPU steps reconstructed the synthetic images as a grey blur
-(MSE 0.16 against an image variance of 0.19), and on its latents neither the U-Net nor a plain
-conv net beat a constant prediction; on the block codec's the U-Net learns in 300 steps.
+Notes. (1) The official loop takes the supports of the first episode of each batch only, and
+its attention bank splits supports across queries when the query batch is above 1; here every
+episode has its own supports. (2) The official script regresses the U-Net output on −z directly,
+with no noise and no schedule algebra (its β ≡ 1 v-prediction scheduler makes x̂0 = −v), so
+`unet_seg.diffusion`'s parameterisations are not involved. (3) `--demo` cannot use pretrained
+weights (no download): the tiny U-Net starts from random weights with lr 1e-3, and SD's frozen
+VAE is replaced by the frozen, weight-free `BlockCodec` (8×8 block colour means + texture
+energy; bilinear decoding): a tiny AutoencoderKL trained for 300 CPU steps reconstructed the
+synthetic images as a grey blur, and on its latents nothing beat a constant prediction.
+(4) The demo's episodes are built so that the answer depends on the support: every query holds
+two objects of two classes of the split, painted in random order, and only the support's class
+is the target; the control pairs each query with supports of its *other* class. A model that
+finds objects without reading its supports scores the same on both rows.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import BlockCodec, check_mask, latent_to_probability, mask_to_image, threshold_relative
+from unet_seg.codecs import BlockCodec, check_mask, mask_to_image
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
@@ -80,8 +79,9 @@ TIMESTEP = 1  # official --train_timestep default
 THRESHOLD_RATIO = 0.25  # paper appendix Table 4
 EVAL_SHOTS = (1, 5)
 MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
+LR_END = 1e-7  # diffusers' polynomial schedule, power 1: linear to 1e-7
 DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, episodes=200)
-REAL = dict(size=512, steps=30000, batch_size=2, lr=3e-5, episodes=1000)
+REAL = dict(size=512, steps=10000, batch_size=2, lr=1e-5, episodes=1000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, help="fold 0..3: its 20 (demo: 5) classes are held out")
-    p.add_argument("--shots", type=int, default=1, help="training draws 1..SHOTS supports per step (DiffewS-n)")
+    p.add_argument("--shots", type=int, default=1, help="training draws 1..SHOTS supports per step: 1 trains DiffewS, "
+                   "7 DiffewS-n (paper Table 2)")
+    p.add_argument("--support-sampling", action="store_true", help="K-shot test: keep L random support tokens of "
+                   "K·L per layer (paper App. Table 6 'sample'); default all, as the official evaluation")
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
     p.add_argument("--eval-every", type=int, default=0, help="1-shot mIoU on --eval-episodes test episodes every N steps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
@@ -117,8 +120,8 @@ def fields(batch) -> tuple[torch.Tensor, ...]:
 
 def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=None):
     """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] (checked already:
-    `check_mask`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), then
-    cat(z_s, E(mask_s)); with `query_mask` [G, H, W] its latent E(query mask) [G, 4, H/8, W/8],
+    `check_mask`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), whose zeros
+    the query's 4-channel conv_in never reads, then cat(z_s, E(mask_s)); with `query_mask` [G, H, W] its latent E(query mask) [G, 4, H/8, W/8],
     else None). One VAE call encodes all images and masks (no host sync)."""
     g, s = supports.shape[:2]
     masks = support_masks.flatten(0, 1) if query_mask is None else torch.cat([support_masks.flatten(0, 1), query_mask])
@@ -131,22 +134,32 @@ def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=Non
 
 
 def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> torch.Tensor:
-    """One U-Net call with KV fusion on every self-attention layer -> query outputs [G, 4, h, w]."""
+    """One U-Net call with KV fusion on every self-attention layer, queries through the
+    pretrained conv_in and supports through conv_in_support -> query outputs [G, 4, h, w]."""
     procs = kv_fusion_procs(self_attention_layers(unwrap(unet).attention_names), num_supports, subsample=subsample)
     t = torch.full((x.shape[0],), TIMESTEP, device=x.device)
-    out = unet(x, t, context.expand(x.shape[0], -1, -1), procs=procs)
+    support = torch.arange(x.shape[0], device=x.device) % (1 + num_supports) != 0
+    out = unet(x, t, context.expand(x.shape[0], -1, -1), procs=procs, support=support)
     return out.unflatten(0, (-1, 1 + num_supports))[:, 0]
 
 
+def binarise(image: torch.Tensor, ratio: float = THRESHOLD_RATIO) -> torch.Tensor:
+    """Decoded mask image [G, 3, H, W] -> mask [G, H, W] in {0, 1}, as the official evaluation:
+    each channel clamped to [-1, 1] and stored as 8-bit grey (truncated), foreground where the
+    channel mean exceeds `ratio` × the maximum over channels and pixels."""
+    p = ((image.float().clamp(-1, 1) + 1) * 127.5).floor() / 255  # uint8 truncation
+    peak = p.flatten(1).amax(1).view(-1, 1, 1)
+    return (p.mean(1) > ratio * peak).long()
+
+
 @torch.no_grad()
-def predict_masks(unet, vae, context, query, supports, support_masks) -> torch.Tensor:
-    """K-shot episodes -> query masks [G, H, W] in {0, 1}: one U-Net call (support K/V subsampled
-    for K > 1), decode, relative threshold."""
-    shots = supports.shape[1]
+def predict_masks(unet, vae, context, query, supports, support_masks, subsample: bool = False) -> torch.Tensor:
+    """K-shot episodes -> query masks [G, H, W] in {0, 1}: one fp32 U-Net call on posterior means
+    with the unpadded empty prompt (`context` [1, 2, D]), all support tokens unless `subsample`,
+    decode, `binarise` (the official evaluation)."""
     x, _ = unet_input(vae, query, supports, support_masks, sample=False)
-    with autocast(query.device):
-        pred = query_prediction(unet, x, context, shots, subsample=shots > 1)
-    return threshold_relative(latent_to_probability(vae, -pred.float()), THRESHOLD_RATIO)
+    pred = query_prediction(unet, x.float(), context, supports.shape[1], subsample=subsample and supports.shape[1] > 1)
+    return binarise(vae.decode(-pred.to(x.dtype)))
 
 
 def train_step(model, unet, vae, context, opt, query, query_mask, supports, support_masks) -> torch.Tensor:
@@ -166,7 +179,7 @@ def train_step(model, unet, vae, context, opt, query, query_mask, supports, supp
 
 
 @torch.no_grad()
-def evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, seed: int):
+def evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, seed: int, subsample: bool = False):
     """This rank's share of `data` (K-shot episodes) -> all-rank confusion matrices
     {name: [num_labels, num_labels]} for DiffewS and two baselines, plus up to 4 episodes to draw.
     Runs in eval mode on its own RNG stream (support subsampling seeded by `seed`) and restores
@@ -175,12 +188,12 @@ def evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device
     unet.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = _evaluate(unet, vae, context, data, num_labels, label_shift, device)
+        out = _evaluate(unet, vae, context, data, num_labels, label_shift, device, subsample)
     unet.train(was_training)
     return out
 
 
-def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device):
+def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, subsample: bool):
     names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
     conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
@@ -188,7 +201,7 @@ def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, devic
     shown = []
     for batch in torch.utils.data.DataLoader(subset, batch_size=8):
         query, query_mask, supports, support_masks, class_id = (x.to(device) for x in fields(batch))
-        mask = predict_masks(unet, vae, context, query, supports, support_masks)
+        mask = predict_masks(unet, vae, context, query, supports, support_masks, subsample)
         label = (class_id + label_shift).view(-1, 1, 1)
         target = torch.where(query_mask == 255, 255, query_mask * label)
         for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
@@ -196,22 +209,6 @@ def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, devic
         if len(shown) < 4:
             shown += list(zip(query, supports[:, 0], support_masks[:, 0], mask, query_mask))[: 4 - len(shown)]
     return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
-
-
-class SupportsOfNextEpisode(torch.utils.data.Dataset):
-    """Control for the demo: episode i's query with the supports of episode i+1 (of the last
-    episode: i−1), which show another class (`FewShotEpisodes` cycles through its classes). A
-    model that reads its supports loses accuracy here; one that only finds objects does not."""
-
-    def __init__(self, episodes: FewShotEpisodes):
-        self.episodes = episodes
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def __getitem__(self, i: int):
-        other = self.episodes[i + 1 if i + 1 < len(self.episodes) else i - 1]
-        return self.episodes[i]._replace(supports=other.supports, support_masks=other.support_masks)
 
 
 def summarise(conf: torch.Tensor, test_labels) -> dict:
@@ -238,8 +235,10 @@ def main(argv=None) -> dict:
     # ---- data: the fold's training classes for training, its held-out classes for evaluation
     if args.demo:
         train_classes, test_classes = fold_split(args.fold)
-        train_data = FewShotEpisodes(args.seed, 100_000, train_classes, shots=args.shots, size=args.size)
-        test_data = {k: FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=k, size=args.size) for k in EVAL_SHOTS}
+        kw = dict(size=args.size, random_order=True)  # note 4: two classes per query, the support's is the target
+        train_data = FewShotEpisodes(args.seed, 100_000, train_classes, shots=args.shots, **kw)
+        test_data = {k: FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=k, **kw) for k in EVAL_SHOTS}
+        control = FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=1, supports_of="distractor", **kw)
         class_names, label_shift, test_labels = CLASS_NAMES, 0, test_classes
     else:
         from unet_seg.data.coco20i import COCO20I_CLASSES, COCO20i, fold_classes
@@ -251,7 +250,7 @@ def main(argv=None) -> dict:
     num_labels = len(class_names)
     print0(f"fold {args.fold}: train classes {len(set(train_data.classes))}, test classes {list(test_labels)}")
 
-    # ---- models: SD U-Net with conv_in 4 -> 8, frozen VAE, empty-prompt context computed once
+    # ---- models: SD U-Net + an 8-channel support conv_in, frozen VAE, empty-prompt context computed once
     if args.demo:
         torch.manual_seed(args.seed)
         unet, vae = UNet(TINY_SD2), BlockCodec()
@@ -259,17 +258,18 @@ def main(argv=None) -> dict:
     else:
         sd = load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)  # frozen
         unet, vae, text_encoder, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
-    unet.widen_conv_in(8).to(device).train()
+    unet.add_support_conv_in(8).to(device).train()
     vae.to(device)
     if device.type == "cuda":  # NHWC convolutions: -26% U-Net time on an H100 (benchmarks/NOTES.md)
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
+        context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D], padded as in training
+    test_context = context[:, :2]  # unpadded [BOS, EOS] at test (official): the causal encoder's first 2 rows
     del text_encoder
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                             fused=device.type == "cuda")  # fmt: skip
-    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=args.steps)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, min(1.0, LR_END / args.lr), total_iters=args.steps)
 
     step, models = 0, {"unet": unet}
     if args.resume and latest_checkpoint(args.out) is not None:
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
             save_checkpoint(args.out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             quick = torch.utils.data.Subset(test_data[1], range(min(args.eval_episodes, len(test_data[1]))))
-            conf, _ = evaluate(unet, vae, context, quick, num_labels, label_shift, device, args.seed)
+            conf, _ = evaluate(unet, vae, test_context, quick, num_labels, label_shift, device, args.seed)
             miou = summarise(conf["DiffewS"], test_labels)["mIoU"]
             print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")
     bar.close()
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
     # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines
     metrics, rows = {}, []
     for k, data in test_data.items():
-        conf, shown = evaluate(unet, vae, context, data, num_labels, label_shift, device, args.seed)
+        conf, shown = evaluate(unet, vae, test_context, data, num_labels, label_shift, device, args.seed, args.support_sampling)
         for name, c in conf.items():
             if name == "DiffewS" or k == 1:  # baselines read the first support only: the same for every K
                 metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
@@ -318,8 +318,8 @@ def main(argv=None) -> dict:
                 for q, s, sm, m, qm in shown
             ]
     if args.demo:
-        conf, _ = evaluate(unet, vae, context, SupportsOfNextEpisode(test_data[1]), num_labels, label_shift, device, args.seed)
-        metrics["control: DiffewS 1-shot, supports of another class"] = summarise(conf["DiffewS"], test_labels)
+        conf, _ = evaluate(unet, vae, test_context, control, num_labels, label_shift, device, args.seed)
+        metrics["control: DiffewS 1-shot, supports of the query's other class"] = summarise(conf["DiffewS"], test_labels)
     wall = time.perf_counter() - started
     title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
     table = write_metrics(metrics, args.out / "metrics", title=title)

@@ -23,7 +23,7 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
     assert out.splitlines()[0].startswith("DEMO:")
     assert "step 1: 1-shot mIoU" in out and "step 2: 1-shot" not in out  # periodic, and not twice at the end
     expected = {"DiffewS 1-shot", "DiffewS 5-shot", "baseline: support mask", "baseline: all foreground",
-                "control: DiffewS 1-shot, supports of another class"}
+                "control: DiffewS 1-shot, supports of the query's other class"}
     assert set(metrics) == expected
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert set(table) == expected
@@ -69,18 +69,48 @@ def test_two_gloo_processes_finish(tmp_path):
 
 
 
-def test_control_pairs_each_query_with_supports_of_another_class():
+def test_official_defaults():
+    """All support tokens at K-shot test unless --support-sampling; the paper's strict schedule;
+    the launcher's learning rate."""
+    args = _recipe().parse_args(["--model", "m", "--data-root", "d"])
+    assert not args.support_sampling and args.steps == 10000 and args.lr == 1e-5 and args.shots == 1
+    assert _recipe().parse_args(["--demo", "--support-sampling"]).support_sampling
+
+
+def test_k_shot_prediction_reads_every_support_token_unless_sampling():
+    """With all support tokens the 5-shot prediction is deterministic and depends on the fifth
+    support; with sampling it changes with the RNG."""
     import torch
 
-    from unet_seg.data.synthetic import FewShotEpisodes, fold_split
+    from unet_seg.codecs import BlockCodec
+    from unet_seg.models import TINY_SD2, UNet
 
-    episodes = FewShotEpisodes(0, 6, fold_split(0)[1], shots=2, size=32)
-    control = _recipe().SupportsOfNextEpisode(episodes)
-    for i in range(len(episodes)):
-        mine, next_one, mixed = episodes[i], episodes[i + 1 if i + 1 < len(episodes) else i - 1], control[i]
-        assert next_one.class_id != mine.class_id and mixed.class_id == mine.class_id
-        assert torch.equal(mixed.query, mine.query) and torch.equal(mixed.query_mask, mine.query_mask)
-        assert torch.equal(mixed.supports, next_one.supports) and torch.equal(mixed.support_masks, next_one.support_masks)
+    torch.manual_seed(0)
+    unet, vae = UNet(TINY_SD2).add_support_conv_in(8).eval(), BlockCodec()
+    context = torch.randn(1, 2, TINY_SD2.context_dim)
+    query, supports = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 5, 3, 64, 64) * 2 - 1
+    support_masks = (torch.rand(2, 5, 64, 64) > 0.5).long()
+    r = _recipe()
+    x, _ = r.unet_input(vae, query, supports, support_masks, sample=False)
+    with torch.no_grad():
+        full = r.query_prediction(unet, x, context, 5, subsample=False)
+        again = r.query_prediction(unet, x, context, 5, subsample=False)
+        x2, _ = r.unet_input(vae, query, torch.cat([supports[:, :4], supports[:, :1]], 1), support_masks, sample=False)
+        other_fifth = r.query_prediction(unet, x2, context, 5, subsample=False)
+        sampled = [r.query_prediction(unet, x, context, 5, subsample=True) for _ in range(2)]
+    assert torch.equal(full, again) and not torch.allclose(full, other_fifth)
+    assert not torch.allclose(sampled[0], sampled[1])
+
+
+def test_binarise_follows_the_official_evaluation():
+    """8-bit truncation, then channel mean > 0.25 × the maximum over channels and pixels."""
+    import torch
+
+    image = torch.full((1, 3, 1, 4), -1.0)
+    image[0, 0, 0, 0] = 1.0  # channel maximum 1.0 -> threshold 0.25 on the channel mean
+    image[0, :, 0, 1] = -0.5 + 1e-3  # 0.25 + 5e-4 -> 63.8 -> uint8 63 -> 0.247: below
+    image[0, :, 0, 2] = -0.49  # 0.255 -> 65: above
+    assert _recipe().binarise(image).tolist() == [[[1, 0, 1, 0]]]  # pixel 0: mean 1/3 > 0.25
 
 
 def test_one_vae_call_encodes_what_separate_calls_encode():
