@@ -255,6 +255,17 @@ def test_query_and_supports_are_different_images(seed, index):
     assert not torch.equal(ep.query, ep.supports[0]) and not torch.equal(ep.supports[0], ep.supports[1])
 
 
+def test_distinct_scenes_hold_several_classes():
+    classes = fold_split(0)[1]
+    counts = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3), distinct=True)[i][1].unique().tolist()) - {0})
+              for i in range(40)]
+    repeats = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3))[i][1].unique().tolist()) - {0}) for i in range(40)]
+    assert sum(c >= 2 for c in counts) >= 38  # only a fully covered object can hide a class
+    assert sum(c == 1 for c in repeats) > sum(c == 1 for c in counts)
+    with pytest.raises(ValueError, match="distinct"):
+        SemanticScenes(0, 4, classes=(1, 2), objects=(2, 3), distinct=True)
+
+
 def test_random_order_only_reorders_the_query_objects():
     classes = fold_split(0)[1]
     plain = FewShotEpisodes(3, 40, classes, shots=1)

@@ -298,8 +298,8 @@ def _generator(*keys: int) -> torch.Generator:
 
 class SemanticScenes(Dataset):
     """Item i -> (image [3, H, W], labels [H, W]): a scene of `objects[0]..objects[1]` objects
-    (count and classes uniform, repeats allowed) of `classes`, pure function of (seed, i).
-    For semantic segmentation demos (DIFF, QueryDiff, DiGSeg)."""
+    (count and classes uniform, repeats allowed; with `distinct`, no class twice) of `classes`,
+    pure function of (seed, i). For semantic segmentation demos (DIFF, QueryDiff, DiGSeg)."""
 
     def __init__(
         self,
@@ -310,6 +310,7 @@ class SemanticScenes(Dataset):
         objects: tuple[int, int] = (2, 4),
         style: Style = CLEAN_STYLE,
         ignore_border: int = 0,
+        distinct: bool = False,
     ):
         _check_seed_and_length(seed, length)
         _check_size(size)
@@ -318,6 +319,9 @@ class SemanticScenes(Dataset):
         lo, hi = objects
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ValueError(f"objects must be (min, max) ints with 1 <= min <= max, got {objects!r}")
+        if distinct and hi > len(set(classes)):
+            raise ValueError(f"distinct objects need at least {hi} classes, got {tuple(classes)}")
+        self.distinct = distinct
         self.seed, self.length, self.size, self.classes = seed, length, size, tuple(classes)
         self.objects, self.style, self.ignore_border = (lo, hi), style, ignore_border
 
@@ -329,7 +333,10 @@ class SemanticScenes(Dataset):
         g = _generator(self.seed, index)
         lo, hi = self.objects
         count = int(torch.randint(lo, hi + 1, (), generator=g))
-        picks = torch.randint(len(self.classes), (count,), generator=g).tolist()
+        if self.distinct:
+            picks = torch.randperm(len(self.classes), generator=g)[:count].tolist()
+        else:
+            picks = torch.randint(len(self.classes), (count,), generator=g).tolist()
         return scene(g, [self.classes[i] for i in picks], self.size, self.style, self.ignore_border)
 
 
