@@ -466,3 +466,22 @@ def test_multires_noise_rejects_bad_arguments():
         multires_noise(torch.zeros(1, 4, 8, 8), levels=-1)
     with pytest.raises(ValueError, match="shape \\[B\\]"):
         multires_noise(torch.zeros(2, 4, 8, 8), torch.tensor([1, 2, 3]))
+
+
+@given(t=st.integers(0, 998), dt=st.integers(1, 400), seed=st.integers(0, 2**31 - 1))
+def test_ddim_eta_step_without_noise_is_invertible_and_with_noise_keeps_the_marginal_scale(t, dt, seed):
+    from unet_seg.diffusion import ddim_eta_step
+
+    a = NoiseSchedule.sd().alphas_cumprod
+    t_next = min(t + dt, 999)
+    g = torch.Generator().manual_seed(seed)
+    x, eps, z = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    up = ddim_eta_step(x, eps, t, t_next, a, 0.0, z)
+    assert up.dtype == torch.float64
+    torch.testing.assert_close(ddim_eta_step(up, eps, t_next, t, a, 0.0, z), x)  # same ε: back where it started
+    # from x0 = 0 the step is c1·z + c2·ε with c1² + c2² = 1 − ᾱ_t' (the noise scale of q(x_t' | x0)),
+    # unless c1² alone exceeds it (small inversion steps), where c2 is floored at 1e-5 as officially
+    out = ddim_eta_step((1 - a[t].double()).sqrt() * eps, eps, t, t_next, a, 1.0, z)
+    c1, c2 = torch.linalg.lstsq(torch.stack([z.flatten(), eps.flatten()], 1), out.flatten()[:, None]).solution.flatten()
+    assert c1 > 0 and c2 > 0
+    torch.testing.assert_close(c1**2 + c2**2, torch.clamp(1 - a[t_next].double(), min=c1**2 + 1e-10), rtol=1e-6, atol=1e-9)

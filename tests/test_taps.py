@@ -234,3 +234,120 @@ def test_fuse_by_masks_uncovered_pixels_are_zero_and_bad_shapes_are_refused():
     assert torch.equal(out, torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="same B, P"):
         fuse_by_masks(torch.ones(1, 2, 3, 2, 2), torch.ones(1, 3, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# DIFF's official trajectory: stochastic DDIM inversion with per-step mask fusion
+
+STEPS = [(0, 1), (1, 5), (5, 20), (20, 60), (60, 120), (120, 160)]
+ETAS = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+SAVE = [3, 1, 0]  # high noise first, as DIFF's save_timestep
+PLAIN, SUMMED = ["up.1.res.0.branch", "up.3.res.2.branch"], ["up.1.attn.0", "up.3.attn.2"]
+
+
+def official_reference(unet, z0, empty, prompts, steps, etas, save, g, prediction_type, seed):
+    """DIFF's generalized_steps written out step by step, one image at a time, with its explicit
+    rows [negative "", prompt "", class prompts...]; noise drawn per step for all rows at once."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [1 + len(p) for p in prompts]
+    noises = [torch.randn(sum(rows), *z0.shape[1:], generator=gen) if eta else None for eta in etas]
+    out = {n: [] for n in PLAIN + SUMMED}
+    for b, image_prompts in enumerate(prompts):
+        x = z0[b : b + 1]
+        texts = torch.cat([empty, empty] + [c for c, _ in image_prompts])
+        masks = torch.stack([torch.ones(z0.shape[-2:])] + [m for _, m in image_prompts])[:, None]
+        p = len(masks)
+        kept = {n: [] for n in out}
+        for i, ((t, t_next), eta) in enumerate(zip(steps, etas)):
+            if i > max(save):
+                break
+            eps, feats = unet.forward_with_features(x.repeat(p + 1, 1, 1, 1), t, texts, PLAIN + SUMMED)
+            if i in save:
+                for n in PLAIN:
+                    kept[n].append((i, feats[n][:1]))
+                for n in SUMMED:
+                    kept[n].append((i, feats[n].sum(0, keepdim=True)))
+            e_un = eps[:1].repeat(p, 1, 1, 1)
+            e = e_un + g * (eps[1:] - e_un)
+            xs = x.repeat(p, 1, 1, 1)
+            a, a_next = ALPHAS[t].double(), ALPHAS[t_next].double()
+            if prediction_type == "v_prediction":
+                e = (1 - a).sqrt() * xs + a.sqrt() * e
+            x0 = (xs - (1 - a).sqrt() * e) / a.sqrt()
+            c1 = eta * ((1 - a_next / a) * (1 - a_next) / (1 - a)).sqrt()
+            c2 = torch.clamp((1 - a_next) - c1**2, min=1e-10).sqrt()
+            z = noises[i][sum(rows[:b]) : sum(rows[: b + 1])] if eta else 0.0
+            xs_next = (a_next.sqrt() * x0 + c1 * z + c2 * e).float()
+            count = masks.sum(0)
+            x = torch.where(count > 0, (xs_next * masks).sum(0) / count, (xs_next * masks).sum(0))[None]
+        for n in out:
+            out[n].append(torch.stack([f for _, f in sorted(kept[n], key=lambda s: save.index(s[0]))], 1))
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("which", ["sd1", "sd2"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_trajectory_features_equal_the_official_step_by_step_reference(which, prediction_type):
+    from unet_seg.taps import inversion_trajectory_features
+
+    unet, d = tiny_unet(which), CONFIGS[which].context_dim
+    z0 = randn(2, 4, 16, 16, seed=3)
+    empty, c1, c2 = randn(1, 5, d, seed=4), randn(1, 5, d, seed=5), randn(1, 5, d, seed=6)
+    m1 = torch.zeros(16, 16)
+    m1[:8] = 1
+    m2 = torch.zeros(16, 16)
+    m2[10:, 4:] = 1
+    prompts = [[(c1, m1), (c2, m2)], []]  # image 0: the conditional branch with two classes; image 1: unconditional
+    with torch.no_grad():
+        expected = official_reference(unet, z0, empty, prompts, STEPS, ETAS, SAVE, 5.0, prediction_type, seed=7)
+        got = inversion_trajectory_features(
+            unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
+            torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
+            steps=STEPS, etas=ETAS, save_steps=SAVE, alphas_cumprod=ALPHAS, guidance_scale=5.0,
+            prediction_type=prediction_type, generator=torch.Generator().manual_seed(7),
+        )  # fmt: skip
+        with_negative = inversion_trajectory_features(
+            unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
+            torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
+            steps=STEPS, etas=ETAS, save_steps=SAVE, alphas_cumprod=ALPHAS, guidance_scale=5.0, negative=empty.expand(2, -1, -1),
+            prediction_type=prediction_type, generator=torch.Generator().manual_seed(7),
+        )  # fmt: skip
+    for n in PLAIN + SUMMED:
+        assert got[n].shape == expected[n].shape == (2, len(SAVE), *expected[n].shape[2:]), n
+        assert rel_err(got[n], expected[n]) <= 1e-5, (n, rel_err(got[n], expected[n]))
+        assert rel_err(with_negative[n], expected[n]) <= 1e-5, n
+    # the noise and the class paths matter: another seed or no class prompts change the features
+    assert rel_err(got["up.3.attn.2"][:, 0], got["up.3.attn.2"][:, 2]) > 1e-3
+
+
+def test_trajectory_class_prompts_reach_the_negative_row_only_through_the_trajectory():
+    """Path control changes the plain (negative-row) features only at steps after the first
+    (the fused latent differs from then on), and only where the guided class paths moved it."""
+    from unet_seg.taps import inversion_trajectory_features
+
+    unet, d = tiny_unet("sd2"), TINY_SD2.context_dim
+    z0, empty, c1 = randn(1, 4, 16, 16, seed=1), randn(1, 5, d, seed=2), randn(1, 5, d, seed=3)
+    kwargs = dict(steps=STEPS, etas=ETAS, save_steps=[0, 3], alphas_cumprod=ALPHAS, guidance_scale=5.0)
+    with torch.no_grad():
+        plain = inversion_trajectory_features(
+            unet, z0, torch.tensor([0]), empty, torch.ones(1, 16, 16), PLAIN,
+            generator=torch.Generator().manual_seed(0), **kwargs,
+        )  # fmt: skip
+        guided = inversion_trajectory_features(
+            unet, z0, torch.tensor([0, 0]), torch.cat([empty, c1]), torch.ones(2, 16, 16), PLAIN,
+            generator=torch.Generator().manual_seed(0), **kwargs,
+        )  # fmt: skip
+    n = PLAIN[0]
+    torch.testing.assert_close(guided[n][:, 0], plain[n][:, 0])  # step 0 sees the clean latent
+    assert rel_err(guided[n][:, 1], plain[n][:, 1]) > 1e-3
+
+
+def test_trajectory_refuses_rows_that_do_not_cover_every_image():
+    from unet_seg.taps import inversion_trajectory_features
+
+    unet = tiny_unet("sd1")
+    with pytest.raises(ValueError, match="every one of the 2 trajectories"):
+        inversion_trajectory_features(
+            unet, randn(2, 4, 8, 8), torch.tensor([0, 0]), randn(2, 3, TINY_SD1.context_dim), torch.ones(2, 8, 8), PLAIN,
+            steps=STEPS, etas=ETAS, save_steps=[1], alphas_cumprod=ALPHAS, guidance_scale=1.0,
+        )  # fmt: skip

@@ -351,3 +351,14 @@ def test_full_sd21_unet_matches_diffusers(tmp_path):
     with torch.no_grad():
         err = rel_err(ours(x, t, ctx), ref(x, t, ctx).sample)
     assert err <= 1e-4
+
+
+def test_forward_with_features_is_the_full_output_and_the_same_features(pair):
+    cfg, _, ours = pair
+    x, ctx = torch.randn(2, 4, 8, 16), torch.randn(2, 3, cfg.context_dim)
+    names = ["up.1.attn.0", "up.0.res.1.branch"]
+    with torch.no_grad():
+        out, feats = ours.forward_with_features(x, 10, ctx, names)
+        assert torch.equal(out, ours(x, 10, ctx))
+        expected = ours.features(x, 10, ctx, names)
+    assert set(feats) == set(names) and all(torch.equal(feats[n], expected[n]) for n in names)

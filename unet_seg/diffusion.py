@@ -14,6 +14,7 @@ parameterisation; close over the conditioning (text context, concatenated image 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -244,6 +245,27 @@ def ddim_sample(model: Model, x: Tensor, timesteps: Tensor, schedule: NoiseSched
         tt = _batch_timesteps(t, x)
         x = ddim_step(x, model(x, tt), tt, torch.full_like(tt, t_prev), schedule)
     return x
+
+
+def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, alphas_cumprod: Tensor, eta: float, noise: Tensor) -> Tensor:
+    """One generalised DDIM step (Song et al. 2021, eq. 12) from t to t_next, in either direction
+    (t_next > t inverts), ε-parameterised, as DIFF's official inversion (`get_xt_next`):
+
+        a = ᾱ_t, a' = ᾱ_t', a_skip = ᾱ_max(t,t') / ᾱ_min(t,t')
+        x̂0 = (x_t − √(1−a)·ε) / √a,   c1 = η·√((1 − a_skip)(1 − a') / (1 − a)),   c2 = √max(1 − a' − c1², 1e-10)
+        x_t' = √a'·x̂0 + c1·z + c2·ε                       z = noise ~ N(0, I), ignored where η = 0
+
+    x_t, eps, noise [B, ...]; t, t_next ints (one step for the batch). Computed in float32 or wider.
+    """
+    _check_same_shape(x_t, eps, "x_t and eps")
+    a, a_next = (float(alphas_cumprod[s]) for s in (t, t_next))
+    a_skip = min(a, a_next) / max(a, a_next)
+    c1 = eta * math.sqrt((1 - a_skip) * (1 - a_next) / (1 - a)) if eta else 0.0
+    c2 = math.sqrt(max(1 - a_next - c1**2, 1e-10))
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x0 = (x_t.to(dtype) - math.sqrt(1 - a) * eps.to(dtype)) / math.sqrt(a)
+    out = math.sqrt(a_next) * x0 + c2 * eps.to(dtype)
+    return out + c1 * noise.to(dtype) if c1 else out
 
 
 def ensemble_mean(run: Callable[[Tensor], Tensor], noise: Tensor, chunk_size: Optional[int] = None) -> Tensor:

@@ -1,4 +1,6 @@
-"""Named U-Net features (and attention maps) of a clean latent noised to K timesteps, in one forward.
+"""Named U-Net features (and attention maps) of a clean latent noised to K timesteps, in one
+forward (`timestep_features`), or along a sequential stochastic DDIM-inversion trajectory with
+per-step path control (`inversion_trajectory_features`, DIFF's official extractor).
 
     feats = timestep_features(unet, z0, [50, 250, 500], ctx, ["up.1", "up.2"],
                               alphas_cumprod=schedule.alphas_cumprod,
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .attention import attention_map_capture
-from .diffusion import q_sample
+from .diffusion import ddim_eta_step, eps_from_v, q_sample
 from .models.layers import Procs
 from .models.unet import UNet
 
@@ -111,3 +113,91 @@ def fuse_by_masks(x: Tensor, masks: Tensor) -> Tensor:
     m = masks.to(x.dtype).view(*masks.shape[:2], *([1] * (x.ndim - 4)), *x.shape[-2:])
     total = m.sum(1)
     return (m * x).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def inversion_trajectory_features(
+    unet: UNet,
+    z0: Tensor,
+    row_image: Tensor,
+    row_context: Tensor,
+    row_mask: Tensor,
+    names: Sequence[str],
+    summed: Sequence[str] = (),
+    *,
+    steps: Sequence[tuple[int, int]],
+    etas: Sequence[float],
+    save_steps: Sequence[int],
+    alphas_cumprod: Tensor,
+    guidance_scale: float,
+    negative: Optional[Tensor] = None,
+    prediction_type: str = "epsilon",
+    generator: Optional[torch.Generator] = None,
+    procs: Procs = None,
+) -> dict[str, Tensor]:
+    """Features along a stochastic DDIM trajectory with per-step path control (DIFF's official
+    feature extractor: MultiDiffusion-style fusion of each prompt's next latent, eq. 2).
+
+    B trajectories start at the clean latents z0 [B, C, h, w]. Each has prompt rows: row r
+    belongs to trajectory row_image[r] ([R] long, sorted, every trajectory at least one row), with
+    text row_context[r] [L, D] and fusion weights row_mask[r] [h, w] (e.g. 1 for a global prompt,
+    a class's region mask for its prompt). Step i evaluates the U-Net at steps[i][0] on every row
+    plus the negative row of each trajectory in ONE call, guides each row,
+    ε_r = ε_neg + guidance_scale·(ε_r − ε_neg), moves each row to steps[i][1] with `ddim_eta_step`
+    (η = etas[i], its own noise z), and fuses: x = Σ_r M_r·x_r / Σ_r M_r (rows of one trajectory).
+    negative [B, L, D]: the negative prompt; None means the first row of each trajectory is also
+    its negative (the same context: that row's guided ε is its own, and the pass is not repeated).
+    prediction_type "v_prediction" converts the U-Net output to ε (after guidance); "epsilon"
+    uses it as ε whatever the model was trained for (what DIFF's official code does with SD 2.1).
+
+    Returns {name: [B, S, ...]} at the S steps listed in save_steps (in that order): `names` from
+    the negative row, `summed` added over the negative row and every prompt row of the trajectory
+    (DIFF's "ca" features). Steps after the last saved one do not change them and are not run.
+    """
+    b, r = z0.shape[0], row_image.shape[0]
+    if row_image.ndim != 1 or row_context.shape[0] != r or row_mask.shape != (r, *z0.shape[-2:]):
+        raise ValueError(
+            f"row_image [R], row_context [R, L, D] and row_mask [R, h, w] must agree with z0 {tuple(z0.shape)}; "
+            f"got {tuple(row_image.shape)}, {tuple(row_context.shape)}, {tuple(row_mask.shape)}"
+        )
+    counts = torch.bincount(row_image, minlength=b)
+    if len(counts) != b or (counts == 0).any() or (row_image.diff() < 0).any():
+        raise ValueError(f"row_image must be sorted and give every one of the {b} trajectories a row, got {row_image.tolist()}")
+    if len(etas) != len(steps) or not save_steps or not all(0 <= i < len(steps) for i in save_steps):
+        raise ValueError(f"need one eta per step and save_steps within the {len(steps)} steps")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    first = torch.cumsum(counts, 0) - counts  # the first row of each trajectory
+    if negative is None:
+        neg, rows, context = first, slice(0, r), row_context
+    else:
+        neg, rows, context = torch.arange(b, device=z0.device), slice(b, b + r), torch.cat([negative, row_context])
+    wanted = list(dict.fromkeys([*names, *summed]))
+    mask = row_mask[:, None].float()
+    total = torch.zeros(b, 1, *z0.shape[-2:], device=z0.device).index_add_(0, row_image, mask)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    x, saved, last = z0.float(), {}, max(save_steps)
+    for i, ((t, t_next), eta) in enumerate(zip(steps, etas)):
+        xr = x[row_image]
+        inp = (xr if negative is None else torch.cat([x, xr])).to(z0.dtype)
+        if i == last:
+            out, feats = None, unet.features(inp, t, context, wanted, procs)
+        elif i in save_steps:
+            out, feats = unet.forward_with_features(inp, t, context, wanted, procs)
+        else:
+            out, feats = unet(inp, t, context, procs), {}
+        if i in save_steps:
+            step = {n: feats[n][neg] for n in names}
+            for n in summed:
+                f = feats[n]
+                step[n] = f[neg].clone().index_add_(0, row_image, f[rows])
+            saved[i] = step
+        if out is None:
+            break
+        e_neg = out[neg][row_image].float()
+        e = e_neg + guidance_scale * (out[rows].float() - e_neg)
+        if prediction_type == "v_prediction":
+            e = eps_from_v(xr, e, torch.full((r,), t, device=x.device), alphas_cumprod)
+        noise = torch.randn(xr.shape, generator=generator, device=x.device) if eta else torch.zeros_like(xr)
+        xr = ddim_eta_step(xr, e, t, t_next, alphas_cumprod, eta, noise)
+        x = torch.zeros_like(x).index_add_(0, row_image, mask * xr) / total
+    return {n: torch.stack([saved[i][n] for i in save_steps], 1) for n in wanted}

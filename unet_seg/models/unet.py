@@ -318,9 +318,18 @@ m.name for m in self.modules() if isinstance(m, Attention))
             raise ValueError(f"unknown feature names {unknown or '(none given)'}; choose from {self.feature_names}")
         return self._run(x, t, context, procs, tuple(names), support)[1]
 
+    def forward_with_features(
+        self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, names: Sequence[str], procs: Procs = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(prediction, named features) of one full pass: a sampler that also taps features."""
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown:
+            raise ValueError(f"unknown feature names {unknown}; choose from {self.feature_names}")
+        return self._run(x, t, context, procs, tuple(names), stop_early=False)
+
     def _run(
         self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs, names: tuple[str, ...],
-        support: Optional[Tensor] = None,
+        support: Optional[Tensor] = None, stop_early: bool = True,
     ) -> tuple[Optional[Tensor], dict[str, Tensor]]:
         t = self._check_inputs(x, t, context, support)
         feats: dict[str, Tensor] = {}
@@ -328,7 +337,7 @@ m.name for m in self.modules() if isinstance(m, Attention))
         def keep(name: str, h: Tensor) -> bool:  # True once every requested feature is collected
             if name in names:
                 feats[name] = h
-            return bool(names) and len(feats) == len(names)
+            return stop_early and bool(names) and len(feats) == len(names)
 
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
         if support is None:
