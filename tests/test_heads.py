@@ -1,9 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
+
+from .helpers import randn
 
 
 def levels(b, channels, coarse):
@@ -57,3 +60,129 @@ def test_wrong_level_channels_or_count_are_refused_naming_the_expected_shapes():
         fusion(levels(1, [6], 2))
     with pytest.raises(ValueError, match="one entry per level"):
         DiffusionFeatureFusion([6, 4], [16])
+
+
+# ------------------------------------------------------------------------ independent references
+# Each forward below is written out with torch.nn.functional and the module's own weights, so a
+# module that is merely the right shape fails. Mutations these references catch (tried on
+# scratch copies; the shape/gradient tests above pass all of them):
+#   DAFormerHead: depthwise dilated 3×3 ASPP convs replaced by dense undilated 3×3 ones (also
+#     off the parameter count); dilation ignored; embeddings upsampled nearest instead of bilinear.
+#   DiffusionFeatureFusion: the finer level not added in the top-down path; the residual block's
+#     skip dropped. (A dropped bottleneck shortcut was already caught: its weights get no gradient.)
+
+
+def _randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights, biases, norm affines and BatchNorm running statistics (zero or identity
+    values hide bugs: a zero bias cannot tell a missing add from a present one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module
+
+
+def _conv_bn_relu_ref(x, block, dilation=1, groups=1):
+    conv, bn = block[0], block[1]
+    x = F.conv2d(x, conv.weight, None, padding=dilation * (conv.weight.shape[-1] // 2), dilation=dilation, groups=groups)
+    return F.relu(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def daformer_head_reference(head: DAFormerHead, levels_, dilations):
+    """DAFormer's sepaspp head in eval mode: embed each level (1×1), bilinear to the finest size,
+    concatenate; ASPP branch d = 1: 1×1 conv-BN-ReLU; d > 1: depthwise 3×3 conv at dilation d
+    (padding d) -BN-ReLU, then pointwise 1×1 conv-BN-ReLU; concatenate, 3×3 conv-BN-ReLU, 1×1 classifier."""
+    size = levels_[0].shape[-2:]
+    x = torch.cat(
+        [
+            F.interpolate(F.conv2d(f, e.weight, e.bias), size=size, mode="bilinear", align_corners=False)
+            for e, f in zip(head.embed, levels_)
+        ],
+        dim=1,
+    )
+    c = x.shape[1]
+    branches = []
+    for d, branch in zip(dilations, head.aspp):
+        if d == 1:
+            branches.append(_conv_bn_relu_ref(x, branch))
+        else:
+            assert branch[0][0].weight.shape == (c, 1, 3, 3), "ASPP branch is not depthwise 3×3"
+            branches.append(_conv_bn_relu_ref(_conv_bn_relu_ref(x, branch[0], d, groups=c), branch[1]))
+    y = _conv_bn_relu_ref(torch.cat(branches, 1), head.bottleneck)
+    return F.conv2d(y, head.classify.weight, head.classify.bias)
+
+
+def test_daformer_head_equals_the_written_out_sepaspp_forward():
+    dilations = (1, 6, 12, 18)  # DAFormer's; the 16² finest level keeps taps of d = 6 and 12 inside
+    head = _randomise_(DAFormerHead([5, 4, 3], 3, embed_dim=4, dilations=dilations), 0).eval()
+    x = [randn(2, c, 16 // 2**i, 16 // 2**i, seed=10 + i) for i, c in enumerate([5, 4, 3])]
+    with torch.no_grad():
+        got, expected = head(x), daformer_head_reference(head, x, dilations)
+    # float32 defaults (rtol 1.3e-6, atol 1e-5); measured: bit-identical (max |error| 0.0, values up to 16)
+    torch.testing.assert_close(got, expected)
+
+
+def daformer_head_parameter_count(in_channels, num_classes, embed_dims=256, channels=256, dilations=(1, 6, 12, 18)):
+    """Trainable parameters of mmseg's DAFormerHead as DIFF and DAFormer configure it
+    (decoder_params: embed_cfg = mlp, fusion_cfg = aspp, sep=True, pool=False, BN + ReLU; ConvModule
+    drops the conv bias before a norm), counted from that config, not from our module."""
+    embed = sum(c * embed_dims + embed_dims for c in in_channels)  # nn.Linear per level
+    c = embed_dims * len(in_channels)
+    bn = lambda n: 2 * n  # noqa: E731  (weight, bias)
+    aspp = sum(
+        c * channels + bn(channels) if d == 1 else (c * 9 + bn(c)) + (c * channels + bn(channels)) for d in dilations
+    )
+    bottleneck = len(dilations) * channels * channels * 9 + bn(channels)
+    conv_seg = channels * num_classes + num_classes
+    return embed + aspp + bottleneck + conv_seg
+
+
+def test_daformer_head_has_the_parameter_count_of_mmsegs_daformer_head_config():
+    # DIFF's config (configs/_base_/models/daformer_sepaspp_diff.py): in_channels [256, 512, 1024, 2048]
+    # on 19 classes: 4,433,171 parameters; DAFormer's MiT-B5 config: in_channels [64, 128, 320, 512]: 3,712,275.
+    for in_channels, total in (((256, 512, 1024, 2048), 4_433_171), ((64, 128, 320, 512), 3_712_275)):
+        assert daformer_head_parameter_count(in_channels, 19) == total
+        head = DAFormerHead(in_channels, 19)
+        assert sum(p.numel() for p in head.parameters()) == total
+
+
+def fusion_reference(fusion: DiffusionFeatureFusion, levels_):
+    """DIFF's F_conv written out: per level a GN bottleneck block (1×1-GN-ReLU, 3×3-GN-ReLU,
+    1×1-GN, + 1×1-GN shortcut, ReLU) and a GroupNorm; then from the coarsest, ×2 transposed conv
+    (kernel 4, stride 2, padding 1), + the next finer projection, + a residual block, ReLU."""
+
+    def gn(x, norm):
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+    def bottleneck(x, blk):
+        b = blk.body
+        y = F.relu(gn(F.conv2d(x, b[0].weight), b[1]))
+        y = F.relu(gn(F.conv2d(y, b[3].weight, padding=1), b[4]))
+        y = gn(F.conv2d(y, b[6].weight), b[7])
+        return F.relu(y + gn(F.conv2d(x, blk.shortcut[0].weight), blk.shortcut[1]))
+
+    proj = [gn(bottleneck(x, p), n) for x, p, n in zip(levels_, fusion.project, fusion.norm)]
+    x = proj[0]
+    for i, up in enumerate(fusion.up):
+        x = F.conv_transpose2d(x, up.up.weight, up.up.bias, stride=2, padding=1)
+        if i + 1 < len(proj):
+            x = x + proj[i + 1]
+        r = up.res
+        res = gn(F.conv2d(F.relu(gn(F.conv2d(x, r[0].weight, r[0].bias, padding=1), r[1])), r[3].weight, r[3].bias, padding=1), r[4])
+        x = F.relu(x + res)
+    return [x, *proj[::-1]]
+
+
+def test_fusion_equals_the_written_out_bottleneck_and_upsample_add_forward():
+    channels, dims = [6, 5, 3], [16, 8, 8]
+    fusion = _randomise_(DiffusionFeatureFusion(channels, dims, fine_dim=8, bottleneck_groups=2, groups=4), 1)
+    x = levels(2, channels, 2)
+    with torch.no_grad():
+        got, expected = fusion(x), fusion_reference(fusion, x)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)  # float32 defaults; measured: bit-identical (max |error| 0.0)
