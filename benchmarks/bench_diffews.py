@@ -1,23 +1,32 @@
-"""DiffewS (recipes/diffews_coco20i.py) on one GPU: 1-shot episode inference and training throughput.
+"""DiffewS (recipes/diffews_coco20i.py) on one GPU: episode inference and training throughput.
 
     python benchmarks/bench_diffews.py                                  # CUDA, SD2.1 + SD VAE, 512²
-    python benchmarks/bench_diffews.py --tiny --device cpu --iters 2    # smoke test of the script itself
+    python benchmarks/bench_diffews.py --compile-only                   # first-call (compile) times only
+    python benchmarks/bench_diffews.py --tiny --device cpu --iters 1 --rounds 2   # smoke test
 
-The timed functions are the recipe's own (`predict_masks`, `train_step`), on random weights. One inference episode: VAE-encode query, support and support
-mask, one U-Net call on [query, support] with KV fusion, VAE-decode the query's mask latent,
-threshold. One training step: the same encodes (posterior samples) and U-Net call with gradients,
-latent MSE, backward, grad clip, AdamW. U-Net weights fp32 under bf16 autocast, as the recipe runs;
-the VAE in `--vae-dtypes` (float32 is the recipe's default). "compile" compiles the U-Net and the VAE's
-encoder and decoder, as the recipe's `--compile` does. "FLOP limit" is the throughput the
-counted FLOPs (torch.utils.flop_counter) would allow at the bf16 matmul rate measured in the same
-run; "of limit" is measured / limit. Prints a markdown table and writes it to `--out`.
+The timed functions are the recipe's own (`predict_masks`, `train_step`), on random weights, beside
+the episode as issue 8 measured it ("issue 8": support images and support masks in two VAE calls,
+the masks' value check a host sync, the training target a third VAE call; unfused AdamW), timed in
+interleaved rounds (A B B A ...; `--rounds` segments of `--iters` calls each). "CUDA graph"
+captures the recipe's compiled inference episode once and replays it (possible only because the
+episode has no host sync). One inference episode: one VAE call encodes query, supports and
+support masks, one U-Net call on [query, supports] with KV fusion, the VAE decodes the query's
+mask latent, relative threshold. One training step: the same encodes (posterior samples, and the
+query mask), U-Net forward and backward, latent MSE, grad clip, AdamW. U-Net fp32 weights under
+bf16 autocast and the frozen VAE in bf16, as the recipe runs on a GPU; U-Net and the VAE's encoder
+and decoder compiled (static shapes), channels_last. "FLOP limit": the throughput the counted FLOPs
+(torch.utils.flop_counter) allow at the bf16 matmul rate measured in the same run. "first call":
+seconds of the first call, which compiles (cold on a fresh machine; rerun with --compile-only for
+the warm on-disk cache). Profiles (kernel families, GPU idle time) of the recipe's paths follow.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,9 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import device_name, file_tag, flops_of, load_recipe, timed, write_table  # noqa: E402
+from bench_models import (  # noqa: E402
+    device_name, file_tag, flops_of, interleaved, load_recipe, profile_kernels, profile_table, spread, timed, write_table,
+)
 
+from unet_seg.codecs import latent_to_probability, mask_to_image, mask_to_latent, threshold_relative  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
+from unet_seg.train import autocast, check_finite_everywhere  # noqa: E402
 
 
 def matmul_tflops(device: str) -> float:
@@ -38,111 +51,183 @@ def matmul_tflops(device: str) -> float:
     return 2 * 8192**3 / timed(lambda: a @ b, 20, 3, device) / 1e9
 
 
+# ---- the episode as issue 8 measured it (the baseline of the interleaved rounds)
+
+
+def issue8_unet_input(vae, query, supports, support_masks, sample: bool) -> torch.Tensor:
+    g, s = supports.shape[:2]
+    images = torch.cat([query[:, None], supports], dim=1).flatten(0, 1)
+    z = vae.encode(images, sample=sample).unflatten(0, (g, 1 + s))
+    m = vae.encode(mask_to_image(support_masks.flatten(0, 1)), sample=sample).unflatten(0, (g, s))  # checks: a sync
+    m = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1)
+    return torch.cat([z, m], dim=2).flatten(0, 1)
+
+
+@torch.no_grad()
+def issue8_predict_masks(recipe, unet, vae, context, query, supports, support_masks) -> torch.Tensor:
+    shots = supports.shape[1]
+    x = issue8_unet_input(vae, query, supports, support_masks, sample=False)
+    with autocast(query.device):
+        pred = recipe.query_prediction(unet, x, context, shots, subsample=shots > 1)
+    return threshold_relative(latent_to_probability(vae, -pred.float()), recipe.THRESHOLD_RATIO)
+
+
+def issue8_train_step(recipe, model, unet, vae, context, opt, query, query_mask, supports, support_masks):
+    with torch.no_grad():
+        x = issue8_unet_input(vae, query, supports, support_masks, sample=True)
+        target = -mask_to_latent(vae, query_mask)
+    with autocast(query.device):
+        pred = recipe.query_prediction(model, x, context, supports.shape[1], subsample=False)
+    loss = check_finite_everywhere(torch.nn.functional.mse_loss(pred.float(), target), "latent MSE")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def cuda_graph(fn, *inputs):
+    """Capture fn(*inputs) (static inputs, warmed up on a side stream) -> replay callable."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*inputs)
+    return lambda: (graph.replay(), out)[1]
+
+
+def first_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", default="1,8", help="episodes per call (inference) / per step (training)")
+    p.add_argument("--batch", type=int, default=8, help="inference episodes per call")
+    p.add_argument("--shots", default="1,5", help="inference shot settings (the baseline and CUDA graph: 1-shot only)")
     p.add_argument("--train-batches", default="2", help="episodes per training step (2 = the paper's per-GPU batch)")
-    p.add_argument("--vae-dtypes", default="float32,bfloat16")
-    p.add_argument("--modes", default="eager,compile")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=5, help="calls per timed segment")
+    p.add_argument("--rounds", type=int, default=6, help="segments per variant, interleaved")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--compile-only", action="store_true", help="only the recipe's first calls (compile times)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the issue-8 episode")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    device = args.device
+    device, cuda = args.device, args.device == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("diffews_coco20i")
-    peak = matmul_tflops(device)
+    peak = float("nan") if args.compile_only else matmul_tflops(device)
 
     torch.manual_seed(0)
     unet = UNet(TINY_SD2 if args.tiny else SD21).widen_conv_in(8).to(device)
-    vae_fp32 = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device).eval().requires_grad_(False)
-    if device == "cuda":
+    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device, torch.bfloat16 if cuda else torch.float32)
+    vae.eval().requires_grad_(False)
+    if cuda:
         unet.to(memory_format=torch.channels_last)
-        vae_fp32.to(memory_format=torch.channels_last)
-    vaes = {"float32": vae_fp32}
-    if "bfloat16" in args.vae_dtypes.split(","):
-        vaes["bfloat16"] = AutoencoderKL(vae_fp32.config).to(device, torch.bfloat16).eval().requires_grad_(False)
-        vaes["bfloat16"].load_state_dict(vae_fp32.state_dict())
-        if device == "cuda":
-            vaes["bfloat16"].to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     context = torch.randn(1, 77, unet.config.context_dim, device=device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2, fused=device == "cuda")
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2, fused=cuda)  # as the recipe
+    opt_issue8 = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2)  # as the recipe was (foreach)
     g = torch.Generator(device).manual_seed(0)
 
-    def episodes(n: int):
+    def episodes(n: int, shots: int):
         s = args.size
         query = torch.rand(n, 3, s, s, generator=g, device=device) * 2 - 1
-        supports = torch.rand(n, 1, 3, s, s, generator=g, device=device) * 2 - 1
-        masks = (torch.rand(n, 1, s, s, generator=g, device=device) > 0.5).long()
-        return query, supports, masks, masks[:, 0]
+        supports = torch.rand(n, shots, 3, s, s, generator=g, device=device) * 2 - 1
+        masks = (torch.rand(n, shots, s, s, generator=g, device=device) > 0.5).long()
+        query_mask = (torch.rand(n, s, s, generator=g, device=device) > 0.5).long()
+        return query, supports, masks, query_mask
 
-    def make_infer(vae, unet_call):
-        return lambda query, supports, masks: recipe.predict_masks(unet_call, vae, context, query, supports, masks)
+    shots_list, train_batches = [int(k) for k in args.shots.split(",")], [int(n) for n in args.train_batches.split(",")]
+    unet_call = unet
 
-    def make_train(vae, unet_call):
-        return lambda query, supports, masks, query_mask: recipe.train_step(
-            unet_call, unet, vae, context, opt, query, query_mask, supports, masks
-        )
+    def variants(what: str, n: int, k: int) -> dict:
+        q, s, m, qm = episodes(n, k)
+        if what == "inference":
+            fns = {"recipe": lambda: recipe.predict_masks(unet_call, vae, context, q, s, m)}
+            if k == 1 and not args.no_baseline:
+                fns["issue 8"] = lambda: issue8_predict_masks(recipe, unet_call, vae, context, q, s, m)
+            return fns
+        fns = {"recipe": lambda: recipe.train_step(unet_call, unet, vae, context, opt, q, qm, s, m)}
+        if not args.no_baseline:
+            fns["issue 8"] = lambda: issue8_train_step(recipe, unet_call, unet, vae, context, opt_issue8, q, qm, s, m)
+        return fns
 
-    vaes = {k: v for k, v in vaes.items() if k in args.vae_dtypes.split(",")}
-    batches, train_batches = [int(n) for n in args.batches.split(",")], [int(n) for n in args.train_batches.split(",")]
-    counted = {}  # FLOPs, counted once in eager mode (the count does not depend on the mode)
-    for vae_name, vae in vaes.items():
-        for n in batches:
-            with torch.inference_mode():
-                counted["inference 1-shot", vae_name, n] = flops_of(lambda: make_infer(vae, unet)(*episodes(n)[:3]))
-        unet.train()
-        for n in train_batches:
-            counted["training 1-shot", vae_name, n] = flops_of(lambda: make_train(vae, unet)(*episodes(n)))
-        unet.eval()
+    configs = [("inference", args.batch, k) for k in shots_list] + [("training", n, 1) for n in train_batches]
+    counted = {}  # TFLOP per call of the recipe's path, counted in eager mode
+    if not args.compile_only:
+        for what, n, k in configs:
+            unet.train(what == "training")
+            counted[what, n, k] = flops_of(variants(what, n, k)["recipe"]) / 1e12
 
-    rows = []
-    for mode in args.modes.split(","):
-        unet_call = unet
-        if mode == "compile":  # as the recipe's --compile: U-Net, VAE encoder and decoder, static shapes
-            unet_call = torch.compile(unet, dynamic=False)
-            for vae in vaes.values():
-                vae.encoder.compile(dynamic=False)
-                vae.decoder.compile(dynamic=False)
-        for vae_name, vae in vaes.items():
-            infer, train = make_infer(vae, unet_call), make_train(vae, unet_call)
-            for n in batches:
-                batch = episodes(n)[:3]
-                with torch.inference_mode():
-                    ms = timed(lambda: infer(*batch), args.iters, 3, device)
-                rows.append(("inference 1-shot", vae_name, mode, n, ms))
-                print(f"infer VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
-            unet.train()
-            for n in train_batches:
-                batch = episodes(n)
-                ms = timed(lambda: train(*batch), args.iters, 3, device)
-                rows.append(("training 1-shot", vae_name, mode, n, ms))
-                print(f"train VAE {vae_name} {mode} {n} episodes {ms:.2f} ms", flush=True)
-            unet.eval()
+    if cuda:  # as the recipe's --compile (static shapes here: each shape compiled once, no dynamic graphs)
+        unet_call = torch.compile(unet, dynamic=False)
+        vae.encoder.compile(dynamic=False)
+        vae.decoder.compile(dynamic=False)
+    rows, profiles, firsts = [], [], {}
+    for what, n, k in configs:
+        unet.train(what == "training")
+        fns = variants(what, n, k)
+        if args.compile_only:
+            fns = {"recipe": fns["recipe"]}
+        for name, fn in fns.items():
+            firsts[what, n, k, name] = first_call(fn)
+            print(f"{what} {k}-shot x{n} {name}: first call {firsts[what, n, k, name]:.1f} s", flush=True)
+        if args.compile_only:
+            continue
+        if cuda and what == "inference" and k == 1:
+            q, s, m, _ = episodes(n, k)
+            try:
+                fns["recipe, CUDA graph"] = cuda_graph(lambda *a: recipe.predict_masks(unet_call, vae, context, *a), q, s, m)
+            except Exception as e:  # a host sync inside the episode makes capture fail: say so
+                print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        segments = interleaved(fns, args.rounds, args.iters, 2, device)
+        for name, seg in segments.items():
+            ms = statistics.median(seg)
+            rows.append((what, k, n, name, seg, counted[what, n, k], firsts.get((what, n, k, name))))
+            print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
+        if cuda:
+            prof = profile_kernels(fns["recipe"], 3)
+            profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, recipe", prof, counted[what, n, k]))
+            print(profiles[-1], flush=True)
+        del fns, segments
+        if cuda:
+            torch.cuda.empty_cache()
 
     gpu = device_name(device)
     cfg = "TINY_SD2 + TINY_VAE" if args.tiny else "SD2.1 U-Net (conv_in 8 ch) + SD VAE"
+    if args.compile_only:
+        lines = [f"| {what} | {k} | {n} | {s:.1f} |" for (what, n, k, _), s in firsts.items()]
+        table = (f"# DiffewS first calls (compile), second process — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
+                 f"{cfg}\n\n| what | shots | episodes/call | first call s |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
+        write_table(table, args.out, f"diffews_compile_{file_tag(gpu)}", args.tiny)
+        return
     header = (
         f"# DiffewS episode throughput — {gpu}\n\n"
         f"{datetime.date.today()} · torch {torch.__version__} · {cfg}, random weights · {args.size}² images · "
-        f"U-Net fp32 weights under bf16 autocast, channels_last on CUDA · KV fusion on every self-attention · "
-        f"median of {args.iters} calls after 3 warm-ups · measured bf16 matmul peak {peak:.0f} TFLOP/s\n\n"
-        "| what | VAE | mode | episodes/call | ms | episodes/s | U-Net images/s | TFLOP/episode | FLOP limit (episodes/s) | of limit |\n"
+        f"U-Net fp32 weights under bf16 autocast, VAE bf16, channels_last on CUDA, all compiled · KV fusion on every "
+        f"self-attention · variants interleaved in {args.rounds} segments of {args.iters} calls · ms: median of the segment "
+        f"medians (min–max) · measured bf16 matmul peak {peak:.0f} TFLOP/s\n\n"
+        "| what | shots | episodes/call | variant | ms (min–max) | episodes/s | TFLOP/episode | FLOP limit (episodes/s) | of limit | first call s |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for what, vae_name, mode, n, ms in rows:
-        flops = counted[what, vae_name, n]
-        eps = 1e3 * n / ms
-        tflop = flops / n / 1e12
-        limit = peak / tflop
-        lines.append(
-            f"| {what} | {vae_name} | {mode} | {n} | {ms:.2f} | {eps:.1f} | {2 * eps:.1f} | {tflop:.2f} | {limit:.1f} | {eps / limit:.0%} |"
-        )
-    table = header + "\n".join(lines) + "\n"
+    for what, k, n, name, seg, tflop, first in rows:
+        eps = 1e3 * n / statistics.median(seg)
+        limit = peak / (tflop / n)
+        first = "" if first is None else f"{first:.1f}"
+        lines.append(f"| {what} | {k} | {n} | {name} | {spread(seg)} | {eps:.1f} | {tflop / n:.2f} | {limit:.1f} | {eps / limit:.0%} | {first} |")
+    table = header + "\n".join(lines) + "\n\n" + "\n".join(profiles)
     write_table(table, args.out, f"diffews_{file_tag(gpu)}", args.tiny)
 
 

@@ -5,7 +5,13 @@
 
 Prints a markdown table (ms per call, images/s, achieved TFLOP/s from torch.utils.flop_counter,
 unet_seg/diffusers throughput ratio) and writes it to `--out`. Every (library, model, batch,
-mode) is compiled fresh. Needs diffusers (a test dependency of unet_seg).
+mode) is compiled fresh. The two libraries are timed in interleaved rounds, A B B A A B B A ...
+(`--rounds` segments each, `--iters` calls per segment), because a GPU's clock drifts by ~20%
+within a minute: the table gives the median over segments and their spread (min–max of the
+segment medians), and the ratio of the medians. Needs diffusers (a test dependency of unet_seg).
+
+Also the shared helpers of the other benchmarks: `timed`, `interleaved`, `profile_kernels`,
+`flops_of`, `load_recipe`, `write_table`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,82 @@ def timed(fn, iters: int, warmup: int, device: str) -> float:
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def interleaved(fns: dict, rounds: int, iters: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """{name: zero-argument callable} -> {name: the median ms of each of its `rounds` segments}.
+
+    Segments alternate A B B A A B B A ... over two callables (for more: forward, then backward,
+    order each round), so that a drifting clock favours none; `warmup` calls of each first."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    segments = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            segments[name].append(timed(fns[name], iters, 0, device))
+    return segments
+
+
+def spread(values: list[float]) -> str:
+    """'median (min–max)' of segment medians, for tables."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+FAMILIES = [  # first match wins; kernel names as cuDNN / cuBLAS / flash / Triton print them
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "implicit", "cudnn", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "sm90_xmma")),
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "matmul")),
+    ("optimizer / foreach", ("multi_tensor", "foreach", "adam")),
+    ("triton (fused norm/act/elementwise)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    return next((fam for fam, keys in FAMILIES if any(k in low for k in keys)), "other")
+
+
+def profile_kernels(fn, iters: int) -> dict:
+    """Profile `iters` calls of `fn` (CUDA, warmed up) -> {"wall_ms", "kernel_ms" (summed kernel
+    time per call), "families": {family: ms per call}, "top": [(kernel, ms per call)]}. Wall time
+    well above kernel time is GPU idle time: host overhead, launch gaps or syncs."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        wall = 1e3 * (time.perf_counter() - t0) / iters
+    per_kernel, per_family = defaultdict(float), defaultdict(float)
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.key] += us / iters / 1e3
+            per_family[family(e.key)] += us / iters / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    return {"wall_ms": wall, "kernel_ms": sum(per_family.values()), "families": dict(per_family), "top": top}
+
+
+def profile_table(title: str, prof: dict, tflop: float) -> str:
+    """Markdown for `profile_kernels`' result; `tflop`: counted TFLOP per call."""
+    k, w = prof["kernel_ms"], prof["wall_ms"]
+    lines = [
+        f"### {title}\n",
+        f"wall {w:.2f} ms/call, kernels {k:.2f} ms/call: GPU idle {max(w - k, 0) / w:.0%} of the wall time "
+        f"(host overhead, launch gaps, syncs); {tflop:.2f} TFLOP/call = {tflop / k * 1e3:.0f} TFLOP/s over kernel time, "
+        f"{tflop / w * 1e3:.0f} over wall time\n",
+        "| kernel family | ms/call | share |\n|---|---|---|",
+    ]
+    lines += [f"| {f} | {ms:.2f} | {ms / k:.0%} |" for f, ms in sorted(prof["families"].items(), key=lambda kv: -kv[1])]
+    lines += ["\n| top kernels | ms/call |\n|---|---|"] + [f"| `{n[:80]}` | {ms:.3f} |" for n, ms in prof["top"]]
+    return "\n".join(lines) + "\n"
 
 
 def sdpa_backend(name: str):
@@ -131,13 +213,19 @@ def calls(kind: str, lib: str, model, batch: int, size: int, ctx_dim: int, dtype
     return lambda: model.decode(z / model.config.scaling_factor).sample
 
 
+def _no_grad_call(fn, sdpa: str):
+    with torch.no_grad(), sdpa_backend(sdpa):
+        return fn()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="unet-sd21,unet-sd15,vae-encode,vae-decode")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--modes", default="eager,compile", help="eager, compile, compile-max (max-autotune), compile-cg (CUDA graphs)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=10, help="calls per timed segment")
+    p.add_argument("--rounds", type=int, default=8, help="segments per library, interleaved A B B A ...")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--channels-last", action="store_true")
@@ -170,35 +258,38 @@ def main() -> None:
         pair = [(lib, m) for lib, m in pair if lib in args.libs.split(",")]
         for batch in map(int, args.batches.split(",")):
             for mode in args.modes.split(","):
-                result = {}
+                fns, flops = {}, {}
+                torch._dynamo.reset()
                 for lib, model in pair:
                     fn = calls(kind, lib, model, batch, args.size, getattr(cfg, "context_dim", 0), dtype, device)
                     with torch.no_grad(), sdpa_backend(args.sdpa):
-                        flops = flops_of(fn)
-                        if mode != "eager":
-                            torch._dynamo.reset()
-                            compiled = torch.compile(fn, fullgraph=lib == "unet_seg", **compile_kwargs[mode])
-                            fn = compiled
-                        ms = timed(fn, args.iters, 3, device)
-                    result[lib] = ms
-                    rows.append((name, batch, mode, lib, ms, 1e3 * batch / ms, flops / ms / 1e9))
-                    print(f"{name:11s} b{batch} {mode:11s} {lib:9s} {ms:8.2f} ms", flush=True)
-                if len(result) == 2:
-                    rows.append((name, batch, mode, "ratio", result["diffusers"] / result["unet_seg"], None, None))
+                        flops[lib] = flops_of(fn)
+                    if mode != "eager":
+                        fn = torch.compile(fn, fullgraph=lib == "unet_seg", **compile_kwargs[mode])
+                    fns[lib] = lambda fn=fn: _no_grad_call(fn, args.sdpa)
+                segments = interleaved(fns, args.rounds, args.iters, 3, device)
+                for lib, seg in segments.items():
+                    ms = statistics.median(seg)
+                    rows.append((name, batch, mode, lib, seg, 1e3 * batch / ms, flops[lib] / ms / 1e9))
+                    print(f"{name:11s} b{batch} {mode:11s} {lib:9s} {spread(seg)} ms", flush=True)
+                if len(segments) == 2:
+                    ratio = statistics.median(segments["diffusers"]) / statistics.median(segments["unet_seg"])
+                    rows.append((name, batch, mode, "ratio", ratio, None, None))
     gpu = device_name(device)
     header = (
         f"# unet_seg vs diffusers — {gpu}\n\n"
         f"{datetime.date.today()} · torch {torch.__version__} · {args.dtype} · {args.size}² images "
         f"({args.size // 8}² latents), text context 77 tokens · channels_last={args.channels_last} · SDPA {args.sdpa} · "
-        f"median of {args.iters} calls after 3 warm-ups · random weights{' · TINY configs' if args.tiny else ''}\n\n"
-        "| model | batch | mode | library | ms | images/s | TFLOP/s |\n|---|---|---|---|---|---|---|\n"
+        f"libraries interleaved in {args.rounds} segments of {args.iters} calls each (A B B A ...), after 3 warm-ups · "
+        f"ms: median of the segment medians (min–max) · random weights{' · TINY configs' if args.tiny else ''}\n\n"
+        "| model | batch | mode | library | ms (min–max) | images/s | TFLOP/s |\n|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, batch, mode, lib, ms, ips, tflops in rows:
         if lib == "ratio":
             lines.append(f"| {name} | {batch} | {mode} | **speed-up unet_seg/diffusers** | **{ms:.2f}×** | | |")
         else:
-            lines.append(f"| {name} | {batch} | {mode} | {lib} | {ms:.2f} | {ips:.1f} | {tflops:.1f} |")
+            lines.append(f"| {name} | {batch} | {mode} | {lib} | {spread(ms)} | {ips:.1f} | {tflops:.1f} |")
     table = header + "\n".join(lines) + "\n"
     variant = f"{'_cl' if args.channels_last else ''}{'' if args.sdpa == 'default' else '_' + args.sdpa}{'_' + args.tag if args.tag else ''}"
     write_table(table, args.out, f"models_{file_tag(gpu)}{variant}", args.tiny)

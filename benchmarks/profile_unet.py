@@ -16,19 +16,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_models import family  # noqa: E402
+
 from unet_seg.models.unet import SD15, SD21, TINY_SD2, UNet  # noqa: E402
 
-FAMILIES = [  # first match wins; kernel names as cuDNN / cuBLAS / flash / Triton print them
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("convolution", ("conv", "implicit", "cudnn", "xmma_fprop", "sm90_xmma")),
-    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "matmul")),
-    ("triton (fused norm/act/elementwise)", ("triton",)),
-]
-
-
-def family(name: str) -> str:
-    low = name.lower()
-    return next((fam for fam, keys in FAMILIES if any(k in low for k in keys)), "other")
 
 
 def main() -> None:
