@@ -1,0 +1,164 @@
+"""DiffewS training throughput on 1 and N GPUs of one host (DDP over NCCL), and the recipe's
+rank-sharded evaluation on each: the same metrics whatever the number of GPUs.
+
+    torchrun --nproc_per_node=1 benchmarks/bench_diffews_ddp.py --out /tmp/ddp    # one GPU
+    torchrun --nproc_per_node=2 benchmarks/bench_diffews_ddp.py --out /tmp/ddp    # two GPUs
+    python benchmarks/bench_diffews_ddp.py --compare /tmp/ddp                     # the table
+    torchrun --nproc_per_node=2 benchmarks/bench_diffews_ddp.py --tiny --steps 2 --out /tmp/ddp   # CPU smoke (gloo)
+
+Each run sets up as `recipes/diffews_coco20i.py` does on a GPU (SD2.1 U-Net with conv_in 8,
+fp32 weights under bf16 autocast, frozen SD VAE in bf16, channels_last, the U-Net DDP-wrapped
+when world > 1 and compiled as `--compile` does, the VAE's encoder and decoder compiled, fused
+AdamW) and times the recipe's `train_step` at its per-GPU batch (`--batch-size`, 2 episodes,
+1-shot) on random weights and random episodes already on the GPU (so the data loader is out of the
+measurement): the first step (compile), `--warmup` steps, then `--steps` timed steps between
+barriers. Episodes/s counts all ranks. Then it restores the initial weights and runs the recipe's
+`evaluate` (each rank takes episodes rank, rank + world, ...; confusion matrices all-reduced) on
+`--eval-episodes` synthetic 1-shot episodes, and rank 0 writes `world<N>.json`. `--compare` reads
+them: 2-GPU speed-up over one GPU, and whether the metrics and confusion matrices are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_models import device_name, load_recipe, write_table  # noqa: E402
+
+from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split  # noqa: E402
+from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
+from unet_seg.train import barrier, cleanup_distributed, init_distributed, maybe_compile, print0  # noqa: E402
+
+
+def run(args) -> None:
+    recipe = load_recipe("diffews_coco20i")
+    rank, world, local_rank, device = init_distributed()
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    unet = UNet(TINY_SD2 if args.tiny else SD21).widen_conv_in(8).to(device).train()
+    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device, torch.bfloat16 if cuda else torch.float32)
+    vae.eval().requires_grad_(False)
+    if cuda:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    context = torch.randn(1, 77, unet.config.context_dim, device=device)
+    initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=cuda)
+    model = DDP(unet, device_ids=[local_rank] if cuda else None) if world > 1 else unet
+    forward = maybe_compile(model)
+    if cuda:
+        vae.encoder.compile()
+        vae.decoder.compile()
+
+    g = torch.Generator(device).manual_seed(1000 + rank)  # each rank its own episodes
+    b, s = args.batch_size, args.size
+
+    def episodes():
+        query = torch.rand(b, 3, s, s, generator=g, device=device) * 2 - 1
+        supports = torch.rand(b, 1, 3, s, s, generator=g, device=device) * 2 - 1
+        masks = (torch.rand(b, 1, s, s, generator=g, device=device) > 0.5).long()
+        query_mask = (torch.rand(b, s, s, generator=g, device=device) > 0.5).long()
+        return query, query_mask, supports, masks
+
+    batches = [episodes() for _ in range(4)]
+
+    def step(i: int) -> None:
+        query, query_mask, supports, masks = batches[i % len(batches)]
+        recipe.train_step(forward, unet, vae, context, opt, query, query_mask, supports, masks)
+
+    def synced() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        barrier()
+        return time.perf_counter()
+
+    t0 = synced()
+    step(0)
+    first = synced() - t0
+    print0(f"world {world}: first step (compile) {first:.1f} s")
+    for i in range(args.warmup):
+        step(i)
+    t0 = synced()
+    for i in range(args.steps):
+        step(i)
+    seconds = synced() - t0
+    eps = world * b * args.steps / seconds
+    print0(f"world {world}: {args.steps} steps of {b} episodes per GPU in {seconds:.2f} s: {eps:.2f} episodes/s")
+
+    unet.load_state_dict(initial)  # evaluate the same weights whatever the world size
+    classes = fold_split(0)[1]
+    data = FewShotEpisodes(1, args.eval_episodes, classes, shots=1, size=s)
+    t0 = synced()
+    conf, _ = recipe.evaluate(unet, vae, context, data, len(CLASS_NAMES), 0, device, seed=0)
+    eval_seconds = synced() - t0
+    metrics = {name: recipe.summarise(c, classes) for name, c in conf.items()}
+    print0(f"world {world}: evaluation of {len(data)} episodes in {eval_seconds:.1f} s: {metrics}")
+    if rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {
+            "world": world, "device": device_name(device.type), "torch": torch.__version__, "batch_per_gpu": b,
+            "steps": args.steps, "seconds": seconds, "episodes_per_s": eps, "first_step_s": first,
+            "eval_episodes": len(data), "eval_seconds": eval_seconds, "metrics": metrics,
+            "confusion": {name: c.cpu().tolist() for name, c in conf.items()},
+        }  # fmt: skip
+        (out / f"world{world}.json").write_text(json.dumps(result, indent=1))
+    barrier()
+    cleanup_distributed()
+
+
+def compare(folder: Path, tiny: bool) -> None:
+    runs = {r["world"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("world*.json")))}
+    if 1 not in runs or len(runs) < 2:
+        raise SystemExit(f"{folder}: need world1.json and at least one more world*.json, found worlds {sorted(runs)}")
+    one = runs[1]
+    lines = []
+    for world, r in sorted(runs.items()):
+        same_metrics = r["metrics"] == one["metrics"]
+        same_conf = r["confusion"] == one["confusion"]
+        lines.append(
+            f"| {world} | {r['batch_per_gpu']} | {r['episodes_per_s']:.2f} | {r['episodes_per_s'] / one['episodes_per_s']:.2f}× | "
+            f"{r['first_step_s']:.0f} | {r['metrics']['DiffewS']['mIoU']:.2f} / {r['metrics']['DiffewS']['FB-IoU']:.2f} | "
+            f"{'yes' if same_metrics else 'NO'} | {'yes' if same_conf else 'NO'} | {r['eval_seconds']:.1f} |"
+        )
+    table = (
+        f"# DiffewS training on 1 and {max(runs)} GPUs (DDP, NCCL) — {one['device']}\n\n"
+        f"{datetime.date.today()} · torch {one['torch']} · SD2.1 U-Net (conv_in 8) + SD VAE bf16, random weights, 1-shot "
+        f"episodes at the recipe's per-GPU batch, {one['steps']} timed steps after warm-up · evaluation: the recipe's "
+        f"rank-sharded `evaluate` on {one['eval_episodes']} synthetic 1-shot episodes with the initial weights\n\n"
+        "| GPUs | episodes/GPU/step | episodes/s | speed-up | first step s | eval mIoU / FB-IoU | metrics = 1 GPU | confusion = 1 GPU | eval s |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+    write_table(table, str(folder), "diffews_ddp", tiny)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=2, help="episodes per GPU and step (the recipe's 2)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--eval-episodes", type=int, default=32, help="a multiple of 8 x world keeps every batch at 8")
+    p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
+    p.add_argument("--out", default="benchmarks/results/ddp", help="where world<N>.json go")
+    p.add_argument("--compare", type=Path, help="read world*.json in this folder and write the table")
+    args = p.parse_args()
+    if args.compare:
+        compare(args.compare, args.tiny)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
