@@ -389,6 +389,17 @@ def test_single_process_defaults():
     assert maybe_compile(tiny_net, enabled=False) is tiny_net
 
 
+def test_compiling_keeps_the_compile_cache_in_a_persistent_folder_unless_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    maybe_compile(tiny_net, enabled=False)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # nothing compiled, nothing set
+    maybe_compile(tiny_net, enabled=True, backend="eager")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "unet_seg" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert train.compile_cache_dir() == tmp_path / "mine"  # the user's choice stands
+
+
 def test_check_finite_everywhere_single_process():
     loss = torch.tensor(0.5)
     assert check_finite_everywhere(loss, "loss") is loss

@@ -514,13 +514,29 @@ def check_finite_everywhere(loss: Tensor, name: str) -> Tensor:
     return loss
 
 
+def compile_cache_dir() -> Path:
+    """The folder of torch.compile's on-disk caches (Inductor's compiled graphs, AOTAutograd's,
+    the Triton kernels), made this process's: $TORCHINDUCTOR_CACHE_DIR when set, else
+    ~/.cache/unet_seg/torchinductor (under $XDG_CACHE_HOME when set). torch's own default lies in
+    /tmp, which a reboot or a fresh container empties; here the first run on a machine compiles
+    cold and later runs load what it compiled (warm; benchmarks/NOTES.md has both times)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "unet_seg" / "torchinductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def maybe_compile(fn: F, enabled: Optional[bool] = None, **compile_kwargs: Any) -> F:
-    """`torch.compile(fn, **compile_kwargs)` when `enabled`; by default (None) only when CUDA is
-    available, so CPU runs and CI stay eager unless they ask. A compiled module's state dict
-    gains an `_orig_mod.` prefix: checkpoints here store `unwrap(model)` and need no care."""
+    """`torch.compile(fn, **compile_kwargs)` when `enabled`, with the on-disk caches in
+    `compile_cache_dir()`; by default (None) only when CUDA is available, so CPU runs and CI stay
+    eager unless they ask. A compiled module's state dict gains an `_orig_mod.` prefix:
+    checkpoints here store `unwrap(model)` and need no care."""
     if enabled is None:
         enabled = torch.cuda.is_available()
-    return torch.compile(fn, **compile_kwargs) if enabled else fn
+    if not enabled:
+        return fn
+    compile_cache_dir()
+    return torch.compile(fn, **compile_kwargs)
 
 
 def autocast(device: Union[str, torch.device], enabled: Optional[bool] = None, dtype: torch.dtype = torch.bfloat16):
