@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,3 +269,24 @@ def test_bad_shapes_and_dtypes_are_rejected():
         diffusion_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 5, 3, 3), torch.zeros(2, 4, 3, 3))
     with pytest.raises(ValueError, match=r"queries must be \[B, r, d\]"):
         diffusion_consistency_loss(torch.zeros(2, 4), torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))
+
+
+def test_official_kl_variant_is_pytorch_kl_div_batchmean_times_t_squared_clamped():
+    s, t = randn(2, 5, 3, 4, seed=1), randn(2, 5, 3, 4, seed=2)
+    for temperature in (1.0, 2.0):
+        expected = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
+        got = consistency_kl(s, t, temperature=temperature, reduction="batchmean")
+        torch.testing.assert_close(got, expected * temperature**2)
+    plain = consistency_kl(s, t)
+    torch.testing.assert_close(consistency_kl(s, t, reduction="batchmean"), plain * 12)  # 3·4 positions per image
+    student = s.clone().requires_grad_()
+    capped = consistency_kl(student, t, reduction="batchmean", max_value=0.5 * plain.item())
+    assert capped.item() == pytest.approx(0.5 * plain.item())
+    capped.backward()
+    assert student.grad.abs().sum() == 0  # the official clamp passes no gradient above the cap
+
+
+def test_cross_entropy_counting_ignored_pixels_divides_by_all_pixels():
+    logits, target = randn(1, 3, 2, 4, seed=0), torch.tensor([[[0, 1, 2, 255], [255, 255, 1, 0]]])
+    valid = cross_entropy(logits, target)
+    assert cross_entropy(logits, target, count_ignored=True).item() == pytest.approx(valid.item() * 5 / 8)

@@ -13,6 +13,8 @@ that looks at a value and raises, naming the loss; it belongs outside compiled c
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,22 +32,37 @@ def consistency_l2(student: Tensor, teacher: Tensor, detach_teacher: bool = True
     return F.mse_loss(student, teacher.detach() if detach_teacher else teacher)
 
 
-def consistency_kl(student_logits: Tensor, teacher_logits: Tensor, detach_teacher: bool = True) -> Tensor:
+def consistency_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    detach_teacher: bool = True,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    max_value: Optional[float] = None,
+) -> Tensor:
     """The KL variant of DIFF's consistency loss (its Table IV; the paper gives no equation):
     forward KL from the conditional teacher to the unconditional student, the usual
-    distillation direction, with softmax over the class dim (dim 1):
+    distillation direction, with softmax over the class dim (dim 1) at temperature T:
 
-        L = mean over (b, h, w) of Σ_c p_t,c · (log p_t,c − log p_s,c),  p = softmax(logits, dim=1)
+        L = T² · Σ_c p_t,c · (log p_t,c − log p_s,c),  p = softmax(logits / T, dim=1)
 
+    reduced by "mean" over (b, h, w) or "batchmean" (summed over positions, divided by B: PyTorch
+    `kl_div`'s, as the official `kl_loss`), then clamped from above at `max_value` if given (the
+    official clamp: no gradient while the loss exceeds it). Official arguments (commented out in
+    its `forward_train`): T = 1, "batchmean", max_value 0.5, weight 0.1, teacher not detached.
     logits [B, C, ...] for both branches. `detach_teacher` as in `consistency_l2`.
     """
     _check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
     if student_logits.ndim < 2:
         raise ValueError(f"logits must be [B, C, ...], got shape {tuple(student_logits.shape)}")
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(f"reduction must be 'mean' or 'batchmean', got {reduction!r}")
     teacher = teacher_logits.detach() if detach_teacher else teacher_logits
-    log_p_t = F.log_softmax(teacher, dim=1)
-    log_p_s = F.log_softmax(student_logits, dim=1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+    log_p_t = F.log_softmax(teacher / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
+    loss = (kl.mean() if reduction == "mean" else kl.sum() / kl.shape[0]) * temperature**2
+    return loss if max_value is None else loss.clamp(max=max_value)
 
 
 def diffusion_consistency_loss(queries: Tensor, weak: Tensor, strong: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,8 +101,10 @@ def diffusion_consistency_loss(queries: Tensor, weak: Tensor, strong: Tensor) ->
     return l_dist, l_sup
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    """logits [B, C, H, W], target [B, H, W] int64 -> mean CE over non-ignored pixels.
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255, count_ignored: bool = False) -> Tensor:
+    """logits [B, C, H, W], target [B, H, W] int64 -> mean CE over non-ignored pixels, or over
+    all pixels with `count_ignored` (ignored ones add 0 but count: mmseg before 0.24, hence
+    DAFormer's and DIFF's official code).
 
     0 (not NaN) when every pixel is ignored. Targets outside [0, C) other than ignore_index
     raise inside PyTorch (an IndexError on CPU, a device assert on CUDA).
@@ -96,7 +115,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Te
     if target.dtype != torch.long:
         raise TypeError(f"target must be int64 class indices, got {target.dtype}")
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    return total / (target != ignore_index).sum().clamp(min=1)
+    return total / (target.numel() if count_ignored else (target != ignore_index).sum().clamp(min=1))
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
