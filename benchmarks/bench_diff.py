@@ -55,11 +55,11 @@ def main() -> None:
     prompt_ids = list(recipe.PROMPTS)
     with torch.no_grad():
         contexts = text(torch.randint(0, 49407, (1 + len(prompt_ids), 77), device=device))
-        alphas = NoiseSchedule.sd().alphas_cumprod.to(device)
+        schedule = NoiseSchedule.sd().to(device)
         probe = torch.zeros(1, 4, 8, 8, device=device)
         noise = torch.zeros(1, len(run.timesteps), 4, 8, 8, device=device)
-        channels = [f.shape[1] for f in recipe.diffusion_levels(unet, probe, contexts[:1], noise, run.timesteps, alphas)]
-    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, alphas, channels)
+        channels = [f.shape[1] for f in recipe.diffusion_levels(unet, probe, contexts[:1], noise, run.timesteps, schedule)]
+    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, schedule, channels)
     dims, fine, embed, groups = ((128, 64, 32), 32, 32, 8) if args.tiny else ((2048, 1024, 512), 256, 256, 32)
     segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups).to(device)
     if device == "cuda":

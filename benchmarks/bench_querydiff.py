@@ -65,11 +65,11 @@ def main() -> None:
             unet = UNet(recipe.DEMO_TEACHER if args.tiny else SD21).to(device, torch.bfloat16).eval()
             vae = AutoencoderKL(SD_VAE).to(device, torch.bfloat16).eval() if not args.tiny else recipe.BlockCodec()
             context = torch.zeros(1, 77, unet.config.context_dim, device=device, dtype=torch.bfloat16)
-            alphas = NoiseSchedule.sd().alphas_cumprod.to(device)
+            schedule = NoiseSchedule.sd().to(device)
 
             def branch():
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    return recipe.diffusion_features(unet, vae, context, x, alphas)
+                    return recipe.diffusion_features(unet, vae, context, x, schedule)
 
             ms = timed(branch, args.iters, 3, args.device)
             rows.append(("diffusion branch (training only): VAE + U-Net at t_w, t_s", batch, "eager", ms))

@@ -54,11 +54,11 @@ def main() -> None:
     z0 = torch.randn(b, cfg.in_channels, lat, lat, generator=g, device=device, dtype=dtype)
     ctx = torch.randn(b, 77, cfg.context_dim, generator=g, device=device, dtype=dtype)
     noise = torch.randn(b, max(ks), cfg.in_channels, lat, lat, generator=g, device=device, dtype=dtype)
-    alphas = NoiseSchedule.sd().alphas_cumprod.to(device)
+    schedule = NoiseSchedule.sd().to(device)
     all_ts = torch.linspace(50, 950, max(ks), device=device).long()  # a tensor: no recompile per value
 
     def taps(ts, eps):
-        return timestep_features(unet, z0, ts, ctx, names, alphas_cumprod=alphas, noise=eps)
+        return timestep_features(unet, z0, ts, ctx, names, schedule=schedule, noise=eps)
 
     runs = {"eager": taps, "compile": torch.compile(taps, fullgraph=True, dynamic=False)}
     rows = []

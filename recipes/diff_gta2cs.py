@@ -141,19 +141,19 @@ def level_names(unet) -> list[tuple[list[str], list[str]]]:
     ]
 
 
-def diffusion_levels(unet, z0, context, noise, timesteps, alphas_cumprod) -> list[torch.Tensor]:
+def diffusion_levels(unet, z0, context, noise, timesteps, schedule) -> list[torch.Tensor]:
     """z0 [N, 4, h, w], context [N, 77, D], noise [N, K, 4, h, w], K timesteps -> per tapped level, coarse to
     fine, the concatenation over layers, timesteps and cross-attention maps [N, C_level, h_i, w_i]
     (eq. 1's ⊕), from one U-Net call over the N·K noisy latents."""
     levels = level_names(unet)
     feats = timestep_features(
         unet, z0, timesteps, context, [n for names, _ in levels for n in names],
-        alphas_cumprod=alphas_cumprod, attention_maps=[m for _, maps in levels for m in maps], noise=noise,
+        schedule=schedule, attention_maps=[m for _, maps in levels for m in maps], noise=noise,
     )  # fmt: skip
     return [torch.cat([feats[n].flatten(1, 2) for n in names + maps], dim=1) for names, maps in levels]
 
 
-def branch_features(unet, z0, label, contexts, prompt_ids, timesteps, alphas_cumprod, noise, conditional: bool):
+def branch_features(unet, z0, label, contexts, prompt_ids, timesteps, schedule, noise, conditional: bool):
     """The inputs of both branches from one U-Net call.
 
     z0 [B, 4, h, w]; label [B, H, W] (255 ignore); contexts [1 + P, 77, D]: row 0 the empty
@@ -167,7 +167,7 @@ def branch_features(unet, z0, label, contexts, prompt_ids, timesteps, alphas_cum
     slots = torch.tensor([[0] + s + [0] * (p - 1 - len(s)) for s in present], device=z0.device)  # [B, P]
     rows = z0[:, None].expand(b, p, *z0.shape[1:]).flatten(0, 1)
     eps = noise[:, None].expand(b, p, *noise.shape[1:]).flatten(0, 1)
-    levels = diffusion_levels(unet, rows, contexts[slots.flatten()], eps, timesteps, alphas_cumprod)
+    levels = diffusion_levels(unet, rows, contexts[slots.flatten()], eps, timesteps, schedule)
     levels = [f.unflatten(0, (b, p)) for f in levels]
     uncond = [f[:, 0] for f in levels]
     if not conditional:
@@ -200,7 +200,7 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
         z0 = frozen.vae.encode(image, sample=True)
         noise = torch.randn(z0.shape[0], len(args.timesteps), *z0.shape[1:], device=z0.device, dtype=z0.dtype)
         uncond, cond = branch_features(
-            frozen.unet, z0, label, frozen.contexts, frozen.prompt_ids, args.timesteps, frozen.alphas_cumprod, noise, ipkl
+            frozen.unet, z0, label, frozen.contexts, frozen.prompt_ids, args.timesteps, frozen.schedule, noise, ipkl
         )
     with autocast(image.device):
         batch = [torch.cat([c, u]) for c, u in zip(cond, uncond)] if ipkl else uncond
@@ -231,7 +231,7 @@ def predict_logits(segmenter, frozen: Frozen, image, timesteps, seed: int) -> to
         g = torch.Generator(image.device).manual_seed(seed)
         noise = torch.randn(z0.shape[0], len(timesteps), *z0.shape[1:], device=z0.device, generator=g).to(z0.dtype)
         context = frozen.contexts[:1].expand(z0.shape[0], -1, -1)
-        return segmenter(diffusion_levels(frozen.unet, z0, context, noise, timesteps, frozen.alphas_cumprod)).float()
+        return segmenter(diffusion_levels(frozen.unet, z0, context, noise, timesteps, frozen.schedule)).float()
 
 
 def poly_with_warmup(total: int, warmup: int):
@@ -289,7 +289,7 @@ class Frozen:
     vae: nn.Module
     contexts: torch.Tensor  # [1 + P, 77, D]: the empty prompt, then one prompt per prompted class
     prompt_ids: list[int]
-    alphas_cumprod: torch.Tensor
+    schedule: NoiseSchedule
     level_channels: list[int]
 
 
@@ -405,12 +405,12 @@ def main(argv=None) -> dict:
         unet.to(memory_format=torch.channels_last)
     with torch.no_grad():
         contexts = text_encoder(tokenizer([""] + prompts).to(device))
-        alphas = schedule.alphas_cumprod.to(device)
+        schedule = schedule.to(device)
         probe = torch.zeros(1, 4, unet.downscale, unet.downscale, device=device)  # the channels of each level
         noise = torch.zeros(1, len(args.timesteps), *probe.shape[1:], device=device)
-        level_channels = [f.shape[1] for f in diffusion_levels(unet, probe, contexts[:1], noise, args.timesteps, alphas)]
+        level_channels = [f.shape[1] for f in diffusion_levels(unet, probe, contexts[:1], noise, args.timesteps, schedule)]
     del text_encoder
-    frozen = Frozen(unet, vae, contexts, prompt_ids, alphas, level_channels)
+    frozen = Frozen(unet, vae, contexts, prompt_ids, schedule, level_channels)
     if args.compile:
         unet.compile()
 

@@ -249,7 +249,7 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, 
         z_x, z_y = vae.encode(images), mask_to_latent(vae, masks)
         t = torch.randint(0, schedule.num_train_timesteps, (images.shape[0],), device=images.device)
         noise = multires_noise(z_y, t, schedule.num_train_timesteps)  # A.1, annealed
-        y_t = q_sample(z_y, t, noise, schedule.alphas_cumprod)
+        y_t = q_sample(z_y, noise, t, schedule)
         target = training_target(z_y, noise, t, schedule)
     with autocast(images.device):
         pred = model(y_t, z_x, t, class_embeds)

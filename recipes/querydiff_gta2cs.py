@@ -394,12 +394,12 @@ class QueryDiff(nn.Module):
 
 
 @torch.no_grad()
-def diffusion_features(unet: UNet, vae, context: Tensor, images: Tensor, alphas_cumprod: Tensor,
+def diffusion_features(unet: UNet, vae, context: Tensor, images: Tensor, schedule: NoiseSchedule,
                        timesteps: tuple[int, int] = (T_WEAK, T_STRONG)) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """images [B, 3, H, W] -> (weak, strong): the `TAPS` features at t_w and t_s, from ONE U-Net
     forward over the 2B noised latents (`timestep_features`), each a list of [B, C_l, h_l, w_l]."""
     z = vae.encode(images).to(next(unet.parameters()).dtype)  # posterior mean (the release's choice)
-    feats = timestep_features(unet, z, list(timesteps), context.to(z.dtype), TAPS, alphas_cumprod=alphas_cumprod)
+    feats = timestep_features(unet, z, list(timesteps), context.to(z.dtype), TAPS, schedule=schedule)
     return [feats[n][:, 0] for n in TAPS], [feats[n][:, 1] for n in TAPS]
 
 
@@ -471,12 +471,12 @@ def predict_scores(model: nn.Module, images: Tensor) -> Tensor:
 def train_step(forward, model: QueryDiff, opt, images: Tensor, labels: Tensor, num_classes: int, points: int,
                dcl_weight: float, teacher=None) -> dict:  # fmt: skip
     """One optimiser step. `forward`: the model as called (DDP / compiled); `teacher`:
-    (unet, vae, context, alphas_cumprod, (t_w, t_s)) when dcl_weight > 0. Returns the (detached) losses."""
+    (unet, vae, context, schedule, (t_w, t_s)) when dcl_weight > 0. Returns the (detached) losses."""
     weak = strong = None
     if dcl_weight > 0:
         with autocast(images.device):
-            unet, vae, context, alphas, timesteps = teacher
-            weak, strong = diffusion_features(unet, vae, context, images, alphas, timesteps)
+            unet, vae, context, schedule, timesteps = teacher
+            weak, strong = diffusion_features(unet, vae, context, images, schedule, timesteps)
     with autocast(images.device):
         cls, masks, dcl = forward(images, weak, strong)
     seg = mask_classification_loss(cls, masks, labels, num_classes, points)
@@ -541,18 +541,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_teacher(args, device):
-    """(unet, vae, context, alphas_cumprod): frozen SD (real) or the demo's tiny random U-Net,
+    """(unet, vae, context, schedule): frozen SD (real) or the demo's tiny random U-Net,
     block codec and tiny text encoder. Only called for training with DCL."""
     if args.demo:
         torch.manual_seed(args.seed + 1)
         unet, vae = UNet(DEMO_TEACHER), BlockCodec()
         text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
         schedule = NoiseSchedule.sd()
-        alphas = schedule.alphas_cumprod
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         sd = load_sd(args.model, dtype=dtype)
-        unet, vae, text_encoder, tokenizer, alphas = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.schedule.alphas_cumprod
+        unet, vae, text_encoder, tokenizer, schedule = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.schedule
     unet.to(device).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":
@@ -563,7 +562,7 @@ def build_teacher(args, device):
         empty_prompt = lambda labels: context.expand(len(labels), -1, -1)  # noqa: E731
         loss = pretrain_denoiser(unet, vae, schedule, args.teacher_steps, args.size, args.seed, empty_prompt, batch_size=16, device=device)
         print0(f"demo teacher: tiny U-Net pre-trained for {args.teacher_steps} denoising steps on random looks (loss {loss:.3f})")
-    return unet, vae, context, alphas.to(device), (args.t_weak, args.t_strong)
+    return unet, vae, context, schedule.to(device), (args.t_weak, args.t_strong)
 
 
 

@@ -99,17 +99,17 @@ def test_schedule_rejects_malformed_alphas():
 def test_q_sample_at_t0_returns_x0_up_to_first_beta(seed):
     x0, noise = randn(3, 4, 8, 8, seed=seed), randn(3, 4, 8, 8, seed=seed + 1)
     a = NoiseSchedule.sd().alphas_cumprod
-    x = q_sample(x0, full_t(0, 3), noise, a)
+    x = q_sample(x0, noise, full_t(0, 3), NoiseSchedule(a))
     bound = (1 - a[0].sqrt()) * x0.abs() + (1 - a[0]).sqrt() * noise.abs() + 1e-6
     assert ((x - x0).abs() <= bound).all() and (x - x0).abs().max() < 0.05 * (x0.abs().max() + noise.abs().max())
-    assert torch.equal(q_sample(x0, full_t(0, 3), noise, torch.ones(T)), x0)  # ᾱ = 1: exactly x0
+    assert torch.equal(q_sample(x0, noise, full_t(0, 3), NoiseSchedule(torch.ones(T))), x0)  # ᾱ = 1: exactly x0
 
 
 @given(t=timesteps, seed=seeds)
 def test_q_sample_of_zero_has_variance_one_minus_alpha_bar(t, seed):
     a = NoiseSchedule.sd().alphas_cumprod
     noise = randn(4, 4, 64, 64, seed=seed)
-    x = q_sample(torch.zeros_like(noise), full_t(t, 4), noise, a)
+    x = q_sample(torch.zeros_like(noise), noise, full_t(t, 4), NoiseSchedule(a))
     n = noise.numel()
     assert x.var().item() == pytest.approx(1 - a[t].item(), rel=6 * math.sqrt(2 / n))
 
@@ -118,14 +118,14 @@ def test_q_sample_of_zero_has_variance_one_minus_alpha_bar(t, seed):
 def test_q_sample_equals_diffusers_add_noise_per_sample(t, seed):
     ref = diffusers.DDPMScheduler(**SD)
     x0, noise, t = randn(len(t), 4, 6, 6, seed=seed), randn(len(t), 4, 6, 6, seed=seed + 1), torch.tensor(t)
-    ours = q_sample(x0, t, noise, NoiseSchedule.from_config(SD).alphas_cumprod)
+    ours = q_sample(x0, noise, t, NoiseSchedule.from_config(SD))
     assert rel_err(ours, ref.add_noise(x0, noise, t)) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_q_sample_preserves_dtype_and_device(dtype):
     x0 = randn(2, 4, 5, 7, dtype=dtype)
-    x = q_sample(x0, torch.tensor([3, 900]), randn(2, 4, 5, 7, seed=1, dtype=dtype), NoiseSchedule.sd().alphas_cumprod)
+    x = q_sample(x0, randn(2, 4, 5, 7, seed=1, dtype=dtype), torch.tensor([3, 900]), NoiseSchedule.sd())
     assert x.dtype == dtype and x.device == x0.device and x.shape == x0.shape
 
 
@@ -134,24 +134,24 @@ def test_q_sample_gradients_are_sqrt_alpha_bar_and_sqrt_one_minus(t):
     a = NoiseSchedule.sd().alphas_cumprod.double()
     x0 = randn(2, 3, 4, dtype=torch.float64).requires_grad_()
     noise = randn(2, 3, 4, seed=1, dtype=torch.float64).requires_grad_()
-    q_sample(x0, full_t(t, 2), noise, a).sum().backward()
+    q_sample(x0, noise, full_t(t, 2), NoiseSchedule(a)).sum().backward()
     assert torch.allclose(x0.grad, a[t].sqrt().expand_as(x0))
     assert torch.allclose(noise.grad, (1 - a[t]).sqrt().expand_as(noise))
 
 
 @given(t=st.lists(timesteps, min_size=1, max_size=3), seed=seeds)
 def test_eps_v_x0_conversions_are_mutual_inverses(t, seed):
-    a = NoiseSchedule.sd().alphas_cumprod.double()
+    schedule = NoiseSchedule(NoiseSchedule.sd().alphas_cumprod.double())
     b, t = len(t), torch.tensor(t)
     x0, eps = randn(b, 4, 5, 5, seed=seed, dtype=torch.float64), randn(b, 4, 5, 5, seed=seed + 1, dtype=torch.float64)
-    x_t = q_sample(x0, t, eps, a)
-    v = v_from_x0_eps(x0, eps, t, a)
+    x_t = q_sample(x0, eps, t, schedule)
+    v = v_from_x0_eps(x0, eps, t, schedule)
     for got, want in [
-        (x0_from_eps(x_t, eps, t, a), x0),
-        (eps_from_x0(x_t, x0, t, a), eps),
-        (x0_from_v(x_t, v, t, a), x0),
-        (eps_from_v(x_t, v, t, a), eps),
-        (v_from_x0_eps(x0_from_v(x_t, v, t, a), eps_from_v(x_t, v, t, a), t, a), v),
+        (x0_from_eps(x_t, eps, t, schedule), x0),
+        (eps_from_x0(x_t, x0, t, schedule), eps),
+        (x0_from_v(x_t, v, t, schedule), x0),
+        (eps_from_v(x_t, v, t, schedule), eps),
+        (v_from_x0_eps(x0_from_v(x_t, v, t, schedule), eps_from_v(x_t, v, t, schedule), t, schedule), v),
     ]:
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
 
@@ -161,22 +161,22 @@ def test_x0_and_eps_of_the_true_target_are_x0_and_noise(t, kind, seed):
     schedule = NoiseSchedule.sd(kind)
     x0, eps = randn(2, 4, 6, 6, seed=seed), randn(2, 4, 6, 6, seed=seed + 1)
     tt = full_t(t, 2)
-    x_t = q_sample(x0, tt, eps, schedule.alphas_cumprod)
+    x_t = q_sample(x0, eps, tt, schedule)
     got_x0, got_eps = x0_and_eps(training_target(x0, eps, tt, schedule), x_t, tt, schedule)
     # fp32: x0 from ε divides by √ᾱ (≥ 0.07), ε from x0 by √(1−ᾱ) (≥ 0.03)
     assert rel_err(got_x0, x0) <= 1e-5 and rel_err(got_eps, eps) <= 1e-5
 
 
 def test_bad_timesteps_and_shapes_are_rejected():
-    a, x = NoiseSchedule.sd().alphas_cumprod, torch.zeros(2, 4, 8, 8)
+    schedule, x = NoiseSchedule.sd(), torch.zeros(2, 4, 8, 8)
     with pytest.raises(TypeError, match="integer tensor"):
-        q_sample(x, torch.tensor([1.0, 2.0]), x, a)
+        q_sample(x, x, torch.tensor([1.0, 2.0]), schedule)
     with pytest.raises(TypeError, match="integer tensor"):
-        q_sample(x, 5, x, a)
+        q_sample(x, x, 5, schedule)
     with pytest.raises(ValueError, match="shape \\[B\\]"):
-        q_sample(x, torch.tensor([1, 2, 3]), x, a)
+        q_sample(x, x, torch.tensor([1, 2, 3]), schedule)
     with pytest.raises(ValueError, match="x0 and noise"):
-        q_sample(x, torch.tensor([1, 2]), x[:, :3], a)
+        q_sample(x, x[:, :3], torch.tensor([1, 2]), schedule)
     with pytest.raises(ValueError, match="prediction and x_t"):
         x0_and_eps(x[:1], x, torch.tensor([1, 2]), NoiseSchedule.sd())
 
@@ -185,7 +185,7 @@ def test_process_functions_trace_without_graph_breaks():
     schedule = NoiseSchedule.sd("v_prediction")
 
     def step(x, pred, t):
-        x_t = q_sample(x, t, pred, schedule.alphas_cumprod)
+        x_t = q_sample(x, pred, t, schedule)
         return ddim_step(x_t, pred, t, t - 100, schedule)
 
     x, t = randn(2, 4, 8, 8), torch.tensor([999, 50])
@@ -266,7 +266,7 @@ def test_ddim_with_true_prediction_recovers_x0_exactly(kind, steps, spacing, see
     schedule = NoiseSchedule.sd(kind)
     x0, eps = randn(2, 4, 8, 8, seed=seed), randn(2, 4, 8, 8, seed=seed + 1)
     ts = ddim_timesteps(steps, spacing=spacing)
-    x_start = q_sample(x0, full_t(ts[0].item(), 2), eps, schedule.alphas_cumprod)
+    x_start = q_sample(x0, eps, full_t(ts[0].item(), 2), schedule)
     assert rel_err(ddim_sample(oracle(x0, eps, schedule), x_start, ts, schedule), x0) <= 1e-5
 
 
@@ -283,7 +283,7 @@ def test_one_trailing_ddim_step_equals_one_step_prediction_at_last_timestep(kind
 def test_predict_x0_with_true_prediction_returns_x0(kind, t, seed):
     schedule = NoiseSchedule.sd(kind)
     x0, eps, t = randn(2, 4, 8, 8, seed=seed), randn(2, 4, 8, 8, seed=seed + 1), torch.tensor(t)
-    x_t = q_sample(x0, t, eps, schedule.alphas_cumprod)
+    x_t = q_sample(x0, eps, t, schedule)
     assert rel_err(predict_x0(oracle(x0, eps, schedule), x_t, t, schedule), x0) <= 1e-5
 
 
@@ -472,16 +472,17 @@ def test_multires_noise_rejects_bad_arguments():
 def test_ddim_eta_step_without_noise_is_invertible_and_with_noise_keeps_the_marginal_scale(t, dt, seed):
     from unet_seg.diffusion import ddim_eta_step
 
-    a = NoiseSchedule.sd().alphas_cumprod
+    schedule = NoiseSchedule.sd()
+    a = schedule.alphas_cumprod
     t_next = min(t + dt, 999)
     g = torch.Generator().manual_seed(seed)
     x, eps, z = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    up = ddim_eta_step(x, eps, t, t_next, a, 0.0, z)
+    up = ddim_eta_step(x, eps, t, t_next, schedule, 0.0, z)
     assert up.dtype == torch.float64
-    torch.testing.assert_close(ddim_eta_step(up, eps, t_next, t, a, 0.0, z), x)  # same ε: back where it started
+    torch.testing.assert_close(ddim_eta_step(up, eps, t_next, t, schedule, 0.0, z), x)  # same ε: back where it started
     # from x0 = 0 the step is c1·z + c2·ε with c1² + c2² = 1 − ᾱ_t' (the noise scale of q(x_t' | x0)),
     # unless c1² alone exceeds it (small inversion steps), where c2 is floored at 1e-5 as officially
-    out = ddim_eta_step((1 - a[t].double()).sqrt() * eps, eps, t, t_next, a, 1.0, z)
+    out = ddim_eta_step((1 - a[t].double()).sqrt() * eps, eps, t, t_next, schedule, 1.0, z)
     c1, c2 = torch.linalg.lstsq(torch.stack([z.flatten(), eps.flatten()], 1), out.flatten()[:, None]).solution.flatten()
     assert c1 > 0 and c2 > 0
     torch.testing.assert_close(c1**2 + c2**2, torch.clamp(1 - a[t_next].double(), min=c1**2 + 1e-10), rtol=1e-6, atol=1e-9)

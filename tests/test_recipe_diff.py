@@ -51,10 +51,10 @@ def test_conditional_features_fuse_the_class_prompts_inside_their_masks_only():
     z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 4, 8, 8)
     label = torch.zeros(2, 64, 64, dtype=torch.long)
     label[0, :32] = 5  # image 0: class 5 (prompted) in its top half; image 1: no prompted class
-    alphas = NoiseSchedule.sd().alphas_cumprod
+    schedule = NoiseSchedule.sd()
     with torch.no_grad():
-        uncond, cond = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), alphas, noise, True)
-        plain, none = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), alphas, noise, False)
+        uncond, cond = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), schedule, noise, True)
+        plain, none = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), schedule, noise, False)
     assert none is None
     for u, c, p in zip(uncond, cond, plain):
         torch.testing.assert_close(u, p)  # the unconditional branch ignores the labels

@@ -65,8 +65,8 @@ def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries(
     model = recipe.build_model(args, 6, True, recipe.tap_channels(recipe.DEMO_TEACHER.channels))
     teacher = recipe.build_teacher(args, torch.device("cpu"))
     images = torch.rand(2, 3, 64, 64) * 2 - 1
-    unet, vae, context, alphas, timesteps = teacher
-    weak, strong = recipe.diffusion_features(unet, vae, context, images, alphas, timesteps)
+    unet, vae, context, schedule, timesteps = teacher
+    weak, strong = recipe.diffusion_features(unet, vae, context, images, schedule, timesteps)
     assert [f.shape[1] for f in weak] == recipe.tap_channels(recipe.DEMO_TEACHER.channels)
     _, _, (l_dist, l_sup) = model(images, weak, strong)
     (l_dist + l_sup).backward()

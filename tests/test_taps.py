@@ -13,7 +13,7 @@ from unet_seg.taps import fuse_by_masks, timestep_features
 from .helpers import randn, rel_err, tiny_unet
 
 CONFIGS = {"sd1": TINY_SD1, "sd2": TINY_SD2}
-ALPHAS = NoiseSchedule.sd().alphas_cumprod
+SCHEDULE = NoiseSchedule.sd()
 seeds = st.integers(0, 2**31 - 1)
 
 
@@ -35,10 +35,10 @@ def test_timesteps_in_one_call_equal_separate_per_timestep_forwards(which, b, ts
     z0, ctx = inputs(which, b, 16, 16, seed=seed)
     noise = randn(b, len(ts), 4, 16, 16, seed=seed + 2)
     with torch.no_grad():
-        got = timestep_features(unet, z0, ts, ctx, names, alphas_cumprod=ALPHAS, noise=noise)
+        got = timestep_features(unet, z0, ts, ctx, names, schedule=SCHEDULE, noise=noise)
         for k, t in enumerate(ts):
             t_b = torch.full((b,), t)
-            x_t = q_sample(z0, t_b, noise[:, k], ALPHAS)
+            x_t = q_sample(z0, noise[:, k], t_b, SCHEDULE)
             expected = unet.features(x_t, t_b, ctx, names)
             for n in names:
                 assert got[n].shape[:2] == (b, len(ts))
@@ -53,11 +53,11 @@ def test_kv_fusion_episodes_stay_whole_at_every_stacked_timestep():
     procs = kv_fusion_procs(self_attention_layers(unet.attention_names), num_supports=1)
     ts = [20, 400, 900]
     with torch.no_grad():
-        got = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise, procs=procs)
-        plain = timestep_features(unet, z0, ts, ctx, ["up.2"], alphas_cumprod=ALPHAS, noise=noise)
+        got = timestep_features(unet, z0, ts, ctx, ["up.2"], schedule=SCHEDULE, noise=noise, procs=procs)
+        plain = timestep_features(unet, z0, ts, ctx, ["up.2"], schedule=SCHEDULE, noise=noise)
         for k, t in enumerate(ts):
             t_b = torch.full((4,), t)
-            expected = unet.features(q_sample(z0, t_b, noise[:, k], ALPHAS), t_b, ctx, ["up.2"], procs)["up.2"]
+            expected = unet.features(q_sample(z0, noise[:, k], t_b, SCHEDULE), t_b, ctx, ["up.2"], procs)["up.2"]
             assert rel_err(got["up.2"][:, k], expected) <= 1e-5
     assert rel_err(got["up.2"][0::2], plain["up.2"][0::2]) > 1e-3  # queries see their supports
 
@@ -74,7 +74,7 @@ def test_early_exit_features_equal_the_full_runs_and_skip_deeper_blocks(which):
         return F.scaled_dot_product_attention(q, k, v)
 
     procs = {n: recording for n in unet.attention_names}
-    kwargs = dict(alphas_cumprod=ALPHAS, noise=noise, procs=procs)
+    kwargs = dict(schedule=SCHEDULE, noise=noise, procs=procs)
     with torch.no_grad():
         early = timestep_features(unet, z0, [10, 700], ctx, ["down.1"], **kwargs)
         assert called and not any(n.startswith(("mid", "up")) for n in called)
@@ -90,7 +90,7 @@ def test_timestep_features_run_one_batched_unet_forward(monkeypatch):
     monkeypatch.setattr(unet, "features", lambda x, *a, **kw: batches.append(x.shape[0]) or original(x, *a, **kw))
     z0, ctx = inputs("sd1", 3)
     with torch.no_grad():
-        out = timestep_features(unet, z0, [1, 2, 3, 4], ctx, ["up.1"], alphas_cumprod=ALPHAS)
+        out = timestep_features(unet, z0, [1, 2, 3, 4], ctx, ["up.1"], schedule=SCHEDULE)
     assert batches == [12] and out["up.1"].shape[:2] == (3, 4)
 
 
@@ -108,7 +108,7 @@ def test_attention_maps_sum_to_one_over_tokens_and_equal_a_manual_softmax(which,
 
     ts = [999 - 300 * i for i in range(k)]
     with torch.no_grad():
-        kwargs = dict(alphas_cumprod=ALPHAS, noise=noise)
+        kwargs = dict(schedule=SCHEDULE, noise=noise)
         out = timestep_features(unet, z0, ts, ctx, ["up.2"], attention_maps=[layer], **kwargs)
         timestep_features(unet, z0, ts, ctx, ["up.2"], procs={layer: recording}, **kwargs)
     maps = out[layer]
@@ -124,7 +124,7 @@ def test_attention_maps_alone_stop_after_their_block():
     unet = tiny_unet("sd2")
     z0, ctx = inputs("sd2", 1)
     with torch.no_grad():
-        out = timestep_features(unet, z0, [500], ctx, [], alphas_cumprod=ALPHAS, attention_maps=["down.1.attn.0.cross"])
+        out = timestep_features(unet, z0, [500], ctx, [], schedule=SCHEDULE, attention_maps=["down.1.attn.0.cross"])
     assert list(out) == ["down.1.attn.0.cross"] and out["down.1.attn.0.cross"].shape == (1, 1, 3, 4, 4)
 
 
@@ -134,7 +134,7 @@ def test_shared_noise_broadcasts_over_timesteps_and_generator_draws_reproducibly
     eps = randn(2, 1, 4, 8, 8, seed=4)
 
     def run(**kw):
-        return timestep_features(unet, z0, [100, 600], ctx, ["mid"], alphas_cumprod=ALPHAS, **kw)["mid"]
+        return timestep_features(unet, z0, [100, 600], ctx, ["mid"], schedule=SCHEDULE, **kw)["mid"]
 
     with torch.no_grad():
         torch.testing.assert_close(run(noise=eps), run(noise=eps.expand(2, 2, 4, 8, 8).clone()))
@@ -149,9 +149,9 @@ def test_context_of_batch_one_is_shared_by_all_samples():
     z0, ctx = inputs("sd1", 3)
     noise = randn(3, 1, 4, 8, 8, seed=1)
     with torch.no_grad():
-        shared = timestep_features(unet, z0, [300], ctx[:1], ["up.1"], alphas_cumprod=ALPHAS, noise=noise)
+        shared = timestep_features(unet, z0, [300], ctx[:1], ["up.1"], schedule=SCHEDULE, noise=noise)
         tiled = timestep_features(
-            unet, z0, [300], ctx[:1].expand(3, -1, -1), ["up.1"], alphas_cumprod=ALPHAS, noise=noise
+            unet, z0, [300], ctx[:1].expand(3, -1, -1), ["up.1"], schedule=SCHEDULE, noise=noise
         )
     torch.testing.assert_close(shared["up.1"], tiled["up.1"])
 
@@ -164,7 +164,7 @@ def test_timestep_features_compile_without_graph_breaks():
 
     def taps(z0, ctx, noise):
         return timestep_features(
-            unet, z0, t, ctx, ["up.1"], alphas_cumprod=ALPHAS, noise=noise, attention_maps=["up.1.attn.0.cross"]
+            unet, z0, t, ctx, ["up.1"], schedule=SCHEDULE, noise=noise, attention_maps=["up.1.attn.0.cross"]
         )
 
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_timestep_features_compile_without_graph_breaks():
 def test_timestep_features_reject_bad_inputs():
     unet = tiny_unet("sd1")
     z0, ctx = inputs("sd1", 2)
-    run = lambda *a, **kw: timestep_features(unet, *a, alphas_cumprod=ALPHAS, **kw)  # noqa: E731
+    run = lambda *a, **kw: timestep_features(unet, *a, schedule=SCHEDULE, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="z0 must be"):
         run(z0[0], [1], ctx, ["mid"])
     with pytest.raises(TypeError, match="timesteps"):
@@ -270,7 +270,7 @@ def official_reference(unet, z0, empty, prompts, steps, etas, save, g, predictio
             e_un = eps[:1].repeat(p, 1, 1, 1)
             e = e_un + g * (eps[1:] - e_un)
             xs = x.repeat(p, 1, 1, 1)
-            a, a_next = ALPHAS[t].double(), ALPHAS[t_next].double()
+            a, a_next = SCHEDULE.alphas_cumprod[t].double(), SCHEDULE.alphas_cumprod[t_next].double()
             if prediction_type == "v_prediction":
                 e = (1 - a).sqrt() * xs + a.sqrt() * e
             x0 = (xs - (1 - a).sqrt() * e) / a.sqrt()
@@ -303,14 +303,14 @@ def test_trajectory_features_equal_the_official_step_by_step_reference(which, pr
         got = inversion_trajectory_features(
             unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
             torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
-            steps=STEPS, etas=ETAS, save_steps=SAVE, alphas_cumprod=ALPHAS, guidance_scale=5.0,
-            prediction_type=prediction_type, generator=torch.Generator().manual_seed(7),
+            steps=STEPS, etas=ETAS, save_steps=SAVE, schedule=NoiseSchedule.sd(prediction_type), guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(7),
         )  # fmt: skip
         with_negative = inversion_trajectory_features(
             unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
             torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
-            steps=STEPS, etas=ETAS, save_steps=SAVE, alphas_cumprod=ALPHAS, guidance_scale=5.0, negative=empty.expand(2, -1, -1),
-            prediction_type=prediction_type, generator=torch.Generator().manual_seed(7),
+            steps=STEPS, etas=ETAS, save_steps=SAVE, schedule=NoiseSchedule.sd(prediction_type), guidance_scale=5.0, negative=empty.expand(2, -1, -1),
+            generator=torch.Generator().manual_seed(7),
         )  # fmt: skip
     for n in PLAIN + SUMMED:
         assert got[n].shape == expected[n].shape == (2, len(SAVE), *expected[n].shape[2:]), n
@@ -327,7 +327,7 @@ def test_trajectory_class_prompts_reach_the_negative_row_only_through_the_trajec
 
     unet, d = tiny_unet("sd2"), TINY_SD2.context_dim
     z0, empty, c1 = randn(1, 4, 16, 16, seed=1), randn(1, 5, d, seed=2), randn(1, 5, d, seed=3)
-    kwargs = dict(steps=STEPS, etas=ETAS, save_steps=[0, 3], alphas_cumprod=ALPHAS, guidance_scale=5.0)
+    kwargs = dict(steps=STEPS, etas=ETAS, save_steps=[0, 3], schedule=SCHEDULE, guidance_scale=5.0)
     with torch.no_grad():
         plain = inversion_trajectory_features(
             unet, z0, torch.tensor([0]), empty, torch.ones(1, 16, 16), PLAIN,
@@ -349,5 +349,5 @@ def test_trajectory_refuses_rows_that_do_not_cover_every_image():
     with pytest.raises(ValueError, match="every one of the 2 trajectories"):
         inversion_trajectory_features(
             unet, randn(2, 4, 8, 8), torch.tensor([0, 0]), randn(2, 3, TINY_SD1.context_dim), torch.ones(2, 8, 8), PLAIN,
-            steps=STEPS, etas=ETAS, save_steps=[1], alphas_cumprod=ALPHAS, guidance_scale=1.0,
+            steps=STEPS, etas=ETAS, save_steps=[1], schedule=SCHEDULE, guidance_scale=1.0,
         )  # fmt: skip

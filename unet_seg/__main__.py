@@ -62,7 +62,7 @@ def main() -> None:
         z0 = sd.vae.encode(img).to(dtype)
         t = torch.full((1,), args.t, device=args.device)
         noise = torch.randn(z0.shape, generator=torch.Generator(args.device).manual_seed(0), device=args.device, dtype=dtype)
-        z_t = q_sample(z0, t, noise, sd.schedule.alphas_cumprod.to(args.device))
+        z_t = q_sample(z0, noise, t, sd.schedule)
         x0 = predict_x0(lambda x, tt: sd.unet(x, tt, context), z_t, t, sd.schedule)
         feats = sd.unet.features(z_t, t, context, ["up.1", "up.2"])
         recon = sd.vae.decode(x0.float())

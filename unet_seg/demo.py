@@ -42,7 +42,7 @@ def pretrain_denoiser(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     g = torch.Generator().manual_seed(seed + 7)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-    alphas = schedule.alphas_cumprod.to(device)
+    schedule = schedule.to(device)
     unet.train().requires_grad_(True)
     for _ in progress(range(steps), desc="demo: pre-training the tiny U-Net"):
         scenes = []
@@ -55,7 +55,7 @@ def pretrain_denoiser(
             context = condition(labels)
         t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
-        loss = F.mse_loss(unet(q_sample(z0, t, noise, alphas), t, context), training_target(z0, noise, t, schedule))
+        loss = F.mse_loss(unet(q_sample(z0, noise, t, schedule), t, context), training_target(z0, noise, t, schedule))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,21 +1,23 @@
 """The forward and reverse diffusion process as plain functions on tensors.
 
     schedule = NoiseSchedule.from_config(json.load(open("scheduler/scheduler_config.json")))
-    x_t = q_sample(x0, t, noise, schedule.alphas_cumprod)                 # training input
+    x_t = q_sample(x0, noise, t, schedule)                                # training input
     target = training_target(x0, noise, t, schedule)                      # eps | v | x0
     x0 = ddim_sample(model, x_T, ddim_timesteps(10), schedule)            # model(x, t) -> prediction
     x0 = predict_x0(model, x_t, 999, schedule)                            # one network call
 
 Notation (DDPM / DDIM): ᾱ_t = alphas_cumprod[t], x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε,
 v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho). `t` is always a [B] integer tensor of per-sample
-timesteps in [0, T). `model` is any callable `model(x_t, t) -> prediction` in the schedule's
+timesteps in [0, T). Tensors come first, then t, then the schedule, in diffusers' `add_noise(x0,
+noise, t)` order; the schedule is always a `NoiseSchedule` (`schedule.to(device)` once, to keep
+its ᾱ table beside the latents). `model` is any callable `model(x_t, t) -> prediction` in the schedule's
 parameterisation; close over the conditioning (text context, concatenated image latent) there.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -50,6 +52,10 @@ class NoiseSchedule:
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
+
+    def to(self, device: Union[str, torch.device]) -> NoiseSchedule:
+        """The same schedule with its ᾱ table on `device` (the functions below move it per call otherwise)."""
+        return replace(self, alphas_cumprod=self.alphas_cumprod.to(device))
 
     @classmethod
     def from_config(cls, config: dict) -> NoiseSchedule:
@@ -98,10 +104,12 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _coefficients(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+def _coefficients(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     """(√ᾱ_t, √(1−ᾱ_t)), [B, 1, ..., 1] in the dtype of `like` (computed in the schedule's dtype)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule (e.g. NoiseSchedule(alphas_cumprod)), got {_describe(schedule)}")
     _check_timesteps(t, like)
-    a = _per_sample(alphas_cumprod.to(like.device)[t.to(like.device)], like)
+    a = _per_sample(schedule.alphas_cumprod.to(like.device)[t.to(like.device)], like)
     return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
 
 
@@ -110,62 +118,61 @@ def _check_same_shape(a: Tensor, b: Tensor, names: str) -> None:
         raise ValueError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def q_sample(x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM eq. 4). x0, noise [B, ...], t [B] -> [B, ...] like x0."""
     _check_same_shape(x0, noise, "x0 and noise")
-    sa, s1a = _coefficients(alphas_cumprod, t, x0)
+    sa, s1a = _coefficients(schedule, t, x0)
     return sa * x0 + s1a * noise.to(x0.dtype)
 
 
-def x0_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def x0_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
-    sa, s1a = _coefficients(alphas_cumprod, t, x_t)
+    sa, s1a = _coefficients(schedule, t, x_t)
     return (x_t - s1a * eps) / sa
 
 
-def eps_from_x0(x_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def eps_from_x0(x_t: Tensor, x0: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t)."""
-    sa, s1a = _coefficients(alphas_cumprod, t, x_t)
+    sa, s1a = _coefficients(schedule, t, x_t)
     return (x_t - sa * x0) / s1a
 
 
-def x0_from_v(x_t: Tensor, v: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def x0_from_v(x_t: Tensor, v: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """x0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v."""
-    sa, s1a = _coefficients(alphas_cumprod, t, x_t)
+    sa, s1a = _coefficients(schedule, t, x_t)
     return sa * x_t - s1a * v
 
 
-def eps_from_v(x_t: Tensor, v: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def eps_from_v(x_t: Tensor, v: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """ε = √(1−ᾱ_t)·x_t + √ᾱ_t·v."""
-    sa, s1a = _coefficients(alphas_cumprod, t, x_t)
+    sa, s1a = _coefficients(schedule, t, x_t)
     return s1a * x_t + sa * v
 
 
-def v_from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def v_from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """v = √ᾱ_t·ε − √(1−ᾱ_t)·x0."""
-    sa, s1a = _coefficients(alphas_cumprod, t, x0)
+    sa, s1a = _coefficients(schedule, t, x0)
     return sa * eps - s1a * x0
 
 
 def training_target(x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """What the network regresses onto for x_t = q_sample(x0, t, noise): ε, v or x0."""
+    """What the network regresses onto for x_t = q_sample(x0, noise, t, schedule): ε, v or x0."""
     _check_same_shape(x0, noise, "x0 and noise")
     if schedule.prediction_type == "epsilon":
         return noise
     if schedule.prediction_type == "v_prediction":
-        return v_from_x0_eps(x0, noise, t, schedule.alphas_cumprod)
+        return v_from_x0_eps(x0, noise, t, schedule)
     return x0
 
 
 def x0_and_eps(pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
     """(x0, ε) implied by a network output `pred` [B, ...] at x_t, in the schedule's parameterisation."""
     _check_same_shape(pred, x_t, "prediction and x_t")
-    a = schedule.alphas_cumprod
     if schedule.prediction_type == "epsilon":
-        return x0_from_eps(x_t, pred, t, a), pred
+        return x0_from_eps(x_t, pred, t, schedule), pred
     if schedule.prediction_type == "v_prediction":
-        return x0_from_v(x_t, pred, t, a), eps_from_v(x_t, pred, t, a)
-    return pred, eps_from_x0(x_t, pred, t, a)
+        return x0_from_v(x_t, pred, t, schedule), eps_from_v(x_t, pred, t, schedule)
+    return pred, eps_from_x0(x_t, pred, t, schedule)
 
 
 def _batch_timesteps(t: Union[int, Tensor], x: Tensor) -> Tensor:
@@ -247,7 +254,7 @@ def ddim_sample(model: Model, x: Tensor, timesteps: Tensor, schedule: NoiseSched
     return x
 
 
-def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, alphas_cumprod: Tensor, eta: float, noise: Tensor) -> Tensor:
+def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, schedule: NoiseSchedule, eta: float, noise: Tensor) -> Tensor:
     """One generalised DDIM step (Song et al. 2021, eq. 12) from t to t_next, in either direction
     (t_next > t inverts), ε-parameterised, as DIFF's official inversion (`get_xt_next`):
 
@@ -258,7 +265,7 @@ def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, alphas_cumprod:
     x_t, eps, noise [B, ...]; t, t_next ints (one step for the batch). Computed in float32 or wider.
     """
     _check_same_shape(x_t, eps, "x_t and eps")
-    a, a_next = (float(alphas_cumprod[s]) for s in (t, t_next))
+    a, a_next = (float(schedule.alphas_cumprod[s]) for s in (t, t_next))
     a_skip = min(a, a_next) / max(a, a_next)
     c1 = eta * math.sqrt((1 - a_skip) * (1 - a_next) / (1 - a)) if eta else 0.0
     c2 = math.sqrt(max(1 - a_next - c1**2, 1e-10))

@@ -3,7 +3,7 @@ forward (`timestep_features`), or along a sequential stochastic DDIM-inversion t
 per-step path control (`inversion_trajectory_features`, DIFF's official extractor).
 
     feats = timestep_features(unet, z0, [50, 250, 500], ctx, ["up.1", "up.2"],
-                              alphas_cumprod=schedule.alphas_cumprod,
+                              schedule=schedule,
                               attention_maps=["up.1.attn.0.cross"])
     feats["up.1"]               # [B, 3, C, h, w]
     feats["up.1.attn.0.cross"]  # [B, 3, tokens, h, w]
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .attention import attention_map_capture
-from .diffusion import ddim_eta_step, eps_from_v, q_sample
+from .diffusion import NoiseSchedule, ddim_eta_step, eps_from_v, q_sample
 from .models.layers import Procs
 from .models.unet import UNet
 
@@ -34,7 +34,7 @@ def timestep_features(
     context: Tensor,
     names: Sequence[str],
     *,
-    alphas_cumprod: Tensor,
+    schedule: NoiseSchedule,
     attention_maps: Sequence[str] = (),
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -61,8 +61,8 @@ def timestep_features(
     if t.ndim != 1 or len(t) == 0 or t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"timesteps must be a non-empty 1-D sequence of ints, got {timesteps!r}")
     k = len(t)
-    if not isinstance(timesteps, Tensor) and not all(0 <= s < len(alphas_cumprod) for s in timesteps):
-        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod)}), got {list(timesteps)}")
+    if not isinstance(timesteps, Tensor) and not all(0 <= s < schedule.num_train_timesteps for s in timesteps):
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_train_timesteps}), got {list(timesteps)}")
     if not names and not attention_maps:
         raise ValueError("ask for at least one feature (names) or attention map (attention_maps)")
     if context.ndim != 3 or context.shape[0] not in (1, b):
@@ -81,7 +81,7 @@ def timestep_features(
         raise ValueError(f"noise must broadcast to [B, K, C, h, w] = {[b, k, c, h, w]}, got {list(noise.shape)}")
 
     t = t.repeat_interleave(b)  # [K·B], row k·B + b
-    x_t = q_sample(z0.expand(k, b, c, h, w).flatten(0, 1), t, noise.transpose(0, 1).flatten(0, 1), alphas_cumprod)
+    x_t = q_sample(z0.expand(k, b, c, h, w).flatten(0, 1), noise.transpose(0, 1).flatten(0, 1), t, schedule)
     context = context.expand(k, b, -1, -1).flatten(0, 1)
     capture_procs, maps = attention_map_capture(attention_maps, (h, w))
     blocks = list(dict.fromkeys([*names, *(n.split(".attn.")[0] for n in attention_maps)]))
@@ -127,10 +127,9 @@ def inversion_trajectory_features(
     steps: Sequence[tuple[int, int]],
     etas: Sequence[float],
     save_steps: Sequence[int],
-    alphas_cumprod: Tensor,
+    schedule: NoiseSchedule,
     guidance_scale: float,
     negative: Optional[Tensor] = None,
-    prediction_type: str = "epsilon",
     generator: Optional[torch.Generator] = None,
     procs: Procs = None,
 ) -> dict[str, Tensor]:
@@ -146,8 +145,9 @@ def inversion_trajectory_features(
     (η = etas[i], its own noise z), and fuses: x = Σ_r M_r·x_r / Σ_r M_r (rows of one trajectory).
     negative [B, L, D]: the negative prompt; None means the first row of each trajectory is also
     its negative (the same context: that row's guided ε is its own, and the pass is not repeated).
-    prediction_type "v_prediction" converts the U-Net output to ε (after guidance); "epsilon"
-    uses it as ε whatever the model was trained for (what DIFF's official code does with SD 2.1).
+    A "v_prediction" schedule converts the U-Net output to ε (after guidance); an "epsilon" one
+    uses it as ε whatever the model was trained for (what DIFF's official code does with SD 2.1:
+    pass `NoiseSchedule(sd.schedule.alphas_cumprod, "epsilon")`).
 
     Returns {name: [B, S, ...]} at the S steps listed in save_steps (in that order): `names` from
     the negative row, `summed` added over the negative row and every prompt row of the trajectory
@@ -164,8 +164,8 @@ def inversion_trajectory_features(
         raise ValueError(f"row_image must be sorted and give every one of the {b} trajectories a row, got {row_image.tolist()}")
     if len(etas) != len(steps) or not save_steps or not all(0 <= i < len(steps) for i in save_steps):
         raise ValueError(f"need one eta per step and save_steps within the {len(steps)} steps")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if schedule.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"schedule.prediction_type must be 'epsilon' or 'v_prediction', got {schedule.prediction_type!r}")
     first = torch.cumsum(counts, 0) - counts  # the first row of each trajectory
     if negative is None:
         neg, rows, context = first, slice(0, r), row_context
@@ -195,9 +195,9 @@ def inversion_trajectory_features(
             break
         e_neg = out[neg][row_image].float()
         e = e_neg + guidance_scale * (out[rows].float() - e_neg)
-        if prediction_type == "v_prediction":
-            e = eps_from_v(xr, e, torch.full((r,), t, device=x.device), alphas_cumprod)
+        if schedule.prediction_type == "v_prediction":
+            e = eps_from_v(xr, e, torch.full((r,), t, device=x.device), schedule)
         noise = torch.randn(xr.shape, generator=generator, device=x.device) if eta else torch.zeros_like(xr)
-        xr = ddim_eta_step(xr, e, t, t_next, alphas_cumprod, eta, noise)
+        xr = ddim_eta_step(xr, e, t, t_next, schedule, eta, noise)
         x = torch.zeros_like(x).index_add_(0, row_image, mask * xr) / total
     return {n: torch.stack([saved[i][n] for i in save_steps], 1) for n in wanted}
