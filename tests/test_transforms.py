@@ -248,3 +248,30 @@ def test_rare_class_sampling_draws_classes_by_their_probability_and_crops_holdin
 def test_rare_class_sampling_refuses_mismatched_counts():
     with pytest.raises(ValueError, match="rows"):
         RareClassSampling(ToyScenes(4), np.zeros((3, 4), np.int64))
+
+
+def test_short_edge_resize_draws_from_the_list_and_caps_the_long_side():
+    from unet_seg.data.transforms import RandomShortEdgeResize, short_edges_for
+
+    edges = short_edges_for(512)
+    assert edges[:3] == (256, 307, 358) and edges[-1] == 1024 and len(edges) == 16
+    resize = RandomShortEdgeResize(edges, 2048)
+    image, label = coordinate_image(1052, 1914), torch.zeros(1052, 1914, dtype=torch.long)  # a GTA5 frame
+    seen = set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        out, lab = resize(image, label, g)
+        assert out.shape[1:] == lab.shape and out.shape[1] in edges  # the short side is the height here
+        assert abs(out.shape[2] / out.shape[1] - 1914 / 1052) < 0.01
+        seen.add(out.shape[1])
+    assert len(seen) > 8
+    wide = RandomShortEdgeResize((1024,), 2048)(coordinate_image(100, 400), torch.zeros(100, 400, dtype=torch.long), g)[0]
+    assert wide.shape[1:] == (512, 2048)  # 1024 short would make the long side 4096: capped
+
+
+def test_rescale_halves_image_and_label():
+    from unet_seg.data.transforms import Rescale
+
+    label = torch.arange(4)[:, None].expand(4, 6).repeat_interleave(2, 0).repeat_interleave(2, 1)  # 8 x 12 blocks
+    image, out = Rescale(0.5)(coordinate_image(8, 12), label, torch.Generator())
+    assert image.shape == (3, 4, 6) and torch.equal(out, torch.arange(4)[:, None].expand(4, 6))

@@ -5,6 +5,7 @@ drawing all randomness from the generator so an item depends only on its seed.
     RandomResizeCropFlip, ResizeImage           mmseg's ADE20K-style pipeline, evaluation resize
     Compose, Resize, RandomCrop(cat_max_ratio), RandomFlip, PhotoMetricDistortion
                                                 DAFormer's GTA5 pipeline (DIFF's official config)
+    RandomShortEdgeResize, Rescale              Rein's / QueryDiff's GTA5 resize; Mapillary at half size
     RareClassSampling(dataset, counts)          DAFormer's rare-class sampling over a dataset
 """
 
@@ -137,6 +138,44 @@ class Resize:
         h, w = image.shape[1:]
         factor = min(max(self.scale) / max(h, w), min(self.scale) / min(h, w))
         return _resize(image, label, (max(1, round(h * factor)), max(1, round(w * factor))))
+
+
+@dataclass(frozen=True)
+class RandomShortEdgeResize:
+    """mmseg `RandomChoiceResize` of `ResizeShortestEdge(max_size)`: the short side becomes one of
+    `short_edges`, drawn uniformly, unless the long side would exceed `max_long`, which then caps
+    it; aspect kept, bilinear (antialiased) image, nearest label. Rein's and QueryDiff's GTA5
+    pipeline uses `short_edges_for(512)` = 256, 307, ..., 1024 and `max_long` 2048."""
+
+    short_edges: tuple[int, ...]
+    max_long: int = 2048
+
+    def __post_init__(self):
+        if not self.short_edges or min(self.short_edges) < 1 or self.max_long < 1:
+            raise ValueError(f"short_edges must be positive and non-empty, max_long positive; got {self.short_edges}, {self.max_long}")
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        short = self.short_edges[torch.randint(len(self.short_edges), (), generator=generator).item()]
+        h, w = image.shape[1:]
+        factor = min(short / min(h, w), self.max_long / max(h, w))
+        return _resize(image, label, (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))))
+
+
+def short_edges_for(crop: int) -> tuple[int, ...]:
+    """The release configs' short sides int(crop · k / 10), k = 5..20 (256..1024 at crop 512)."""
+    return tuple(int(crop * k * 0.1) for k in range(5, 21))
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """Image and label scaled by `factor` (bilinear antialiased / nearest): Rein's and QueryDiff's
+    Mapillary validation is scored on images AND labels halved beforehand (mapillary_resize.py)."""
+
+    factor: float = 0.5
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        h, w = image.shape[1:]
+        return _resize(image, label, (max(1, round(h * self.factor)), max(1, round(w * self.factor))))
 
 
 @dataclass(frozen=True)
