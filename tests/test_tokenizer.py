@@ -225,6 +225,57 @@ def test_from_folder_reads_pad_token_and_max_length(tmp_path, style):
     assert ours.pad_token_id == vocab[{"sd1": EOS, "sd2": "!"}[style]] and ours(["a", "b", "c"]).shape == (3, 16)
 
 
+def test_from_folder_caps_transformers_no_limit_length_at_the_text_encoders_positions(tmp_path):
+    """transformers saves `model_max_length` 1e30 ("no limit") for a tokenizer made without one."""
+    vocab, merges = small_vocab()
+    write_tokenizer_folder(tmp_path, vocab, merges, "sd1", max_length=int(1e30))
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.max_length == 77 and ours(["a cat", "b"]).shape == (2, 77)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": "long"}))
+    (tmp_path / "special_tokens_map.json").unlink()
+    with pytest.raises(ValueError, match="model_max_length 'long'"):
+        CLIPTokenizer.from_folder(tmp_path)
+
+
+class CountingRanks(dict):
+    """A merge-rank table that counts its look-ups: the work BPE does."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_bpe_work_grows_linearly_with_word_length_and_stops_after_the_kept_tokens(packaged):
+    """A long URL or hash in a caption must not stall a data loader: BPE of a word of n symbols
+    costs O(n log n) rank look-ups (it was O(n^2): ~40 s for 20 000 characters)."""
+    tok = CLIPTokenizer.from_bpe()
+    word = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(3000))
+    word = word.replace("0", "o")  # letters only: one word, not a word per digit
+    tok.merge_ranks = CountingRanks(tok.merge_ranks)
+    ids = tok.tokens(word)
+    assert tok.merge_ranks.lookups <= 3 * len(word)
+    assert ids[:50] == packaged.tokens(word[:2000])[:50]  # far from the cut, the same tokens
+    tok.merge_ranks.lookups = 0
+    row = tok([" ".join([word[:40]] * 1000)])  # 1000 words, of which only the first 75 tokens are kept
+    assert row.shape == (1, 77) and tok.merge_ranks.lookups <= 3 * 40 * 75
+
+
+@given(st.text("abcdefgh", min_size=1, max_size=300))
+def test_bpe_equals_the_rescanning_definition(small_pair, word):
+    """Merge the lowest-ranked adjacent pair, leftmost first, until none is left: spelled out."""
+    _, ours, _ = small_pair
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        ranks = [ours.merge_ranks.get(pair, len(ours.merge_ranks)) for pair in zip(parts, parts[1:])]
+        best = min(range(len(ranks)), key=ranks.__getitem__)
+        if ranks[best] == len(ours.merge_ranks):
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    assert ours._merge_word(word) == tuple(ours.vocab[p] for p in parts)
+
+
 def test_from_folder_without_configs_pads_with_eos(tmp_path):
     vocab, merges = small_vocab()
     write_tokenizer_folder(tmp_path, vocab, merges, "sd2")

@@ -313,7 +313,7 @@ def test_pickle_weights_are_refused(tmp_path):
 
 
 def test_missing_folder_is_not_mistaken_for_a_repo(tmp_path):
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(CheckpointError, match="no such file or folder"):
         UNet.from_pretrained(str(tmp_path / "nope" / "deeper"))
 
 

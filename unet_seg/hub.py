@@ -15,12 +15,13 @@ from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+FILE_SUFFIXES = (".safetensors", ".json", ".onnx", ".gguf", *PICKLE_SUFFIXES)  # a source ending so is a path
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # unet/, vae/
 TRANSFORMERS_WEIGHTS = "model"  # text_encoder/
 
@@ -61,19 +62,44 @@ def component_files(
     the config and the weight files are downloaded (cached; set HF_HUB_OFFLINE=1 to use the
     cache only); `revision` pins a branch, tag or commit.
     """
-    path = Path(src)
-    if path.is_dir():
-        return _local_component(path, subfolder, weights_name, variant)
-    if path.exists():
-        raise CheckpointError(f"{src}: a file, not a diffusers folder (single-file checkpoints: `unet_seg.load_sd`)")
-    if not looks_like_repo_id(str(src)):
-        raise CheckpointError(f"{src}: no such folder, and not a hub repo id")
-    return _hub_component(str(src), subfolder, weights_name, revision, variant)
+    source = local_or_repo_id(src)
+    if isinstance(source, str):
+        return _hub_component(source, subfolder, weights_name, revision, variant)
+    if source.is_dir():
+        return _local_component(source, subfolder, weights_name, variant)
+    raise CheckpointError(f"{src}: a file, not a diffusers folder (single-file checkpoints: `unet_seg.load_sd`)")
 
 
 def looks_like_repo_id(src: str) -> bool:
-    """`name` or `org/name`; anything path-like (leading `.`, `/`, `~`, more slashes) is not."""
-    return src.count("/") <= 1 and not src.startswith((".", "/", "~")) and not src.endswith(".safetensors")
+    """`name` or `org/name`, as the hub spells them; anything path-like is not: a leading `.`, `/`
+    or `~`, a backslash, more than one slash, a file suffix (`.safetensors`, `.ckpt`, ...), or a
+    first part that exists here as a folder (`runs/model` beside a `runs/`)."""
+    parts = src.split("/")
+    return (
+        0 < len(parts) <= 2
+        and all(parts)
+        and not src.startswith((".", "~"))
+        and "\\" not in src
+        and not src.lower().endswith(FILE_SUFFIXES)
+        and not (len(parts) == 2 and Path(parts[0]).exists())
+    )
+
+
+def local_or_repo_id(src: Union[str, os.PathLike]) -> Union[Path, str]:
+    """An existing local file or folder as a Path, else a hub repo id as a str. A mistyped path
+    (a `Path` object, or a string that `looks_like_repo_id` rejects) fails here at once with
+    "no such file or folder", instead of going to the hub."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if isinstance(src, os.PathLike) or not looks_like_repo_id(str(src)):
+        raise CheckpointError(f"no such file or folder: {src}")
+    return str(src)
+
+
+def _hub_error(repo_id: str, what: str) -> CheckpointError:
+    """A hub failure for a string that was not a local path either: say both."""
+    return CheckpointError(f"no local folder {repo_id!r}, and hub repo {what}")
 
 
 def _local_component(root: Path, subfolder: str, weights_name: str, variant: Optional[str]) -> tuple[dict, list[Path]]:
@@ -91,7 +117,7 @@ def _local_component(root: Path, subfolder: str, weights_name: str, variant: Opt
         if pickled:
             refuse_pickle(folder / pickled[0])
         raise CheckpointError(f"{folder}: neither {single} nor {index} found")
-    return _read_json(config), files
+    return read_json(config), files
 
 
 def _hub_component(
@@ -104,11 +130,13 @@ def _hub_component(
     try:
         config = fetch("config.json")
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"hub repo {repo_id!r} not found (or private without a token)") from e
+        raise _hub_error(repo_id, f"{repo_id!r} was not found (or is private without a token)") from e
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{where}/config.json is not in the local cache and {OFFLINE}") from e
+        raise _hub_error(repo_id, f"{where}/config.json is not in the local cache and {OFFLINE}") from e
     except EntryNotFoundError as e:
-        raise CheckpointError(f"{where}: no config.json on the hub") from e
+        raise _hub_error(repo_id, f"{where} has no config.json") from e
+    except HfHubHTTPError as e:
+        raise _hub_error(repo_id, f"{where} is unreachable ({e})") from e
     single, index = weight_filenames(weights_name, variant)
     for name in (single, index):
         try:
@@ -116,9 +144,10 @@ def _hub_component(
         except EntryNotFoundError:  # includes: not cached while offline
             continue
         if name == single:
-            return _read_json(config), [path]
-        return _read_json(config), [fetch(shard) for shard in _shard_names(path)]
-    raise CheckpointError(
+            return read_json(config), [path]
+        return read_json(config), [fetch(shard) for shard in _shard_names(path)]
+    raise _hub_error(
+        repo_id,
         f"{where}: neither {single} nor {index} could be found on the hub or in the cache "
         "(pickle .bin weights are not loaded; offline, only cached files are seen)"
     )
@@ -128,8 +157,9 @@ def fetch_files(
     src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: tuple[str, ...] = (), revision=None
 ) -> Path:
     """A local folder holding `subfolder`'s files (downloaded and cached for a hub repo id)."""
-    if Path(src).is_dir():
-        folder = Path(src) / subfolder
+    source = local_or_repo_id(src)
+    if isinstance(source, Path):
+        folder = source / subfolder
         missing = [name for name in required if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: missing {', '.join(missing)}")
@@ -137,27 +167,36 @@ def fetch_files(
     folder = None
     for name in [*required, *optional]:
         try:
-            folder = Path(hf_hub_download(str(src), name, subfolder=subfolder, revision=revision)).parent
+            folder = Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision)).parent
         except RepositoryNotFoundError as e:
-            raise CheckpointError(f"hub repo {src!r} not found (or private without a token)") from e
+            raise _hub_error(source, f"{source!r} was not found (or is private without a token)") from e
         except LocalEntryNotFoundError as e:
             if name in required:
-                raise CheckpointError(f"{src}/{subfolder}/{name} is not in the local cache and {OFFLINE}") from e
+                raise _hub_error(source, f"{source}/{subfolder}/{name} is not in the local cache and {OFFLINE}") from e
         except EntryNotFoundError as e:
             if name in required:
-                raise CheckpointError(f"{src}/{subfolder}/{name}: not on the hub") from e
+                raise _hub_error(source, f"{source}/{subfolder}/{name} does not exist") from e
+        except HfHubHTTPError as e:
+            raise _hub_error(source, f"{source} is unreachable ({e})") from e
     return folder
 
 
 def _shard_names(index: Path) -> list[str]:
-    return sorted(set(_read_json(index)["weight_map"].values()))
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no `weight_map` of tensor name -> shard file")
+    return sorted(set(weight_map.values()))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; anything else raises CheckpointError naming the file."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_safetensors(
@@ -200,7 +239,7 @@ def load_model(
     """`make_model(config dict)` with the component's weights (renamed by `convert`) loaded."""
     config, files = component_files(src, subfolder, weights_name, revision, variant)
     state_dict = convert(read_safetensors(files, dtype, device))
-    return build_with_weights(lambda: make_model(config), state_dict, f"{src}/{subfolder}")
+    return build_with_weights(lambda: make_model(config), state_dict, " + ".join(map(str, files)), config_file=files[0].parent / "config.json")
 
 
 def clip_text_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -257,29 +296,43 @@ def read_shapes(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
-def build_with_weights(make_model: Callable[[], M], state_dict: dict[str, Tensor], source: str) -> M:
+def build_with_weights(
+    make_model: Callable[[], M], state_dict: dict[str, Tensor], source: str, config_file: Optional[Path] = None
+) -> M:
     """`make_model()` on the meta device, then take `state_dict` by assignment (no copy).
 
     A state dict that does not fit raises `CheckpointError` naming the missing and unexpected
-    keys and the shape mismatches.
+    keys, the shape mismatches and non-floating tensors where the model has floating ones; a
+    configuration the model cannot be built from (`config_file`, or shapes inferred from
+    `source`) raises it too.
     """
-    with torch.device("meta"):
-        model = make_model()
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(expected, state_dict, source)
+    try:
+        with torch.device("meta"):
+            model = make_model()
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{config_file or source}: the model cannot be built from it ({type(e).__name__}: {e})") from e
+    check_state_dict(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
 
-def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, Tensor], source: str) -> None:
+def check_state_dict(expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str) -> None:
+    """CheckpointError unless `state_dict` has exactly `expected`'s keys (tensors, e.g. a model's
+    state dict on the meta device), each of the same shape, floating where expected is floating."""
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
+    common = sorted(expected.keys() & state_dict.keys())
     shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
-        for k in sorted(expected.keys() & state_dict.keys())
-        if state_dict[k].shape != expected[k]
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in common
+        if state_dict[k].shape != expected[k].shape
     ]
-    if missing or unexpected or shapes:
+    dtypes = [
+        f"{k}: checkpoint {state_dict[k].dtype} vs model {expected[k].dtype}"
+        for k in common
+        if expected[k].is_floating_point() != state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or shapes or dtypes:
 
         def listing(title: str, items: list[str]) -> str:
             more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
@@ -290,4 +343,5 @@ def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, Tens
             + listing("missing keys", missing)
             + listing("unexpected keys", unexpected)
             + listing("shape mismatches", shapes)
+            + listing("dtype mismatches", dtypes)
         )

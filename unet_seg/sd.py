@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -70,18 +70,18 @@ def load_sd(
     unknown = sorted(set(wanted) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {COMPONENTS}")
-    path = Path(src)
-    if path.is_file():
-        hub.refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise hub.CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors)")
-        return _load_single_file(path, dtype, device, wanted, vae_dtype or dtype, prediction_type)
-    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+    source = hub.local_or_repo_id(src)  # a mistyped path fails here, before any hub lookup
+    if isinstance(source, Path) and source.is_file():
+        hub.refuse_pickle(source)
+        if source.suffix != ".safetensors":
+            raise hub.CheckpointError(f"{source}: unknown checkpoint format (expected .safetensors)")
+        return _load_single_file(source, dtype, device, wanted, vae_dtype or dtype, prediction_type)
+    if isinstance(source, Path) and not (source / "model_index.json").is_file() and not (source / "unet").is_dir():
         raise hub.CheckpointError(
-            f"{path}: unknown layout: expected a diffusers folder (model_index.json, unet/, vae/, "
+            f"{source}: unknown layout: expected a diffusers folder (model_index.json, unet/, vae/, "
             "text_encoder/, tokenizer/, scheduler/) or a single .safetensors file"
         )
-    return _load_diffusers(src, revision, dtype, device, wanted, vae_dtype or dtype, prediction_type, variant)
+    return _load_diffusers(source, revision, dtype, device, wanted, vae_dtype or dtype, prediction_type, variant)
 
 
 def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_type, variant) -> StableDiffusion:
@@ -91,20 +91,27 @@ def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_
             return None
         return model_cls.from_pretrained(src, name, revision, vae_dtype if name == "vae" else dtype, device, variant)
 
-    folder = hub.fetch_files(src, "scheduler", ["scheduler_config.json"], revision=revision)
-    config = json.loads((folder / "scheduler_config.json").read_text())
+    def tokenizer() -> CLIPTokenizer:
+        folder = hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision)
+        try:
+            return CLIPTokenizer.from_folder(folder)
+        except (ValueError, OSError) as e:  # the tokenizer's messages name the file
+            raise hub.CheckpointError(f"{folder}: unusable tokenizer: {e}") from e
+
+    path = hub.fetch_files(src, "scheduler", ["scheduler_config.json"], revision=revision) / "scheduler_config.json"
+    config = hub.read_json(path)
     if prediction_type:
         config["prediction_type"] = prediction_type
+    try:
+        schedule = NoiseSchedule.from_config(config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise hub.CheckpointError(f"{path}: unusable scheduler config ({e})") from e
     return StableDiffusion(
         unet=load(UNet),
         vae=load(AutoencoderKL),
         text_encoder=load(CLIPTextEncoder),
-        tokenizer=(
-            CLIPTokenizer.from_folder(hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision))
-            if "tokenizer" in wanted
-            else None
-        ),
-        schedule=NoiseSchedule.from_config(config),
+        tokenizer=tokenizer() if "tokenizer" in wanted else None,
+        schedule=schedule,
         source=str(src) + (f" @ {revision}" if revision else ""),
     )
 
@@ -113,7 +120,10 @@ def _load_single_file(path: Path, dtype, device, wanted, vae_dtype, prediction_t
     u, v, t = ldm.split(hub.read_shapes(path))  # configs come from shapes; weights are read per component
     if not u:
         raise hub.CheckpointError(f"{path}: no `{ldm.UNET_PREFIX}*` tensors: not an original-layout SD checkpoint")
-    sd2 = next(s for k, s in u.items() if k.endswith("proj_in.weight")).ndim == 2
+    proj_in = [s for k, s in u.items() if k.endswith("proj_in.weight")]
+    if not proj_in:
+        raise hub.CheckpointError(f"{path}: no `{ldm.UNET_PREFIX}*proj_in.weight` tensor: cannot tell SD1 from SD2")
+    sd2 = proj_in[0].ndim == 2
     prediction_type = prediction_type or ("v_prediction" if sd2 else "epsilon")
     notes = (
         f"inferred {'SD2' if sd2 else 'SD1'} from the tensor shapes of {path.name} "
@@ -124,17 +134,22 @@ def _load_single_file(path: Path, dtype, device, wanted, vae_dtype, prediction_t
 
     def build(name: str, prefix: str, dtype, make_model, convert):
         sd = hub.read_safetensors([path], dtype, device, keep=lambda k: k.startswith(prefix))
-        return hub.build_with_weights(make_model, convert({k[len(prefix) :]: x for k, x in sd.items()}), f"{path} ({name})")
+        with _naming_keys(path, name, prefix):
+            sd = convert({k[len(prefix) :]: x for k, x in sd.items()})
+        return hub.build_with_weights(make_model, sd, f"{path} ({name})")
 
     unet = vae = text_encoder = tokenizer = None
     if "unet" in wanted:
-        unet_cfg = ldm.infer_unet_config(u, upcast_attention=sd2 and prediction_type == "v_prediction")
+        with _naming_keys(path, "U-Net", ldm.UNET_PREFIX):
+            unet_cfg = ldm.infer_unet_config(u, upcast_attention=sd2 and prediction_type == "v_prediction")
         unet = build("U-Net", ldm.UNET_PREFIX, dtype, lambda: UNet(unet_cfg), lambda sd: ldm.unet_from_ldm(sd, unet_cfg))
     if "vae" in wanted:
-        vae_cfg = ldm.infer_vae_config(v)
+        with _naming_keys(path, "VAE", ldm.VAE_PREFIX):
+            vae_cfg = ldm.infer_vae_config(v)
         vae = build("VAE", ldm.VAE_PREFIX, vae_dtype, lambda: AutoencoderKL(vae_cfg), lambda sd: ldm.vae_from_ldm(sd, vae_cfg))
     if "text_encoder" in wanted:
-        text_cfg = ldm.infer_text_config(t)
+        with _naming_keys(path, "text encoder", ldm.TEXT_PREFIX):
+            text_cfg = ldm.infer_text_config(t)
         text_encoder = build(
             "text encoder", ldm.TEXT_PREFIX, dtype, lambda: CLIPTextEncoder(text_cfg),
             lambda sd: ldm.text_from_ldm(sd, text_cfg.layers),
@@ -143,3 +158,18 @@ def _load_single_file(path: Path, dtype, device, wanted, vae_dtype, prediction_t
         tokenizer = CLIPTokenizer.from_bpe(pad_token="!" if sd2 else "<|endoftext|>")
     schedule = NoiseSchedule.from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, str(path), notes)
+
+
+@contextlib.contextmanager
+def _naming_keys(path: Path, part: str, prefix: str) -> Iterator[None]:
+    """Inferring an architecture from, or renaming, a single file's tensors: a missing tensor
+    (KeyError) or one of an impossible shape becomes a CheckpointError naming the file and key."""
+    try:
+        yield
+    except KeyError as e:
+        key = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise hub.CheckpointError(f"{path}: no tensor {prefix}{key}, needed for the {part}") from e
+    except (IndexError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        if isinstance(e, hub.CheckpointError):
+            raise
+        raise hub.CheckpointError(f"{path}: the {part} tensors ({prefix}*) have impossible shapes ({e})") from e

@@ -466,7 +466,7 @@ def load_checkpoint(
         model = unwrap(model)
         prefix = f"model/{name}/"
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, f"{path} (model {name!r})")
+        check_state_dict(model.state_dict(), state, f"{path} (model {name!r})")
         model.load_state_dict(state)
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:

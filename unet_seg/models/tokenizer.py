@@ -18,12 +18,13 @@ Letters and numbers are Unicode categories L* and N* of this Python's `unicodeda
 
 import functools
 import gzip
+import heapq
 import json
 import re
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 PACKAGED_BPE = Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP takes from its file: 512 byte symbols + merges + 2 specials = 49408
+MAX_POSITIONS = 77  # the CLIP text encoders of SD 1.x / 2.x: no tokenizer length beyond this can be used
 
 # Unicode White_Space, which is Oniguruma's \s; Python's \s also matches \x1c-\x1f.
 WHITESPACE = r"\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -95,9 +97,11 @@ class CLIPTokenizer:
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge_word)
 
     @classmethod
-    def from_folder(cls, path: Union[str, Path]) -> "CLIPTokenizer":
+    def from_folder(cls, path: Union[str, Path], max_positions: int = MAX_POSITIONS) -> "CLIPTokenizer":
         """A checkpoint's `tokenizer/` folder: vocab.json, merges.txt; pad token and `model_max_length`
-        from tokenizer_config.json, overridden by special_tokens_map.json (as transformers reads them)."""
+        from tokenizer_config.json, overridden by special_tokens_map.json (as transformers reads them).
+        The length is capped at the text encoder's `max_positions`: transformers writes its "no
+        limit" (1e30) where a tokenizer was saved without a length."""
         folder = Path(path)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
@@ -116,7 +120,10 @@ class CLIPTokenizer:
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         header = lines[0].startswith("#version")
         merges = _read_merges(folder / "merges.txt", lines[header:], first_line=1 + header)
-        return cls(vocab, merges, vocab[pad], config.get("model_max_length", 77))
+        length = config.get("model_max_length", max_positions)
+        if not isinstance(length, (int, float)) or isinstance(length, bool) or length < 2:
+            raise ValueError(f"{folder}: model_max_length {length!r} is not a length >= 2")
+        return cls(vocab, merges, vocab[pad], int(min(length, max_positions)))
 
     @classmethod
     def from_bpe(cls, path: Union[str, Path, None] = None, pad_token: str = EOS, max_length: int = 77) -> "CLIPTokenizer":
@@ -137,30 +144,53 @@ class CLIPTokenizer:
         return cls(vocab, merges, vocab[pad_token], max_length)
 
     def _merge_word(self, word: str) -> tuple[int, ...]:
-        """BPE of one word of byte symbols: merge the lowest-ranked adjacent pair, leftmost first, until none is left."""
-        parts = [*word[:-1], word[-1] + END_OF_WORD]
-        while len(parts) > 1:
-            ranks = [self.merge_ranks.get(pair, len(self.merge_ranks)) for pair in zip(parts, parts[1:])]
-            best = min(range(len(ranks)), key=ranks.__getitem__)
-            if ranks[best] == len(self.merge_ranks):
-                break
-            parts[best : best + 2] = [parts[best] + parts[best + 1]]
-        return tuple(self.vocab[p] for p in parts)
+        """BPE of one word of byte symbols: merge the lowest-ranked adjacent pair, leftmost first,
+        until none is left. Candidate pairs wait in a heap keyed (rank, position), so a word of n
+        symbols costs O(n log n), not the O(n²) of rescanning every pair after each merge."""
+        parts = [*word[:-1], word[-1] + END_OF_WORD]  # parts[i]: the symbol starting at i, "" once merged away
+        nxt, prv = list(range(1, len(parts))) + [-1], list(range(-1, len(parts) - 1))
+        heap = []
 
-    def tokens(self, text: str) -> list[int]:
-        """Token ids of `text` alone: no BOS/EOS, no truncation."""
+        def push(i: int) -> None:
+            j = nxt[i]
+            if j >= 0 and (rank := self.merge_ranks.get((parts[i], parts[j]))) is not None:
+                heapq.heappush(heap, (rank, i, parts[i], parts[j]))
+
+        for i in range(len(parts) - 1):
+            push(i)
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = nxt[i]
+            if parts[i] != left or j < 0 or parts[j] != right:
+                continue  # stale: a neighbour merged since this pair was queued
+            parts[i], parts[j] = left + right, ""
+            nxt[i] = nxt[j]
+            if nxt[j] >= 0:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        return tuple(self.vocab[p] for p in parts if p)
+
+    def tokens(self, text: str, limit: Optional[int] = None) -> list[int]:
+        """Token ids of `text` alone: no BOS/EOS; with `limit`, the first `limit` of them (words
+        after those are not tokenized at all)."""
         ids = []
         for i, piece in enumerate(self._special.split(normalize(text))):
+            if limit is not None and len(ids) >= limit:
+                break
             if i % 2:  # split's captured separators: special-token strings
                 ids.append(self.special_ids[piece])
                 continue
-            for word in self._words.findall(piece):
-                ids.extend(self._bpe("".join(self._byte_symbols[b] for b in word.encode("utf-8"))))
-        return ids
+            for word in self._words.finditer(piece):
+                ids.extend(self._bpe("".join(self._byte_symbols[b] for b in word.group().encode("utf-8"))))
+                if limit is not None and len(ids) >= limit:
+                    break
+        return ids[:limit]
 
     def encode(self, text: str) -> list[int]:
         """[BOS, tokens..., EOS] truncated to max_length, unpadded: index i is position i of `__call__`'s row."""
-        return [self.bos_token_id, *self.tokens(text)[: self.max_length - 2], self.eos_token_id]
+        return [self.bos_token_id, *self.tokens(text, limit=self.max_length - 2), self.eos_token_id]
 
     def __call__(self, texts: Union[str, list[str]]) -> Tensor:
         """Prompt(s) -> ids [B, max_length] (int64), padded with `pad_token_id`."""
