@@ -2,75 +2,61 @@
 with `--demo`.
 
 Wang et al., "Diffusion Model as a Generalist Segmentation Learner" (DiGSeg; paper text with
-appendix: ../shared/design/papers/digseg.txt). No official code was found; every number below
-is the paper's unless the table says otherwise.
+appendix: ../shared/design/papers/digseg.txt). No official code was found: the paper's
+statements are the defaults, our readings of what it leaves open are marked "ours".
 
     python recipes/digseg_ade20k.py --demo                                      # CPU, minutes, no download
-    torchrun --nproc_per_node=8 recipes/digseg_ade20k.py \\
-        --model stabilityai/stable-diffusion-2-1 --clip openai/clip-vit-large-patch14 \\
-        --data-root /data/ADEChallengeData2016
+    torchrun --nproc_per_node=8 recipes/digseg_ade20k.py --model stabilityai/stable-diffusion-2-1 \\
+        --clip openai/clip-vit-large-patch14 --data-root /data/ADEChallengeData2016 --candidates clip all
 
 Method (one training sample = an image and one class c; one denoising run per candidate class):
 
     z_x = E(image),  z_y = E(white-on-black mask of c)                       VAE frozen (§3.4)
     t_c = CLIP_text("A photo of a {c}") / ‖·‖                                CLIP ViT-L/14, cached (A.3)
-    ctx = [SD text encoder("") (77 tokens) ; MLP(t_c) (K tokens)]            class tokens seen only by the
-                                                                             cross-attention at latent/4, /8
-    ε   ~ multi-resolution noise, annealed: w_i(t) = (s·t/T)^i               (A.1; unet_seg.diffusion)
-    L   = ‖target − UNet(cat(z_x, √ᾱ_t z_y + √(1−ᾱ_t) ε), t, ctx)‖²           eq. 6, conv_in widened 4 -> 8
+    ctx = [SD text encoder("") (77 tokens) ; MLP(t_c) (K tokens)]            class tokens at latent/4, /8
+    ε   ~ multi-resolution noise, annealed (A.1; Marigold's construction: unet_seg.diffusion)
+    L   = ‖ε − ε_θ(cat(z_x, √ᾱ_t z_y + √(1−ᾱ_t) ε), t, ctx)‖²              eq. 6, conv_in widened 4 -> 8
     inference: per candidate c, E seeds × S DDIM-trailing steps from z_T ~ N(0, I), mean of the E
-    latents (test-time ensembling), decode, p_c = (mean_rgb + 1)/2;
-    label = argmax_c p_c, or "background" where max_c p_c < τ = 0.7            (A.3, §4 "τ tuning")
-    candidates: all classes, or CLIP: cos(v, t_c) > 0.25 globally, or max over patches
-    cos(v_p, t_c) > τ_patch                                                   (A.3)
+    latents, decode, p_c = (mean_rgb + 1)/2; label = argmax_c p_c (+ "background" where max < τ)
 
-| hyper-parameter | value | source |
-|---|---|---|
-| backbone | SD 2.x U-Net; VAE and both text encoders frozen | §4.1 "SDv2", A.2 |
-| trained | cross-attention at latent/4 (down.2, up.1), the mid-block transformer, the text MLP, conv_in (note 1) | A.2 |
-| image conditioning | channel concat of image and noisy mask latents, conv_in widened 4 -> 8 | §3.4, Fig. 2 |
-| mask encoding | one class per sample, white on black, replicated to 3 channels | §3.4 |
-| text | CLIP ViT-L/14 text embedding of "A photo of a {class}", L2-normalised, cached | A.3 |
-| text MLP | Linear(768, 1024) – GELU – Linear(1024, K·1024), K = 4 tokens (note 2) | A.2 "a small MLP" |
-| schedule | DDPM, T = 1000, SD's scaled-linear β; t ~ U{0..T−1} | §4.1 |
-| objective | MSE in the checkpoint's parameterisation: v for SD 2.1, ε for 2.1-base (note 3) | eq. 6 |
-| training noise | multi-resolution, strength s = 0.9, 10 levels, annealed w_i(t) = (s·t/T)^i | Table 4, A.1 (s: Marigold) |
-| absent classes | a class absent from the image (empty mask) with probability 0.25 (note 4) | ours |
-| optimiser | AdamW, lr 1e-4, constant, wd 1e-2, grad-norm clip 1.0 | §4.1 (lr); ours (rest) |
-| batch | 16 in total (2 per GPU on 8 GPUs) | §4.1 |
-| iterations | 30 000 | §4.1 |
-| augmentation | short side 512 × U(0.8, 1.2), random 512² crop, horizontal flip | §4.1 |
-| inference | DDIM trailing, S steps; ensemble of E seeds, mean in latent space; E×S = 8×2 | §3.7, Table 6 (58.6 mIoU) |
-| thresholds | τ = 0.7 (mask and background); CLIP global 0.25; patch τ_patch = 0.25 (note 5) | §4 Fig. 3, A.3 |
-| evaluation | image resized to 512², probabilities resized back to the annotation, mIoU over 150 classes | §4.1 |
+| setting | paper | official code | here | why |
+|---|---|---|---|---|
+| backbone | "SDv2" (§4.1); VAE frozen | none released | SD 2.x U-Net | |
+| trained | cross-attention at 1/4 and 1/8, mid attention, a small MLP (A.2) | – | latent/4 cross-attention, mid transformer, MLP, conv_in (note 1) | conv_in: the widened input |
+| image conditioning | concat of image and noisy mask latents (§3.4) | – | same, conv_in widened 4 -> 8 | |
+| text | CLIP ViT-L/14 embedding of "A photo of a {c}" (A.3) | – | same, 4 class tokens via Linear–GELU–Linear (note 2) | MLP size: ours |
+| objective | ε-prediction MSE, eq. 6 | – | ε; `--prediction-type v_prediction` (note 3) | eq. 6 |
+| training noise | multi-res. + annealed (Table 4: +1.9 mIoU), formula not given | – | Marigold "original", s = 0.9, ×t/T | A.1 matches Marigold's release |
+| schedule, optimiser | DDPM T = 1000; AdamW lr 1e-4; batch 16; 30 000 its (§4.1) | – | same; wd 1e-2, clip 1.0, constant lr | rest: ours |
+| training pairs | not described | – | a present class, or (p = 0.25) an absent one with an empty mask | ours (note 4) |
+| augmentation | 512², flip, scale jitter [0.8, 1.2] (§4.1) | – | short side 512×U(0.8,1.2), 512² crop, flip | |
+| inference | DDIM trailing; E seeds averaged in latent space; 8×2 = 58.6, 1×1 = 56.8 (Table 6) | – | same | |
+| labels | argmax over candidates, background below τ_bg (A.3) | – | both rows: plain argmax, and τ floor (note 5) | ADE20K-150 has no background |
+| candidates | CLIP global cos > 0.25 or any patch > τ_patch (A.3) | – | `--candidates clip` and/or `all`; τ_patch = 0.25 | τ_patch not given: the global value |
+| τ | 0.7 (§4, Fig. 3) | – | 0.7 | |
+| speed | 11.27 FPS at 1×1, 3.15 at 8×2 (Table 6) | – | images/s and class runs/s (note 6) | |
+| evaluation | ADE20K-150 val, 512² input | – | resized to 512², probabilities back to the label size | |
 
 Notes. (1) A.2 keeps "all other convolutional layers" frozen, but the widened conv_in is no
 longer SD's: frozen, its tiled half-weights would add the image latent to the noisy mask latent
-with the same filters, and the U-Net could not tell them apart; it is trained. (2) The paper's
-MLP size and token count are not given. With a single token, softmax attention is constant over
-space and cross-attention reduces to a per-class bias; K tokens let it vary. Cross-attention
-layers at the other scales keep SD's empty-prompt context, so the frozen layers see what they
-were trained on (`unet_seg.attention.context_slice_procs`). (3) Eq. 6 is written for ε; SD 2.1
-(768) is a v-prediction model and we keep its parameterisation (as Marigold, whose fine-tuning
-protocol DiGSeg follows); `--prediction-type epsilon` trains eq. 6 literally. With ε, one
-trailing DDIM step at t = 999 divides the ε error by √ᾱ_999 ≈ 0.07. (4) The paper does not say
-how training pairs are drawn; without absent classes the model never learns to answer "not in
-this image", which the argmax over CLIP's candidates needs. (5) τ_patch is not given in A.3.
-(6) `--demo` cannot use pretrained weights: a tiny random SD-structured U-Net (all of it
-trained, lr 1e-3, `--trainable all`: the paper's frozen layers are random there), random tiny
-CLIP towers, and the frozen weight-free `BlockCodec` in place of SD's VAE (see
-recipes/diffews_coco20i.py note 4 for why a tiny VAE cannot stand in). Scenes of 1–3 objects
-of five classes, one per form ("striped disc", "checkered ring", "dotted square", "speckled
-triangle", "striped cross"), at 128² (at 64² the codec's 8×8 latent leaves an object 2–4
-latent pixels: even the ground-truth latents decode to only 43 mIoU at τ = 0.7; 71 at 128²).
-Candidates are all five classes (a random CLIP selects nothing meaningful). The random text
-tower maps these prompts to nearly one direction (cosine up to 0.999), so the demo whitens the
-five embeddings (`whiten`: a regular simplex), leaving the text pathway class identity only.
-E×S = 1×10 beside 1×1: the under-trained tiny model's one-step estimate is the posterior mean,
-which hedges between the classes (p ≈ 0.2 inside objects) and mostly stays below τ; ten DDIM
-steps commit to a sample. A control row gives each class the next class's prompt. Measured
-(150 steps, 24 test images): 1×10 20.9 mIoU, 1×1 17.7, majority baseline 14.5, control 21.0 —
-the tiny model finds objects but does not tell the classes apart; 400 steps gave 16.6 / 14.4.
+with the same filters. (2) With one token, softmax attention is constant over space and
+cross-attention reduces to a per-class bias; K tokens let it vary. The other cross-attention
+layers keep SD's empty-prompt context. (3) Eq. 6 is written for ε. SD 2.1 (768) is a
+v-prediction model and Marigold, whose protocol DiGSeg follows, keeps v; with ε one trailing
+DDIM step at t = 999 divides the ε error by √ᾱ_999 ≈ 0.07. (4) Without absent classes the model
+never learns "not in this image", which the argmax over CLIP's candidates needs. (5) A.3 floors
+max_c p_c < τ_bg to "background"; on ADE20K-150 there is no such class (label 0 "other" is
+ignored), so a floored pixel is always an error: plain argmax is the protocol its 58.6 implies,
+the floor the literal rule (right for the demo, whose scenes have a background). (6) 11.27 FPS at
+1×1 is ~89 ms per image, about one VAE encode + one U-Net call + one decode at 512²: the paper
+times one run per image, not one per candidate class (ADE20K images hold ~10). Per-class runs
+cost K times more per image; "class runs/s" is the number comparable to the paper's FPS.
+(7) `--demo` cannot use pretrained weights: a tiny random U-Net (all of it trained, lr 1e-3),
+random tiny CLIP towers with the five prompts whitened (`unet_seg.demo.whiten`: a random tower
+maps them to nearly one direction), and the frozen weight-free `BlockCodec` for SD's VAE, at 128²
+(at 64² even ground-truth latents decode to 43 mIoU at τ = 0.7). Every scene holds 2–3 objects
+of distinct classes among five ("striped disc", "checkered ring", ...), so a mask depends on the
+prompt; the control gives each class the next class's prompt.
 """
 
 from __future__ import annotations
@@ -86,13 +72,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
-from unet_seg.codecs import BlockCodec, latent_to_probability, mask_to_latent, masks_to_label_map
+from unet_seg.codecs import BlockCodec, latent_to_probability, mask_to_latent
 from unet_seg.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
 from unet_seg.models import TINY_SD1_TEXT, TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
-from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, clip_preprocess, load_clip
+from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
+from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
@@ -103,7 +90,7 @@ from unet_seg.viz import image_to_uint8, overlay, save_grid
 PROMPT = "A photo of a {}"  # A.3
 THRESHOLD = 0.7  # τ, also the background threshold (§4 "Hyperparameter τ", A.3)
 CLIP_THRESHOLD = 0.25  # A.3, global image-text cosine
-PATCH_THRESHOLD = 0.25  # A.3 τ_patch: value not given
+PATCH_THRESHOLD = 0.25  # A.3 τ_patch: value not given; the global threshold's
 CLASS_TOKENS = 4  # note 2
 ABSENT_PROB = 0.25  # note 4
 DEMO = dict(size=128, steps=150, batch_size=8, lr=1e-3, ensemble=1, ddim_steps=10, images=100, trainable="all", threshold=0.7)
@@ -119,9 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="full CLIP ViT-L/14 (hub id or folder)")
     p.add_argument("--data-root", help="ADEChallengeData2016 folder (see unet_seg.data.ade20k)")
-    p.add_argument("--candidates", choices=("all", "clip"), help="classes denoised per image: every class, or CLIP's "
-                   "selection (A.3); default clip, demo all")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="default: the checkpoint's (demo: v)")
+    p.add_argument("--candidates", nargs="+", choices=("clip", "all"), help="classes denoised per image, one row "
+                   "each: CLIP's selection (A.3) and/or every class; default clip, demo all")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="ε (eq. 6) or v (SD 2.1-768's and Marigold's parameterisation)")
     p.add_argument("--trainable", choices=("paper", "all"), help=f"U-Net parameters trained ({REAL['trainable']}, demo {DEMO['trainable']})")
     p.add_argument("--ensemble", type=int, help=f"E, seeds averaged in latent space ({REAL['ensemble']}, demo {DEMO['ensemble']})")
     p.add_argument("--ddim-steps", type=int, help=f"S, DDIM-trailing steps ({REAL['ddim_steps']}, demo {DEMO['ddim_steps']})")
@@ -130,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
     p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
     args = parse_recipe_args(p, argv, DEMO, REAL)
-    args.candidates = args.candidates or ("all" if args.demo else "clip")
+    args.candidates = list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
     if not args.demo and not args.data_root:
         p.error("--data-root is required without --demo")
     if min(args.ensemble, args.ddim_steps, args.images) < 1:
@@ -197,49 +185,8 @@ def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, tokenizer, nam
     return F.normalize(text_encoder.to(device).eval().text_embeds(ids).float(), dim=-1)
 
 
-def whiten(embeds: Tensor) -> Tensor:
-    """Class embeddings [C, P] -> [C, P]: centred over the vocabulary, decorrelated (ZCA, the
-    rank-deficient directions dropped), normalised. For C <= P the rows form a regular simplex
-    (pairwise cosine −1/(C−1)). Demo only (note 6): a random text tower maps different prompts
-    to nearly one direction (cosine 0.999), which pretrained CLIP does not."""
-    x = embeds - embeds.mean(0)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-4
-    return F.normalize(u[:, keep] @ vh[keep], dim=-1)
-
-
-@torch.no_grad()
-def candidate_classes(clip_vision: CLIPVisionEncoder, images: Tensor, class_embeds: Tensor,
-                      threshold: float = CLIP_THRESHOLD, patch_threshold: float = PATCH_THRESHOLD) -> Tensor:
-    """CLIP's candidate classes (A.3): images [B, 3, H, W] in [-1, 1], class_embeds [C, P]
-    normalised -> bool [B, C]: cos(v, t_c) > threshold, or max over patches p of cos(v_p, t_c) >
-    patch_threshold (patch tokens through CLIP's head). An image with no candidate keeps its best class."""
-    out = clip_vision(clip_preprocess(images, clip_vision.config.image_size).to(class_embeds.device))
-    t = class_embeds.to(out.image_embeds.dtype)
-    image_score = F.normalize(out.image_embeds, dim=-1) @ t.T  # [B, C]
-    patch_score = (F.normalize(clip_vision.project(out.patch_tokens), dim=-1) @ t.T).amax(1)  # [B, C]
-    keep = (image_score > threshold) | (patch_score > patch_threshold)
-    best = F.one_hot(image_score.argmax(1), t.shape[0]).bool()
-    return torch.where(keep.any(1, keepdim=True), keep, best)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def training_pairs(labels: Tensor, class_ids: Tensor, absent_prob: float) -> tuple[Tensor, Tensor]:
-    """labels [B, H, W] (dataset labels, 255 ignore) -> (vocabulary index [B], binary mask [B, H, W]):
-    per image a class present in it, or with probability `absent_prob` (always, when none is
-    present) one absent from it, whose mask is empty. Draws from the global RNG."""
-    picks = []
-    for lab in labels:
-        present = torch.isin(class_ids, lab.unique().to(class_ids.device))
-        pool = present if (present.any() and torch.rand(()) >= absent_prob) else ~present
-        choice = pool.nonzero()[:, 0]
-        picks.append(choice[torch.randint(len(choice), ())])
-    index = torch.stack(picks).to(labels.device)
-    masks = (labels == class_ids.to(labels.device)[index].view(-1, 1, 1)).long()
-    return index, masks
 
 
 def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, class_embeds) -> Tensor:
@@ -292,14 +239,6 @@ def predict_probabilities(model, vae, schedule: NoiseSchedule, images: Tensor, c
     return latent_to_probability(vae, z.to(images.dtype)).unflatten(0, (b, k))
 
 
-def segment(prob: Tensor, candidates: Tensor, class_ids: Tensor, background: int, threshold: float = THRESHOLD) -> Tensor:
-    """prob [B, K, H, W] of the vocabulary classes `candidates` [K] -> labels [B, H, W]: pixel-wise
-    argmax, `background` where the best probability is below τ = `threshold` (A.3)."""
-    index = masks_to_label_map(prob, prob.shape[1], threshold)  # K = below τ
-    table = torch.cat([class_ids.to(prob.device)[candidates.to(prob.device)], torch.tensor([background], device=prob.device)])
-    return table[index]
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -311,57 +250,65 @@ def fields(batch) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
-             clip_vision=None, control: bool = False, threshold: float = THRESHOLD):
-    """This rank's share of `data` -> ({name: all-rank confusion matrix [N, N]}, {name: images/s},
-    up to 4 (image, prediction, labels) to draw). One row per E×S setting in `settings`, the
-    majority-label baseline, and with `control` DiGSeg with every class's prompt replaced by the
-    next class's (a model that reads its prompts loses accuracy there). `vocab`: (num_labels,
-    background label, majority label). Images are resized to size² and the probabilities back to
-    the labels' size; with `clip_vision`, each image gets CLIP's candidates, else all classes.
-    Eval mode, own RNG stream (the noise draws, seeded by `seed`); training mode and RNG restored."""
+             modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD):
+    """This rank's share of `data` -> ({name: all-rank confusion matrix [N, N]}, {name: speed},
+    up to 4 (image, prediction, labels) of the first row to draw). Rows: per E×S setting in
+    `settings` and candidate mode in `modes` ("all" classes, or "clip": each image's CLIP
+    candidates from `clip_vision`), two label rules on the same probabilities, plain argmax and
+    the τ floor (note 5); the majority-label baseline; with `control`, the last setting with every
+    class's prompt replaced by the next class's. speed: images/s and class runs/s (note 6).
+    `vocab`: (num_labels, background label, majority label). Images are resized to size² and the
+    probabilities back to the labels' size. Eval mode, own RNG stream (the noise, seeded by
+    `seed`); training mode and RNG restored."""
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, clip_vision,
-                        control, threshold)
+        out = _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, modes,
+                        clip_vision, control, threshold)
     model.train(was_training)
     return out
 
 
-def _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, clip_vision, control, threshold):
+def _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, modes, clip_vision,
+              control, threshold):
     num_labels, background, majority = vocab
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
     subset = torch.utils.data.Subset(data, range(rank, len(data), world))
-    runs = {f"DiGSeg {e}x{s}": (e, s, class_embeds) for e, s in settings}
+    runs = {f"DiGSeg {e}x{s}" + (f", {m} candidates" if len(modes) > 1 else ""): (e, s, m, class_embeds)
+            for e, s in settings for m in modes}  # fmt: skip
     if control:
-        e, s = settings[-1]
-        runs["control: DiGSeg, prompts of the next class"] = (e, s, class_embeds.roll(-1, 0))
-    conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in [*runs, "baseline: majority label"]}
-    seconds = dict.fromkeys(runs, 0.0)
-    shown = []
+        runs["control: DiGSeg, prompts of the next class"] = (*settings[-1], modes[0], class_embeds.roll(-1, 0))
+    rules = {"argmax": None, f"τ {threshold}": threshold}
+    names = [f"{n}, {r}" for n in runs for r in rules] + ["baseline: majority label"]
+    conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
+    seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
     square = fields(data[0])[1].shape == (size, size)  # synthetic scenes: all size², batched
-    for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and clip_vision is None else 1):
+    for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and "clip" not in modes else 1):
         images, labels = (x.to(device) for x in fields(batch))
         inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear", antialias=True).clamp(-1, 1)
-        candidates = torch.arange(len(class_ids), device=device)
-        if clip_vision is not None:  # one image per batch: its own candidates
-            candidates = candidate_classes(clip_vision, images, class_embeds)[0].nonzero()[:, 0]
-        for name, (e, s, embeds) in runs.items():
+        candidates = {"all": torch.arange(len(class_ids), device=device)}
+        if "clip" in modes:  # one image per batch: its own candidates
+            candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
+        for name, (e, s, mode, embeds) in runs.items():
             start = time.perf_counter()
-            prob = predict_probabilities(model, vae, schedule, inputs, embeds[candidates], e, s)
+            prob = predict_probabilities(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
             if prob.shape[-2:] != labels.shape[-2:]:
                 prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
-            pred = segment(prob, candidates, class_ids, background, threshold)
+            preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - start
-            conf[name] += confusion_matrix(pred, labels, num_labels)
-            if name == f"DiGSeg {settings[-1][0]}x{settings[-1][1]}" and len(shown) < 4:  # the main setting
-                shown += list(zip(images, pred, labels))[: 4 - len(shown)]
+            class_runs[name] += len(images) * len(candidates[mode])
+            for r, pred in preds.items():
+                conf[f"{name}, {r}"] += confusion_matrix(pred, labels, num_labels)
+            if name == next(iter(runs)) and len(shown) < 4:
+                shown += list(zip(images, preds[next(iter(rules))], labels))[: 4 - len(shown)]
         conf["baseline: majority label"] += confusion_matrix(torch.full_like(labels, majority), labels, num_labels)
     total = sum(1 for _ in subset) * world
-    return {n: all_reduce_confusion(c) for n, c in conf.items()}, {n: total / max(s * world, 1e-9) for n, s in seconds.items()}, shown
+    speed = {f"{n}, {r}": {"images/s": round(total / max(t * world, 1e-9), 2), "class runs/s": round(class_runs[n] / max(t, 1e-9), 2)}
+             for n, t in seconds.items() for r in rules}  # fmt: skip
+    return {n: all_reduce_confusion(c) for n, c in conf.items()}, speed, shown
 
 
 def summarise(conf: Tensor, scored: list[int]) -> dict:
@@ -394,8 +341,8 @@ def main(argv=None) -> dict:
         classes = fold_split(0)[1]  # five classes, one per form: "striped disc", "checkered ring", ...
         names, class_ids = [CLASS_NAMES[c] for c in classes], torch.tensor(classes)
         vocab, label_names = (len(CLASS_NAMES), 0, 0), CLASS_NAMES  # background 0 (the majority)
-        train_data = SemanticScenes(args.seed, 100_000, size=args.size, classes=classes, objects=(1, 3))
-        test_data = SemanticScenes(args.seed + 1, args.images, size=args.size, classes=classes, objects=(1, 3))
+        kw = dict(size=args.size, classes=classes, objects=(2, 3), distinct=True)  # note 7: masks depend on the prompt
+        train_data, test_data = SemanticScenes(args.seed, 100_000, **kw), SemanticScenes(args.seed + 1, args.images, **kw)
         scored = [0, *classes]
     else:
         from unet_seg.data.ade20k import ADE20K, ADE20K_CLASSES
@@ -416,20 +363,22 @@ def main(argv=None) -> dict:
         sd_text, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
         clip_text, clip_tokenizer = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPTokenizer.from_bpe()
         clip_vision = CLIPVisionEncoder(TINY_VIT)
-        schedule = NoiseSchedule.sd(args.prediction_type or "v_prediction")
+        schedule = NoiseSchedule.sd(args.prediction_type)
     else:
         sd = load_sd(args.model, vae_dtype=torch.float32)
         unet, vae, sd_text, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
         clip_text, clip_vision = load_clip(args.clip)
         clip_tokenizer = CLIPTokenizer.from_bpe()  # CLIP's published vocabulary, padded with EOS as openai's
-        schedule = NoiseSchedule(sd.schedule.alphas_cumprod, args.prediction_type or sd.schedule.prediction_type)
+        schedule = NoiseSchedule(sd.schedule.alphas_cumprod, args.prediction_type)
     with torch.no_grad():
         null_context = sd_text.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
     class_embeds = class_embeddings(clip_text, clip_tokenizer, names, device)  # [C, P], cached (A.3)
-    if args.demo:  # note 6
+    if args.demo:  # note 7
+        from unet_seg.demo import whiten
+
         class_embeds = whiten(class_embeds)
     del sd_text, clip_text
-    clip_vision = clip_vision.to(device).eval() if args.candidates == "clip" else None
+    clip_vision = clip_vision.to(device).eval() if "clip" in args.candidates else None
     torch.manual_seed(args.seed)
     model = DiGSeg(unet.widen_conv_in(8), class_embeds.shape[1], null_context).to(device).train()
     vae.to(device).eval().requires_grad_(False)
@@ -458,7 +407,7 @@ def main(argv=None) -> dict:
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         images, labels = (x.to(device) for x in fields(batch))
-        index, masks = training_pairs(labels, class_ids, ABSENT_PROB)
+        index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
         loss = train_step(forward, params, vae, schedule, opt, images, masks, class_embeds[index])
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -467,16 +416,16 @@ def main(argv=None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             quick = torch.utils.data.Subset(test_data, range(min(args.eval_images, len(test_data))))
             conf, _, _ = evaluate(model, vae, schedule, quick, class_embeds, class_ids, vocab, settings[:1], args.size,
-                                  device, args.seed, clip_vision, threshold=args.threshold)
+                                  device, args.seed, args.candidates[:1], clip_vision, threshold=args.threshold)
             miou = summarise(next(iter(conf.values())), scored)["mIoU"]
             print0(f"step {step}: mIoU {miou:.2f} on {len(quick)} test images ({settings[0][0]}x{settings[0][1]})")
     bar.close()
     train_time = time.perf_counter() - started
 
-    # ---- eval: E×S settings, the majority-label baseline, (demo) the shuffled-prompt control
+    # ---- eval: E×S settings × candidates × {argmax, τ floor}, the majority baseline, (demo) the shuffled-prompt control
     conf, speed, shown = evaluate(model, vae, schedule, test_data, class_embeds, class_ids, vocab, settings, args.size,
-                                  device, args.seed, clip_vision, control=args.demo, threshold=args.threshold)
-    metrics = {n: {**summarise(c, scored), **({"images/s": round(speed[n], 2)} if n in speed else {})} for n, c in conf.items()}
+                                  device, args.seed, args.candidates, clip_vision, control=args.demo, threshold=args.threshold)
+    metrics = {n: {**summarise(c, scored), **speed.get(n, {})} for n, c in conf.items()}
     first = next(iter(conf))
     if args.demo:  # the scene classes and background: nothing else is ever predicted
         print0(iou_table(conf[first][scored][:, scored], [label_names[c] for c in scored]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unet_seg.codecs import BlockCodec
-from unet_seg.demo import pretrain_denoiser
+from unet_seg.demo import pretrain_denoiser, whiten
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.models import TINY_SD2, UNet
 
@@ -58,3 +58,13 @@ def test_conditioning_sees_each_steps_label_maps():
 def test_pretraining_refuses_no_steps():
     with pytest.raises(ValueError, match="steps"):
         pretrain_denoiser(UNet(TINY_SD2), BlockCodec(), NoiseSchedule.sd(), 0, 64, 0, lambda y: y)
+
+
+def test_whiten_turns_nearly_parallel_embeddings_into_a_regular_simplex():
+    torch.manual_seed(0)
+    embeds = torch.nn.functional.normalize(torch.ones(5, 32) + 0.01 * torch.randn(5, 32), dim=-1)  # cosine ~0.999
+    w = whiten(embeds)
+    cos = w @ w.T
+    assert torch.allclose(cos.diagonal(), torch.ones(5), atol=1e-5)
+    off = cos[~torch.eye(5, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1 / 4), atol=1e-4)

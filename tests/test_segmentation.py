@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unet_seg.data.synthetic import SemanticScenes
-from unet_seg.segmentation import evaluate_semantic, slide_logits
+from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, evaluate_semantic, slide_logits
 
 K = 5
 
@@ -62,3 +62,41 @@ def test_evaluate_semantic_of_the_oracle_is_diagonal_and_of_a_constant_is_one_co
     constant = lambda x: torch.zeros(len(x), 21, 8, 8).index_fill_(1, torch.tensor([2]), 1.0)  # noqa: E731
     conf, _ = evaluate_semantic(constant, data, 21, torch.device("cpu"))
     assert conf[:, 2].sum() == labels.numel() and conf.sum() == labels.numel()
+
+
+# ---- per-class segmentation (DiGSeg)
+
+
+def test_clip_candidates_keep_classes_above_either_threshold_and_never_none():
+    from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, clip_preprocess
+
+    torch.manual_seed(0)
+    clip = CLIPVisionEncoder(TINY_VIT).eval()
+    images = torch.rand(2, 3, 40, 48) * 2 - 1
+    embeds = torch.nn.functional.normalize(torch.randn(6, TINY_VIT.projection_dim), dim=-1)
+    assert clip_candidates(clip, images, embeds, -1.0, 2.0).all()  # every global score > −1
+    assert clip_candidates(clip, images, embeds, 2.0, -1.0).all()  # every patch score > −1
+    none = clip_candidates(clip, images, embeds, 2.0, 2.0)
+    assert none.sum(1).tolist() == [1, 1]  # nothing passes: the best global class is kept
+    with torch.no_grad():
+        best = (torch.nn.functional.normalize(clip(clip_preprocess(images, TINY_VIT.image_size)).image_embeds, dim=-1) @ embeds.T).argmax(1)
+    assert none.float().argmax(1).tolist() == best.tolist()
+
+
+def test_class_mask_pairs_take_present_classes_or_absent_ones_with_empty_masks():
+    labels = torch.zeros(64, 8, 8, dtype=torch.long)
+    labels[:, :4] = 3
+    labels[:, 4, 4] = 255
+    class_ids = torch.tensor([1, 3, 7])
+    torch.manual_seed(0)
+    index, masks = class_mask_pairs(labels, class_ids, absent_prob=0.0)
+    assert (index == 1).all() and torch.equal(masks, (labels == 3).long())
+    index, masks = class_mask_pairs(labels, class_ids, absent_prob=1.0)
+    assert set(index.tolist()) == {0, 2} and (masks == 0).all()
+
+
+def test_candidates_to_labels_maps_argmax_to_dataset_labels_with_or_without_a_floor():
+    prob = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.8, 0.65]]).view(1, 2, 1, 3)  # 2 candidates, 3 pixels
+    candidates, class_ids = torch.tensor([4, 1]), torch.tensor([10, 11, 12, 13, 14])
+    assert candidates_to_labels(prob, candidates, class_ids, background=99, threshold=0.7).tolist() == [[[14, 11, 99]]]
+    assert candidates_to_labels(prob, candidates, class_ids, background=99).tolist() == [[[14, 11, 11]]]  # plain argmax

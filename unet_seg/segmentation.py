@@ -1,5 +1,11 @@
 """Semantic-segmentation inference and evaluation shared by the recipes (DIFF, QueryDiff, DiGSeg).
 
+Per-class (open-vocabulary) segmentation, one binary mask per class (DiGSeg):
+
+    keep = clip_candidates(clip_vision, images, class_embeds)        # [B, C] bool, A.3
+    index, masks = class_mask_pairs(labels, class_ids, absent_prob)  # training: one class per image
+    labels = candidates_to_labels(prob, candidates, class_ids, background, threshold=0.7)
+
     logits = slide_logits(model_logits, image, crop=(512, 512), stride=(341, 341), num_classes=19)
     conf, shown = evaluate_semantic(lambda x: model_logits(x).argmax(1), val_set, 19, device)
     print(iou_table(conf, CITYSCAPES_CLASSES))
@@ -13,14 +19,16 @@ Datasets yield dict(image [3, H, W], label [H_l, W_l]) (the driving and ADE20K r
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .codecs import masks_to_label_map
 from .metrics import all_reduce_confusion, confusion_matrix
+from .models.clip_vision import clip_preprocess
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -106,3 +114,49 @@ def evaluate_semantic(
 def _collate(items: list) -> tuple[Tensor, Tensor]:
     images, labels = zip(*(_fields(item) for item in items))
     return torch.stack(images), torch.stack(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-class segmentation (DiGSeg)
+
+
+@torch.no_grad()
+def clip_candidates(clip_vision, images: Tensor, class_embeds: Tensor, threshold: float = 0.25,
+                    patch_threshold: float = 0.25) -> Tensor:
+    """CLIP's candidate classes (DiGSeg A.3): images [B, 3, H, W] in [-1, 1], class_embeds [C, P]
+    normalised text embeddings -> bool [B, C]: cos(v, t_c) > threshold (A.3: 0.25), or max over
+    patches p of cos(v_p, t_c) > patch_threshold (patch tokens through CLIP's head; A.3 gives no
+    value). An image with no candidate keeps its best global class."""
+    out = clip_vision(clip_preprocess(images, clip_vision.config.image_size).to(class_embeds.device))
+    t = class_embeds.to(out.image_embeds.dtype)
+    image_score = F.normalize(out.image_embeds, dim=-1) @ t.T  # [B, C]
+    patch_score = (F.normalize(clip_vision.project(out.patch_tokens), dim=-1) @ t.T).amax(1)  # [B, C]
+    keep = (image_score > threshold) | (patch_score > patch_threshold)
+    best = F.one_hot(image_score.argmax(1), t.shape[0]).bool()
+    return torch.where(keep.any(1, keepdim=True), keep, best)
+
+
+def class_mask_pairs(labels: Tensor, class_ids: Tensor, absent_prob: float) -> tuple[Tensor, Tensor]:
+    """labels [B, H, W] (dataset labels, 255 ignore) -> (vocabulary index [B], binary mask [B, H, W]):
+    per image a class present in it, or with probability `absent_prob` (always, when none is
+    present) one absent from it, whose mask is empty. Draws from the global RNG."""
+    picks = []
+    for lab in labels:
+        present = torch.isin(class_ids, lab.unique().to(class_ids.device))
+        pool = present if (present.any() and torch.rand(()) >= absent_prob) else ~present
+        choice = pool.nonzero()[:, 0]
+        picks.append(choice[torch.randint(len(choice), ())])
+    index = torch.stack(picks).to(labels.device)
+    masks = (labels == class_ids.to(labels.device)[index].view(-1, 1, 1)).long()
+    return index, masks
+
+
+def candidates_to_labels(prob: Tensor, candidates: Tensor, class_ids: Tensor, background: int,
+                         threshold: Optional[float] = None) -> Tensor:
+    """prob [B, K, H, W] of the vocabulary classes `candidates` [K] -> dataset labels [B, H, W]:
+    pixel-wise argmax over the candidates, and with a `threshold` τ the `background` label where
+    the best probability is below τ (DiGSeg A.3). Without one, plain argmax: the reading for
+    label sets without a background class (ADE20K-150)."""
+    index = prob.argmax(1) if threshold is None else masks_to_label_map(prob, prob.shape[1], threshold)
+    table = torch.cat([class_ids.to(prob.device)[candidates.to(prob.device)], torch.tensor([background], device=prob.device)])
+    return table[index]
