@@ -16,14 +16,12 @@ Method (one training sample = an image and one class c; one denoising run per ca
     ctx = [SD text encoder("") (77 tokens) ; MLP(t_c) (K tokens)]            class tokens at latent/4, /8
     ε   ~ multi-resolution noise, annealed (A.1; Marigold's construction: unet_seg.diffusion)
     L   = ‖ε − ε_θ(cat(z_x, √ᾱ_t z_y + √(1−ᾱ_t) ε), t, ctx)‖²              eq. 6, conv_in widened 4 -> 8
-    inference: per candidate c, E seeds × S DDIM-trailing steps from z_T ~ N(0, I), mean of the E
-    latents, decode, p_c = (mean_rgb + 1)/2; label = argmax_c p_c (+ "background" where max < τ)
+    p_c = decoded mean of E DDIM-trailing runs of S steps; label = argmax_c p_c (+ τ floor)    §3.7, A.3
 
 | setting | paper | official code | here | why |
 |---|---|---|---|---|
 | backbone | "SDv2" (§4.1); VAE frozen | none released | SD 2.x U-Net | |
 | trained | cross-attention at 1/4 and 1/8, mid attention, a small MLP (A.2) | – | latent/4 cross-attention, mid transformer, MLP, conv_in (note 1) | conv_in: the widened input |
-| image conditioning | concat of image and noisy mask latents (§3.4) | – | same, conv_in widened 4 -> 8 | |
 | text | CLIP ViT-L/14 embedding of "A photo of a {c}" (A.3) | – | same, 4 class tokens via Linear–GELU–Linear (note 2) | MLP size: ours |
 | objective | ε-prediction MSE, eq. 6 | – | ε; `--prediction-type v_prediction` (note 3) | eq. 6 |
 | training noise | multi-res. + annealed (Table 4: +1.9 mIoU), formula not given | – | Marigold "original", s = 0.9, ×t/T | A.1 matches Marigold's release |
@@ -31,19 +29,15 @@ Method (one training sample = an image and one class c; one denoising run per ca
 | training pairs | not described | – | a present class, or (p = 0.25) an absent one with an empty mask | ours (note 4) |
 | augmentation | 512², flip, scale jitter [0.8, 1.2] (§4.1) | – | short side 512×U(0.8,1.2), 512² crop, flip | |
 | inference | DDIM trailing; E seeds averaged in latent space; 8×2 = 58.6, 1×1 = 56.8 (Table 6) | – | same | |
-| labels | argmax over candidates, background below τ_bg (A.3) | – | both rows: plain argmax, and τ floor (note 5) | ADE20K-150 has no background |
+| labels | argmax over candidates, background below τ_bg (A.3); τ = 0.7 (§4) | – | both rows: plain argmax, and τ = 0.7 floor (note 5) | ADE20K-150 has no background |
 | candidates | CLIP global cos > 0.25 or any patch > τ_patch (A.3) | – | `--candidates clip` and/or `all`; τ_patch = 0.25 | τ_patch not given: the global value |
-| τ | 0.7 (§4, Fig. 3) | – | 0.7 | |
 | speed | 11.27 FPS at 1×1, 3.15 at 8×2 (Table 6) | – | images/s and class runs/s (note 6) | |
 | evaluation | ADE20K-150 val, 512² input | – | resized to 512², probabilities back to the label size | |
 
-Notes. (1) A.2 keeps "all other convolutional layers" frozen, but the widened conv_in is no
-longer SD's: frozen, its tiled half-weights would add the image latent to the noisy mask latent
-with the same filters. (2) With one token, softmax attention is constant over space and
-cross-attention reduces to a per-class bias; K tokens let it vary. The other cross-attention
-layers keep SD's empty-prompt context. (3) Eq. 6 is written for ε. SD 2.1 (768) is a
-v-prediction model and Marigold, whose protocol DiGSeg follows, keeps v; with ε one trailing
-DDIM step at t = 999 divides the ε error by √ᾱ_999 ≈ 0.07. (4) Without absent classes the model
+Notes. (1) Frozen, the widened conv_in's tiled half-weights would add the image latent to the
+noisy mask latent with the same filters. (2) With one token, cross-attention reduces to a
+per-class bias; K tokens let it vary over space. (3) SD 2.1 (768) and Marigold use v; with ε one
+trailing DDIM step at t = 999 divides the ε error by √ᾱ_999 ≈ 0.07. (4) Without absent classes the model
 never learns "not in this image", which the argmax over CLIP's candidates needs. (5) A.3 floors
 max_c p_c < τ_bg to "background"; on ADE20K-150 there is no such class (label 0 "other" is
 ignored), so a floored pixel is always an error: plain argmax is the protocol its 58.6 implies,
@@ -51,19 +45,16 @@ the floor the literal rule (right for the demo, whose scenes have a background).
 1×1 is ~89 ms per image, about one VAE encode + one U-Net call + one decode at 512²: the paper
 times one run per image, not one per candidate class (ADE20K images hold ~10). Per-class runs
 cost K times more per image; "class runs/s" is the number comparable to the paper's FPS.
-(7) `--demo` cannot use pretrained weights: a tiny random U-Net (all of it trained, lr 1e-3),
-random tiny CLIP towers with the five prompts whitened (`unet_seg.demo.whiten`: a random tower
-maps them to nearly one direction), and the frozen weight-free `BlockCodec` for SD's VAE, at 128²
-(at 64² even ground-truth latents decode to 43 mIoU at τ = 0.7). Every scene holds 2–3 objects
-of distinct classes among five ("striped disc", "checkered ring", ...), so a mask depends on the
-prompt; the control gives each class the next class's prompt.
+(7) `--demo`: a tiny random U-Net (all trained, lr 1e-3), random tiny CLIP towers with the five
+prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's VAE, at 128²
+(at 64² ground-truth latents decode to 43 mIoU). Every scene holds 2–3 objects of distinct
+classes, so a mask depends on the prompt; the control gives each class the next class's prompt.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +63,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
-from unet_seg.codecs import BlockCodec, latent_to_probability, mask_to_latent
-from unet_seg.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean, multires_noise, q_sample, training_target
+from unet_seg.codecs import BlockCodec, mask_to_latent
+from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
 from unet_seg.models import TINY_SD1_TEXT, TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
-from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates
+from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
@@ -185,10 +176,6 @@ def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, tokenizer, nam
     return F.normalize(text_encoder.to(device).eval().text_embeds(ids).float(), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-
-
 def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, class_embeds) -> Tensor:
     """One optimiser step of eq. 6 (`model`: DiGSeg as called, possibly compiled or DDP-wrapped;
     `params`: what it trains). images [B, 3, H, W], masks [B, H, W] in {0, 1}, class_embeds [B, P]."""
@@ -209,37 +196,6 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference
-
-
-@torch.no_grad()
-def predict_probabilities(model, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor,
-                          ensemble: int, ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
-    """images [B, 3, H, W], class_embeds [K, P] (the same candidates for every image) -> class
-    probabilities [B, K, H, W]: for each (image, class), `ensemble` DDIM-trailing runs of
-    `ddim_steps` steps from N(0, I) (`noise` [E, B·K, 4, h, w], image-major; default drawn from
-    the global RNG), averaged in latent space, decoded (§3.7, A.3). The image is encoded once and
-    its latent shared by its K classes: all K·E runs go through each denoiser call together."""
-    b, k = images.shape[0], class_embeds.shape[0]
-    z_x = vae.encode(images).repeat_interleave(k, dim=0)  # [B·K, 4, h, w], image-major
-    cond = class_embeds.repeat(b, 1)  # [B·K, P]
-    timesteps = ddim_timesteps(ddim_steps, schedule.num_train_timesteps, "trailing")
-
-    def run(noise: Tensor) -> Tensor:  # [r·B·K, 4, h, w], r ensemble members stacked run-major
-        r = noise.shape[0] // z_x.shape[0]
-        zx, c = z_x.repeat(r, 1, 1, 1), cond.repeat(r, 1)
-        with autocast(images.device):
-            return ddim_sample(lambda x, t: model(x, zx, t, c).float(), noise, timesteps, schedule)
-
-    if noise is None:
-        noise = torch.randn(ensemble, *z_x.shape, device=images.device)
-    elif noise.shape != (ensemble, *z_x.shape):
-        raise ValueError(f"noise must be [E, B·K, 4, h, w] = {[ensemble, *z_x.shape]}, got {list(noise.shape)}")
-    z = ensemble_mean(run, noise)
-    return latent_to_probability(vae, z.to(images.dtype)).unflatten(0, (b, k))
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -251,15 +207,11 @@ def fields(batch) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
              modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD):
-    """This rank's share of `data` -> ({name: all-rank confusion matrix [N, N]}, {name: speed},
-    up to 4 (image, prediction, labels) of the first row to draw). Rows: per E×S setting in
-    `settings` and candidate mode in `modes` ("all" classes, or "clip": each image's CLIP
-    candidates from `clip_vision`), two label rules on the same probabilities, plain argmax and
-    the τ floor (note 5); the majority-label baseline; with `control`, the last setting with every
-    class's prompt replaced by the next class's. speed: images/s and class runs/s (note 6).
-    `vocab`: (num_labels, background label, majority label). Images are resized to size² and the
-    probabilities back to the labels' size. Eval mode, own RNG stream (the noise, seeded by
-    `seed`); training mode and RNG restored."""
+    """This rank's share of `data` -> ({row: all-rank confusion [N, N]}, {row: images/s, class
+    runs/s}, up to 4 (image, prediction, labels)). Rows: E×S `settings` × candidate `modes` ("all",
+    or "clip" from `clip_vision`) × {plain argmax, τ floor}; the majority baseline (`vocab`:
+    num_labels, background, majority); with `control`, the last setting with each class's prompt
+    replaced by the next class's. Eval mode, own RNG stream seeded by `seed`, both restored."""
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -275,8 +227,7 @@ def _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settin
     num_labels, background, majority = vocab
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
     subset = torch.utils.data.Subset(data, range(rank, len(data), world))
-    runs = {f"DiGSeg {e}x{s}" + (f", {m} candidates" if len(modes) > 1 else ""): (e, s, m, class_embeds)
-            for e, s in settings for m in modes}  # fmt: skip
+    runs = {f"DiGSeg {e}x{s}" + (f", {m} candidates" if len(modes) > 1 else ""): (e, s, m, class_embeds) for e, s in settings for m in modes}
     if control:
         runs["control: DiGSeg, prompts of the next class"] = (*settings[-1], modes[0], class_embeds.roll(-1, 0))
     rules = {"argmax": None, f"τ {threshold}": threshold}
@@ -292,7 +243,7 @@ def _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settin
             candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
         for name, (e, s, mode, embeds) in runs.items():
             start = time.perf_counter()
-            prob = predict_probabilities(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
+            prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
             if prob.shape[-2:] != labels.shape[-2:]:
                 prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
             preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
@@ -316,9 +267,6 @@ def summarise(conf: Tensor, scored: list[int]) -> dict:
     iou = iou_per_class(conf)[scored]
     acc = conf.diagonal().sum() / conf.sum().clamp(min=1)
     return {"mIoU": round(100 * iou.nanmean().item(), 2), "aAcc": round(100 * acc.item(), 2)}
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
@@ -426,11 +374,8 @@ def main(argv=None) -> dict:
     conf, speed, shown = evaluate(model, vae, schedule, test_data, class_embeds, class_ids, vocab, settings, args.size,
                                   device, args.seed, args.candidates, clip_vision, control=args.demo, threshold=args.threshold)
     metrics = {n: {**summarise(c, scored), **speed.get(n, {})} for n, c in conf.items()}
-    first = next(iter(conf))
-    if args.demo:  # the scene classes and background: nothing else is ever predicted
-        print0(iou_table(conf[first][scored][:, scored], [label_names[c] for c in scored]))
-    else:
-        print0(iou_table(conf[first], list(label_names)))
+    first = next(iter(conf))  # demo: only the scene classes and background are ever predicted
+    print0(iou_table(conf[first][scored][:, scored], [label_names[c] for c in scored]) if args.demo else iou_table(conf[first], list(label_names)))
     wall = time.perf_counter() - started
     title = f"DiGSeg, {len(test_data)} test images" + (" (DEMO: synthetic)" if args.demo else " (ADE20K-150 val)")
     table = write_metrics(metrics, args.out / "metrics", title=title)

@@ -112,10 +112,11 @@ def test_class_tokens_reach_only_the_quarter_and_eighth_scale_layers():
 
 
 def test_all_classes_of_an_image_in_one_batch_equal_the_per_class_loop():
-    """predict_probabilities denoises the K classes of each image together, sharing the image
+    """denoise_class_masks denoises the K classes of each image together, sharing the image
     latent; with the same noise each (image, class) equals its own single-class call (fp32)."""
     from unet_seg.diffusion import NoiseSchedule
     from unet_seg.models import TINY_VAE, AutoencoderKL
+    from unet_seg.segmentation import denoise_class_masks
 
     recipe = _recipe()
     torch.manual_seed(0)
@@ -124,15 +125,15 @@ def test_all_classes_of_an_image_in_one_batch_equal_the_per_class_loop():
     b, k, e, size = 2, 3, 2, 64
     images, embeds = torch.rand(b, 3, size, size) * 2 - 1, torch.randn(k, 32)
     noise = torch.randn(e, b * k, 4, size // 8, size // 8)
-    batched = recipe.predict_probabilities(model, vae, schedule, images, embeds, e, 2, noise=noise)
+    batched = denoise_class_masks(model, vae, schedule, images, embeds, e, 2, noise=noise)
     assert batched.shape == (b, k, size, size)
     for i in range(b):
         for c in range(k):
-            one = recipe.predict_probabilities(model, vae, schedule, images[i : i + 1], embeds[c : c + 1], e, 2,
+            one = denoise_class_masks(model, vae, schedule, images[i : i + 1], embeds[c : c + 1], e, 2,
                                                noise=noise[:, i * k + c : i * k + c + 1])  # fmt: skip
             torch.testing.assert_close(batched[i, c], one[0, 0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="noise must be"):
-        recipe.predict_probabilities(model, vae, schedule, images, embeds, e, 2, noise=noise[:, :1])
+        denoise_class_masks(model, vae, schedule, images, embeds, e, 2, noise=noise[:, :1])
 
 
 def test_defaults_follow_the_paper():

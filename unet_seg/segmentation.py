@@ -4,6 +4,7 @@ Per-class (open-vocabulary) segmentation, one binary mask per class (DiGSeg):
 
     keep = clip_candidates(clip_vision, images, class_embeds)        # [B, C] bool, A.3
     index, masks = class_mask_pairs(labels, class_ids, absent_prob)  # training: one class per image
+    prob = denoise_class_masks(denoiser, vae, schedule, images, class_embeds, ensemble=8, ddim_steps=2)
     labels = candidates_to_labels(prob, candidates, class_ids, background, threshold=0.7)
 
     logits = slide_logits(model_logits, image, crop=(512, 512), stride=(341, 341), num_classes=19)
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .codecs import masks_to_label_map
+from .codecs import latent_to_probability, masks_to_label_map
+from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean
 from .metrics import all_reduce_confusion, confusion_matrix
 from .models.clip_vision import clip_preprocess
+from .train import autocast
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -160,3 +163,31 @@ def candidates_to_labels(prob: Tensor, candidates: Tensor, class_ids: Tensor, ba
     index = prob.argmax(1) if threshold is None else masks_to_label_map(prob, prob.shape[1], threshold)
     table = torch.cat([class_ids.to(prob.device)[candidates.to(prob.device)], torch.tensor([background], device=prob.device)])
     return table[index]
+
+
+@torch.no_grad()
+def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
+                        ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
+    """images [B, 3, H, W], class_embeds [K, P] (the same candidates for every image) -> class
+    probabilities [B, K, H, W] (DiGSeg §3.7, A.3): for each (image, class), `ensemble` DDIM-trailing
+    runs of `ddim_steps` steps from N(0, I) (`noise` [E, B·K, 4, h, w], image-major; default drawn
+    from the global RNG), averaged in latent space, decoded. `denoiser(y_t, z_x, t, class_embeds)`
+    predicts in the schedule's parameterisation. The image is encoded once and its latent shared
+    by its K classes: all K·E runs go through each denoiser call together (bf16 autocast on a GPU)."""
+    b, k = images.shape[0], class_embeds.shape[0]
+    z_x = vae.encode(images).repeat_interleave(k, dim=0)  # [B·K, 4, h, w], image-major
+    cond = class_embeds.repeat(b, 1)  # [B·K, P]
+    timesteps = ddim_timesteps(ddim_steps, schedule.num_train_timesteps, "trailing")
+
+    def run(noise: Tensor) -> Tensor:  # [r·B·K, 4, h, w], r ensemble members stacked run-major
+        r = noise.shape[0] // z_x.shape[0]
+        zx, c = z_x.repeat(r, 1, 1, 1), cond.repeat(r, 1)
+        with autocast(images.device):
+            return ddim_sample(lambda x, t: denoiser(x, zx, t, c).float(), noise, timesteps, schedule)
+
+    if noise is None:
+        noise = torch.randn(ensemble, *z_x.shape, device=images.device)
+    elif noise.shape != (ensemble, *z_x.shape):
+        raise ValueError(f"noise must be [E, B·K, 4, h, w] = {[ensemble, *z_x.shape]}, got {list(noise.shape)}")
+    z = ensemble_mean(run, noise)
+    return latent_to_probability(vae, z.to(images.dtype)).unflatten(0, (b, k))
