@@ -4,9 +4,9 @@
     python benchmarks/bench_digseg.py --tiny --device cpu --iters 1     # smoke test of the script itself
 
 One image = CLIP ViT-L/14 candidate selection (224², global + patch scores against 150 cached
-class embeddings, A.3), then for K candidate classes the recipe's `predict_probabilities` (VAE
+class embeddings, A.3), then for K candidate classes `unet_seg.segmentation.denoise_class_masks` (VAE
 encode of the image; E seeds × S DDIM-trailing steps of the denoiser, batched over K·E; mean of the
-E latents; VAE decode of K latents) and `segment` (argmax, background below τ). Random weights,
+E latents; VAE decode of K latents) and `candidates_to_labels` (argmax, background below τ). Random weights,
 so CLIP's selection is timed but K is fixed by `--classes` (the paper does not say how many
 candidates its FPS assumes; ADE20K images hold 8–9 classes on average). The denoiser and the VAE
 in bf16, channels_last; the denoiser compiled (`--mode`), the VAE and CLIP eager unless --compile-all.
@@ -14,7 +14,7 @@ The paper's Table 6 (8 × A100, per-image FPS, K not given): 1×1 11.27, 1×2 10
 
 The recipe denoises the K classes of an image together (one VAE encode of the image, its latent
 shared by the K·E runs of each denoiser call, one decode of K latents); "per-class loop" runs
-`predict_probabilities` once per class instead (K encodes, K·S denoiser calls of E, K decodes).
+`denoise_class_masks` once per class instead (K encodes, K·S denoiser calls of E, K decodes).
 The two are timed in interleaved rounds (A B B A ...): median of the segment medians (min–max).
 "first call" is the seconds of the first call of each, which compiles (cold on a fresh machine;
 `--compile-only` in a second process gives the warm on-disk-cache time of the first setting).
@@ -39,6 +39,7 @@ from bench_models import device_name, file_tag, interleaved, load_recipe, spread
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
 from unet_seg.models.clip_vision import TINY_VIT, VIT_L14, CLIPVisionEncoder  # noqa: E402
+from unet_seg.segmentation import candidates_to_labels, clip_candidates, denoise_class_masks  # noqa: E402
 
 PAPER_FPS = {(1, 1): 11.27, (1, 2): 10.61, (4, 5): 5.82, (8, 2): 3.15}
 
@@ -85,14 +86,14 @@ def main() -> None:
 
     def one_image(k: int, e: int, s: int, per_class: bool = False):
         with torch.no_grad():
-            recipe.candidate_classes(clip, image, class_embeds)  # timed; K fixed below (random weights)
+            clip_candidates(clip, image, class_embeds)  # timed; K fixed below (random weights)
             candidates = torch.arange(k, device=device)
             if per_class:
-                prob = torch.cat([recipe.predict_probabilities(forward, vae, schedule, image, text_embeds[c : c + 1], e, s)
+                prob = torch.cat([denoise_class_masks(forward, vae, schedule, image, text_embeds[c : c + 1], e, s)
                                   for c in range(k)], dim=1)  # fmt: skip
             else:
-                prob = recipe.predict_probabilities(forward, vae, schedule, image, text_embeds[candidates], e, s)
-            return recipe.segment(prob, candidates, class_ids, vocabulary)
+                prob = denoise_class_masks(forward, vae, schedule, image, text_embeds[candidates], e, s)
+            return candidates_to_labels(prob, candidates, class_ids, vocabulary, threshold=0.7)
 
     def first_call(fn) -> float:
         start = time.perf_counter()
@@ -122,7 +123,7 @@ def main() -> None:
     )
     rows = []
     print(header, flush=True)
-    clip_ms = timed(lambda: recipe.candidate_classes(clip, image, class_embeds), 5, 2, device)
+    clip_ms = timed(lambda: clip_candidates(clip, image, class_embeds), 5, 2, device)
     print(f"CLIP candidate selection alone: {clip_ms:.1f} ms", flush=True)
     for k in classes:
         for e, s in settings:
