@@ -102,6 +102,30 @@ def test_k_shot_prediction_reads_every_support_token_unless_sampling():
     assert not torch.allclose(sampled[0], sampled[1])
 
 
+def test_training_encodes_posterior_samples_and_evaluation_posterior_means():
+    """As the official script: the target −E(query mask) and the inputs are VAE posterior samples
+    in training; evaluation encodes posterior means."""
+    import torch
+
+    from unet_seg.models import TINY_SD2, TINY_VAE, AutoencoderKL, UNet
+
+    torch.manual_seed(0)
+    r = _recipe()
+    unet, vae = UNet(TINY_SD2).add_support_conv_in(8), AutoencoderKL(TINY_VAE).eval()
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x, sample=False, **kw: calls.append(sample) or encode(x, sample=sample, **kw)
+    query, supports = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 1, 3, 64, 64) * 2 - 1
+    query_mask, support_masks = (torch.rand(1, 64, 64) > 0.5).long(), (torch.rand(1, 1, 64, 64) > 0.5).long()
+    context = torch.randn(1, 77, TINY_SD2.context_dim)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    r.train_step(unet, unet, vae, context, opt, query, query_mask, supports, support_masks)
+    assert calls and all(calls)
+    calls.clear()
+    r.predict_masks(unet.eval(), vae, context[:, :2], query, supports, support_masks)
+    assert calls and not any(calls)
+
+
 def test_binarise_follows_the_official_evaluation():
     """8-bit truncation, then channel mean > 0.25 × the maximum over channels and pixels."""
     import torch
