@@ -245,7 +245,7 @@ def test_ddim_sample_equals_diffusers_ddim_loop(kind, spacing, steps, offset):
         x = ref.step(dummy_model(x, t.expand(2)), t, x).prev_sample
     schedule = NoiseSchedule.from_config({**SD, "prediction_type": kind})
     ours = ddim_sample(dummy_model, x_T, ddim_timesteps(steps, spacing=spacing, steps_offset=offset), schedule)
-    assert rel_err(ours, x) <= 1e-4
+    assert rel_err(ours, x) <= 5e-6  # measured <= 8.8e-7 over the 18 cases (float32, up to 8 steps)
 
 
 @given(kind=prediction_types, steps=st.integers(1, T), t=timesteps, seed=seeds)

@@ -74,7 +74,7 @@ def test_diffusers_folder_loads_every_component(folder):
     text_ref = transformers.CLIPTextModel.from_pretrained(root / "text_encoder").eval()
     ids = sd.tokenizer(PROMPTS)
     with torch.no_grad():
-        assert rel_err(sd.text_encoder(ids), text_ref(ids).last_hidden_state) <= 1e-4
+        assert rel_err(sd.text_encoder(ids), text_ref(ids).last_hidden_state) <= 1e-6  # measured 0.0
         context = sd.encode_prompt(PROMPTS)
     assert context.shape == (3, 77, UNETS[family].context_dim)
     assert ids[2, 2].item() == (0 if family == "sd2" else 49407)  # pad id from tokenizer_config.json
