@@ -61,19 +61,31 @@ def test_evaluation_never_builds_the_diffusion_model(tmp_path, monkeypatch):
 
 def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries():
     recipe = _recipe()
-    args = recipe.parse_args(["--demo", "--queries", "8"])
-    model = recipe.build_model(args, 6, True, recipe.tap_channels(recipe.DEMO_TEACHER.channels))
+    args = recipe.parse_args(["--demo", "--queries", "8", "--teacher-steps", "0"])  # a random teacher routes gradients too
+    model = recipe.build_model(args, 6, True)
     teacher = recipe.build_teacher(args, torch.device("cpu"))
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     unet, vae, context, schedule, timesteps = teacher
     weak, strong = recipe.diffusion_features(unet, vae, context, images, schedule, timesteps)
-    assert [f.shape[1] for f in weak] == recipe.tap_channels(recipe.DEMO_TEACHER.channels)
+    assert [f.shape[1] for f in weak] == recipe.tap_channels(args)
     _, _, (l_dist, l_sup) = model(images, weak, strong)
     (l_dist + l_sup).backward()
-    assert model.agents.q_init.grad is not None and model.agents.q_init.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.decoder.parameters())  # DCL teaches the queries, not the head
+    # the DCL teaches the agent queries: PMerge and, through it, Rein's tokens (which refine the backbone)
+    assert model.backbone.reins.tokens_a.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.merge.parameters())
+    assert all(p.grad is None for p in model.decoder.parameters())  # not the head
     cls, masks, dcl = model(images)  # inference: no diffusion features, no DCL
     assert dcl is None and len(cls) == len(masks) == args.decoder_layers + 1
+
+
+def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag_away():
+    recipe = _recipe()
+    paper = recipe.parse_args(["--gta-root", "x"])
+    assert (paper.steps, paper.batch_size, paper.lr, paper.backbone_lr_mult) == (60000, 4, 1e-4, 0.1)
+    assert (paper.pixel_layers, paper.decoder_layers, paper.dim, paper.queries, paper.points) == (6, 9, 256, 100, 12544)
+    release = recipe.parse_args(["--gta-root", "x", "--schedule", "release"])
+    assert (release.steps, release.batch_size, release.backbone_lr_mult) == (40000, 2, 1.0)
+    assert recipe.parse_args(["--gta-root", "x", "--schedule", "release", "--steps", "7"]).steps == 7
 
 
 @pytest.mark.slow
