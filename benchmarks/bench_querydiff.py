@@ -1,90 +1,174 @@
-"""QueryDiff (recipes/querydiff_gta2cs.py) on one GPU: inference speed WITHOUT the diffusion branch.
+"""QueryDiff (recipes/querydiff_gta2cs.py) on one GPU: inference crops/s with Mask2Former's
+deformable pixel decoder against the plain FPN pixel decoder the recipe used before (a copy of it
+lives only here), eager and compiled; and the training step time with and without DCL.
 
-    python benchmarks/bench_querydiff.py                                    # CUDA, DINOv2-L + Rein, 512² crops, bf16
-    python benchmarks/bench_querydiff.py --tiny --device cpu --iters 2      # smoke test (demo model, no timm)
+    python benchmarks/bench_querydiff.py                                     # CUDA, 512² crops, bf16
+    python benchmarks/bench_querydiff.py --tiny --device cpu --iters 2 --rounds 1   # smoke test (demo sizes)
 
-Times the recipe's own `predict_scores` (backbone -> agent queries -> refined Mask2Former
-decoder -> semantic scores; the path `evaluate` uses for each sliding window) on random weights
-(`timm` builds DINOv2 with `pretrained=False`), eager and `torch.compile`d, under bf16 autocast
-with channels_last, as the recipe runs. For scale, the same table times what inference does NOT
-run: the training-only diffusion branch (SD2.1 VAE encode + one batched U-Net forward for t_w and
-t_s, up to the last tapped layer; `diffusion_features`), eager. A Cityscapes image at the
-evaluation scale (1024×512) is 3 sliding windows of 512² (stride 341). Needs timm (`recipes` extra).
+Inference runs the recipe's `predict_scores` (backbone -> agent queries -> pixel decoder ->
+refinement -> 9-layer decoder -> scores) on random weights. The backbone is timm's DINOv2-L + Rein
+when timm is installed; otherwise a stand-in with the same outputs and the same Rein tokens (one
+stride-16 patch conv, no ViT blocks: it times the head, and says so in the table). The training
+step is the recipe's `train_step` (AdamW, set loss with 12544 importance-sampled points, batch 4
+as the paper) with the frozen SD 2.1 U-Net + VAE (random weights) feeding the DCL. Variants are
+timed in interleaved rounds (A B B A ...), each round the median of --iters calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_models import device_name, file_tag, load_recipe, timed, write_table  # noqa: E402
 
+from unet_seg.backbones import Reins, imagenet_normalise  # noqa: E402
+from unet_seg.codecs import BlockCodec  # noqa: E402
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
+from unet_seg.mask2former import SetLossConfig  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, AutoencoderKL, UNet  # noqa: E402
+
+
+class FPNPixelDecoder(nn.Module):
+    """The recipe's former pixel decoder (kept here only for this comparison): 1×1 lateral + GN per
+    level, top-down sum, 3×3 conv + GN + ReLU -> (stride-4 map, maps at strides 32, 16, 8)."""
+
+    def __init__(self, channels, dim: int):
+        super().__init__()
+        self.lateral = nn.ModuleList([nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(8, dim)) for c in channels])
+        self.output = nn.ModuleList([nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.GroupNorm(8, dim), nn.ReLU(inplace=True)) for _ in channels])
+
+    def forward(self, stages):
+        x, outs = None, []
+        for i in reversed(range(len(stages))):
+            lat = self.lateral[i](stages[i])
+            x = lat if x is None else lat + F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+            outs.append(self.output[i](x))
+        return outs[-1], outs[:3]
+
+
+class StandInBackbone(nn.Module):
+    """Without timm: DINOv2-L's output shapes (1024 ch at strides 4..32 from a stride-16 grid) and
+    its Rein tokens [24, r, 1024], from one patch conv; no ViT blocks."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.channels = (1024,) * 4
+        self.patch = nn.Conv2d(3, 1024, 16, 16)
+        self.reins = Reins(24, 1024, tokens)
+
+    def forward(self, x):
+        f = self.reins(self.patch(imagenet_normalise(x)).flatten(2).transpose(1, 2), 23)
+        f = f.transpose(1, 2).reshape(x.shape[0], 1024, x.shape[2] // 16, x.shape[3] // 16)
+        return [F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else f for s in (4, 2, 1, 0.5)]
+
+
+def interleaved(variants: dict, iters: int, rounds: int, device: str) -> dict:
+    """{name: fn} -> {name: median over rounds of the per-round median ms}; order A B, B A, ..."""
+    names, times = list(variants), {n: [] for n in variants}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(timed(variants[n], iters, 2 if r == 0 else 1, device))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--batch", type=int, default=8, help="crops per inference call")
+    p.add_argument("--train-batch", type=int, default=4, help="crops per training step (paper: 4)")
     p.add_argument("--modes", default="eager,compile")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="the demo's model at 64² (smoke test)")
+    p.add_argument("--tiny", action="store_true", help="the demo's sizes at 64² (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("querydiff_gta2cs")
-    cli = ["--demo"] if args.tiny else ["--eval-only", "--no-pretrained"]
-    rargs = recipe.parse_args(cli)
+    rargs = recipe.parse_args(["--demo"] if args.tiny else ["--eval-only", "--no-pretrained"])
     num_classes = 6 if args.tiny else 19
-    model = recipe.build_model(rargs, num_classes, False, []).to(device).eval()
+    try:
+        import timm  # noqa: F401
+
+        backbone_name = "tiny conv + Rein (demo)" if args.tiny else "DINOv2 ViT-L/16 + Rein (timm, random weights)"
+    except ImportError:
+        backbone_name = "tiny conv + Rein (demo)" if args.tiny else "STAND-IN backbone (no timm: patch conv + Rein, no ViT blocks)"
+        if not args.tiny:
+            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens: StandInBackbone(tokens)  # noqa: E731
+    size, rows = rargs.size, []
+
+    def build(guided: bool, fpn: bool = False):
+        model = recipe.build_model(rargs, num_classes, guided)
+        if fpn:
+            model.pixel_decoder = FPNPixelDecoder(model.backbone.channels, rargs.dim)
+        return model.to(device)
+
+    # inference: deformable vs FPN pixel decoder, eager and compiled (the training steps in between:
+    # compiling is the slowest part, so a short device allowance still gets the step times)
+    x = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
+    models = {"deformable": build(False).eval(), "FPN": build(False, fpn=True).eval()}
+    params = {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in models.items()}
+
+    def inference(mode: str) -> None:
+        torch._dynamo.reset()
+        nets = {n: torch.compile(m) if mode == "compile" else m for n, m in models.items()}
+        ms = interleaved({n: (lambda net=net: recipe.predict_scores(net, x)) for n, net in nets.items()}, args.iters, args.rounds, args.device)
+        for n, t in ms.items():
+            rows.append((f"inference, {n} pixel decoder", args.batch, mode, t))
+            print(f"inference {n:10s} b{args.batch} {mode:8s} {t:8.2f} ms  {1e3 * args.batch / t:7.1f} crops/s", flush=True)
+
+    modes = args.modes.split(",")
+    for mode in modes[:1]:
+        inference(mode)
+
+    # training step with and without DCL (eager)
+    if args.tiny:
+        unet, vae = UNet(recipe.DEMO_TEACHER).to(device).eval(), BlockCodec().to(device)
+    else:
+        unet, vae = UNet(SD21).to(device, torch.bfloat16).eval(), AutoencoderKL(SD_VAE).to(device, torch.bfloat16).eval()
+    unet.requires_grad_(False), vae.requires_grad_(False)
+    context = torch.zeros(1, 2, unet.config.context_dim, device=device)  # the release's un-padded empty prompt: BOS, EOS
+    teacher = (unet, vae, context, NoiseSchedule.sd().to(device), (recipe.T_WEAK, recipe.T_STRONG))
+    xb = torch.rand(args.train_batch, 3, size, size, device=device) * 2 - 1
+    labels = torch.randint(0, num_classes, (args.train_batch, size // 32, size // 32), device=device)
+    labels = labels.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    loss_cfg = SetLossConfig(points=rargs.points)
+    steps = {}
+    for name, weight in (("with DCL", 1.0), ("without DCL", 0.0)):
+        model = build(weight > 0).train()
+        opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4)
+        steps[name] = (lambda m=model, o=opt, w=weight: recipe.train_step(m, o, xb, labels, num_classes, loss_cfg, w, teacher if w else None))
+        params[f"train {name}"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    for n, t in interleaved(steps, max(2, args.iters // 2), args.rounds, args.device).items():
+        rows.append((f"training step {n} (AdamW, set loss {rargs.points} points)", args.train_batch, "eager", t))
+        print(f"train step {n:12s} b{args.train_batch} {t:8.2f} ms", flush=True)
+    del steps, model, opt
+    for mode in modes[1:]:
+        inference(mode)
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    total = sum(p.numel() for p in model.parameters()) / 1e6
-    size = rargs.size
-    rows = []
-    for batch in map(int, args.batches.split(",")):
-        x = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
-        for mode in args.modes.split(","):
-            torch._dynamo.reset()
-            net = torch.compile(model) if mode == "compile" else model
-            ms = timed(lambda: recipe.predict_scores(net, x), args.iters, 3, args.device)
-            rows.append(("segmentation inference (no diffusion)", batch, mode, ms))
-            print(f"inference b{batch} {mode:8s} {ms:8.2f} ms  {1e3 * batch / ms:7.1f} crops/s", flush=True)
-        if batch == min(map(int, args.batches.split(","))):
-            unet = UNet(recipe.DEMO_TEACHER if args.tiny else SD21).to(device, torch.bfloat16).eval()
-            vae = AutoencoderKL(SD_VAE).to(device, torch.bfloat16).eval() if not args.tiny else recipe.BlockCodec()
-            context = torch.zeros(1, 77, unet.config.context_dim, device=device, dtype=torch.bfloat16)
-            schedule = NoiseSchedule.sd().to(device)
+        rows.append((f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "", "", float("nan")))
 
-            def branch():
-                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    return recipe.diffusion_features(unet, vae, context, x, schedule)
-
-            ms = timed(branch, args.iters, 3, args.device)
-            rows.append(("diffusion branch (training only): VAE + U-Net at t_w, t_s", batch, "eager", ms))
-            print(f"diffusion branch b{batch} eager {ms:8.2f} ms", flush=True)
-            del unet, vae
     gpu = device_name(args.device)
-    backbone = "tiny conv (demo)" if args.tiny else "DINOv2 ViT-L/16 + Rein (timm, random weights)"
     header = (
-        f"# QueryDiff inference without the diffusion branch — {gpu}\n\n"
-        f"{datetime.date.today()} · torch {torch.__version__} · bf16 autocast, channels_last · {size}² crops · "
-        f"{backbone}, {rargs.queries} agent queries, decoder d {rargs.dim} × {rargs.decoder_layers} layers, {num_classes} classes · "
-        f"{total:.0f} M parameters ({trainable:.1f} M trained) · median of {args.iters} calls after 3 warm-ups\n\n"
+        f"# QueryDiff: deformable vs FPN pixel decoder, training step with DCL — {gpu}\n\n"
+        f"{datetime.date.today()} · torch {torch.__version__} · bf16 autocast · {size}² crops · {backbone_name}, "
+        f"{rargs.queries} agent queries, pixel decoder {rargs.pixel_layers} layers, decoder d {rargs.dim} × {rargs.decoder_layers} layers, "
+        f"{num_classes} classes · parameters (M): " + ", ".join(f"{k} {v:.1f}" for k, v in params.items()) + " · "
+        f"median over {args.rounds} interleaved rounds of the median of {args.iters} calls\n\n"
         "| what | batch | mode | ms | crops/s |\n|---|---|---|---|---|\n"
     )
-    lines = [f"| {what} | {b} | {mode} | {ms:.2f} | {1e3 * b / ms:.1f} |" for what, b, mode, ms in rows]
+    lines = [f"| {what} | {b} | {mode} | {ms:.2f} | {1e3 * b / ms:.1f} |" if b else f"| {what} | | | | |" for what, b, mode, ms in rows]
     write_table(header + "\n".join(lines) + "\n", args.out, f"querydiff_{file_tag(gpu)}", args.tiny)
 
 
