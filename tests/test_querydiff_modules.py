@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unet_seg.backbones import ReinConvNet, Reins
 from unet_seg.querydiff import (

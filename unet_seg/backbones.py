@@ -10,7 +10,6 @@ domain-generalisation recipes: images [B, 3, H, W] in [-1, 1] -> 4 maps at strid
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
