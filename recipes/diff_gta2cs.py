@@ -3,58 +3,46 @@ generalised segmentation: train on GTA5 (or Cityscapes), test on unseen Cityscap
 Mapillary (or ACDC, Dark Zurich). `--demo`: a synthetic clean style -> an unseen hazy style.
 
 Ji et al., "Diffusion Features to Bridge Domain Gap for Semantic Segmentation" (paper text:
-../shared/design/papers/diff-ipkl.txt; facts checked against the official code Yux1angJi/DIFF:
-configs/stridehyperfeature.yaml, diff_config.yaml, experiments.py, encoder_decoder.py).
+../shared/design/papers/diff-ipkl.txt); defaults follow the official code Yux1angJi/DIFF
+(diff_config.yaml, diffusion.py generalized_steps, encoder_decoder.py, experiments.py id 50).
 
-    python recipes/diff_gta2cs.py --demo                                   # CPU, minutes, no download
-    torchrun --nproc_per_node=4 recipes/diff_gta2cs.py --model stabilityai/stable-diffusion-2-1 \\
-        --data-root /data --source gta5 --targets cityscapes bdd100k mapillary
+    python recipes/diff_gta2cs.py --demo                                # CPU, minutes, no download
+    python recipes/diff_gta2cs.py --model stabilityai/stable-diffusion-2-1 --data-root /data \
+        --source gta5 --targets cityscapes bdd100k mapillary acdc darkzurich    # the official run: 1 GPU, batch 1
 
 Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared by both branches):
 
-    z_0 = E(image);  x_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε  for the K timesteps t, one batched U-Net call
-    F(x, c) = ⊕_{t, l} [F_inter^{t,l}, F_attn^{t,l}]    every decoder ResNet output of up.1..3 and its
-                                                         cross-attention map, per stride      eq. 1
-    F_cond  = Σ_i M_i ⊙ F(x, C_i) / Σ_j M_j             C_0 = "" with M_0 = 1, C_i = prompt of a class
-                                                         present in the label map, M_i its mask  eq. 2
-    F_uncond = F(x, "")
-    L = λ1 CE(D(F_conv(F_cond)), y) + λ2 ‖D(F_conv(F_cond)) − D(F_conv(F_uncond))‖²               eq. 3–5
+    z_0 ~ E(image); 37-step stochastic DDIM inversion z_0 -> z_160, CFG 5, η = 1 for 10 < t < 250
+    conditional path: at every step each prompt C_i (C_0 = "", M_0 = 1; C_i a prompted class
+        present in the label, M_i its mask) takes its own step; z = Σ M_i z^i / Σ M_i          eq. 2
+    F = ⊕_{t, l} [ResNet residual branch of the "" row, Σ_rows transformer-block output]     eq. 1
+        at the 9 saved steps t = 91 … 3, up levels 1-3 (strides 32, 16, 8)
+    L = CE(D(F_conv(F_cond)), y) + CE(D(F_conv(F_uncond)), y) + ‖D(F_cond) − D(F_uncond)‖²   (official)
     inference: D(F_conv(F_uncond)) only, whole image
 
-| hyper-parameter | value | source |
-|---|---|---|
-| diffusion model | SD 2.1 (768-v), frozen; VAE and text encoder frozen | paper §III-A, official config `model_id` |
-| timesteps | 91, 52, 30, 22, 18, 14, 11, 7, 3 (K = 9) | official diff_config.yaml: the 9 saved steps (`save_timestep`) of its 37-step trajectory (`scheduler_timesteps`) |
-| layers | every ResNet of up levels 1–3 (3 each) + their 9 cross-attention maps | official `idxs_resnet`, `idxs_ca` (up level 0 is tapped there too, then unused) |
-| fusion | per stride: concat over layers × timesteps → GN bottleneck block to 2048 / 1024 / 512 ch (strides 32 / 16 / 8) → top-down ×2 deconv + residual blocks → 256 ch at stride 4 | official `direct_aggregation` + `DiftStrideFinecoder` |
-| decode head | DAFormer `sepaspp`: 256-d embeddings, separable ASPP dilations 1, 6, 12, 18, BN | paper §III-A "same decoder head as DAFormer", official daformer_sepaspp_diff.py |
-| prompted classes | sidewalk, wall, rider, truck, train; template "A high quality photo; europe city; {name}, {description}" | official `label_map` (the other 14 are commented out) |
-| λ1, λ2 | 1, 1 | paper §II-B2; official `mse_loss(..., lamb=1.0)` |
-| consistency | L2 on the head's logits (KL option) | paper Table IV (L2 58.01 > KL 57.81) |
-| optimiser | AdamW, lr 6e-5, head lr × 10, weight decay 0.01 | official experiments.py (`pmult`), DAFormer adamw.py |
-| schedule | poly (power 1) to 0, 1500-iteration linear warm-up from 1e-6 | official `poly10warm` (DAFormer) |
-| iterations, batch | 40 000, 1 image per GPU, 1 GPU | official experiments.py id 50 |
-| crop | 512 × 512 from GTA5 resized to 1280 × 720 | official uda_gtaCAug_to_cityscapes_512x512.py |
-| evaluation | whole image, Cityscapes at 1024 × 512, mIoU over 19 classes | official `inference = 'whole'`; DAFormer configs |
+| setting | paper | official code | here (default) | why / flag |
+|---|---|---|---|---|
+| model | SD 2.1, frozen | stabilityai 2-1 (768, v-pred), fp16 | same, bf16 autocast on GPU | |
+| trajectory | "multi-step diffusion trajectory", inversion | 37-step stochastic DDIM inversion (t ≤ 160), η = 1 for 10 < t < 250, CFG 5, U-Net evaluated at 0 … 139, features at steps 33 … 3 (t = 91, 52, 30, 22, 18, 14, 11, 7, 3) | same; the 3 steps after the last saved one are skipped (they cannot change the features) | `--features batched`: the 9 noisy latents forward-sampled in ONE U-Net call, eq. 2 on features (faster approximation, see README) |
+| v-prediction | not discussed | SD 2.1's v output used as ε | same | `--prediction-type model` converts v to ε |
+| eq. 2 fusion | masks fuse the predicted latents Φ(I, C_i) | per step, next latents of each prompt path | same (`inversion_trajectory_features`) | |
+| prompts | all categories | "" + 5 classes (sidewalk, wall, rider, truck, train), template below | same | |
+| unconditional branch | Φ(I, "") | CFG of "" against "" (2 identical rows) | 1 row (identical result), summed features counted twice | |
+| ResNet feature | F_inter of the decoder | residual branch after conv2, "" row | `up.i.res.j.branch` | |
+| attention feature | cross-attention maps | transformer-block output, summed over all rows | `up.i.attn.j`, summed | |
+| branches | two | independent VAE samples and noise | same | |
+| fusion, head | F_conv, DAFormer head | GN bottleneck 2048/1024/512 + finecoder 256; sep-ASPP head | same | |
+| losses | eq. 5: CE(cond) + L2 | CE(cond) + CE(uncond) + L2 on stride-4 logits, nothing detached; CE averaged over all pixels (mmseg 0.16) | same | `--loss paper`: eq. 5, teacher detached |
+| KL variant | Table IV 57.81, no equation | `kl_loss` commented out: weight 0.1, T 1, batchmean, clamp 0.5 | same | `--consistency kl` |
+| data | "as DAFormer" | GTA5 resized to 1280 × 720, 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`) | demo: its synthetic scenes as they are |
+| optimiser | as DAFormer | AdamW 6e-5, head × 10, wd 0.01, poly + 1500 warm-up, 40k iterations, grad-norm clip 5 | same | |
+| batch | – | 1 GPU, batch 1 | same | torchrun: batch N, see README |
+| evaluation | mIoU, 19 classes | whole image, Cityscapes 1024 × 512, unseeded noise | same, noise seeded (`--seed`) | reproducible predictions |
 
-Notes. (1) The official code runs a 37-step stochastic DDIM inversion (η = 1 for 10 < t < 250,
-classifier-free guidance 5) and fuses the class-prompted noise predictions by the masks at each
-step, so the conditioning reaches the features through the trajectory; it keeps the features of
-9 steps. Here the 9 noisy latents are forward-diffusion samples of z_0 computed in ONE batched
-U-Net call (`unet_seg.taps.timestep_features`), and eq. 2 fuses the prompted *features* by the
-masks (without a sequential trajectory, fusing noise predictions would not reach the features).
-The empty-prompt row of that call is the unconditional branch. (2) Paper eq. 5 puts CE on the
-conditional branch only; the official code also puts CE on the unconditional branch and does
-not detach the teacher: `--uncond-ce 1` adds that CE; the teacher is detached here (the paper
-calls it a teacher). (3) Not implemented: DAFormer's rare-class sampling and photometric
-"CAug" augmentation of GTA5 (official `gtaCAug`, `rcs_T = 0.01`). (4) `--demo` cannot use
-pretrained weights: it pre-trains the tiny U-Net for 100 steps as a text-conditioned denoiser on
-*unlabelled* synthetic scenes of random looks (captions: the forms present), standing in for SD's
-web-scale pre-training, with the weight-free `BlockCodec` in place of SD's VAE; then it trains
-DIFF on the labelled clean style, segmenting the five forms (the codec keeps a block's texture
-energy, not its pattern, so the 20 texture × form classes are out of reach), and tests on the
-hazy style, next to the same model trained without IPKL and an all-background floor. What it
-shows is the pipeline end to end, not the paper's gain: see the README for the measured numbers.
+Demo: no pretrained weights here, so the tiny U-Net is pre-trained for 100 steps as a text-conditioned denoiser
+on *unlabelled* synthetic scenes of random looks (captions: the forms present), with the weight-free `BlockCodec`
+as VAE and a 4-step trajectory; then DIFF trains on the labelled clean style (five forms) and is tested on the hazy
+style, beside the same model without IPKL and an all-background floor: the pipeline, not the paper's gain (README).
 """
 
 from __future__ import annotations
@@ -74,14 +62,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from unet_seg import load_sd
 from unet_seg.codecs import BlockCodec
 from unet_seg.data import synthetic
-from unet_seg.demo import pretrain_denoiser
+from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
 from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.segmentation import evaluate_semantic
-from unet_seg.taps import fuse_by_masks, timestep_features
+from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
@@ -89,7 +77,10 @@ from unet_seg.train import (
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
-TIMESTEPS = (91, 52, 30, 22, 18, 14, 11, 7, 3)  # official diff_config.yaml (see the table)
+TRAJECTORY = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 26, 30, 34, 40, 45,
+              52, 60, 69, 80, 91, 105, 121, 139, 160)  # official scheduler_timesteps (ascending)
+TIMESTEPS = (91, 52, 30, 22, 18, 14, 11, 7, 3)  # U-Net times of the official save_timestep steps 33 ... 3
+ETA_RANGE, GUIDANCE = (10, 250), 5.0  # official s_tmin, s_tmax (η = 1 strictly inside), guidance_scale
 LEVELS = (1, 2, 3)  # up levels tapped: strides 32, 16, 8 of the image
 PROMPT_TEMPLATE = "A high quality photo; europe city; {}"
 PROMPTS = {  # official label_map: the five prompted Cityscapes train ids
@@ -99,8 +90,8 @@ PROMPTS = {  # official label_map: the five prompted Cityscapes train ids
     14: "truck, Larger vehicles used for cargo transport",
     16: "train, Vehicles on railway tracks",
 }
-DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, warmup=30, eval_images=96, pretrain_steps=100, timesteps=(91, 30, 7))
-REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_images=0, pretrain_steps=0, timesteps=TIMESTEPS)
+DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, warmup=30, eval_images=96, pretrain_steps=100, timesteps=(91, 30, 7), trajectory=(7, 30, 91, 120))
+REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_images=0, pretrain_steps=0, timesteps=TIMESTEPS, trajectory=TRAJECTORY)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,17 +103,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="folder holding gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/")
     p.add_argument("--source", default="gta5", choices=("gta5", "cityscapes"), help="training domain")
     p.add_argument("--targets", nargs="+", default=["cityscapes", "bdd100k", "mapillary"], help="unseen test domains (val splits)")
+    p.add_argument("--features", default="trajectory", choices=("trajectory", "batched"), help="official inversion trajectory, or the one-call forward-noised approximation (faster)")
+    p.add_argument("--prediction-type", default="as-eps", choices=("as-eps", "model"), help="U-Net output used as ε (official, also for SD 2.1's v) or read in the checkpoint's parameterisation")
+    p.add_argument("--loss", default="official", choices=("official", "paper"), help="official: CE on both branches, nothing detached; paper: eq. 5, CE(cond), teacher detached")
     p.add_argument("--consistency", default="l2", choices=("l2", "kl"), help="IPKL consistency loss (paper Table IV)")
     p.add_argument("--no-ipkl", action="store_true", help="train the unconditional branch alone with CE (Table IV, 'DIFF' row)")
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
-    p.add_argument("--uncond-ce", type=float, default=0.0, help="weight of CE on the unconditional branch (official code: 1)")
-    p.add_argument("--timesteps", type=int, nargs="+", help=f"diffusion timesteps tapped (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
+    p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
+    p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
+    p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
     p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
     p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
     args = parse_recipe_args(p, argv, DEMO, REAL)
     if not args.demo and not args.data_root:
         p.error("--data-root is required without --demo")
+    starts = [0, *sorted(args.trajectory)[:-1]]
+    if args.features == "trajectory" and not set(args.timesteps) <= set(starts):
+        p.error(f"--timesteps must be U-Net times of the trajectory ({starts}), got {args.timesteps}")
     return args
 
 
@@ -131,51 +129,55 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def level_names(unet) -> list[tuple[list[str], list[str]]]:
-    """Per tapped up level: (its ResNet outputs `up.i.res.j`, its cross-attention layers)."""
+    """Per tapped up level: (ResNet residual branches, read from the "" row; transformer-block
+    outputs, summed over the prompt rows), as the official `idxs_resnet`, `idxs_ca`."""
     return [
-        (
-            [f"up.{i}.res.{j}" for j in range(len(unet.up_blocks[i].resnets))],
-            [n for n in unet.attention_names if n.startswith(f"up.{i}.attn.") and n.endswith(".cross")],
-        )
+        ([f"up.{i}.res.{j}.branch" for j in range(len(unet.up_blocks[i].resnets))],
+         [f"up.{i}.attn.{j}" for j in range(len(unet.up_blocks[i].attentions))])
         for i in LEVELS
-    ]
+    ]  # fmt: skip
 
 
-def diffusion_levels(unet, z0, context, noise, timesteps, schedule) -> list[torch.Tensor]:
-    """z0 [N, 4, h, w], context [N, 77, D], noise [N, K, 4, h, w], K timesteps -> per tapped level, coarse to
-    fine, the concatenation over layers, timesteps and cross-attention maps [N, C_level, h_i, w_i]
-    (eq. 1's ⊕), from one U-Net call over the N·K noisy latents."""
-    levels = level_names(unet)
-    feats = timestep_features(
-        unet, z0, timesteps, context, [n for names, _ in levels for n in names],
-        schedule=schedule, attention_maps=[m for _, maps in levels for m in maps], noise=noise,
-    )  # fmt: skip
-    return [torch.cat([feats[n].flatten(1, 2) for n in names + maps], dim=1) for names, maps in levels]
+def prompt_rows(labels, prompt_ids: list[int], size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per trajectory a label map [H, W] (conditional branch) or None (unconditional) -> its prompt
+    rows: row_image [R], row_prompt [R] (0 = "", k = prompt of class prompt_ids[k − 1]), row_mask
+    [R, h, w] (1 for "", a present class's label mask, nearest-resized to the latent size)."""
+    device = next((y.device for y in labels if y is not None), "cpu")
+    rows = [(n, k) for n, y in enumerate(labels) for k in [0, *([] if y is None else [k for k, c in enumerate(prompt_ids, 1) if bool((y == c).any())])]]
+    masks = [torch.ones(size, device=device) if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
+    return *torch.tensor(rows, device=device).T, torch.stack(masks)
 
 
-def branch_features(unet, z0, label, contexts, prompt_ids, timesteps, schedule, noise, conditional: bool):
-    """The inputs of both branches from one U-Net call.
+def inversion_schedule(trajectory, saved) -> tuple[list[tuple[int, int]], list[float], list[int]]:
+    """The official `generalized_steps` inversion: U-Net at t_i = [0, *S][i] moving to S[i] (S the
+    ascending targets), η = 1 where 10 < t_i < 250; -> (steps, etas, indices of the saved times)."""
+    targets = sorted(trajectory)
+    steps = list(zip([0, *targets[:-1]], targets))
+    etas = [1.0 if ETA_RANGE[0] < t < ETA_RANGE[1] else 0.0 for t, _ in steps]
+    return steps, etas, [[t for t, _ in steps].index(t) for t in saved]
 
-    z0 [B, 4, h, w]; label [B, H, W] (255 ignore); contexts [1 + P, 77, D]: row 0 the empty
-    prompt, row i the prompt of class prompt_ids[i − 1]. Returns (unconditional levels,
-    conditional levels or None): the empty prompt's features, and eq. 2's mask fusion of the
-    empty prompt (mask 1) with the prompts of the classes present in each image (their masks).
-    Images are padded to the same number of prompts with empty prompts of mask 0."""
-    b = z0.shape[0]
-    present = [[i + 1 for i, c in enumerate(prompt_ids) if bool((y == c).any())] for y in label] if conditional else [[]] * b
-    p = 1 + max(len(slots) for slots in present)
-    slots = torch.tensor([[0] + s + [0] * (p - 1 - len(s)) for s in present], device=z0.device)  # [B, P]
-    rows = z0[:, None].expand(b, p, *z0.shape[1:]).flatten(0, 1)
-    eps = noise[:, None].expand(b, p, *noise.shape[1:]).flatten(0, 1)
-    levels = diffusion_levels(unet, rows, contexts[slots.flatten()], eps, timesteps, schedule)
-    levels = [f.unflatten(0, (b, p)) for f in levels]
-    uncond = [f[:, 0] for f in levels]
-    if not conditional:
-        return uncond, None
-    ids = torch.tensor([0, *prompt_ids], device=z0.device)[slots]  # class of each slot (slot 0: unused)
-    masks = ((label[:, None] == ids[:, :, None, None]) & (slots > 0)[:, :, None, None]).float()
-    masks[:, 0] = 1.0
-    return uncond, [fuse_by_masks(f, masks) for f in levels]
+
+def diffusion_levels(frozen: Frozen, z0, labels, args, generator=None) -> list[torch.Tensor]:
+    """z0 [N, 4, h, w] (one latent per branch of each image), labels per trajectory (None:
+    unconditional) -> per tapped level [N, C_level, h_l, w_l]: block-major, time-minor (official)."""
+    rows = prompt_rows(labels, frozen.prompt_ids, z0.shape[-2:])
+    levels = level_names(frozen.unet)
+    plain, summed = [n for p, _ in levels for n in p], [n for _, s in levels for n in s]
+    if args.features == "trajectory":
+        steps, etas, save = inversion_schedule(args.trajectory, args.timesteps)
+        as_eps = NoiseSchedule(frozen.schedule.alphas_cumprod, "epsilon")  # the official reading of any output
+        feats = inversion_trajectory_features(
+            frozen.unet, z0, rows[0], frozen.contexts[rows[1]], rows[2], plain, summed, steps=steps, etas=etas, save_steps=save,
+            schedule=as_eps if args.prediction_type == "as-eps" else frozen.schedule, guidance_scale=GUIDANCE, generator=generator,
+        )  # fmt: skip
+    else:  # every prompt row forward-noised to the K times in one call, its features fused by the masks
+        noise = torch.randn(z0.shape[0], len(args.timesteps), *z0.shape[1:], generator=generator, device=z0.device)
+        feats = timestep_features(
+            frozen.unet, z0[rows[0]], args.timesteps, frozen.contexts[rows[1]], plain + summed,
+            schedule=frozen.schedule, noise=noise[rows[0]].to(z0.dtype),
+        )  # fmt: skip
+        feats = {n: fuse_rows(f, rows[0], rows[2], len(z0)) for n, f in feats.items()}
+    return [torch.cat([feats[n].flatten(1, 2) for n in p + s], 1).float() for p, s in levels]
 
 
 class Segmenter(nn.Module):
@@ -195,90 +197,49 @@ class Segmenter(nn.Module):
 
 
 def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> dict:
-    """One optimiser step of eq. 5 (or of CE on the unconditional branch alone, without IPKL)."""
+    """One optimiser step: official (CE on both branches + consistency, nothing detached), eq. 5
+    (`--loss paper`), or CE on the unconditional branch alone (without IPKL)."""
+    b = image.shape[0]
     with torch.no_grad(), autocast(image.device):
-        z0 = frozen.vae.encode(image, sample=True)
-        noise = torch.randn(z0.shape[0], len(args.timesteps), *z0.shape[1:], device=z0.device, dtype=z0.dtype)
-        uncond, cond = branch_features(
-            frozen.unet, z0, label, frozen.contexts, frozen.prompt_ids, args.timesteps, frozen.schedule, noise, ipkl
-        )
-    with autocast(image.device):
-        batch = [torch.cat([c, u]) for c, u in zip(cond, uncond)] if ipkl else uncond
-        logits = F.interpolate(model(batch).float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    losses = {}
+        z0 = frozen.vae.encode(torch.cat([image] * (2 if ipkl else 1)), sample=True)  # own posterior sample per branch
+        levels = diffusion_levels(frozen, z0, [*label, *[None] * b] if ipkl else [None] * b, args)
+    up = lambda logits: F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+    ce = partial(cross_entropy, count_ignored=True)  # mmseg 0.16: mean over all pixels
+    with autocast(image.device):  # one head call per branch: BN statistics per branch, as officially
+        logits_u = model([f[-b:] for f in levels]).float()
+        logits_c = model([f[:b] for f in levels]).float() if ipkl else None
+    losses = {"CE uncond": ce(up(logits_u), label)}
     if ipkl:
-        logits_c, logits_u = logits.chunk(2)
-        losses["CE cond"] = cross_entropy(logits_c, label)  # eq. 3
-        consistency = consistency_l2 if args.consistency == "l2" else consistency_kl
-        losses["consistency"] = consistency(logits_u, logits_c)  # eq. 4, teacher detached
-        if args.uncond_ce:
-            losses["CE uncond"] = args.uncond_ce * cross_entropy(logits_u, label)
-    else:
-        losses["CE uncond"] = cross_entropy(logits, label)
-    loss = check_finite_everywhere(sum(losses.values()), "DIFF loss")  # eq. 5, λ1 = λ2 = 1
+        official = args.loss == "official"
+        losses["CE cond"] = ce(up(logits_c), label)  # eq. 3
+        if not official:
+            del losses["CE uncond"]
+        if args.consistency == "l2":  # eq. 4, on the stride-4 logits
+            losses["consistency"] = consistency_l2(logits_u, logits_c, detach_teacher=not official)
+        else:
+            kl = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", max_value=0.5)
+            losses["consistency"] = 0.1 * kl
+    loss = check_finite_everywhere(sum(losses.values()), "DIFF loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 5.0)
     opt.step()
     return {k: v.item() for k, v in losses.items()}
 
 
 @torch.no_grad()
-def predict_logits(segmenter, frozen: Frozen, image, timesteps, seed: int) -> torch.Tensor:
+def predict_logits(segmenter, frozen: Frozen, image, args) -> torch.Tensor:
     """Inference, the unconditional branch only: image [B, 3, H, W] -> logits [B, K, H/4, W/4].
-    The diffusion noise is drawn from `seed`, so predictions do not depend on the global RNG."""
+    The VAE sample and the trajectory noise come from `args.seed`, so predictions are reproducible."""
     with autocast(image.device):
-        z0 = frozen.vae.encode(image)
-        g = torch.Generator(image.device).manual_seed(seed)
-        noise = torch.randn(z0.shape[0], len(timesteps), *z0.shape[1:], device=z0.device, generator=g).to(z0.dtype)
-        context = frozen.contexts[:1].expand(z0.shape[0], -1, -1)
-        return segmenter(diffusion_levels(frozen.unet, z0, context, noise, timesteps, frozen.schedule)).float()
+        g = torch.Generator(image.device).manual_seed(args.seed)
+        z0 = frozen.vae.encode(image, sample=True, generator=g)
+        return segmenter(diffusion_levels(frozen, z0, [None] * len(image), args, g)).float()
 
 
 def poly_with_warmup(total: int, warmup: int):
     """DAFormer's `poly10warm`: lr · (1 − s/total), ramped linearly from 1e-6 · lr over `warmup` steps."""
-
-    def factor(step: int) -> float:
-        ramp = 1.0 if step >= warmup else 1 - (1 - step / warmup) * (1 - 1e-6)
-        return ramp * max(0.0, 1 - step / total)
-
-    return factor
-
-
-# ---------------------------------------------------------------------------------------------
-# Demo stand-ins: the task and SD's pre-training
-
-DEMO_CLASSES = ("background", *synthetic.FORMS)
-_FORM_OF_CLASS = torch.tensor(
-    [0] + [1 + synthetic.FORMS.index(n.split()[1]) for n in synthetic.CLASS_NAMES[1:]] + [255] * (256 - len(synthetic.CLASS_NAMES))
-)
-
-
-class FormScenes(torch.utils.data.Dataset):
-    """`synthetic.SemanticScenes` labelled by form only (background + disc, ring, square, triangle,
-    cross): the 8×8 block codec keeps a block's colour and texture *energy*, not its pattern, so
-    the textures that split the 20 synthetic classes are invisible in its latents."""
-
-    def __init__(self, seed: int, length: int, size: int, style: synthetic.Style):
-        self.scenes = synthetic.SemanticScenes(seed, length, size, style=style)
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.scenes[i]
-        return image, _FORM_OF_CLASS[label]
-
-
-
-def caption_forms(labels: torch.Tensor, text_encoder, tokenizer) -> torch.Tensor:
-    """Demo pre-training's captions: the forms present in each label map [B, H, W] ("disc, ring"),
-    encoded -> [B, 77, D]."""
-    forms = [_FORM_OF_CLASS[y.unique().cpu()].unique().tolist() for y in labels]
-    captions = [", ".join(DEMO_CLASSES[f] for f in present if 0 < f < 255) for present in forms]
-    return text_encoder(tokenizer(captions).to(labels.device))
-
-
-# ---------------------------------------------------------------------------------------------
+    return lambda step: (1.0 if step >= warmup else 1 - (1 - step / warmup) * (1 - 1e-6)) * max(0.0, 1 - step / total)
 
 
 @dataclass
@@ -294,7 +255,7 @@ class Frozen:
 
 
 def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: int, device, world: int, local_rank: int):
-    """Train a fresh fusion block + head on the source domain (eq. 5, or CE alone without IPKL),
+    """Train a fresh fusion block + head on the source domain (IPKL, or CE alone without it),
     resuming from `out` with --resume; returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -305,14 +266,8 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
         if world > 1:
             segmenter = nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
     models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo else {})  # the demo's U-Net is trained here
-    opt = torch.optim.AdamW(
-        [
-            {"params": segmenter.fusion.parameters(), "lr": args.lr},
-            {"params": segmenter.head.parameters(), "lr": 10 * args.lr},
-        ],
-        betas=(0.9, 0.999),
-        weight_decay=0.01,
-    )
+    groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
     step = 0
     if args.resume and latest_checkpoint(out) is not None:
@@ -338,7 +293,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
 
 def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_names, device, args):
     """mIoU of the unconditional branch on every domain -> ({domain: mIoU %}, rows of overlays)."""
-    predict = lambda x: predict_logits(segmenter, frozen, x, args.timesteps, args.seed)  # noqa: E731
+    predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
     metrics, shown = {}, {}
     for name, data in targets.items():
         conf, shown[name] = evaluate_semantic(predict, data, num_classes, device, batch_size=8 if args.demo else 1)
@@ -352,33 +307,33 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
     if args.demo:
-        print0(
-            f"DEMO: tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
-            "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form, "
-            f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --data-root <GTA5, Cityscapes, ...>)"
-        )
+        print0(f"DEMO: tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
+               "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form, "
+               f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --data-root <GTA5, Cityscapes, ...>)")  # fmt: skip
     seed_everything(args.seed, rank)
     args.out.mkdir(parents=True, exist_ok=True)
 
     # ---- data: a labelled source domain; unseen target domains for evaluation only
     if args.demo:
-        num_classes, class_names, palette = len(DEMO_CLASSES), DEMO_CLASSES, None
+        num_classes, class_names, palette = len(FORM_CLASSES), FORM_CLASSES, None
         train_data = FormScenes(args.seed, 100_000, args.size, synthetic.CLEAN_STYLE)
-        targets = {
-            "clean (source style)": FormScenes(args.seed + 1, args.eval_images, args.size, synthetic.CLEAN_STYLE),
-            "hazy (unseen style)": FormScenes(args.seed + 1, args.eval_images, args.size, synthetic.HAZY_STYLE),
-        }
+        targets = {f"{n} ({role} style)": FormScenes(args.seed + 1, args.eval_images, args.size, style)
+                   for n, role, style in (("clean", "source", synthetic.CLEAN_STYLE), ("hazy", "unseen", synthetic.HAZY_STYLE))}  # fmt: skip
         prompt_ids = list(range(1, num_classes))
         prompts = list(class_names[1:])
     else:
         from unet_seg.data.driving import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, LAYOUTS, DrivingScenes
-        from unet_seg.data.transforms import RandomResizeCropFlip, ResizeImage
+        from unet_seg.data.transforms import (
+            Compose, PhotoMetricDistortion, RandomCrop, RandomFlip, RareClassSampling, Resize, ResizeImage,
+        )  # fmt: skip
 
         root = Path(args.data_root)
         num_classes, class_names = len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
         palette = np.array(CITYSCAPES_PALETTE, np.uint8)
-        crop = RandomResizeCropFlip((args.size, args.size), LAYOUTS[args.source].scale, (1.0, 1.0))
+        crop = Compose((Resize(LAYOUTS[args.source].scale), RandomCrop((args.size,) * 2, 0.75), RandomFlip(), PhotoMetricDistortion()))
         train_data = DrivingScenes(args.source, root / args.source, "train", crop, seed=args.seed)
+        if not args.no_rcs:  # DAFormer's rare-class sampling (T = 0.01), class statistics cached beside the data
+            train_data = RareClassSampling(train_data, train_data.class_counts(), temperature=0.01, seed=args.seed)
         targets = {n: DrivingScenes(n, root / n, "val", ResizeImage(LAYOUTS[n].scale)) for n in args.targets}
         if args.eval_images:
             targets = {n: torch.utils.data.Subset(d, range(min(args.eval_images, len(d)))) for n, d in targets.items()}
@@ -405,14 +360,12 @@ def main(argv=None) -> dict:
         unet.to(memory_format=torch.channels_last)
     with torch.no_grad():
         contexts = text_encoder(tokenizer([""] + prompts).to(device))
-        schedule = schedule.to(device)
-        probe = torch.zeros(1, 4, unet.downscale, unet.downscale, device=device)  # the channels of each level
-        noise = torch.zeros(1, len(args.timesteps), *probe.shape[1:], device=device)
-        level_channels = [f.shape[1] for f in diffusion_levels(unet, probe, contexts[:1], noise, args.timesteps, schedule)]
     del text_encoder
+    rev = unet.config.channels[::-1]  # each tap of up level i has that level's width, at every saved step
+    level_channels = [len(args.timesteps) * len(p + a) * rev[i] for i, (p, a) in zip(LEVELS, level_names(unet))]
     frozen = Frozen(unet, vae, contexts, prompt_ids, schedule, level_channels)
-    if args.compile:
-        unet.compile()
+    if args.compile:  # the two calls the feature paths make (a compiled module would only cover forward)
+        unet.forward_with_features, unet.features = maybe_compile(unet.forward_with_features, True), maybe_compile(unet.features, True)
 
     # ---- train on the source domain, evaluate the unconditional branch everywhere
     variants = {"DIFF (no IPKL)" if args.no_ipkl else f"DIFF + IPKL ({args.consistency.upper()})": not args.no_ipkl}
@@ -424,17 +377,11 @@ def main(argv=None) -> dict:
         print0(f"\n== {variant}")
         metrics[variant], shown = evaluate(segmenter, frozen, targets, num_classes, class_names, device, args)
         if i == 0:
-            rows = [
-                [image_to_uint8(im), overlay(im, pred, palette), overlay(im, lab, palette)]
-                for domain in shown.values()
-                for im, pred, lab in domain[:2]
-            ]
+            rows = [[image_to_uint8(im), overlay(im, pred, palette), overlay(im, lab, palette)] for d in shown.values() for im, pred, lab in d[:2]]
     if args.demo:  # the floor: every pixel background
         constant = lambda x: torch.zeros(len(x), *x.shape[-2:], dtype=torch.long, device=x.device)  # noqa: E731
-        metrics["baseline: all background"] = {
-            name: round(100 * mean_iou(evaluate_semantic(constant, data, num_classes, device)[0]).item(), 2)
-            for name, data in targets.items()
-        }
+        floor = {name: evaluate_semantic(constant, data, num_classes, device)[0] for name, data in targets.items()}
+        metrics["baseline: all background"] = {name: round(100 * mean_iou(conf).item(), 2) for name, conf in floor.items()}
     wall = time.perf_counter() - started
     title = f"DIFF, trained on {'the clean synthetic style (DEMO)' if args.demo else args.source}, mIoU %"
     table = write_metrics(metrics, args.out / "metrics", title=title)

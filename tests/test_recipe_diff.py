@@ -40,28 +40,84 @@ def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_conditional_features_fuse_the_class_prompts_inside_their_masks_only():
+def test_official_schedule_saves_steps_33_to_3_with_eta_one_from_t_11():
     recipe = _recipe()
+    steps, etas, save = recipe.inversion_schedule(recipe.TRAJECTORY, recipe.TIMESTEPS)
+    assert len(steps) == 37 and steps[0] == (0, 1) and steps[-1] == (139, 160) and steps[33] == (91, 105)
+    assert save == [33, 29, 25, 22, 18, 14, 11, 7, 3]  # the official save_timestep loop indices
+    assert etas[:11] == [0.0] * 11 and etas[11:] == [1.0] * 26  # η = 1 for 10 < t < 250
+
+
+def test_prompt_rows_give_the_empty_prompt_everywhere_and_present_classes_their_masks():
+    label = torch.zeros(2, 16, 16, dtype=torch.long)
+    label[0, :8] = 9  # image 0: class 9 (prompted, slot 2) in its top half
+    label[1] = 5  # image 1: class 5 everywhere, but it is passed as unconditional
+    image, prompt, mask = _recipe().prompt_rows([label[0], None], [5, 9], (4, 4))
+    assert image.tolist() == [0, 0, 1] and prompt.tolist() == [0, 2, 0]
+    assert (mask[0] == 1).all() and (mask[2] == 1).all()
+    assert mask[1, :2].eq(1).all() and mask[1, 2:].eq(0).all()
+
+
+def frozen_tiny(recipe, features="trajectory"):
+    from argparse import Namespace
+
+    from unet_seg.codecs import BlockCodec
     from unet_seg.diffusion import NoiseSchedule
     from unet_seg.models import TINY_SD2, UNet
 
     torch.manual_seed(0)
     unet = UNet(TINY_SD2).eval()
-    contexts = torch.randn(3, 77, TINY_SD2.context_dim)
-    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 4, 8, 8)
-    label = torch.zeros(2, 64, 64, dtype=torch.long)
-    label[0, :32] = 5  # image 0: class 5 (prompted) in its top half; image 1: no prompted class
-    schedule = NoiseSchedule.sd()
+    args = Namespace(features=features, trajectory=[7, 30, 91, 120], timesteps=[91, 7], prediction_type="as-eps",
+                     loss="official", consistency="l2")  # fmt: skip
+    rev = unet.config.channels[::-1]
+    channels = [2 * 6 * rev[i] for i in recipe.LEVELS]
+    frozen = recipe.Frozen(unet, BlockCodec(), torch.randn(3, 77, TINY_SD2.context_dim), [5, 9], NoiseSchedule.sd(), channels)
+    return frozen, args
+
+
+@pytest.mark.parametrize("features", ["trajectory", "batched"])
+def test_level_channels_match_the_features(features):
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe, features)
+    label = torch.zeros(64, 64, dtype=torch.long)
+    label[:32] = 9
     with torch.no_grad():
-        uncond, cond = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), schedule, noise, True)
-        plain, none = recipe.branch_features(unet, z0, label, contexts, [5, 9], (50, 10), schedule, noise, False)
-    assert none is None
-    for u, c, p in zip(uncond, cond, plain):
-        torch.testing.assert_close(u, p)  # the unconditional branch ignores the labels
+        levels = recipe.diffusion_levels(frozen, torch.randn(2, 4, 8, 8), [label, None], args)
+    assert [f.shape[1] for f in levels] == frozen.level_channels and all(f.shape[0] == 2 for f in levels)
+    assert [f.shape[-1] for f in levels] == [2, 4, 8]  # strides 32, 16, 8 of a 64-pixel image
+
+
+def test_batched_approximation_fuses_the_class_prompts_inside_their_masks_only():
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe, "batched")
+    z0 = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1)
+    label = torch.zeros(64, 64, dtype=torch.long)
+    label[:32] = 5  # class 5 (prompted) in the top half
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        cond, uncond = (recipe.diffusion_levels(frozen, z0[:1], [y], args, g()) for y in (label, None))
+    for c, u in zip(cond, uncond):
         h = u.shape[-2]
-        torch.testing.assert_close(c[1], u[1])  # no prompted class: both branches agree
-        torch.testing.assert_close(c[0, :, h // 2 :], u[0, :, h // 2 :])  # outside the mask too
-        assert not torch.allclose(c[0, :, : h // 2], u[0, :, : h // 2])  # inside: the prompt's features
+        torch.testing.assert_close(c[..., h // 2 :, :], u[..., h // 2 :, :])  # outside the mask: the "" prompt
+        assert not torch.allclose(c[..., : h // 2, :], u[..., : h // 2, :])  # inside: "" and the class prompt
+
+
+@pytest.mark.parametrize("loss, keys", [("official", {"CE cond", "CE uncond", "consistency"}), ("paper", {"CE cond", "consistency"})])
+@pytest.mark.parametrize("consistency", ["l2", "kl"])
+def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consistency):
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe)
+    args.loss, args.consistency = loss, consistency
+    torch.manual_seed(0)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = recipe.train_step(model, frozen, opt, image, label, True, args)
+    assert set(losses) == keys and all(v == v and v >= 0 for v in losses.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    only_uncond = recipe.train_step(model, frozen, opt, image, label, False, args)
+    assert set(only_uncond) == {"CE uncond"}
 
 
 def test_poly_schedule_warms_up_then_decays_to_zero():

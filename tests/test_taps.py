@@ -351,3 +351,12 @@ def test_trajectory_refuses_rows_that_do_not_cover_every_image():
             unet, randn(2, 4, 8, 8), torch.tensor([0, 0]), randn(2, 3, TINY_SD1.context_dim), torch.ones(2, 8, 8), PLAIN,
             steps=STEPS, etas=ETAS, save_steps=[1], schedule=SCHEDULE, guidance_scale=1.0,
         )  # fmt: skip
+
+
+@given(b=st.integers(1, 3), p=st.integers(1, 3), seed=seeds)
+def test_fuse_rows_equals_fuse_by_masks_on_a_rectangular_layout(b, p, seed):
+    from unet_seg.taps import fuse_rows
+
+    x, masks = randn(b, p, 2, 4, 4, seed=seed), (randn(b, p, 8, 8, seed=seed + 1) > 0).float()
+    rows = torch.arange(b).repeat_interleave(p)
+    torch.testing.assert_close(fuse_rows(x.flatten(0, 1), rows, masks.flatten(0, 1), b), fuse_by_masks(x, masks))

@@ -1,6 +1,7 @@
 """A stand-in for SD's web-scale pre-training, for the recipes' `--demo` modes (which cannot
 download SD): a tiny U-Net taught, in CPU minutes, to denoise codec latents of unlabelled
-synthetic scenes in many looks.
+synthetic scenes in many looks. `FormScenes`: synthetic scenes labelled by form, the task that
+the block codec's latents can carry (DIFF's demo), with `caption_forms` for the pre-training.
 
     unet = UNet(TINY_SD2)
     pretrain_denoiser(unet, BlockCodec(), NoiseSchedule.sd("epsilon"), steps=200, size=64, seed=0,
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import synthetic
 from .data.synthetic import SemanticScenes, random_style
 from .diffusion import NoiseSchedule, q_sample, training_target
 from .train import progress
@@ -72,3 +74,32 @@ def whiten(embeds: Tensor) -> Tensor:
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     keep = s > s[0] * 1e-4
     return F.normalize(u[:, keep] @ vh[keep], dim=-1)
+
+
+FORM_CLASSES = ("background", *synthetic.FORMS)
+_FORM_OF_CLASS = torch.tensor(
+    [0] + [1 + synthetic.FORMS.index(n.split()[1]) for n in synthetic.CLASS_NAMES[1:]] + [255] * (256 - len(synthetic.CLASS_NAMES))
+)
+
+
+class FormScenes(torch.utils.data.Dataset):
+    """`synthetic.SemanticScenes` labelled by form only (background + disc, ring, square, triangle,
+    cross): the 8×8 block codec keeps a block's colour and texture *energy*, not its pattern, so
+    the textures that split the 20 synthetic classes are invisible in its latents."""
+
+    def __init__(self, seed: int, length: int, size: int, style: synthetic.Style):
+        self.scenes = SemanticScenes(seed, length, size, style=style)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image, label = self.scenes[i]
+        return image, _FORM_OF_CLASS[label]
+
+
+def caption_forms(labels: Tensor, text_encoder, tokenizer) -> Tensor:
+    """Captions of the forms present in each label map [B, H, W] ("disc, ring"), encoded -> [B, 77, D]."""
+    forms = [_FORM_OF_CLASS[y.unique().cpu()].unique().tolist() for y in labels]
+    captions = [", ".join(FORM_CLASSES[f] for f in present if 0 < f < 255) for present in forms]
+    return text_encoder(tokenizer(captions).to(labels.device))

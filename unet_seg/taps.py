@@ -95,6 +95,16 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     return len(shape) == len(target) and all(s in (1, t) for s, t in zip(shape, target))
 
 
+def fuse_rows(x: Tensor, row_image: Tensor, row_mask: Tensor, n: int) -> Tensor:
+    """`fuse_by_masks` for ragged prompt rows: x [R, ..., h, w] (row r of item row_image[r]),
+    row_mask [R, H, W] (area-averaged to (h, w)) -> [n, ..., h, w] = Σ_r M_r·x_r / Σ_r M_r per item
+    (0 where no mask covers a pixel)."""
+    m = torch.nn.functional.interpolate(row_mask[:, None].float(), size=x.shape[-2:], mode="area").to(x.dtype)
+    m = m.view(len(m), *([1] * (x.ndim - 3)), *x.shape[-2:])
+    total = x.new_zeros(n, *m.shape[1:]).index_add_(0, row_image, m)
+    return x.new_zeros(n, *x.shape[1:]).index_add_(0, row_image, m * x) / torch.where(total > 0, total, torch.ones_like(total))
+
+
 def fuse_by_masks(x: Tensor, masks: Tensor) -> Tensor:
     """Path-controlled fusion (MultiDiffusion; DIFF eq. 2) of the outputs of P prompts:
 
@@ -175,24 +185,15 @@ def inversion_trajectory_features(
     mask = row_mask[:, None].float()
     total = torch.zeros(b, 1, *z0.shape[-2:], device=z0.device).index_add_(0, row_image, mask)
     total = torch.where(total > 0, total, torch.ones_like(total))
-    x, saved, last = z0.float(), {}, max(save_steps)
-    for i, ((t, t_next), eta) in enumerate(zip(steps, etas)):
+    x, saved = z0.float(), {}
+    for i, ((t, t_next), eta) in enumerate(zip(steps[: max(save_steps) + 1], etas)):
         xr = x[row_image]
         inp = (xr if negative is None else torch.cat([x, xr])).to(z0.dtype)
-        if i == last:
-            out, feats = None, unet.features(inp, t, context, wanted, procs)
-        elif i in save_steps:
-            out, feats = unet.forward_with_features(inp, t, context, wanted, procs)
-        else:
-            out, feats = unet(inp, t, context, procs), {}
-        if i in save_steps:
-            step = {n: feats[n][neg] for n in names}
-            for n in summed:
-                f = feats[n]
-                step[n] = f[neg].clone().index_add_(0, row_image, f[rows])
-            saved[i] = step
-        if out is None:
-            break
+        # the same call at every step (one compiled graph, CUDA-graph friendly); t as a tensor
+        out, feats = unet.forward_with_features(inp, torch.full(inp.shape[:1], t, device=inp.device), context, wanted, procs)
+        if i in save_steps:  # indexing copies: safe against a CUDA graph's next replay
+            saved[i] = {n: feats[n][neg] for n in names}
+            saved[i].update({n: feats[n][neg].index_add_(0, row_image, feats[n][rows]) for n in summed})
         e_neg = out[neg][row_image].float()
         e = e_neg + guidance_scale * (out[rows].float() - e_neg)
         if schedule.prediction_type == "v_prediction":
