@@ -107,7 +107,7 @@ def profile_kernels(fn, iters: int) -> dict:
     per_kernel, per_family = defaultdict(float), defaultdict(float)
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+        if us > 0:
             per_kernel[e.key] += us / iters / 1e3
             per_family[family(e.key)] += us / iters / 1e3
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
