@@ -46,8 +46,9 @@ def run(args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    unet = UNet(TINY_SD2 if args.tiny else SD21).widen_conv_in(8).to(device).train()
-    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device, torch.bfloat16 if cuda else torch.float32)
+    with torch.device(device):  # initialised on the GPU: seconds instead of a minute
+        unet = UNet(TINY_SD2 if args.tiny else SD21).add_support_conv_in(8).train()
+        vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(torch.bfloat16 if cuda else torch.float32)
     vae.eval().requires_grad_(False)
     if cuda:
         unet.to(memory_format=torch.channels_last)
@@ -56,8 +57,8 @@ def run(args) -> None:
     initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=cuda)
     model = DDP(unet, device_ids=[local_rank] if cuda else None) if world > 1 else unet
-    forward = maybe_compile(model)
-    if cuda:
+    forward = maybe_compile(model, cuda and not args.no_compile)
+    if cuda and not args.no_compile:
         vae.encoder.compile()
         vae.decoder.compile()
 
@@ -95,12 +96,22 @@ def run(args) -> None:
     seconds = synced() - t0
     eps = world * b * args.steps / seconds
     print0(f"world {world}: {args.steps} steps of {b} episodes per GPU in {seconds:.2f} s: {eps:.2f} episodes/s")
+    if args.profile and cuda and rank == 0:
+        from bench_models import flops_of, profile_kernels, profile_table
+
+        prof = profile_kernels(lambda: step(0), 3)
+        tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12
+        print(profile_table(f"training step, {b} episodes, world {world}, rank 0", prof, tflop), flush=True)
+    if args.eval_episodes == 0:
+        barrier()
+        cleanup_distributed()
+        return
 
     unet.load_state_dict(initial)  # evaluate the same weights whatever the world size
     classes = fold_split(0)[1]
     data = FewShotEpisodes(1, args.eval_episodes, classes, shots=1, size=s)
     t0 = synced()
-    conf, _ = recipe.evaluate(unet, vae, context, data, len(CLASS_NAMES), 0, device, seed=0)
+    conf, _ = recipe.evaluate(unet, vae, context[:, :2], data, len(CLASS_NAMES), 0, device, seed=0)  # unpadded, as the recipe
     eval_seconds = synced() - t0
     metrics = {name: recipe.summarise(c, classes) for name, c in conf.items()}
     print0(f"world {world}: evaluation of {len(data)} episodes in {eval_seconds:.1f} s: {metrics}")
@@ -150,6 +161,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-episodes", type=int, default=32, help="a multiple of 8 x world keeps every batch at 8")
+    p.add_argument("--no-compile", action="store_true", help="eager U-Net and VAE")
+    p.add_argument("--profile", action="store_true", help="rank 0: kernel families of a training step")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results/ddp", help="where world<N>.json go")
     p.add_argument("--compare", type=Path, help="read world*.json in this folder and write the table")
