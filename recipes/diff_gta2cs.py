@@ -138,11 +138,10 @@ def level_names(unet) -> list[tuple[list[str], list[str]]]:
     ]  # fmt: skip
 
 
-def prompt_rows(labels, prompt_ids: list[int], size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_rows(labels, prompt_ids: list[int], size, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per trajectory a label map [H, W] (conditional branch) or None (unconditional) -> its prompt
     rows: row_image [R], row_prompt [R] (0 = "", k = prompt of class prompt_ids[k − 1]), row_mask
     [R, h, w] (1 for "", a present class's label mask, nearest-resized to the latent size)."""
-    device = next((y.device for y in labels if y is not None), "cpu")
     rows = [(n, k) for n, y in enumerate(labels) for k in [0, *([] if y is None else [k for k, c in enumerate(prompt_ids, 1) if bool((y == c).any())])]]
     masks = [torch.ones(size, device=device) if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
     return *torch.tensor(rows, device=device).T, torch.stack(masks)
@@ -160,7 +159,7 @@ def inversion_schedule(trajectory, saved) -> tuple[list[tuple[int, int]], list[f
 def diffusion_levels(frozen: Frozen, z0, labels, args, generator=None) -> list[torch.Tensor]:
     """z0 [N, 4, h, w] (one latent per branch of each image), labels per trajectory (None:
     unconditional) -> per tapped level [N, C_level, h_l, w_l]: block-major, time-minor (official)."""
-    rows = prompt_rows(labels, frozen.prompt_ids, z0.shape[-2:])
+    rows = prompt_rows(labels, frozen.prompt_ids, z0.shape[-2:], z0.device)
     levels = level_names(frozen.unet)
     plain, summed = [n for p, _ in levels for n in p], [n for _, s in levels for n in s]
     if args.features == "trajectory":

@@ -52,7 +52,7 @@ def test_prompt_rows_give_the_empty_prompt_everywhere_and_present_classes_their_
     label = torch.zeros(2, 16, 16, dtype=torch.long)
     label[0, :8] = 9  # image 0: class 9 (prompted, slot 2) in its top half
     label[1] = 5  # image 1: class 5 everywhere, but it is passed as unconditional
-    image, prompt, mask = _recipe().prompt_rows([label[0], None], [5, 9], (4, 4))
+    image, prompt, mask = _recipe().prompt_rows([label[0], None], [5, 9], (4, 4), torch.device("cpu"))
     assert image.tolist() == [0, 0, 1] and prompt.tolist() == [0, 2, 0]
     assert (mask[0] == 1).all() and (mask[2] == 1).all()
     assert mask[1, :2].eq(1).all() and mask[1, 2:].eq(0).all()
