@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="segments per variant, interleaved")
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile-only", action="store_true", help="only the recipe's first calls (compile times)")
+    p.add_argument("--eager", action="store_true", help="nothing compiled (minutes of compiling saved; the levers' glue shows more)")
     p.add_argument("--no-baseline", action="store_true", help="skip the issue-8 episode")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
@@ -174,7 +175,7 @@ def main() -> None:
             unet.train(what == "training")
             counted[what, n, k] = flops_of(variants(what, n, k)["recipe"]) / 1e12
 
-    if cuda:  # as the recipe's --compile (static shapes here: each shape compiled once, no dynamic graphs)
+    if cuda and not args.eager:  # as the recipe's --compile (static shapes here: each shape compiled once, no dynamic graphs)
         unet_call = torch.compile(unet, dynamic=False)
         vae.encoder.compile(dynamic=False)
         vae.decoder.compile(dynamic=False)
@@ -223,7 +224,7 @@ def main() -> None:
         f"# DiffewS episode throughput — {gpu}\n\n"
         f"{datetime.date.today()} · torch {torch.__version__} · {cfg}, random weights · {args.size}² images · "
         f"U-Net fp32 weights under bf16 autocast (inference too: the recipe's own evaluation runs the U-Net in fp32), VAE bf16, "
-        f"channels_last on CUDA, all compiled · KV fusion on every "
+        f"channels_last on CUDA, {'eager' if args.eager or not cuda else 'all compiled'} · KV fusion on every "
         f"self-attention · variants interleaved in {args.rounds} segments of {args.iters} calls · ms: median of the segment "
         f"medians (min–max) · measured bf16 matmul peak {peak:.0f} TFLOP/s\n\n"
         "| what | shots | episodes/call | variant | ms (min–max) | episodes/s | TFLOP/episode | FLOP limit (episodes/s) | of limit | first call s |\n"
@@ -236,7 +237,7 @@ def main() -> None:
         first = "" if first is None else f"{first:.1f}"
         lines.append(f"| {what} | {k} | {n} | {name} | {spread(seg)} | {eps:.1f} | {tflop / n:.2f} | {limit:.1f} | {eps / limit:.0%} | {first} |")
     table = header + "\n".join(lines) + "\n\n" + "\n".join(profiles)
-    write_table(table, args.out, f"diffews_{file_tag(gpu)}", args.tiny)
+    write_table(table, args.out, f"diffews_{file_tag(gpu)}{'_eager' if args.eager else ''}", args.tiny)
 
 
 if __name__ == "__main__":
