@@ -53,29 +53,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from unet_seg import load_sd
-from unet_seg.codecs import BlockCodec
-from unet_seg.data import synthetic
-from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser
-from unet_seg.diffusion import NoiseSchedule
-from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
-from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
-from unet_seg.metrics import iou_table, mean_iou
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
-from unet_seg.segmentation import evaluate_semantic
-from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
-from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
-)  # fmt: skip
-from unet_seg.viz import image_to_uint8, overlay, save_grid
+from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 TRAJECTORY = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 26, 30, 34, 40, 45,
               52, 60, 69, 80, 91, 105, 121, 139, 160)  # official scheduler_timesteps (ascending)
@@ -115,13 +93,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
     p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
     p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
-    args = parse_recipe_args(p, argv, DEMO, REAL)
-    if not args.demo and not args.data_root:
-        p.error("--data-root is required without --demo")
+    args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
     starts = [0, *sorted(args.trajectory)[:-1]]
     if args.features == "trajectory" and not set(args.timesteps) <= set(starts):
         p.error(f"--timesteps must be U-Net times of the trajectory ({starts}), got {args.timesteps}")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # usage errors here, before the seconds that importing torch takes
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unet_seg import load_sd
+from unet_seg.codecs import BlockCodec
+from unet_seg.data import synthetic
+from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser
+from unet_seg.diffusion import NoiseSchedule
+from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
+from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
+from unet_seg.metrics import iou_table, mean_iou
+from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.segmentation import evaluate_semantic
+from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
+from unet_seg.train import (
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
+    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    save_checkpoint, seed_everything, training_batches, write_metrics,
+)  # fmt: skip
+from unet_seg.viz import image_to_uint8, overlay, save_grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +308,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
-    if args.demo:
-        print0(f"DEMO: tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
+    print_demo(args, f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
                "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form, "
                f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --data-root <GTA5, Cityscapes, ...>)")  # fmt: skip
     seed_everything(args.seed, rank)
@@ -394,4 +396,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

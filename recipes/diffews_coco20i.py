@@ -58,28 +58,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from unet_seg import load_sd
-from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import BlockCodec, check_mask, mask_to_image
-from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
-from unet_seg.losses import latent_mse
-from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
-from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, unwrap, write_metrics,
-)  # fmt: skip
-from unet_seg.viz import image_to_uint8, overlay, save_grid
+from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 TIMESTEP = 1  # official --train_timestep default
 THRESHOLD_RATIO = 0.25  # paper appendix Table 4
 EVAL_SHOTS = (1, 5)
-MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
 LR_END = 1e-7  # diffusers' polynomial schedule, power 1: linear to 1e-7
 DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, episodes=200)
 REAL = dict(size=512, steps=10000, batch_size=2, lr=1e-5, episodes=1000)
@@ -93,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         DEMO, REAL, out="runs/diffews",
     )  # fmt: skip
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
-    p.add_argument("--fold", type=int, default=0, help="fold 0..3: its 20 (demo: 5) classes are held out")
+    p.add_argument("--fold", type=int, default=0, choices=range(4), help="fold 0..3: its 20 (demo: 5) classes are held out")
     p.add_argument("--shots", type=int, default=1, help="training draws 1..SHOTS supports per step: 1 trains DiffewS, "
                    "7 DiffewS-n (paper Table 2)")
     p.add_argument("--support-sampling", action="store_true", help="K-shot test: keep L random support tokens of "
@@ -101,12 +84,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
     p.add_argument("--eval-every", type=int, default=0, help="1-shot mIoU on --eval-episodes test episodes every N steps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
-    args = parse_recipe_args(p, argv, DEMO, REAL)
-    if not args.demo and not args.data_root:
-        p.error("--data-root is required without --demo")
+    args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
     if args.shots < 1:
         p.error("--shots must be >= 1")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # usage errors here, before the seconds that importing torch takes
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unet_seg import load_sd
+from unet_seg.attention import kv_fusion_procs, self_attention_layers
+from unet_seg.codecs import BlockCodec, check_mask, mask_to_image
+from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
+from unet_seg.losses import latent_mse
+from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
+from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.train import (
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
+    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    save_checkpoint, seed_everything, training_batches, unwrap, write_metrics,
+)  # fmt: skip
+from unet_seg.viz import image_to_uint8, overlay, save_grid
+
+MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
 
 
 def fields(batch) -> tuple[torch.Tensor, ...]:
@@ -224,12 +228,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
-    if args.demo:
-        print0(
-            "DEMO: tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of "
-            f"SD's VAE, synthetic few-shot episodes, {device.type.upper()}, no download "
-            "(real runs: --model <SD 2.x> --data-root <COCO-20i>)"
-        )
+    print_demo(args, "tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of "
+               f"SD's VAE, synthetic few-shot episodes, {device.type.upper()}, no download "
+               "(real runs: --model <SD 2.x> --data-root <COCO-20i>)")  # fmt: skip
     seed_everything(args.seed, rank)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -334,4 +335,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -57,27 +57,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from unet_seg import load_sd
-from unet_seg.attention import context_slice_procs, cross_attention_layers
-from unet_seg.codecs import BlockCodec, mask_to_latent
-from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
-from unet_seg.losses import latent_mse
-from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
-from unet_seg.models import TINY_SD1_TEXT, TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
-from unet_seg.models.clip import CLIPTextEncoderWithProjection
-from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
-from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
-from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
-)  # fmt: skip
-from unet_seg.viz import image_to_uint8, overlay, save_grid
+from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 PROMPT = "A photo of a {}"  # A.3
 THRESHOLD = 0.7  # τ, also the background threshold (§4 "Hyperparameter τ", A.3)
@@ -109,15 +89,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, help=f"test images ({REAL['images']}: all of ADE20K val; demo {DEMO['images']})")
     p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
     p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
-    args = parse_recipe_args(p, argv, DEMO, REAL)
+    args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="ADE20K")
     args.candidates = list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
-    if not args.demo and not args.data_root:
-        p.error("--data-root is required without --demo")
     if min(args.ensemble, args.ddim_steps, args.images) < 1:
         p.error("--ensemble, --ddim-steps and --images must be >= 1")
     if args.ddim_steps > 1000:
         p.error(f"--ddim-steps must be <= 1000 (T), got {args.ddim_steps}")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # usage errors here, before the seconds that importing torch takes
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unet_seg import load_sd
+from unet_seg.attention import context_slice_procs, cross_attention_layers
+from unet_seg.codecs import BlockCodec, mask_to_latent
+from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
+from unet_seg.losses import latent_mse
+from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
+from unet_seg.models import TINY_SD1_TEXT, TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.models.clip import CLIPTextEncoderWithProjection
+from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
+from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
+from unet_seg.train import (
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
+    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    save_checkpoint, seed_everything, training_batches, write_metrics,
+)  # fmt: skip
+from unet_seg.viz import image_to_uint8, overlay, save_grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,12 +277,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
-    if args.demo:
-        print0(
-            "DEMO: tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
-            f"synthetic scenes with class names as prompts, {device.type.upper()}, no download "
-            "(real runs: --model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>)"
-        )
+    print_demo(args, "tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
+               f"synthetic scenes with class names as prompts, {device.type.upper()}, no download "
+               "(real runs: --model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>)")  # fmt: skip
     seed_everything(args.seed, rank)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -393,4 +393,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -70,35 +70,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from unet_seg import load_sd
-from unet_seg.backbones import ReinConvNet, ReinDINOv2
-from unet_seg.codecs import BlockCodec
-from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
-from unet_seg.demo import pretrain_denoiser
-from unet_seg.diffusion import NoiseSchedule
-from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
-from unet_seg.metrics import iou_per_class, iou_table
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
-from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement
-from unet_seg.segmentation import evaluate_semantic, slide_logits
-from unet_seg.taps import timestep_features
-from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, parse_recipe_args, print0, progress, recipe_parser, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
-)  # fmt: skip
-from unet_seg.viz import image_to_uint8, overlay, save_grid
+from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 T_WEAK, T_STRONG = 0, 100  # official feature_extraction(x, 0) and (x, 100)
-TAPS = tuple(f"up.{i}.res.{j}.branch" for i in (1, 2, 3) for j in range(3))  # official up_blocks[1..3].resnets[0..2], residual branch
 CROP, STRIDE = (512, 512), (341, 341)  # official test_cfg (slide)
 SCHEDULES = {"paper": dict(steps=60000, batch_size=4, backbone_lr_mult=0.1), "release": dict(steps=40000, batch_size=2, backbone_lr_mult=1.0)}
-DEMO_TEACHER = replace(TINY_SD2, channels=(32, 64, 64, 64))  # a quarter of TINY_SD2's FLOPs: CPU minutes
-DEMO_CLASSES = fold_split(0)[1]  # 5 synthetic classes, one per form: striped disc, checkered ring, ...
 DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, dim=64, heads=4, pixel_layers=2, decoder_layers=3, ffn=128, merge_dim=64, queries=16, points=1024, eval_images=100, teacher_steps=200)
 REAL = dict(size=512, steps=60000, batch_size=4, lr=1e-4, dim=256, heads=8, pixel_layers=6, decoder_layers=9, ffn=2048, merge_dim=512, queries=100, points=12544, eval_images=0, teacher_steps=0)
 
@@ -129,11 +105,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
     if not args.demo and not args.eval_only and not args.gta_root:
-        p.error("--gta-root is required without --demo")
+        p.error("--gta-root is required to train without --demo")
     if args.queries < 1 or args.dcl_weight < 0:
         p.error("--queries must be >= 1 and --dcl-weight >= 0")
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # usage errors here, before the seconds that importing torch takes
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unet_seg import load_sd
+from unet_seg.backbones import ReinConvNet, ReinDINOv2
+from unet_seg.codecs import BlockCodec
+from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
+from unet_seg.demo import pretrain_denoiser
+from unet_seg.diffusion import NoiseSchedule
+from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
+from unet_seg.metrics import iou_per_class, iou_table
+from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement
+from unet_seg.segmentation import evaluate_semantic, slide_logits
+from unet_seg.taps import timestep_features
+from unet_seg.train import (
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
+    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    save_checkpoint, seed_everything, training_batches, write_metrics,
+)  # fmt: skip
+from unet_seg.viz import image_to_uint8, overlay, save_grid
+
+TAPS = tuple(f"up.{i}.res.{j}.branch" for i in (1, 2, 3) for j in range(3))  # official up_blocks[1..3].resnets[0..2], residual branch
+DEMO_TEACHER = replace(TINY_SD2, channels=(32, 64, 64, 64))  # a quarter of TINY_SD2's FLOPs: CPU minutes
+DEMO_CLASSES = fold_split(0)[1]  # 5 synthetic classes, one per form: striped disc, checkered ring, ...
 
 # ---------------------------------------------------------------------------------------------
 # The model: Rein backbone, agent queries, Mask2Former with refinement, DCL (training only)
@@ -339,12 +344,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     rank, world, _, device = init_distributed()
-    if args.demo:
-        print0(
-            "DEMO: small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
-            "on random looks, a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY), "
-            f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --gta-root ... with the `recipes` extra for timm)"
-        )
+    print_demo(args, "small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
+               "on random looks, a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY), "
+               f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --gta-root ... with the `recipes` extra for timm)")  # fmt: skip
     seed_everything(args.seed, rank)
     args.out.mkdir(parents=True, exist_ok=True)
     train_data, tests, class_names, slide = datasets(args)
@@ -397,4 +399,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

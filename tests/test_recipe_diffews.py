@@ -69,10 +69,10 @@ def test_two_gloo_processes_finish(tmp_path):
 
 
 
-def test_official_defaults():
+def test_official_defaults(tmp_path):
     """All support tokens at K-shot test unless --support-sampling; the paper's strict schedule;
     the launcher's learning rate."""
-    args = _recipe().parse_args(["--model", "m", "--data-root", "d"])
+    args = _recipe().parse_args(["--model", "m", "--data-root", str(tmp_path)])
     assert not args.support_sampling and args.steps == 10000 and args.lr == 1e-5 and args.shots == 1
     assert _recipe().parse_args(["--demo", "--support-sampling"]).support_sampling
 

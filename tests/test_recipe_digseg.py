@@ -136,12 +136,12 @@ def test_all_classes_of_an_image_in_one_batch_equal_the_per_class_loop():
         denoise_class_masks(model, vae, schedule, images, embeds, e, 2, noise=noise[:, :1])
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_paper(tmp_path):
     """ε-prediction (eq. 6) unless --prediction-type v_prediction; CLIP candidates on real data,
     several candidate modes evaluated side by side."""
-    recipe = _recipe()
-    real = recipe.parse_args(["--model", "m", "--clip", "c", "--data-root", "d"])
+    recipe, d = _recipe(), str(tmp_path)
+    real = recipe.parse_args(["--model", "m", "--clip", "c", "--data-root", d])
     assert real.prediction_type == "epsilon" and real.candidates == ["clip"] and real.ensemble == 8 and real.ddim_steps == 2
-    both = recipe.parse_args(["--model", "m", "--data-root", "d", "--candidates", "clip", "all", "--prediction-type", "v_prediction"])
+    both = recipe.parse_args(["--model", "m", "--data-root", d, "--candidates", "clip", "all", "--prediction-type", "v_prediction"])
     assert both.candidates == ["clip", "all"] and both.prediction_type == "v_prediction"
     assert recipe.parse_args(["--demo"]).candidates == ["all"]

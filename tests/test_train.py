@@ -492,24 +492,3 @@ def test_two_gloo_processes_share_one_checkpoint_and_write_once(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"rank": 0}
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000000003.safetensors"]
     assert result.stdout.count("printed by rank") == 1 and "printed by rank 0" in result.stdout
-
-
-def test_recipe_args_take_the_preset_of_the_mode_unless_given():
-    from unet_seg.train import parse_recipe_args, recipe_parser
-
-    demo, real = dict(steps=3, batch_size=2, lr=1e-3, size=64, extra="d"), dict(steps=9, batch_size=1, lr=1e-5, size=512, extra="r")
-    p = recipe_parser("test", demo, real, out="runs/x")
-    args = parse_recipe_args(p, ["--demo", "--lr", "0.5"], demo, real)
-    assert (args.steps, args.batch_size, args.lr, args.size, args.extra) == (3, 2, 0.5, 64, "d")
-    args = parse_recipe_args(p, [], demo, real)
-    assert (args.steps, args.batch_size, args.lr, args.size, args.extra, args.out) == (9, 1, 1e-5, 512, "r", Path("runs/x"))
-
-
-@pytest.mark.parametrize("argv, message", [(["--size", "96"], "multiple of 64"), (["--steps", "0"], ">= 1"), (["--save-every", "0"], ">= 1")])
-def test_recipe_args_refuse_bad_shared_options(argv, message, capsys):
-    from unet_seg.train import parse_recipe_args, recipe_parser
-
-    preset = dict(steps=3, batch_size=2, lr=1e-3, size=64)
-    with pytest.raises(SystemExit):
-        parse_recipe_args(recipe_parser("test", preset, preset, out="runs/x"), argv, preset, preset)
-    assert message in capsys.readouterr().err

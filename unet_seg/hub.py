@@ -20,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .errors import CheckpointError
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 FILE_SUFFIXES = (".safetensors", ".json", ".onnx", ".gguf", *PICKLE_SUFFIXES)  # a source ending so is a path
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # unet/, vae/
@@ -28,10 +30,6 @@ TRANSFORMERS_WEIGHTS = "model"  # text_encoder/
 OFFLINE = "the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download it once with network access"
 
 M = TypeVar("M", bound=nn.Module)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, pickled, or not fitting the model."""
 
 
 def refuse_pickle(path: Path) -> None:

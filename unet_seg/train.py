@@ -1,6 +1,6 @@
 """What every recipe needs around its training loop: processes, seeds, checkpoints, progress.
 
-    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), None, DEMO, REAL)
+    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), None, DEMO, REAL)   # unet_seg.cli
     rank, world, local_rank, device = init_distributed()      # torchrun or a plain process
     seed_everything(args.seed, rank)
     loader = resumable_loader(dataset, args.batch_size, args.seed)
@@ -34,7 +34,6 @@ from `resumable_loader` and the loss draws randomness only from the global RNGs 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import itertools
 import json
@@ -63,55 +62,6 @@ PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_FORMAT = "unet_seg.checkpoint/1"
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
-
-
-# ---------------------------------------------------------------- command line
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default unless it is None (filled in from the presets) or a flag's False."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        hidden = action.default is None or action.default is False
-        return action.help if hidden else super()._get_help_string(action)
-
-
-def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argparse.ArgumentParser:
-    """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
-    unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
-    any other key of those dicts too). Recipes add their own options to it."""
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
-    p.add_argument("--demo", action="store_true", help="tiny random models, synthetic data, CPU minutes, no download")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-2-1", help="SD 2.x hub id or local folder")
-    for flag, kind, what in (
-        ("--steps", int, "training steps"),
-        ("--batch-size", int, "training samples (images or episodes) per process and step"),
-        ("--lr", float, "learning rate (see the recipe's hyper-parameter table)"),
-        ("--size", int, "training image side, a multiple of 64"),
-    ):
-        key = flag[2:].replace("-", "_")
-        p.add_argument(flag, type=kind, help=f"{what} (default {real[key]}; demo {demo[key]})")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--out", default=out, help="checkpoints, metrics.{md,json} and the predictions PNG")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile what runs every step")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and noise")
-    return p
-
-
-def parse_recipe_args(p: argparse.ArgumentParser, argv: Optional[list[str]], demo: dict, real: dict) -> argparse.Namespace:
-    """Parse `argv`, fill what was left unset from `demo` or `real`, check the shared options
-    (exits with a usage error) and make --out a Path."""
-    args = p.parse_args(argv)
-    for key, value in (demo if args.demo else real).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
-    if args.steps < 1 or args.batch_size < 1 or args.save_every < 1:
-        p.error("--steps, --batch-size and --save-every must be >= 1")
-    args.out = Path(args.out)
-    return args
 
 
 # ---------------------------------------------------------------- processes
@@ -172,6 +122,13 @@ def print0(*args: Any, **kwargs: Any) -> None:
     """`print` on rank 0 only (flushed, so logs of several processes interleave sensibly)."""
     if is_main():
         print(*args, **kwargs, flush=True)
+
+
+def print_demo(args: Any, what: str) -> None:
+    """For a demo run (`args.demo`), on rank 0: why it is a demo, unless --demo asked for it
+    (`args.demo_reason`, set by `unet_seg.cli.parse_recipe_args`), then "DEMO: <what>"."""
+    if args.demo:
+        print0((f"{args.demo_reason}\n" if args.demo_reason else "") + f"DEMO: {what}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import DataLayoutError
 from .transforms import IGNORE_INDEX, Transform, item_generator, read_image
 
 SPLITS = ("training", "validation")
@@ -88,15 +89,15 @@ class ADE20K(Dataset):
         layout = f"{root}/images/{split}/*.jpg with {root}/annotations/{split}/*.png of the same names"
         for d in (images_dir, labels_dir):
             if not d.is_dir():
-                raise FileNotFoundError(f"{d} is not a directory; expected the ADEChallengeData2016 layout: {layout}")
+                raise DataLayoutError(f"{d} is not a directory; expected the ADEChallengeData2016 layout: {layout}")
         images = sorted(images_dir.glob("*.jpg"))
         labels = sorted(labels_dir.glob("*.png"))
         if not images:
-            raise FileNotFoundError(f"no .jpg images in {images_dir}; expected {layout}")
+            raise DataLayoutError(f"no .jpg images in {images_dir}; expected {layout}")
         unlabelled = sorted({p.stem for p in images} - {p.stem for p in labels})
         unmatched = sorted({p.stem for p in labels} - {p.stem for p in images})
         if unlabelled or unmatched:
-            raise FileNotFoundError(
+            raise DataLayoutError(
                 f"images and annotations of {split} do not pair up ({layout}): {len(unlabelled)} images lack an "
                 f"annotation (e.g. {unlabelled[:3]}), {len(unmatched)} annotations lack an image (e.g. {unmatched[:3]})"
             )

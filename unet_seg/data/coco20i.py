@@ -79,6 +79,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from unet_seg.data.transforms import IGNORE_INDEX, read_image
+from unet_seg.errors import DataLayoutError
 
 NUM_FOLDS = 4
 FOLD_RULES = ("interleaved", "consecutive")
@@ -150,10 +151,10 @@ def class_pixel_index(root: Union[str, Path], coco_split: str) -> dict[str, dict
     PNGs there, else by scanning them and writing that JSON (a warning if it cannot be written)."""
     masks_dir = Path(root) / "annotations" / coco_split
     if not masks_dir.is_dir():
-        raise FileNotFoundError(f"{masks_dir} is not a directory; expected the COCO-20i layout {LAYOUT}")
+        raise DataLayoutError(f"{masks_dir} is not a directory; expected the COCO-20i layout {LAYOUT}")
     stems = sorted(p.stem for p in masks_dir.glob("*.png"))
     if not stems:
-        raise FileNotFoundError(f"no .png class maps in {masks_dir}; expected the COCO-20i layout {LAYOUT}")
+        raise DataLayoutError(f"no .png class maps in {masks_dir}; expected the COCO-20i layout {LAYOUT}")
     cache = masks_dir.parent / f"{coco_split}_class_pixels.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -210,14 +211,14 @@ class COCO20i(Dataset):
             raise ValueError(f"min_pixels must be an int >= 1, got {min_pixels!r}")
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root} is not a directory; expected the COCO-20i layout {LAYOUT}")
+            raise DataLayoutError(f"{root} is not a directory; expected the COCO-20i layout {LAYOUT}")
         coco_split = SPLITS[split]
         self.classes = fold_classes(fold, fold_rule) if split == "val" else train_classes(fold, fold_rule)
         index = class_pixel_index(root, coco_split)
         self.images_dir, self.masks_dir = root / coco_split, root / "annotations" / coco_split
         without_image = sorted(set(index) - {p.stem for p in self.images_dir.glob("*.jpg")})
         if without_image:
-            raise FileNotFoundError(
+            raise DataLayoutError(
                 f"{len(without_image)} class maps in {self.masks_dir} have no image {self.images_dir}/<stem>.jpg "
                 f"(e.g. {without_image[:3]}); expected the COCO-20i layout {LAYOUT}"
             )

@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from unet_seg.data.transforms import IGNORE_INDEX, Transform, cached_class_counts, class_pixel_counts, item_generator, read_image
+from unet_seg.errors import DataLayoutError
 
 # The 19 classes in train-id order (cityscapesScripts helpers/labels.py; mmseg CityscapesDataset).
 CITYSCAPES_CLASSES = (
@@ -198,18 +199,18 @@ def find_pairs(name: str, root: Union[str, Path], split: str) -> list[tuple[Path
     )
     for d in (images_dir, labels_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d} is not a directory; expected the {name} layout: {expected}")
+            raise DataLayoutError(f"{d} is not a directory; expected the {name} layout: {expected}")
     within = (layout.within or {}).get(split, "")
     images = sorted(images_dir.glob(f"{within}**/*{layout.image_suffix}"))
     if not images:
-        raise FileNotFoundError(f"no *{layout.image_suffix} images under {images_dir}; expected {expected}")
+        raise DataLayoutError(f"no *{layout.image_suffix} images under {images_dir}; expected {expected}")
     pairs = []
     for image in images:
         stem = image.relative_to(images_dir).as_posix()[: -len(layout.image_suffix)]
         pairs.append((image, labels_dir / f"{stem}{layout.label_suffix}"))
     unlabelled = [str(label) for _, label in pairs if not label.is_file()]
     if unlabelled:
-        raise FileNotFoundError(
+        raise DataLayoutError(
             f"{len(unlabelled)} of {len(pairs)} {name} {split} images lack a label (first: {unlabelled[:3]}); "
             f"expected {expected}"
         )

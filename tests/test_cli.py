@@ -1,0 +1,120 @@
+"""The recipes' command line (unet_seg.cli): presets, the demo by default, usage errors before
+`import torch`, one-line errors for data layouts and checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unet_seg.cli import parse_recipe_args, recipe_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["diffews_coco20i", "diff_gta2cs", "querydiff_gta2cs", "digseg_ade20k"]
+DEMO = dict(steps=300, batch_size=2, lr=1e-3, size=64, extra="d")
+REAL = dict(steps=9, batch_size=1, lr=1e-5, size=512, extra="r")
+
+
+def parser():
+    p = recipe_parser("test", DEMO, REAL, out="runs/x")
+    p.add_argument("--data-root")
+    return p
+
+
+def parse(argv):
+    return parse_recipe_args(parser(), argv, DEMO, REAL, data=["--data-root"], dataset="TestSet")
+
+
+def test_recipe_args_take_the_preset_of_the_mode_unless_given(tmp_path):
+    args = parse(["--demo", "--lr", "0.5"])
+    assert (args.steps, args.batch_size, args.lr, args.size, args.extra, args.demo_reason) == (300, 2, 0.5, 64, "d", None)
+    args = parse(["--model", "m", "--data-root", str(tmp_path)])
+    assert (args.steps, args.batch_size, args.lr, args.size, args.extra, args.out) == (9, 1, 1e-5, 512, "r", Path("runs/x"))
+    assert args.model == "m" and not args.demo and args.save_every == 1000
+
+
+def test_no_data_root_and_no_model_runs_the_demo_and_says_so_first(capsys, tmp_path):
+    from unet_seg.cli import DEFAULT_MODEL
+    from unet_seg.train import print_demo
+
+    args = parse([])
+    assert args.demo and args.steps == 300 and args.model == DEFAULT_MODEL
+    print_demo(args, "tiny things")
+    assert capsys.readouterr().out.splitlines() == [
+        "no --data-root: running the synthetic demo; see --help for TestSet", "DEMO: tiny things"
+    ]
+    print_demo(parse(["--demo"]), "tiny things")
+    print_demo(parse(["--model", "m", "--data-root", str(tmp_path)]), "not printed")
+    assert capsys.readouterr().out == "DEMO: tiny things\n"
+
+
+def test_demo_checkpoints_within_the_run_so_an_interrupted_demo_can_resume():
+    assert parse([]).save_every == 100 and parse(["--demo", "--steps", "2"]).save_every == 1
+    assert parse(["--demo", "--save-every", "7"]).save_every == 7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--demo", "--size", "96"], "multiple of 64"),
+        (["--demo", "--steps", "0"], ">= 1"),
+        (["--demo", "--save-every", "0"], ">= 1"),
+        (["--model", "m"], "--data-root is required with --model"),
+        (["--data-root", "/no/such/root"], "--data-root /no/such/root: no such folder"),
+    ],
+)
+def test_recipe_args_refuse_bad_shared_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_import_unet_seg_and_its_cli_do_not_import_torch():
+    code = "import sys, unet_seg, unet_seg.cli; from unet_seg import CheckpointError; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+    code = "import sys, unet_seg; unet_seg.load_sd; print('torch' in sys.modules)"  # lazy attribute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "True"
+
+
+# Runs a recipe as `python recipes/x.py ARGS` would, then reports whether torch was imported.
+RUN_AS_MAIN = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_usage_errors_come_before_importing_torch(name):
+    argv = ["--demo", "--size", "72"]
+    path = ROOT / "recipes" / f"{name}.py"
+    run = subprocess.run([sys.executable, "-c", RUN_AS_MAIN, str(path), json.dumps(argv)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert "--size must be a multiple of 64" in run.stderr and "torch imported: False" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_fold_out_of_range_is_a_usage_error():
+    path = ROOT / "recipes" / "diffews_coco20i.py"
+    argv = ["--fold", "7"]
+    run = subprocess.run([sys.executable, "-c", RUN_AS_MAIN, str(path), json.dumps(argv)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "argument --fold: invalid choice: 7" in run.stderr
+    assert "torch imported: False" in run.stderr
+
+
+def test_a_data_root_in_the_wrong_layout_is_one_line_not_a_traceback(tmp_path):
+    path = ROOT / "recipes" / "diffews_coco20i.py"
+    run = subprocess.run(
+        [sys.executable, str(path), "--model", "m", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(f"diffews_coco20i.py: error: {tmp_path}/annotations/train2014 is not a directory")
+    assert "expected the COCO-20i layout" in line

@@ -1,0 +1,126 @@
+"""The recipes' command line, without torch: usage errors come before the heavy imports.
+
+Importing torch takes seconds (13-20 s on a cold machine), so a recipe parses its command line
+first and imports the rest after:
+
+    from unet_seg.cli import parse_recipe_args, recipe_parser, run     # no torch
+
+    def parse_args(argv=None):
+        p = recipe_parser(__doc__, DEMO, REAL, out="runs/x")
+        p.add_argument("--data-root", help="...")
+        return parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
+
+    if __name__ == "__main__":
+        parse_args()      # a usage error exits here, in well under a second
+
+    import torch          # noqa: E402 -- the recipe's heavy imports
+    ...
+    if __name__ == "__main__":
+        run(main)         # a missing dataset layout or unusable checkpoint: one line, no traceback
+
+Given neither a data root nor --model, a recipe runs its demo on synthetic data and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import CheckpointError, DataLayoutError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None (filled in from the presets) or a flag's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        hidden = action.default is None or action.default is False
+        return action.help if hidden else super()._get_help_string(action)
+
+
+def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argparse.ArgumentParser:
+    """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
+    unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
+    any other key of those dicts too). Recipes add their own options to it."""
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p.add_argument(
+        "--demo", action="store_true",
+        help="tiny random models, synthetic data, CPU minutes, no download (the default when neither a data root "
+        "nor --model is given)",
+    )  # fmt: skip
+    p.add_argument("--model", help=f"SD 2.x hub id or local folder (default {DEFAULT_MODEL})")
+    for flag, kind, what in (
+        ("--steps", int, "training steps"),
+        ("--batch-size", int, "training samples (images or episodes) per process and step"),
+        ("--lr", float, "learning rate (see the recipe's hyper-parameter table)"),
+        ("--size", int, "training image side, a multiple of 64"),
+    ):
+        key = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=kind, help=f"{what} (default {real[key]}; demo {demo[key]})")
+    p.add_argument(
+        "--save-every", type=int,
+        help="checkpoint every N steps and at the end (default 1000; demo: a third of --steps, so an interrupted "
+        "demo can resume)",
+    )  # fmt: skip
+    p.add_argument("--out", default=out, help="checkpoints, metrics.{md,json} and the predictions PNG")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--compile", action="store_true", help="torch.compile what runs every step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and noise")
+    return p
+
+
+def parse_recipe_args(
+    p: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    demo: dict,
+    real: dict,
+    data: Sequence[str] = ("--data-root",),
+    dataset: str = "the real data",
+) -> argparse.Namespace:
+    """Parse `argv`, fill what was left unset from `demo` or `real`, check the shared options and
+    the data roots (usage errors exit here) and make --out a Path.
+
+    `data`: the recipe's data-root flags, the first one required for a real run. With none of
+    them and no --model, the run is the demo: `args.demo` is set and `args.demo_reason` says why
+    (None when --demo was given); `unet_seg.train.print_demo` prints it.
+    """
+    args = p.parse_args(argv)
+    given = [flag for flag in data if getattr(args, _dest(flag)) is not None]
+    args.demo_reason = None
+    if not args.demo and not given and args.model is None:
+        args.demo = True
+        args.demo_reason = f"no {data[0]}: running the synthetic demo; see --help for {dataset}"
+    for key, value in (demo if args.demo else real).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if not args.demo and not given:
+        p.error(f"{data[0]} is required with --model (without both, the recipe runs its synthetic demo)")
+    if not args.demo:
+        for flag in given:
+            if not Path(getattr(args, _dest(flag))).is_dir():
+                p.error(f"{flag} {getattr(args, _dest(flag))}: no such folder")
+    args.model = args.model or DEFAULT_MODEL
+    if args.save_every is None:
+        args.save_every = max(1, args.steps // 3) if args.demo else 1000
+    if args.size % 64:
+        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
+    if args.steps < 1 or args.batch_size < 1 or args.save_every < 1:
+        p.error("--steps, --batch-size and --save-every must be >= 1")
+    args.out = Path(args.out)
+    return args
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
+    one line on stderr and exit status 1 instead of a traceback."""
+    try:
+        main()
+    except (DataLayoutError, CheckpointError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
