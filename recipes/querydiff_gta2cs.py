@@ -101,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net teacher (200)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoints in --out (SD is never loaded)")
     schedule = SCHEDULES[p.parse_known_args(argv)[0].schedule]
-    args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]})
+    roots = ["--gta-root", "--cityscapes-root", "--bdd-root", "--mapillary-root"]
+    args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, data=roots, dataset="GTA5")
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
     if not args.demo and not args.eval_only and not args.gta_root:

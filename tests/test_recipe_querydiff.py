@@ -78,14 +78,14 @@ def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries(
     assert dcl is None and len(cls) == len(masks) == args.decoder_layers + 1
 
 
-def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag_away():
-    recipe = _recipe()
-    paper = recipe.parse_args(["--gta-root", "x"])
+def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag_away(tmp_path):
+    recipe, x = _recipe(), str(tmp_path)
+    paper = recipe.parse_args(["--gta-root", x])
     assert (paper.steps, paper.batch_size, paper.lr, paper.backbone_lr_mult) == (60000, 4, 1e-4, 0.1)
     assert (paper.pixel_layers, paper.decoder_layers, paper.dim, paper.queries, paper.points) == (6, 9, 256, 100, 12544)
-    release = recipe.parse_args(["--gta-root", "x", "--schedule", "release"])
+    release = recipe.parse_args(["--gta-root", x, "--schedule", "release"])
     assert (release.steps, release.batch_size, release.backbone_lr_mult) == (40000, 2, 1.0)
-    assert recipe.parse_args(["--gta-root", "x", "--schedule", "release", "--steps", "7"]).steps == 7
+    assert recipe.parse_args(["--gta-root", x, "--schedule", "release", "--steps", "7"]).steps == 7
 
 
 @pytest.mark.slow
