@@ -196,7 +196,8 @@ def test_from_bpe_builds_sd_vocab_json(shared_dir, packaged):
 
 
 @pytest.mark.parametrize("style, pad_id", [("sd1", 49407), ("sd2", 0)])
-def test_real_vocab_ids_equal_transformers(shared_dir, tmp_path, packaged, style, pad_id):
+def test_real_vocab_ids_equal_transformers(tmp_path, packaged, style, pad_id):
+    """The packaged vocabulary (unet_seg/data): runs on a fresh clone, no ../shared needed."""
     folder = write_tokenizer_folder(tmp_path / "tokenizer", packaged.vocab, list(packaged.merge_ranks), style)
     ours, ref = CLIPTokenizer.from_folder(folder), transformers.CLIPTokenizer.from_pretrained(folder)
     assert ref.get_vocab() == ours.vocab and ours.pad_token_id == ref.pad_token_id == pad_id
@@ -215,6 +216,9 @@ def test_real_vocab_ids_equal_transformers(shared_dir, tmp_path, packaged, style
 
 def test_packaged_bpe_file_is_clips(packaged):
     assert PACKAGED_BPE.is_file() and len(packaged.vocab) == 49408
+    assert packaged.bos_token_id == 49406 and packaged.eos_token_id == 49407
+    # ids SD users know from "a photo of a cat!"
+    assert [packaged.vocab[t] for t in ["!", "!</w>", "a</w>", "photo</w>", "of</w>", "cat</w>"]] == [0, 256, 320, 1125, 539, 2368]
     assert packaged.pad_token_id == 49407 and CLIPTokenizer.from_bpe(pad_token="!").pad_token_id == 0
 
 
