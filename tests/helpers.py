@@ -39,6 +39,11 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def rand(*shape, seed=0):
+    """Uniform [0, 1) from its own seeded generator (tests never draw from the global RNG)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_unet(which: str) -> UNet:
     """A shared, default-initialised tiny U-Net: "sd1" or "sd2"."""

@@ -399,11 +399,13 @@ def test_multires_noise_reproduces_marigolds_pyramid_from_the_same_draws(hw, ann
     shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40), st.integers(1, 40)),
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
     annealed=st.booleans(),
+    seed=seeds,
 )
-def test_multires_noise_preserves_shape_dtype_device_and_unit_batch_std(shape, dtype, annealed):
+def test_multires_noise_preserves_shape_dtype_device_and_unit_batch_std(shape, dtype, annealed, seed):
     like = torch.zeros(shape, dtype=dtype)
-    t = torch.randint(0, T, shape[:1]) if annealed else None
-    noise = multires_noise(like, t)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, T, shape[:1], generator=g) if annealed else None
+    noise = multires_noise(like, t, generator=g)
     assert noise.shape == like.shape and noise.dtype == dtype and noise.device == like.device
     assert torch.isfinite(noise).all()
     if noise.numel() > 1:  # one std over the whole batch (Marigold), not per sample

@@ -9,9 +9,9 @@ from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from .helpers import randn
 
 
-def levels(b, channels, coarse):
+def levels(b, channels, coarse, seed=0):
     """Coarse to fine, each level twice the size of the previous."""
-    return [torch.randn(b, c, coarse * 2**i, coarse * 2**i) for i, c in enumerate(channels)]
+    return [randn(b, c, coarse * 2**i, coarse * 2**i, seed=seed + i) for i, c in enumerate(channels)]
 
 
 @settings(max_examples=10, deadline=None)
@@ -48,7 +48,7 @@ def test_head_output_depends_on_every_level():
     with torch.no_grad():
         base = head(fusion(x))
         for i in range(2):
-            changed = [t + (j == i) * torch.randn_like(t) for j, t in enumerate(x)]
+            changed = [t + (j == i) * randn(*t.shape, seed=100 + j) for j, t in enumerate(x)]
             assert not torch.allclose(head(fusion(changed)), base), f"level {i} ignored"
 
 

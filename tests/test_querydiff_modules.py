@@ -11,6 +11,8 @@ from unet_seg.querydiff import (
     DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement, merge_schedule, token_grid,
 )  # fmt: skip
 
+from .helpers import rand, randn
+
 
 def test_merge_schedule_and_token_grid():
     assert merge_schedule(24) == [12, 6, 3]  # the release's L_list
@@ -90,7 +92,7 @@ def test_dcl_is_zero_when_the_queries_are_the_weak_tokens_rebuilt():
 def test_diffusion_tokens_are_frozen_and_pooled_to_r_tokens():
     tokens = DiffusionTokens((6, 10), dim=8, tokens=12, seed=0)
     assert list(tokens.parameters()) == []
-    maps = [torch.randn(2, 6, 12, 12), torch.randn(2, 10, 6, 6)]
+    maps = [randn(2, 6, 12, 12, seed=12), randn(2, 10, 6, 6, seed=13)]
     out = tokens(maps)
     assert out.shape == (2, 12, 8)
     again = DiffusionTokens((6, 10), dim=8, tokens=12, seed=0)(maps)
@@ -119,7 +121,7 @@ def test_refinement_has_no_residual_and_keeps_shapes():
 
 def test_rein_conv_net_gives_four_strided_maps_and_its_tokens():
     net = ReinConvNet(width=16, tokens=6)
-    maps = net(torch.rand(2, 3, 64, 64) * 2 - 1)
+    maps = net(rand(2, 3, 64, 64, seed=14) * 2 - 1)
     assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
     assert net.reins.tokens().shape == (4, 6, 16)
     sum(m.mean() for m in maps).backward()
@@ -128,7 +130,7 @@ def test_rein_conv_net_gives_four_strided_maps_and_its_tokens():
 
 def test_reins_change_only_the_patch_tokens():
     reins = Reins(2, 8, tokens=4)
-    x = torch.randn(1, 5, 8)
+    x = randn(1, 5, 8, seed=15)
     out = reins(x, 1, prefix=1)
     assert torch.equal(out[:, :1], x[:, :1]) and not torch.equal(out[:, 1:], x[:, 1:])
 
@@ -187,7 +189,7 @@ def progressive_merge_reference(merge, tokens):
 
 def test_progressive_merge_equals_the_written_out_stages():
     merge = _randomise_(ProgressiveMerge(layers=6, tokens=3, dim=4, embed_dim=8, heads=2), 0)
-    tokens = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(1))
+    tokens = randn(6, 3, 4, seed=1)
     with torch.no_grad():
         got, expected = merge(tokens), progressive_merge_reference(merge, tokens)
     torch.testing.assert_close(got, expected)  # float32 defaults; measured max |error| 2.4e-7 (values up to 1.1)

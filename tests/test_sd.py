@@ -16,7 +16,7 @@ from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
 from unet_seg.sd import load_sd
 
-from .helpers import fake_hub_cache, perturb_, rel_err
+from .helpers import fake_hub_cache, perturb_, rand, randn, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -108,8 +108,8 @@ def test_diffusers_reads_our_single_file_identically(folder, tmp_path):
     path = single_file_of(sd, tmp_path / "model.safetensors", openclip=family == "sd2")
     ref_unet = diffusers.UNet2DConditionModel.from_single_file(path, config=str(root), subfolder="unet", local_files_only=True)
     ref_vae = diffusers.AutoencoderKL.from_single_file(path, config=str(root), subfolder="vae", local_files_only=True)
-    x, ctx = torch.randn(1, 4, 8, 16), torch.randn(1, 5, UNETS[family].context_dim)
-    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    x, ctx = randn(1, 4, 8, 16, seed=12), randn(1, 5, UNETS[family].context_dim, seed=13)
+    img = rand(1, 3, 32, 32, seed=14) * 2 - 1
     with torch.no_grad():
         assert rel_err(ref_unet(x, 10, ctx).sample, sd.unet(x, 10, ctx)) <= 1e-6
         assert rel_err(ref_vae.encode(img).latent_dist.mean * TINY_VAE.scaling_factor, sd.vae.encode(img)) <= 1e-6
@@ -224,8 +224,8 @@ def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp
     ref_unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
     ref_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     ref_text = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
-    x, ctx = torch.randn(1, 8, 8, 8), torch.randn(1, 5, UNETS[family].context_dim)
-    img, ids = torch.rand(1, 3, 16, 16) * 2 - 1, sd.tokenizer(PROMPTS[:1])
+    x, ctx = randn(1, 8, 8, 8, seed=15), randn(1, 5, UNETS[family].context_dim, seed=16)
+    img, ids = rand(1, 3, 16, 16, seed=17) * 2 - 1, sd.tokenizer(PROMPTS[:1])
     with torch.no_grad():
         assert rel_err(ref_unet(x, 10, ctx).sample, sd.unet(x, 10, ctx)) <= 1e-6
         assert rel_err(ref_vae.encode(img).latent_dist.mean * TINY_VAE.scaling_factor, sd.vae.encode(img)) <= 1e-6

@@ -18,10 +18,10 @@ def pointwise(x: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=30, deadline=None)
 @given(
     h=st.integers(8, 40), w=st.integers(8, 40), ch=st.integers(4, 48), cw=st.integers(4, 48),
-    sh=st.integers(1, 24), sw=st.integers(1, 24), b=st.integers(1, 2),
+    sh=st.integers(1, 24), sw=st.integers(1, 24), b=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
 )  # fmt: skip
-def test_slide_logits_of_a_pointwise_classifier_equal_whole_image_logits(h, w, ch, cw, sh, sw, b):
-    image = torch.randn(b, 3, h, w)
+def test_slide_logits_of_a_pointwise_classifier_equal_whole_image_logits(h, w, ch, cw, sh, sw, b, seed):
+    image = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
     sh, sw = min(sh, ch), min(sw, cw)
     out = slide_logits(pointwise, image, (ch, cw), (sh, sw), K)
     assert out.shape == (b, K, h, w)

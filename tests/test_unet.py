@@ -57,14 +57,14 @@ def test_unet_matches_diffusers_in_float64(pair, t):
 
 def test_scalar_timestep_equals_broadcast_tensor(pair):
     cfg, _, ours = pair
-    x, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 5, cfg.context_dim)
+    x, ctx = randn(3, 4, 8, 8, seed=12), randn(3, 5, cfg.context_dim, seed=13)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, 250, ctx), ours(x, torch.full((3,), 250), ctx))
 
 
 def test_named_features_are_diffusers_block_outputs(pair):
     cfg, ref, ours = pair
-    x, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 5, cfg.context_dim), torch.tensor([400])
+    x, ctx, t = randn(1, 4, 16, 16, seed=14), randn(1, 5, cfg.context_dim, seed=15), torch.tensor([400])
     captured = {}
 
     def keep(name, first_of_tuple=False):
@@ -104,7 +104,7 @@ def test_named_features_are_diffusers_block_outputs(pair):
 
 def test_features_early_exit_equals_full_run(pair):
     cfg, _, ours = pair
-    x, ctx = torch.randn(2, 4, 8, 16), torch.randn(2, 3, cfg.context_dim)
+    x, ctx = randn(2, 4, 8, 16, seed=16), randn(2, 3, cfg.context_dim, seed=17)
     with torch.no_grad():
         full = ours.features(x, 10, ctx, ours.feature_names)
         for name in ours.feature_names:
@@ -113,7 +113,7 @@ def test_features_early_exit_equals_full_run(pair):
 
 def test_procs_replace_attention_of_named_layers_only(pair):
     cfg, _, ours = pair
-    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, cfg.context_dim)
+    x, ctx = randn(1, 4, 8, 8, seed=18), randn(1, 3, cfg.context_dim, seed=19)
     seen = []
 
     def zero_attention(q, k, v, name):
@@ -156,11 +156,13 @@ def tiny():
     hw=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
     int_t=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
 )
-def test_output_shape_and_dtype_follow_input(tiny, b, hw, dtype, int_t):
-    x = torch.randn(b, 4, 8 * hw[0], 8 * hw[1], dtype=dtype)
-    t = torch.randint(0, 1000, (b,)) if int_t else torch.rand(b) * 999
-    ctx = torch.randn(b, 4, TINY_SD1.context_dim, dtype=dtype)
+def test_output_shape_and_dtype_follow_input(tiny, b, hw, dtype, int_t, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 8 * hw[0], 8 * hw[1], generator=g).to(dtype)
+    t = torch.randint(0, 1000, (b,), generator=g) if int_t else torch.rand(b, generator=g) * 999
+    ctx = torch.randn(b, 4, TINY_SD1.context_dim, generator=g).to(dtype)
     model = copy.deepcopy(tiny).to(dtype)
     with torch.no_grad():
         out = model(x, t, ctx)
@@ -178,7 +180,7 @@ def test_batch_elements_are_independent(tiny):
 
 
 def test_gradients_reach_every_parameter(tiny):
-    x, ctx = torch.randn(1, 4, 8, 8, requires_grad=True), torch.randn(1, 3, 32)
+    x, ctx = randn(1, 4, 8, 8, seed=20).requires_grad_(), randn(1, 3, 32, seed=21)
     tiny.zero_grad()
     tiny(x, 100, ctx).square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -198,17 +200,17 @@ def test_gradients_reach_every_parameter(tiny):
 )
 def test_bad_inputs_raise_clear_errors(tiny, x_shape, ctx_shape, t, match):
     with pytest.raises(ValueError, match=match):
-        tiny(torch.randn(x_shape), t, torch.randn(ctx_shape))
+        tiny(randn(x_shape, seed=22), t, randn(ctx_shape, seed=23))
 
 
 def test_integer_latents_are_refused(tiny):
     with pytest.raises(TypeError, match="floating-point"):
-        tiny(torch.zeros(1, 4, 8, 8, dtype=torch.long), 1, torch.randn(1, 3, 32))
+        tiny(torch.zeros(1, 4, 8, 8, dtype=torch.long), 1, randn(1, 3, 32, seed=24))
 
 
 def test_unknown_feature_name_lists_valid_ones(tiny):
     with pytest.raises(ValueError, match="down.0"):
-        tiny.features(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 3, 32), ["decoder.9"])
+        tiny.features(randn(1, 4, 8, 8, seed=25), 1, randn(1, 3, 32, seed=26), ["decoder.9"])
 
 
 def test_widened_conv_in_on_duplicated_input_equals_original(tiny):
@@ -264,7 +266,7 @@ def test_support_rows_use_the_support_conv_and_the_others_the_pretrained_conv():
 
 def test_support_rows_are_checked():
     model = UNet(TINY_SD1)
-    x, ctx = torch.randn(2, 8, 8, 8), torch.randn(2, 3, 32)
+    x, ctx = randn(2, 8, 8, 8, seed=27), randn(2, 3, 32, seed=28)
     with pytest.raises(ValueError, match="add_support_conv_in"):
         model(x, 1, ctx, support=torch.tensor([False, True]))
     model.add_support_conv_in(8)
@@ -369,7 +371,7 @@ def test_full_sd21_unet_matches_diffusers(tmp_path):
 
 def test_forward_with_features_is_the_full_output_and_the_same_features(pair):
     cfg, _, ours = pair
-    x, ctx = torch.randn(2, 4, 8, 16), torch.randn(2, 3, cfg.context_dim)
+    x, ctx = randn(2, 4, 8, 16, seed=29), randn(2, 3, cfg.context_dim, seed=30)
     names = ["up.1.attn.0", "up.0.res.1.branch"]
     with torch.no_grad():
         out, feats = ours.forward_with_features(x, 10, ctx, names)

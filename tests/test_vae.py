@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from unet_seg.hub import CheckpointError
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig
 
-from .helpers import perturb_, rel_err
+from .helpers import perturb_, rand, randn, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,7 +28,7 @@ def pair(request, tmp_path_factory):
 @pytest.mark.parametrize("hw", [(32, 32), (24, 40)])
 def test_encode_returns_scaled_posterior_mean_of_diffusers(pair, hw):
     cfg, ref, ours = pair
-    img = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    img = rand(2, 3, *hw, seed=0) * 2 - 1
     with torch.no_grad():
         expected = ref.encode(img).latent_dist.mean * cfg.scaling_factor
         assert rel_err(ours.encode(img), expected) <= 1e-6  # measured <= 1.0e-7
@@ -36,7 +36,7 @@ def test_encode_returns_scaled_posterior_mean_of_diffusers(pair, hw):
 
 def test_decode_takes_scaled_latent_like_diffusers(pair):
     cfg, ref, ours = pair
-    z = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    z = randn(2, 4, 3, 5, seed=0)
     with torch.no_grad():
         assert rel_err(ours.decode(z), ref.decode(z / cfg.scaling_factor).sample) <= 2e-6  # measured <= 6.0e-7
 
@@ -55,12 +55,12 @@ def test_encode_and_decode_match_diffusers_in_float64(pair):
 
 def test_sampling_uses_generator_and_posterior_std(pair):
     cfg, ref, ours = pair
-    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    img = rand(1, 3, 16, 16, seed=12) * 2 - 1
     with torch.no_grad():
         a = ours.encode(img, sample=True, generator=torch.Generator().manual_seed(5))
         b = ours.encode(img, sample=True, generator=torch.Generator().manual_seed(5))
         dist = ref.encode(img).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
+        eps = randn(dist.mean.shape, seed=5)
     assert torch.equal(a, b)
     assert rel_err(a, (dist.mean + dist.std * eps) * cfg.scaling_factor) <= 1e-6  # measured 0.0
 
@@ -71,9 +71,12 @@ def tiny():
     return AutoencoderKL(TINY_VAE).eval()
 
 
-@given(b=st.integers(1, 2), h=st.integers(1, 4), w=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_shapes_and_dtype_follow_input(tiny, b, h, w, dtype):
-    img = torch.rand(b, 3, 8 * h, 8 * w, dtype=dtype) * 2 - 1
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 4), w=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_shapes_and_dtype_follow_input(tiny, b, h, w, dtype, seed):
+    img = (torch.rand(b, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(dtype)
     with torch.no_grad():
         z = tiny.encode(img)
         out = tiny.decode(z)
@@ -82,7 +85,7 @@ def test_shapes_and_dtype_follow_input(tiny, b, h, w, dtype):
 
 
 def test_float32_vae_stays_float32_under_bf16_autocast(tiny):
-    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    img = rand(1, 3, 16, 16, seed=13) * 2 - 1
     with torch.no_grad():
         plain = tiny.encode(img)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -97,13 +100,13 @@ def test_bf16_vae_does_not_switch_autocast_on():
     seen = []
     hook = vae.encoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
     with torch.no_grad():
-        z = vae.encode(torch.rand(1, 3, 16, 16).bfloat16())
+        z = vae.encode(rand(1, 3, 16, 16, seed=14).bfloat16())
     hook.remove()
     assert seen == [False] and z.dtype == torch.bfloat16
 
 
 def test_gradients_flow_through_decode(tiny):
-    z = torch.randn(1, 4, 2, 2, requires_grad=True)
+    z = randn(1, 4, 2, 2, seed=15).requires_grad_()
     tiny.decode(z).square().mean().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
