@@ -78,6 +78,16 @@ def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries(
     assert dcl is None and len(cls) == len(masks) == args.decoder_layers + 1
 
 
+def test_model_forward_compiles_without_graph_breaks():
+    recipe = _recipe()
+    args = recipe.parse_args(["--demo", "--queries", "8"])
+    args.pixel_layers = args.decoder_layers = 1  # every layer kind once: tracing time grows with depth
+    model = recipe.build_model(args, 6, False).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises on any graph break
+    torch.testing.assert_close(compiled(x)[1][-1], model(x)[1][-1])
+
+
 def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag_away(tmp_path):
     recipe, x = _recipe(), str(tmp_path)
     paper = recipe.parse_args(["--gta-root", x])

@@ -10,7 +10,8 @@ Per prediction step (deep supervision: every step, equal weight) and image:
                draw oversample·points uniform candidates, keep the importance·points whose
                predicted logit is closest to 0 (most uncertain) plus uniform ones for the rest.
 BCE is the mean over (matched masks × points), Dice (eps 1, not squared) the mean over matched
-masks; both count the masks of the whole batch. Matching reads the costs on the host.
+masks; both count the matched masks of this process's batch (the reference averages that count
+over processes). Matching reads the costs on the host.
 """
 
 from __future__ import annotations
