@@ -64,18 +64,38 @@ def load_recipe(name: str):
     return module
 
 
-def run_torchrun(name: str, args: list[str], processes: int = 2, timeout: int = 300):
+def run_torchrun(name: str, args: list[str], processes: int = 2, timeout: int = 300, probe: Path | None = None):
     """recipes/<name>.py under `torch.distributed.run` with `processes` gloo ranks on the CPU,
     one thread each (CUDA hidden: on a one-GPU machine two ranks would ask for cuda:1) -> the
-    CompletedProcess (text stdout/stderr)."""
+    CompletedProcess (text stdout/stderr). With `probe`, every rank also writes its parameters at
+    each checkpoint into that folder (tests/ddp_probe.py; see `assert_ranks_hold_the_same_weights`)."""
     import os
     import subprocess
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(path)]
+    root = Path(__file__).resolve().parents[1]
+    script = [str(root / "recipes" / f"{name}.py")] if probe is None else [str(root / "tests" / "ddp_probe.py"), name, str(probe)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ranks_hold_the_same_weights(probe: Path, processes: int = 2) -> list[int]:
+    """Every checkpointed step of a `run_torchrun(..., probe=...)` run: each rank's parameters equal
+    rank 0's bit for bit (DDP keeps replicas identical: the same broadcast start, all-reduced
+    gradients, the same optimizer arithmetic). Returns the steps compared (at least one)."""
+    from safetensors.torch import load_file
+
+    saved = sorted(p.name[len("rank0_") :] for p in probe.glob("rank0_*.safetensors"))  # <run folder>_step<s>.safetensors
+    assert saved, f"no rank-0 weights in {probe}: the recipe saved no checkpoint"
+    for name in saved:
+        step = name[: -len(".safetensors")]
+        ranks = [load_file(str(probe / f"rank{r}_{name}")) for r in range(processes)]
+        for r, weights in enumerate(ranks[1:], start=1):
+            assert weights.keys() == ranks[0].keys(), f"{step}: rank {r} has other parameters than rank 0"
+            differ = [k for k in weights if not torch.equal(weights[k], ranks[0][k])]
+            assert not differ, f"{step}: rank {r} differs from rank 0 in {len(differ)} tensors, e.g. {differ[:3]}"
+    return sorted({int(name.split("_step")[-1].split(".")[0]) for name in saved})
 
 
 def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: list[str] = (), run_dir: str = ""):
