@@ -100,3 +100,50 @@ def test_candidates_to_labels_maps_argmax_to_dataset_labels_with_or_without_a_fl
     candidates, class_ids = torch.tensor([4, 1]), torch.tensor([10, 11, 12, 13, 14])
     assert candidates_to_labels(prob, candidates, class_ids, background=99, threshold=0.7).tolist() == [[[14, 11, 99]]]
     assert candidates_to_labels(prob, candidates, class_ids, background=99).tolist() == [[[14, 11, 11]]]  # plain argmax
+
+
+# ------------------------------------------------------------------------ sharded evaluation, 2 processes
+
+
+class _NumberedItems(torch.utils.data.Dataset):
+    """Item i: a 2×3 image and label filled with i, so the confusion matrix counts each item in its
+    own diagonal cell: an item evaluated twice or never shows as 12 or 0 pixels there."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((3, 2, 3), float(i)), "label": torch.full((2, 3), i, dtype=torch.long)}
+
+
+def _read_number(images: torch.Tensor) -> torch.Tensor:
+    return images[:, 0].round().long()
+
+
+def _evaluate_on_rank(rank: int, world: int, init_file: str, n: int, batch_size: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        conf, _ = evaluate_semantic(_read_number, _NumberedItems(n), n, torch.device("cpu"), batch_size=batch_size)
+        torch.save(conf, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_on_two_gloo_processes_counts_every_item_exactly_once(tmp_path):
+    """Two real gloo processes share the evaluation: each rank's all-reduced confusion is 6·I (every
+    item once), as in one process. Fails for a duplicated or dropped shard and for a missing
+    all-reduce (each rank would hold only its own items)."""
+    import torch.multiprocessing as mp
+
+    n, batch_size, world, out = 5, 2, 2, str(tmp_path / "conf")  # uneven shards (3 + 2), a partial batch
+    mp.spawn(_evaluate_on_rank, args=(world, str(tmp_path / "pg"), n, batch_size, out), nprocs=world, join=True)
+    alone, _ = evaluate_semantic(_read_number, _NumberedItems(n), n, torch.device("cpu"), batch_size=batch_size)
+    expected = 6 * torch.eye(n, dtype=torch.long)
+    assert torch.equal(alone, expected)
+    for rank in range(world):
+        assert torch.equal(torch.load(f"{out}.{rank}", weights_only=True), expected), f"rank {rank}"
