@@ -10,7 +10,7 @@ import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import assert_ranks_hold_the_same_weights, load_recipe, run_torchrun, straight_and_resumed
+from .helpers import assert_ranks_hold_the_same_weights, load_recipe, rand, run_torchrun, straight_and_resumed
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
@@ -64,7 +64,7 @@ def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries(
     args = recipe.parse_args(["--demo", "--queries", "8", "--teacher-steps", "0"])  # a random teacher routes gradients too
     model = recipe.build_model(args, 6, True)
     teacher = recipe.build_teacher(args, torch.device("cpu"))
-    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    images = rand(2, 3, 64, 64, seed=31) * 2 - 1
     unet, vae, context, schedule, timesteps = teacher
     weak, strong = recipe.diffusion_features(unet, vae, context, images, schedule, timesteps)
     assert [f.shape[1] for f in weak] == recipe.tap_channels(args)
@@ -83,7 +83,7 @@ def test_model_forward_compiles_without_graph_breaks():
     args = recipe.parse_args(["--demo", "--queries", "8"])
     args.pixel_layers = args.decoder_layers = 1  # every layer kind once: tracing time grows with depth
     model = recipe.build_model(args, 6, False).eval()
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = rand(2, 3, 64, 64, seed=33) * 2 - 1
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises on any graph break
     torch.testing.assert_close(compiled(x)[1][-1], model(x)[1][-1])
 
@@ -129,5 +129,5 @@ def test_rein_dinov2_backbone_gives_four_strided_maps():
     recipe = _recipe()
     backbone = recipe.ReinDINOv2(pretrained=False, img_size=64)
     assert all(not p.requires_grad for p in backbone.vit.parameters())
-    maps = backbone(torch.rand(1, 3, 64, 64) * 2 - 1)
+    maps = backbone(rand(1, 3, 64, 64, seed=32) * 2 - 1)
     assert [tuple(m.shape[2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
