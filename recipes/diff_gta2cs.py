@@ -122,7 +122,7 @@ from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_fea
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
+    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -287,7 +287,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         if step % max(1, args.steps // 10) == 0:  # also for logs, where the bar is silent
             print0(f"step {step}/{args.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        if step % args.save_every == 0 or step == args.steps:
+        if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
     bar.close()
     return segmenter.eval()
@@ -300,7 +300,7 @@ def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_n
     for name, data in targets.items():
         conf, shown[name] = evaluate_semantic(predict, data, num_classes, device, batch_size=8 if args.demo else 1)
         metrics[name] = round(100 * mean_iou(conf).item(), 2)
-        print0(f"\n{name}: mIoU {metrics[name]:.2f}\n" + iou_table(conf, class_names))
+        print0("\n" + iou_table(conf, class_names, title=f"{name}: IoU per class (mIoU {metrics[name]:.2f}: their mean)"))
     return metrics, shown
 
 

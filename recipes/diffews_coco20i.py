@@ -106,7 +106,7 @@ from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokeni
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, unwrap, write_metrics,
+    save_checkpoint, seed_everything, should_checkpoint, training_batches, unwrap, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -295,7 +295,7 @@ def main(argv=None) -> dict:
         sched.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
-        if step % args.save_every == 0 or step == args.steps:
+        if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(args.out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             quick = torch.utils.data.Subset(test_data[1], range(min(args.eval_episodes, len(test_data[1]))))
@@ -314,7 +314,8 @@ def main(argv=None) -> dict:
                 metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
         if k == 1:
             shown_labels = [0, *test_labels]
-            print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [class_names[c] for c in shown_labels]))
+            print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [class_names[c] for c in shown_labels],
+                             title="DiffewS 1-shot, IoU per class over all test episodes (the few-shot mIoU below: test classes only)"))
             rows = [
                 [image_to_uint8(q), overlay(s, sm, MASK_COLOUR, 0.7), overlay(q, m, MASK_COLOUR, 0.7), overlay(q, qm, MASK_COLOUR, 0.7)]
                 for q, s, sm, m, qm in shown

@@ -118,7 +118,7 @@ from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_c
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
+    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -360,7 +360,7 @@ def main(argv=None) -> dict:
         loss = train_step(forward, params, vae, schedule, opt, images, masks, class_embeds[index])
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.save_every == 0 or step == args.steps:
+        if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(args.out, step, models, opt, None, epoch, extra={"args": str(vars(args))}, keep_last=2)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             quick = torch.utils.data.Subset(test_data, range(min(args.eval_images, len(test_data))))
@@ -376,7 +376,8 @@ def main(argv=None) -> dict:
                                   device, args.seed, args.candidates, clip_vision, control=args.demo, threshold=args.threshold)
     metrics = {n: {**summarise(c, scored), **speed.get(n, {})} for n, c in conf.items()}
     first = next(iter(conf))  # demo: only the scene classes and background are ever predicted
-    print0(iou_table(conf[first][scored][:, scored], [label_names[c] for c in scored]) if args.demo else iou_table(conf[first], list(label_names)))
+    kept = scored if args.demo else list(range(len(label_names)))
+    print0(iou_table(conf[first][kept][:, kept], [label_names[c] for c in kept], title=f"{first}: IoU per class"))
     wall = time.perf_counter() - started
     title = f"DiGSeg, {len(test_data)} test images" + (" (DEMO: synthetic)" if args.demo else " (ADE20K-150 val)")
     table = write_metrics(metrics, args.out / "metrics", title=title)

@@ -133,7 +133,7 @@ from unet_seg.taps import timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
     load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
-    save_checkpoint, seed_everything, training_batches, write_metrics,
+    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -335,7 +335,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
         sched.step()
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-        if step % args.save_every == 0 or step == args.steps:
+        if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(out, step, models, opt, sched, epoch, extra={"args": str(vars(args)), "dcl_weight": dcl_weight}, keep_last=2)
     bar.close()
     return time.perf_counter() - started
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
             images += len(data)
             if test_name == next(iter(tests)):
                 shown[name] = keep
-                print0(f"{name}, {test_name}:\n" + iou_table(conf, class_names))
+                print0(iou_table(conf, class_names, title=f"{name}, {test_name}: IoU per class"))
         row["train s"] = round(seconds, 1)
         row["eval img/s"] = round(images / max(time.perf_counter() - t0, 1e-9), 1)
         metrics[name] = row

@@ -43,6 +43,14 @@ def _seeded_global_rngs():
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (a stable sort: the rest keep their order). With `-n 2 --dist worksteal`
+    (the README's command) the long ones start at once and the short ones fill both workers
+    around them, instead of one worker running minute-long tests one by one at the end while
+    the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def cpu_only(monkeypatch):
     """Run a recipe on the CPU even where CUDA is present: bit-exact resume is a CPU property. CUDA

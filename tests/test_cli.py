@@ -118,3 +118,18 @@ def test_a_data_root_in_the_wrong_layout_is_one_line_not_a_traceback(tmp_path):
     [line] = run.stderr.strip().splitlines()
     assert line.startswith(f"diffews_coco20i.py: error: {tmp_path}/annotations/train2014 is not a directory")
     assert "expected the COCO-20i layout" in line
+
+
+def test_run_reports_an_interrupted_training_in_one_line_with_status_130(capsys):
+    from unet_seg.cli import run
+    from unet_seg.errors import TrainingInterrupted
+
+    def main():
+        raise TrainingInterrupted(57, "runs/x/step_000000057.safetensors", "SIGTERM")
+
+    with pytest.raises(SystemExit) as e:
+        run(main)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == (
+        "SIGTERM: interrupted at step 57; wrote runs/x/step_000000057.safetensors; rerun with --resume to continue\n"
+    )

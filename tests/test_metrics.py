@@ -49,17 +49,19 @@ def test_fb_iou_of_hand_made_binary_case():
     assert fb_iou(conf).item() == pytest.approx((2 / 3 + 1 / 2) / 2)
 
 
-def test_iou_table_is_aligned_plain_text():
-    table = iou_table(torch.tensor(CONF), ["road", "car", "sky", "bus"])
+def test_iou_table_is_aligned_plain_text_with_a_title_and_a_labelled_mean():
+    """The mean row says what it averages (a bare "mean" sat above a differently averaged mIoU)."""
+    table = iou_table(torch.tensor(CONF), ["road", "car", "sky", "bus"], title="IoU per class")
     expected = "\n".join(
         [
-            "Class      IoU      Acc",
-            "-----------------------",
-            "road     33.33    50.00",
-            "car      66.67   100.00",
-            "sky       0.00     0.00",
-            "bus        nan      nan",
-            "mean     33.33    50.00",
+            "IoU per class",
+            "Class                  IoU      Acc",
+            "-----------------------------------",
+            "road                 33.33    50.00",
+            "car                  66.67   100.00",
+            "sky                   0.00     0.00",
+            "bus                    nan      nan",
+            "mean of 3 classes    33.33    50.00",
         ]
     )
     assert table == expected
@@ -67,6 +69,7 @@ def test_iou_table_is_aligned_plain_text():
 
 def test_iou_table_names_classes_by_index_by_default():
     assert iou_table(torch.tensor([[1, 0], [0, 1]])).splitlines()[2].split() == ["0", "100.00", "100.00"]
+    assert iou_table(torch.tensor([[1, 0], [0, 1]])).splitlines()[0].startswith("Class")
 
 
 @given(seeds, st.integers(2, 6), st.integers(1, 5))

@@ -45,6 +45,37 @@ def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, cpu_only, monkeypatch):
+    import os
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from unet_seg.errors import TrainingInterrupted
+
+    recipe = _recipe()
+    args = ["--demo", "--steps", "4", "--batch-size", "2", "--episodes", "4", "--save-every", "100", "--shots", "3"]
+    recipe.main(args + ["--out", str(tmp_path / "straight")])
+    train_step, calls = recipe.train_step, []
+
+    def step_then_ctrl_c(*a, **kw):
+        loss = train_step(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(recipe, "train_step", step_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 2; wrote .*step_000000002.safetensors; rerun with --resume"):
+        recipe.main(args + ["--out", str(tmp_path / "split")])
+    assert [p.name for p in (tmp_path / "split").glob("step_*")] == [checkpoint_path(tmp_path, 2).name]
+    monkeypatch.setattr(recipe, "train_step", train_step)
+    recipe.main(args + ["--out", str(tmp_path / "split"), "--resume"])
+    a, b = (load_file(checkpoint_path(tmp_path / run, 4)) for run in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_shortened_demo_beats_both_baselines_on_held_out_classes(tmp_path):
     metrics = _recipe().main(["--demo", "--steps", "150", "--episodes", "40", "--out", str(tmp_path)])

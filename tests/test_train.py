@@ -2,6 +2,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -158,6 +159,45 @@ def test_training_batches_resume_mid_epoch_with_the_same_batches_and_epochs():
     assert run(7, 13) == full[7:] and run(13, 13) == []
     with pytest.raises(ValueError, match="more than"):
         next(training_batches(resumable_loader(EpochAware(), 32, seed=0), 0, 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_checkpoints_it_and_stops(signum, tmp_path):
+    """Ctrl-C or SIGTERM mid-step: the step completes, `should_checkpoint` is true for it (not
+    for the others), the loop stops after it with TrainingInterrupted naming the checkpoint, and
+    the previous signal handlers come back."""
+    from unet_seg.errors import TrainingInterrupted
+
+    before = signal.getsignal(signum)
+    model, saves, steps = nn.Linear(1, 1), [], []
+    with pytest.raises(TrainingInterrupted) as e:
+        for step, _, _ in training_batches(resumable_loader(EpochAware(), BATCH, seed=3), 0, 13):
+            if step == 3:
+                os.kill(os.getpid(), signum)  # arrives mid-step
+            steps.append(step)
+            if train.should_checkpoint(step, 100, 13):
+                saves.append(step)
+                train.save_checkpoint(tmp_path, step, {"m": model})
+    assert steps == [1, 2, 3] and saves == [3] and e.value.step == 3
+    assert str(e.value) == (
+        f"{signal.Signals(signum).name}: interrupted at step 3; wrote {checkpoint_path(tmp_path, 3)}; rerun with --resume to continue"
+    )
+    assert signal.getsignal(signum) is before
+    assert [s for s, _, _ in training_batches(resumable_loader(EpochAware(), BATCH, seed=3), 0, 4)] == [1, 2, 3, 4]
+
+
+def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    """In a log file or pipe tqdm disables itself: a 4-minute demo printed nothing."""
+    bar = train.progress(total=40, desc="Demo")
+    for step in range(40):
+        bar.update()
+        bar.set_postfix(loss=f"{1 / (step + 1):.3f}")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 20 and lines[0].startswith("Demo: step 2/40 | loss=0.500 | ") and "ETA" in lines[0]
+    assert lines[-1].startswith("Demo: step 40/40 | loss=0.025 | ") and lines[-1].endswith("steps/s | ETA 0:00")
+    assert list(train.progress(range(6), every=3)) == list(range(6))
+    assert capsys.readouterr().err.count("step ") == 2
 
 
 def test_starting_a_loader_iterator_leaves_the_global_rng_alone():
@@ -386,7 +426,7 @@ def test_single_process_defaults():
     rank, world, local_rank, device = init_distributed()
     cuda = torch.cuda.is_available()
     assert (rank, world, local_rank, device.type) == (0, 1, 0, "cuda" if cuda else "cpu") and is_main()
-    assert progress(range(3)).disable  # pytest's stderr is not a terminal
+    assert isinstance(progress(range(3)), train.LineProgress)  # pytest's stderr is not a terminal: plain lines
     assert (maybe_compile(tiny_net) is tiny_net) != cuda  # without CUDA: eager unless asked
     assert maybe_compile(tiny_net, enabled=False) is tiny_net
 

@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--prompt", default="")
     p.add_argument("--size", type=int, default=None, help="image side, a multiple of 64 (default 512, demo 64)")
     p.add_argument("--t", type=int, default=200, help="forward-process timestep")
-    p.add_argument("--out", default="unet_seg_demo.png", help="PNG: input | one-step reconstruction")
+    p.add_argument("--out", default="runs/unet_seg_demo.png", help="PNG: input | one-step reconstruction")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -70,6 +70,7 @@ def main() -> None:
     print("decoder features: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items()))
     pair = torch.cat([img, recon.clamp(-1, 1)], dim=3)[0]
     pixels = ((pair.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(args.out)
     print(f"wrote {Path(args.out).resolve()}")
 

@@ -24,11 +24,12 @@ Given neither a data root nor --model, a recipe runs its demo on synthetic data 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import CheckpointError, DataLayoutError
+from .errors import CheckpointError, DataLayoutError, TrainingInterrupted
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
@@ -119,8 +120,13 @@ def _dest(flag: str) -> str:
 
 def run(main: Callable[[], Any]) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
-    one line on stderr and exit status 1 instead of a traceback."""
+    one line on stderr and exit status 1 instead of a traceback; training stopped by Ctrl-C or
+    SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130."""
     try:
         main()
     except (DataLayoutError, CheckpointError) as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr, flush=True)
+        sys.exit(130)

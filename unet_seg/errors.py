@@ -7,3 +7,12 @@ class CheckpointError(ValueError):
 
 class DataLayoutError(FileNotFoundError):
     """A dataset root that is missing or not in the layout its reader expects."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after writing a checkpoint (`unet_seg.train.training_batches`)."""
+
+    def __init__(self, step: int, checkpoint: object = None, signal_name: str = "interrupt"):
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+        where = f"wrote {checkpoint}; " if checkpoint is not None else "no checkpoint at this step; "
+        super().__init__(f"{signal_name}: interrupted at step {step}; {where}rerun with --resume to continue")

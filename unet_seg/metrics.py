@@ -66,9 +66,10 @@ def fb_iou(conf: Tensor) -> Tensor:
     return mean_iou(conf)
 
 
-def iou_table(conf: Tensor, class_names: Optional[Sequence[str]] = None) -> str:
+def iou_table(conf: Tensor, class_names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> str:
     """Plain-text table, one row per class: IoU and Acc (recall, TP / target pixels) in percent as
-    mmseg prints them, "nan" where undefined, and a last row with the means over defined values."""
+    mmseg prints them, "nan" where undefined, and a last row with the means over defined values,
+    labelled with how many classes it averages ("mean of 4 classes"); `title` goes above it."""
     iou = iou_per_class(conf)
     conf = conf.double()
     acc = conf.diagonal() / conf.sum(1)
@@ -76,11 +77,13 @@ def iou_table(conf: Tensor, class_names: Optional[Sequence[str]] = None) -> str:
     if len(names) != conf.shape[0]:
         raise ValueError(f"got {len(names)} class names for {conf.shape[0]} classes")
     rows = [(n, f"{100 * i:.2f}", f"{100 * a:.2f}") for n, i, a in zip(names, iou.tolist(), acc.tolist())]
-    rows.append(("mean", f"{100 * iou.nanmean().item():.2f}", f"{100 * acc.nanmean().item():.2f}"))
+    defined = int(iou.isfinite().sum())
+    rows.append((f"mean of {defined} classes", f"{100 * iou.nanmean().item():.2f}", f"{100 * acc.nanmean().item():.2f}"))
     header = ("Class", "IoU", "Acc")
     width = max(len(r[0]) for r in [header, *rows])
-    lines = [f"{header[0]:<{width}}  {header[1]:>7}  {header[2]:>7}"]
-    lines.append("-" * len(lines[0]))
+    lines = [title] if title else []
+    lines += [f"{header[0]:<{width}}  {header[1]:>7}  {header[2]:>7}"]
+    lines.append("-" * len(lines[-1]))
     lines += [f"{n:<{width}}  {i:>7}  {a:>7}" for n, i, a in rows]
     return "\n".join(lines)
 

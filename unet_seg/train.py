@@ -35,12 +35,17 @@ from `resumable_loader` and the loss draws randomness only from the global RNGs 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
 import os
 import random
 import re
+import signal
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TypeVar, Union
@@ -54,6 +59,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from .errors import TrainingInterrupted
 from .hub import CheckpointError, atomic_path, check_state_dict
 from .losses import check_finite
 
@@ -204,20 +210,84 @@ def training_batches(loader: DataLoader, step: int, steps: int) -> Iterator[tupl
     """(step, epoch, batch) for steps `step + 1` … `steps` of a `resumable_loader`, epoch after
     epoch, the first epoch entered part-way when `step` (the steps already done, e.g. a resumed
     checkpoint's) falls inside it. Sets the sampler's epoch and start and, where the dataset has
-    one, its `set_epoch` (new augmentations per epoch)."""
+    one, its `set_epoch` (new augmentations per epoch).
+
+    Ctrl-C or SIGTERM while it runs does not stop the step under way: `should_checkpoint` turns
+    true for that step (on every rank), and when the loop body is done this raises
+    `TrainingInterrupted` ("interrupted at step N; rerun with --resume"). A second Ctrl-C stops at once."""
     per_epoch = loader.sampler.num_samples // loader.batch_size
     if per_epoch == 0:
         raise ValueError(f"a batch of {loader.batch_size} is more than this rank's {loader.sampler.num_samples} samples")
-    while step < steps:
-        epoch, offset = divmod(step, per_epoch)
-        loader.sampler.set_epoch(epoch, start=offset * loader.batch_size)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        for batch in loader:
-            step += 1
-            yield step, epoch, batch
-            if step == steps:
-                return
+    with _stop_on_signals():
+        while step < steps:
+            epoch, offset = divmod(step, per_epoch)
+            loader.sampler.set_epoch(epoch, start=offset * loader.batch_size)
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            for batch in loader:
+                step += 1
+                yield step, epoch, batch
+                if interrupted(step):
+                    saved = _INTERRUPT.saved.get(step)
+                    raise TrainingInterrupted(step, saved, _INTERRUPT.signal_name)
+                if step == steps:
+                    return
+
+
+class _Interrupt:
+    """Process-wide state of the Ctrl-C / SIGTERM handling (one training loop runs at a time)."""
+
+    requested = False
+    signal_name = ""
+    checked: tuple[int, bool] = (-1, False)  # (step, the ranks' agreed answer) of the last check
+    saved: dict[int, Path] = {}  # step -> checkpoint written at it
+
+
+_INTERRUPT = _Interrupt()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _INTERRUPT.requested:
+        raise KeyboardInterrupt  # the second one: stop now
+    _INTERRUPT.requested, _INTERRUPT.signal_name = True, signal.Signals(signum).name
+    if is_main():
+        print(f"\n{_INTERRUPT.signal_name}: finishing this step, then writing a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM set a flag instead of stopping the process (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _INTERRUPT.requested, _INTERRUPT.checked, _INTERRUPT.saved = False, (-1, False), {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(step: int) -> bool:
+    """Whether Ctrl-C or SIGTERM reached any rank during `training_batches` (asked once per step:
+    a collective the first time each step, so every rank asks at the same steps)."""
+    if _INTERRUPT.checked[0] != step:
+        stop = _INTERRUPT.requested
+        if _world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+            flag = torch.tensor([int(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        _INTERRUPT.checked = (step, stop)
+    return _INTERRUPT.checked[1]
+
+
+def should_checkpoint(step: int, every: int, last: int) -> bool:
+    """Save at this step? Every `every` steps, at the `last` step, and at the step an interrupt
+    arrived in (`training_batches` stops after it). Call it on every rank, every step."""
+    return interrupted(step) or step % every == 0 or step == last
 
 
 def _rng_state() -> dict:
@@ -386,6 +456,7 @@ def save_checkpoint(
             for old in _checkpoints(directory)[:-keep_last]:
                 old.unlink()
     barrier()
+    _INTERRUPT.saved[step] = path
     return path
 
 
@@ -448,12 +519,70 @@ def load_checkpoint(
 # ---------------------------------------------------------------- loop helpers
 
 
-def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar on rank 0 when stderr is a terminal; silent on other ranks and in logs
-    (tqdm's `disable=None`). Keyword arguments go to tqdm (`total`, `initial`, `desc`, ...)."""
-    kwargs.setdefault("disable", None if is_main() else True)
+def progress(iterable: Any = None, **kwargs: Any) -> Union[tqdm, "LineProgress"]:
+    """A tqdm bar on rank 0 when stderr is a terminal; where it is not (a log file, a pipe, a
+    cluster job), a `LineProgress` that prints a plain line every `every` steps (default: a
+    twentieth of `total`) or minute instead. Silent on other ranks. Keyword arguments go to tqdm
+    (`total`, `initial`, `desc`, ...)."""
+    if not is_main() or kwargs.get("disable"):
+        return tqdm(iterable, **{**kwargs, "disable": True})
+    if not sys.stderr.isatty():
+        return LineProgress(iterable, **kwargs)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+class LineProgress:
+    """tqdm's `update`, `set_postfix`, `close` and iteration, written as plain lines for logs:
+
+        DiffewS: step 100/300 | loss=0.0812 shots=1 | 2.41 steps/s | ETA 1:23
+
+    A line is due every `every` steps (default total // 20), after `seconds` without one, and at
+    the last step; it is printed once that step's postfix is set (or at the next update/close)."""
+
+    def __init__(self, iterable: Any = None, total: Optional[int] = None, initial: int = 0, desc: str = "",
+                 every: Optional[int] = None, seconds: float = 60.0, file: Any = None, **_: Any):  # fmt: skip
+        self.iterable, self.desc, self.n, self.initial = iterable, desc, initial, initial
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.every = every or max(1, (self.total or 20) // 20)
+        self.seconds, self.file = seconds, file
+        self.postfix, self.due = "", False
+        self.started = self.last_line = time.perf_counter()
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update()
+            self._flush()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self._flush()
+        self.n += n
+        now = time.perf_counter()
+        self.due = self.n % self.every == 0 or self.n == self.total or now - self.last_line >= self.seconds
+
+    def set_postfix(self, ordered_dict: Optional[dict] = None, **kwargs: Any) -> None:
+        items = {**(ordered_dict or {}), **kwargs}
+        self.postfix = " ".join(f"{k}={v}" for k, v in items.items())
+        self._flush()
+
+    def close(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.due:
+            return
+        self.due, self.last_line = False, time.perf_counter()
+        done = self.n - self.initial
+        rate = done / max(self.last_line - self.started, 1e-9)
+        parts = [f"{self.desc + ': ' if self.desc else ''}step {self.n}" + (f"/{self.total}" if self.total else "")]
+        parts += [self.postfix] if self.postfix else []
+        parts.append(f"{rate:.3g} steps/s")
+        if self.total and rate > 0:
+            eta = int((self.total - self.n) / rate)
+            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if eta >= 3600 else f"ETA {eta // 60}:{eta % 60:02d}")
+        print(" | ".join(parts), file=self.file or sys.stderr, flush=True)
 
 
 def check_finite_everywhere(loss: Tensor, name: str) -> Tensor:

@@ -1,0 +1,29 @@
+"""`python -m unet_seg`: runs with no arguments, writes its PNG where it says, in a git-ignored folder."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "unet_seg", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_no_arguments_writes_the_demo_png_into_the_ignored_runs_folder_and_names_it(tmp_path):
+    run = run_main([], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    png = tmp_path / "runs" / "unet_seg_demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run.stdout.splitlines()[0].startswith("DEMO:") and run.stdout.splitlines()[-1] == f"wrote {png}"
+    assert "/runs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_out_is_where_the_png_goes(tmp_path):
+    out = tmp_path / "a" / "b.png"
+    run = run_main(["--out", str(out)], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.is_file() and run.stdout.splitlines()[-1] == f"wrote {out}" and not (tmp_path / "runs").exists()
