@@ -122,6 +122,12 @@ def test_two_gloo_processes_finish_with_identical_weights_on_both_ranks(tmp_path
     assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "predictions.png").is_file()
+    # the sharded evaluation counts every image once: one process on the same weights agrees exactly
+    two = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    with pytest.warns(UserWarning, match="RNG states not restored"):  # a 2-process checkpoint read by 1 process
+        one = _recipe().main(TINY + ["--eval-only", "--out", str(tmp_path / "run")])
+    scores = [(run, col) for run, row in one.items() for col in row if "mIoU" in col]
+    assert len(scores) >= 4 and all(two[run][col] == one[run][col] for run, col in scores), (one, two)
 
 
 def test_rein_dinov2_backbone_gives_four_strided_maps():
