@@ -121,7 +121,7 @@ from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
     save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -271,10 +271,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
-    step = 0
-    if args.resume and latest_checkpoint(out) is not None:
-        step = load_checkpoint(latest_checkpoint(out), models, opt, sched).step
-        print0(f"resumed {out} from step {step}")
+    step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
     model = DDP(segmenter, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else segmenter
     model = maybe_compile(model, args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)

@@ -104,8 +104,8 @@ from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
 from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed,
+    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
     save_checkpoint, seed_everything, should_checkpoint, training_batches, unwrap, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -273,10 +273,8 @@ def main(argv=None) -> dict:
                             fused=device.type == "cuda")  # fmt: skip
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, min(1.0, LR_END / args.lr), total_iters=args.steps)
 
-    step, models = 0, {"unet": unet}
-    if args.resume and latest_checkpoint(args.out) is not None:
-        step = load_checkpoint(latest_checkpoint(args.out), models, opt, sched).step
-        print0(f"resumed from step {step}")
+    models = {"unet": unet}
+    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
     vae.eval().requires_grad_(False)
     model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
     forward = maybe_compile(model, args.compile)

@@ -116,8 +116,8 @@ from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed,
+    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
     save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -339,10 +339,8 @@ def main(argv=None) -> dict:
            f"parameters ({args.trainable}); {schedule.prediction_type} objective; {len(names)} classes")
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
-    step, models = 0, {"digseg": model}
-    if args.resume and latest_checkpoint(args.out) is not None:
-        step = load_checkpoint(latest_checkpoint(args.out), models, opt).step
-        print0(f"resumed from step {step}")
+    models = {"digseg": model}
+    step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
     wrapped = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     forward = maybe_compile(wrapped, args.compile)
     if args.compile and not args.demo:

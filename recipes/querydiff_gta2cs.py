@@ -132,7 +132,7 @@ from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
     autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader,
+    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
     save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -317,10 +317,8 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=args.steps, power=0.9)
-    step, models = 0, {"model": model}
-    if args.resume and latest_checkpoint(out) is not None:
-        step = load_checkpoint(latest_checkpoint(out), models, opt, sched).step
-        print0(f"{desc}: resumed from step {step}")
+    models = {"model": model}
+    step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
     local = device.index if device.type == "cuda" else None
     forward = maybe_compile(DDP(model, device_ids=[local] if local is not None else None) if world > 1 else model, args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)

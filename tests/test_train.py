@@ -186,6 +186,29 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_stops(signum, tmp_path):
     assert [s for s, _, _ in training_batches(resumable_loader(EpochAware(), BATCH, seed=3), 0, 4)] == [1, 2, 3, 4]
 
 
+def test_resume_says_when_there_is_nothing_and_passes_over_a_corrupt_latest_checkpoint(tmp_path, capsys):
+    model = nn.Linear(2, 2)
+    assert train.resume_latest(tmp_path, {"m": model}) == 0
+    assert capsys.readouterr().out == f"--resume: no checkpoint in {tmp_path}; starting from step 0\n"
+    weights = {}
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.clone()
+        train.save_checkpoint(tmp_path, step, {"m": model})
+    latest = checkpoint_path(tmp_path, 2)
+    latest.write_bytes(latest.read_bytes()[:100])  # a truncated write
+    with pytest.warns(UserWarning, match=f"passing over {latest}, which cannot be used: .*corrupt or truncated"):
+        assert train.resume_latest(tmp_path, {"m": model}) == 1
+    assert torch.equal(model.weight, weights[1])
+    assert f"resumed {checkpoint_path(tmp_path, 1)} (step 1); passed over 1 newer" in capsys.readouterr().out
+    checkpoint_path(tmp_path, 1).write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning), pytest.raises(
+        CheckpointError, match="none of the 2 checkpoint.* can be used .*delete step_000000002.safetensors, step_000000001.safetensors"
+    ):
+        train.resume_latest(tmp_path, {"m": model})
+
+
 def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
     """In a log file or pipe tqdm disables itself: a 4-minute demo printed nothing."""
     bar = train.progress(total=40, desc="Demo")

@@ -516,6 +516,39 @@ def load_checkpoint(
     return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors))
 
 
+def resume_latest(
+    directory: PathLike,
+    models: dict[str, nn.Module],
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+) -> int:
+    """--resume: the steps done by the latest usable checkpoint in `directory`, restored into
+    `models`, the optimizer and the scheduler (`load_checkpoint`). Where there is none it says
+    so ("starting from step 0") and returns 0. A checkpoint that cannot be used (corrupt,
+    truncated, not fitting) is passed over for the one before it with a warning naming it; when
+    none can be used, CheckpointError names them all and says what to delete."""
+    found = _checkpoints(directory)[::-1]
+    if not found:
+        print0(f"--resume: no checkpoint in {directory}; starting from step 0")
+        return 0
+    bad = []
+    for path in found:
+        try:
+            step = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler).step
+        except CheckpointError as e:
+            bad.append(path)
+            if is_main():
+                warnings.warn(f"--resume: passing over {path}, which cannot be used: {e}", stacklevel=2)
+            continue
+        print0(f"resumed {path} (step {step})" + (f"; passed over {len(bad)} newer unusable checkpoint(s)" if bad else ""))
+        return step
+    raise CheckpointError(
+        f"--resume: none of the {len(bad)} checkpoint(s) in {directory} can be used (warnings above say why): "
+        f"delete {', '.join(p.name for p in bad)} to start from step 0, or give another --out"
+    )
+
+
 # ---------------------------------------------------------------- loop helpers
 
 
