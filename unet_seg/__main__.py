@@ -9,6 +9,28 @@ import argparse
 import time
 from pathlib import Path
 
+from unet_seg.cli import run
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m unet_seg", description=__doc__)
+    p.add_argument("--model", help="hub repo id, diffusers folder or single .safetensors file (default: tiny random demo)")
+    p.add_argument("--image", help="input image (default: a synthetic gradient)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 64 (default 512, demo 64)")
+    p.add_argument("--t", type=int, default=200, help="forward-process timestep")
+    p.add_argument("--out", default="runs/unet_seg_demo.png", help="PNG: input | one-step reconstruction")
+    p.add_argument("--device", help="default: cuda where available, else cpu")
+    args = p.parse_args(argv)
+    if args.size is not None and (args.size < 64 or args.size % 64):
+        p.error(f"--size must be a positive multiple of 64, got {args.size}")
+    if not 0 <= args.t < 1000:
+        p.error(f"--t must lie in 0..999, got {args.t}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # usage errors here, before the seconds that importing torch takes
+
 import numpy as np
 import torch
 from PIL import Image
@@ -32,15 +54,8 @@ def load_image(path: str, size: int) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m unet_seg", description=__doc__)
-    p.add_argument("--model", help="hub repo id, diffusers folder or single .safetensors file (default: tiny random demo)")
-    p.add_argument("--image", help="input image (default: a synthetic gradient)")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 64 (default 512, demo 64)")
-    p.add_argument("--t", type=int, default=200, help="forward-process timestep")
-    p.add_argument("--out", default="runs/unet_seg_demo.png", help="PNG: input | one-step reconstruction")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.model is None:
         print("DEMO: tiny random-weight Stable Diffusion built in memory (no download); outputs are noise-like.")
@@ -76,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, prog="python -m unet_seg")

@@ -118,14 +118,14 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def run(main: Callable[[], Any]) -> None:
+def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
     one line on stderr and exit status 1 instead of a traceback; training stopped by Ctrl-C or
     SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130."""
     try:
         main()
     except (DataLayoutError, CheckpointError) as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+        sys.exit(f"{prog or Path(sys.argv[0]).name}: error: {e}")
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr, flush=True)
