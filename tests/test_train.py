@@ -209,6 +209,32 @@ def test_resume_says_when_there_is_nothing_and_passes_over_a_corrupt_latest_chec
         train.resume_latest(tmp_path, {"m": model})
 
 
+class SignalDispositions(torch.utils.data.Dataset):
+    """Items: (SIGINT ignored, SIGTERM ignored, the user's worker_init_fn ran) in this process."""
+
+    initialised = False
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]
+        return torch.tensor([*ignored, SignalDispositions.initialised])
+
+
+def mark_initialised(worker_id):
+    SignalDispositions.initialised = True
+
+
+def test_loader_workers_ignore_ctrl_c_so_the_main_process_can_checkpoint():
+    """Ctrl-C reaches the whole process group: a worker that died of it would fail the next batch
+    before the interrupted step's checkpoint. The workers leave signals to the main process (and
+    still run the caller's worker_init_fn)."""
+    loader = resumable_loader(SignalDispositions(), 2, seed=0, num_workers=1, worker_init_fn=mark_initialised)
+    assert all(bool(b.all()) for b in loader)
+    assert not SignalDispositions()[0].any()  # the main process keeps its handlers
+
+
 def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
     """In a log file or pipe tqdm disables itself: a 4-minute demo printed nothing."""
     bar = train.progress(total=40, desc="Demo")

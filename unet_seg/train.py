@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -199,11 +200,23 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool
     torch RNG alone (by default each one draws from it, which a mid-epoch resume would shift).
 
     Exact resume with `num_workers > 0` also needs augmentations seeded from the sample index
-    rather than from the worker's RNG. Other keyword arguments go to DataLoader.
+    rather than from the worker's RNG. Worker processes ignore Ctrl-C and SIGTERM (the main
+    process stops them): otherwise a Ctrl-C, which reaches the whole process group, kills them
+    and the next batch fails before `training_batches` can checkpoint. Other keyword arguments
+    go to DataLoader (a `worker_init_fn` runs after that).
     """
     sampler = ResumableSampler(dataset, seed, shuffle=shuffle, drop_last=True)
     generator = torch.Generator().manual_seed(seed)
+    if kwargs.get("num_workers", 0) > 0:
+        kwargs["worker_init_fn"] = functools.partial(_worker_ignores_signals, kwargs.get("worker_init_fn"))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+
+
+def _worker_ignores_signals(then: Optional[Callable[[int], None]], worker_id: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
 
 
 def training_batches(loader: DataLoader, step: int, steps: int) -> Iterator[tuple[int, int, Any]]:
