@@ -140,3 +140,48 @@ def test_two_gloo_processes_finish_with_identical_weights_on_both_ranks(tmp_path
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "predictions.png").is_file()
 
+
+
+def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path, cpu_only):
+    """--model/--data-root: a tiny SD2-layout v-prediction checkpoint, GTA5 and Cityscapes folders
+    written here; the official GTA5 pipeline with rare-class sampling (class counts cached next to
+    the data), the trajectory, evaluation on Cityscapes."""
+    import numpy as np
+    from PIL import Image
+
+    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, CLIPTokenizer, UNet
+
+    torch.manual_seed(0)
+    sd = tmp_path / "sd"
+    UNet(TINY_SD2).save_pretrained(sd / "unet")
+    AutoencoderKL(TINY_VAE).save_pretrained(sd / "vae")
+    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(sd / "text_encoder")
+    tok = CLIPTokenizer.from_bpe()
+    (sd / "tokenizer").mkdir()
+    (sd / "tokenizer" / "vocab.json").write_text(json.dumps(tok.vocab))
+    (sd / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merge_ranks))
+    (sd / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!", "model_max_length": 77}))
+    (sd / "scheduler").mkdir()
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}))
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+
+    def write(image_path, label_path, h, w, ids):
+        for p in (image_path, label_path):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image_path)
+        Image.fromarray(ids.astype(np.uint8), mode="L").save(label_path)
+
+    for stem in ("00001", "00002"):  # road (id 7) above, sidewalk (8: prompted) or wall (12: prompted) below
+        ids = np.full((105, 191), 7)
+        ids[50:] = 8 if stem == "00001" else 12
+        write(data / "gta5" / "images" / f"{stem}.png", data / "gta5" / "labels" / f"{stem}.png", 105, 191, ids)
+    stem = "frankfurt/frankfurt_000000_000294"
+    write(data / "cityscapes" / "leftImg8bit" / "val" / f"{stem}_leftImg8bit.png",
+          data / "cityscapes" / "gtFine" / "val" / f"{stem}_gtFine_labelIds.png", 64, 128, np.full((64, 128), 7))  # fmt: skip
+    args = ["--model", str(sd), "--data-root", str(data), "--targets", "cityscapes", "--size", "64", "--steps", "2",
+            "--trajectory", "7", "30", "91", "120", "--timesteps", "91", "7", "--out", str(tmp_path / "out")]  # fmt: skip
+    metrics = _recipe().main(args)
+    assert set(metrics) == {"DIFF + IPKL (L2)"} and set(metrics["DIFF + IPKL (L2)"]) == {"cityscapes"}
+    counts = json.loads((data / "gta5" / "class_counts_train.json").read_text())
+    assert counts["keys"] == ["labels/00001.png", "labels/00002.png"] and counts["counts"][0][1] == 55 * 191
