@@ -49,8 +49,9 @@ synthetic images as a grey blur, and on its latents nothing beat a constant pred
 (4) The demo's episodes are built so that the answer depends on the support: every query holds
 two objects of two classes of the split, painted in random order, and only the support's class
 is the target; the control pairs each query with supports of its *other* class. A model that
-finds objects without reading its supports scores the same on both rows. Measured once (300
-steps, 200 episodes): 1-shot 25.5 mIoU, control 25.5, baselines 6.9 / 4.8: it does not read them.
+finds objects without reading its supports scores the same on both rows. Measured once (200
+episodes): 300 steps 1-shot 25.5 mIoU, control 25.5, baselines 6.9 / 4.8 (it does not read them);
+1500 steps (`--steps 1500`, 11.5 CPU-minutes) 1-shot 31.6, 5-shot 32.9, control 20.0 (it does).
 """
 
 from __future__ import annotations

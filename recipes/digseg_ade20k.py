@@ -49,7 +49,8 @@ cost K times more per image; "class runs/s" is the number comparable to the pape
 prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's VAE, at 128²
 (at 64² ground-truth latents decode to 43 mIoU). Every scene holds 2–3 objects of distinct
 classes, so a mask depends on the prompt; the control gives each class the next class's prompt.
-Measured once (150 steps, H100): 1×10 τ floor 15.3 mIoU, control 15.6, majority 13.9 (README).
+Measured once (150 steps, H100): 1×10 τ floor 15.3 mIoU, control 15.6, majority 13.9; with v
+on a CPU (24 images) 17.0 vs ε 15.2, controls 17.9 / 17.1: neither reads its prompts yet (README).
 """
 
 from __future__ import annotations
