@@ -111,7 +111,7 @@ def run(args) -> None:
     classes = fold_split(0)[1]
     data = FewShotEpisodes(1, args.eval_episodes, classes, shots=1, size=s)
     t0 = synced()
-    conf, _ = recipe.evaluate(unet, vae, context[:, :2], data, len(CLASS_NAMES), 0, device, seed=0)  # unpadded, as the recipe
+    conf, _ = recipe.evaluate(unet, data, vae=vae, context=context[:, :2], num_labels=len(CLASS_NAMES), label_shift=0, device=device, seed=0)  # unpadded, as the recipe
     eval_seconds = synced() - t0
     metrics = {name: recipe.summarise(c, classes) for name, c in conf.items()}
     print0(f"world {world}: evaluation of {len(data)} episodes in {eval_seconds:.1f} s: {metrics}")

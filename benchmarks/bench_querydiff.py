@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench_models import device_name, file_tag, load_recipe, timed, write_table  # noqa: E402
 
 from unet_seg.backbones import Reins, imagenet_normalise  # noqa: E402
-from unet_seg.codecs import BlockCodec  # noqa: E402
+from unet_seg.demo import BlockCodec  # noqa: E402
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.mask2former import SetLossConfig  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, AutoencoderKL, UNet  # noqa: E402

@@ -48,7 +48,6 @@ style, beside the same model without IPKL and an all-background floor: the pipel
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -106,23 +105,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
-from unet_seg.codecs import BlockCodec
 from unet_seg.data import synthetic
-from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser
+from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
-    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
+    autocast, check_finite_everywhere, finish_run, head, latest_checkpoint, maybe_compile, print0, progress,
+    rank_and_world, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run,
+    training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -256,7 +253,7 @@ class Frozen:
     level_channels: list[int]
 
 
-def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: int, device, world: int, local_rank: int):
+def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: int, device):
     """Train a fresh fusion block + head on the source domain (IPKL, or CE alone without it),
     resuming from `out` with --resume; returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -265,27 +262,25 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)
-        if world > 1:
+        if rank_and_world()[1] > 1:
             segmenter = nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
     models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo else {})  # the demo's U-Net is trained here
     groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
     step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
-    model = DDP(segmenter, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else segmenter
-    model = maybe_compile(model, args.compile)
+    model = wrap_for_training(segmenter, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        image, label = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
-        losses = train_step(model, frozen, opt, image.to(device), label.to(device), ipkl, args)
+        losses = train_step(model, frozen, opt, batch["image"].to(device), batch["label"].to(device), ipkl, args)
         sched.step()
         bar.update()
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         if step % max(1, args.steps // 10) == 0:  # also for logs, where the bar is silent
             print0(f"step {step}/{args.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
     bar.close()
     return segmenter.eval()
 
@@ -303,13 +298,13 @@ def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_n
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    rank, world, local_rank, device = init_distributed()
-    print_demo(args, f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
-               "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form, "
-               f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --data-root <GTA5, Cityscapes, ...>)")  # fmt: skip
-    seed_everything(args.seed, rank)
-    args.out.mkdir(parents=True, exist_ok=True)
+    job = start_run(
+        args,
+        demo=f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
+        "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form",
+        real="--model <SD 2.x> --data-root <GTA5, Cityscapes, ...>",
+    )
+    device = job.device
 
     # ---- data: a labelled source domain; unseen target domains for evaluation only
     if args.demo:
@@ -334,31 +329,26 @@ def main(argv=None) -> dict:
             train_data = RareClassSampling(train_data, train_data.class_counts(), temperature=0.01, seed=args.seed)
         targets = {n: DrivingScenes(n, root / n, "val", ResizeImage(LAYOUTS[n].scale)) for n in args.targets}
         if args.eval_images:
-            targets = {n: torch.utils.data.Subset(d, range(min(args.eval_images, len(d)))) for n, d in targets.items()}
+            targets = {n: head(d, args.eval_images) for n, d in targets.items()}
         prompt_ids = list(PROMPTS)
         prompts = [PROMPT_TEMPLATE.format(PROMPTS[c]) for c in prompt_ids]
 
     # ---- the frozen diffusion side (demo: pre-trained here), prompt contexts computed once
     if args.demo:
         torch.manual_seed(args.seed)
-        unet, vae = UNet(TINY_SD2).to(device), BlockCodec().to(device)
-        text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT).to(device), CLIPTokenizer.from_bpe(pad_token="!")
-        text_encoder.eval().requires_grad_(False)
-        schedule = NoiseSchedule.sd("epsilon")
-        if not (args.resume and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
-            captions = partial(caption_forms, text_encoder=text_encoder, tokenizer=tokenizer)
-            loss = pretrain_denoiser(unet, vae, schedule, args.pretrain_steps, args.size, args.seed, captions, batch_size=8, device=device)
-            print0(f"pre-trained the tiny U-Net for {args.pretrain_steps} steps: denoising loss {loss:.3f}")
-    else:
-        sd = load_sd(args.model, device=device, components=("unet", "vae", "text_encoder", "tokenizer"))
-        unet, vae, text_encoder, tokenizer, schedule = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.schedule
+    sd = tiny_sd() if args.demo else load_sd(args.model, device=device)
+    unet, vae = sd.unet.to(device), sd.vae.to(device)
+    sd.text_encoder.to(device).eval().requires_grad_(False)
+    if args.demo and not (args.resume and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
+        captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731
+        loss = pretrain_denoiser(unet, vae, sd.schedule, args.pretrain_steps, args.size, args.seed, captions, batch_size=8, device=device)
+        print0(f"pre-trained the tiny U-Net for {args.pretrain_steps} steps: denoising loss {loss:.3f}")
     unet.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        contexts = text_encoder(tokenizer([""] + prompts).to(device))
-    del text_encoder
+    contexts, schedule = sd.encode_prompt([""] + prompts), sd.schedule
+    sd.text_encoder = None  # the prompts are encoded: free it
     rev = unet.config.channels[::-1]  # each tap of up level i has that level's width, at every saved step
     level_channels = [len(args.timesteps) * len(p + a) * rev[i] for i, (p, a) in zip(LEVELS, level_names(unet))]
     frozen = Frozen(unet, vae, contexts, prompt_ids, schedule, level_channels)
@@ -371,7 +361,7 @@ def main(argv=None) -> dict:
         variants["baseline: DIFF without IPKL"] = False
     metrics, rows = {}, []
     for i, (variant, ipkl) in enumerate(variants.items()):
-        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, num_classes, device, world, local_rank)
+        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, num_classes, device)
         print0(f"\n== {variant}")
         metrics[variant], shown = evaluate(segmenter, frozen, targets, num_classes, class_names, device, args)
         if i == 0:
@@ -381,16 +371,10 @@ def main(argv=None) -> dict:
         constant = lambda x: torch.zeros(len(x), *x.shape[-2:], dtype=torch.long, device=x.device)  # noqa: E731
         floor = {name: evaluate_semantic(constant, data, num_classes, device)[0] for name, data in targets.items()}
         metrics["baseline: all background"] = {name: round(100 * mean_iou(conf).item(), 2) for name, conf in floor.items()}
-    wall = time.perf_counter() - started
-    title = f"DIFF, trained on {'the clean synthetic style (DEMO)' if args.demo else args.source}, mIoU %"
-    table = write_metrics(metrics, args.out / "metrics", title=title)
-    if rows and rank == 0:
+    if rows:
         save_grid(rows, args.out / "predictions.png", titles=["image", "prediction", "ground truth"], scale=2 if args.demo else 1)
-    print0("\n" + table)
-    print0(f"total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
-    barrier()
-    cleanup_distributed()
-    return metrics
+    title = f"DIFF, trained on {'the clean synthetic style (DEMO)' if args.demo else args.source}, mIoU %"
+    return finish_run(job, metrics, out=args.out, title=title, wrote="predictions.png")
 
 
 if __name__ == "__main__":

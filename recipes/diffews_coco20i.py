@@ -95,33 +95,30 @@ if __name__ == "__main__":
     parse_args()  # usage errors here, before the seconds that importing torch takes
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import BlockCodec, check_mask, mask_to_image
+from unet_seg.codecs import check_mask, mask_to_image
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
+from unet_seg.demo import tiny_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed,
-    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
-    save_checkpoint, seed_everything, should_checkpoint, training_batches, unwrap, write_metrics,
+    autocast, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
 MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
 
 
-def fields(batch) -> tuple[torch.Tensor, ...]:
+def checked_episode(batch: dict, device) -> tuple[torch.Tensor, ...]:
     """(query, query_mask, supports, support_masks, class_id) of a collated batch of episodes
-    (synthetic `Episode` tuples or COCO-20i dicts), the masks checked here, on the loader's CPU
-    tensors, so that the episode on the GPU need not wait for a check."""
-    b = batch if isinstance(batch, dict) else batch._asdict()
-    check_mask(b["query_mask"], "query_mask")
-    check_mask(b["support_masks"].flatten(0, 1), "support_masks")
-    return b["query"], b["query_mask"], b["supports"], b["support_masks"], b["class_id"]
+    (synthetic or COCO-20i) on `device`, the masks checked first, on the loader's CPU tensors,
+    so that the episode on the GPU need not wait for a check."""
+    check_mask(batch["query_mask"], "query_mask")
+    check_mask(batch["support_masks"].flatten(0, 1), "support_masks")
+    return tuple(batch[k].to(device) for k in ("query", "query_mask", "supports", "support_masks", "class_id"))
 
 
 def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=None):
@@ -185,36 +182,26 @@ def train_step(model, unet, vae, context, opt, query, query_mask, supports, supp
 
 
 @torch.no_grad()
-def evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, seed: int, subsample: bool = False):
+def evaluate(unet, data, *, vae, context, num_labels: int, label_shift: int, device, seed: int, subsample: bool = False):
     """This rank's share of `data` (K-shot episodes) -> all-rank confusion matrices
     {name: [num_labels, num_labels]} for DiffewS and two baselines, plus up to 4 episodes to draw.
-    Runs in eval mode on its own RNG stream (support subsampling seeded by `seed`) and restores
-    the training mode and RNG after, so that evaluating mid-training leaves the run unchanged."""
-    was_training = unet.training
-    unet.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = _evaluate(unet, vae, context, data, num_labels, label_shift, device, subsample)
-    unet.train(was_training)
-    return out
-
-
-def _evaluate(unet, vae, context, data, num_labels: int, label_shift: int, device, subsample: bool):
-    names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
-    conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
-    subset = torch.utils.data.Subset(data, range(rank, len(data), world))
-    shown = []
-    for batch in torch.utils.data.DataLoader(subset, batch_size=8):
-        query, query_mask, supports, support_masks, class_id = (x.to(device) for x in fields(batch))
-        mask = predict_masks(unet, vae, context, query, supports, support_masks, subsample)
-        label = (class_id + label_shift).view(-1, 1, 1)
-        target = torch.where(query_mask == 255, 255, query_mask * label)
-        for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
-            conf[name] += confusion_matrix(m * label, target, num_labels)
-        if len(shown) < 4:
-            shown += list(zip(query, supports[:, 0], support_masks[:, 0], mask, query_mask))[: 4 - len(shown)]
-    return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
+    Runs in `train.evaluation` (eval mode, own RNG stream seeded by `seed` for the support
+    subsampling), so that evaluating mid-training leaves the run unchanged."""
+    with evaluation(unet, seed=seed, device=device):
+        names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
+        conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
+        subset = rank_share(data)
+        shown = []
+        for batch in torch.utils.data.DataLoader(subset, batch_size=8):
+            query, query_mask, supports, support_masks, class_id = checked_episode(batch, device)
+            mask = predict_masks(unet, vae, context, query, supports, support_masks, subsample)
+            label = (class_id + label_shift).view(-1, 1, 1)
+            target = torch.where(query_mask == 255, 255, query_mask * label)
+            for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
+                conf[name] += confusion_matrix(m * label, target, num_labels)
+            if len(shown) < 4:
+                shown += list(zip(query, supports[:, 0], support_masks[:, 0], mask, query_mask))[: 4 - len(shown)]
+        return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
 
 
 def summarise(conf: torch.Tensor, test_labels) -> dict:
@@ -227,13 +214,13 @@ def summarise(conf: torch.Tensor, test_labels) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    rank, world, local_rank, device = init_distributed()
-    print_demo(args, "tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of "
-               f"SD's VAE, synthetic few-shot episodes, {device.type.upper()}, no download "
-               "(real runs: --model <SD 2.x> --data-root <COCO-20i>)")  # fmt: skip
-    seed_everything(args.seed, rank)
-    args.out.mkdir(parents=True, exist_ok=True)
+    job = start_run(
+        args,
+        demo="tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of SD's VAE, "
+        "synthetic few-shot episodes",
+        real="--model <SD 2.x> --data-root <COCO-20i>",
+    )
+    device = job.device
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation
     if args.demo:
@@ -256,20 +243,20 @@ def main(argv=None) -> dict:
     # ---- models: SD U-Net + an 8-channel support conv_in, frozen VAE, empty-prompt context computed once
     if args.demo:
         torch.manual_seed(args.seed)
-        unet, vae = UNet(TINY_SD2), BlockCodec()
-        text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
+        sd = tiny_sd()
     else:
         sd = load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)  # frozen
-        unet, vae, text_encoder, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
+    unet, vae = sd.unet, sd.vae
     unet.add_support_conv_in(8).to(device).train()
     vae.to(device)
     if device.type == "cuda":  # NHWC convolutions: -26% U-Net time on an H100 (benchmarks/NOTES.md)
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        context = text_encoder.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D], padded as in training
+    sd.text_encoder.to(device).eval()
+    context = sd.encode_prompt([""])  # [1, 77, D], padded as in training
     test_context = context[:, :2]  # unpadded [BOS, EOS] at test (official): the causal encoder's first 2 rows
-    del text_encoder
+    del sd
+    eval_kw = dict(vae=vae, context=test_context, num_labels=num_labels, label_shift=label_shift, device=device, seed=args.seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                             fused=device.type == "cuda")  # fmt: skip
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, min(1.0, LR_END / args.lr), total_iters=args.steps)
@@ -277,8 +264,7 @@ def main(argv=None) -> dict:
     models = {"unet": unet}
     step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
     vae.eval().requires_grad_(False)
-    model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
-    forward = maybe_compile(model, args.compile)
+    forward = wrap_for_training(unet, compile=args.compile)
     if args.compile and not args.demo:  # the VAE is most of an episode's FLOPs (3 encodes + 1 decode at 512²)
         vae.encoder.compile()
         vae.decoder.compile()
@@ -287,7 +273,7 @@ def main(argv=None) -> dict:
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DiffewS")
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        query, query_mask, supports, support_masks, _ = (x.to(device) for x in fields(batch))
+        query, query_mask, supports, support_masks, _ = checked_episode(batch, device)
         s = int(torch.randint(1, args.shots + 1, ()))
         pick = torch.randperm(args.shots)[:s].to(device)
         loss = train_step(forward, unet, vae, context, opt, query, query_mask, supports[:, pick], support_masks[:, pick])
@@ -295,19 +281,19 @@ def main(argv=None) -> dict:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(args.out, step, models, opt, sched, epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            quick = torch.utils.data.Subset(test_data[1], range(min(args.eval_episodes, len(test_data[1]))))
-            conf, _ = evaluate(unet, vae, test_context, quick, num_labels, label_shift, device, args.seed)
+            quick = head(test_data[1], args.eval_episodes)
+            conf, _ = evaluate(unet, quick, **eval_kw)
             miou = summarise(conf["DiffewS"], test_labels)["mIoU"]
             print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")
     bar.close()
-    train_time = time.perf_counter() - started
+    train_time = time.perf_counter() - job.started
 
     # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines
     metrics, rows = {}, []
     for k, data in test_data.items():
-        conf, shown = evaluate(unet, vae, test_context, data, num_labels, label_shift, device, args.seed, args.support_sampling)
+        conf, shown = evaluate(unet, data, **eval_kw, subsample=args.support_sampling)
         for name, c in conf.items():
             if name == "DiffewS" or k == 1:  # baselines read the first support only: the same for every K
                 metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
@@ -320,18 +306,12 @@ def main(argv=None) -> dict:
                 for q, s, sm, m, qm in shown
             ]
     if args.demo:
-        conf, _ = evaluate(unet, vae, test_context, control, num_labels, label_shift, device, args.seed)
+        conf, _ = evaluate(unet, control, **eval_kw)
         metrics["control: DiffewS 1-shot, supports of the query's other class"] = summarise(conf["DiffewS"], test_labels)
-    wall = time.perf_counter() - started
-    title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
-    table = write_metrics(metrics, args.out / "metrics", title=title)
-    if rows and rank == 0:
+    if rows:
         save_grid(rows, args.out / "episodes.png", titles=["query", "support", "prediction", "ground truth"], scale=2)
-    print0("\n" + table)
-    print0(f"train {train_time:.0f} s, total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, episodes.png")
-    barrier()
-    cleanup_distributed()
-    return metrics
+    title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")
+    return finish_run(job, metrics, out=args.out, title=title, wrote="episodes.png", train_seconds=train_time)
 
 
 if __name__ == "__main__":

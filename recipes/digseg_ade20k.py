@@ -104,22 +104,21 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
-from unet_seg.codecs import BlockCodec, mask_to_latent
+from unet_seg.codecs import mask_to_latent
+from unet_seg.demo import tiny_sd
 from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
-from unet_seg.models import TINY_SD1_TEXT, TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed,
-    maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
-    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
+    autocast, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -204,67 +203,49 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, 
 # Evaluation
 
 
-def fields(batch) -> tuple[Tensor, Tensor]:
-    """(images, labels) of a batch or an item: synthetic (image, labels) tuples or ADE20K dicts."""
-    return (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
-
-
 @torch.no_grad()
-def evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
+def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
              modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD):
     """This rank's share of `data` -> ({row: all-rank confusion [N, N]}, {row: images/s, class
     runs/s}, up to 4 (image, prediction, labels)). Rows: E×S `settings` × candidate `modes` ("all",
     or "clip" from `clip_vision`) × {plain argmax, τ floor}; the majority baseline (`vocab`:
     num_labels, background, majority); with `control`, the last setting with each class's prompt
-    replaced by the next class's. Eval mode, own RNG stream seeded by `seed`, both restored."""
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, modes,
-                        clip_vision, control, threshold)
-    model.train(was_training)
-    return out
-
-
-def _evaluate(model, vae, schedule, data, class_embeds, class_ids, vocab, settings, size, device, modes, clip_vision,
-              control, threshold):
-    num_labels, background, majority = vocab
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if torch.distributed.is_initialized() else (1, 0)
-    subset = torch.utils.data.Subset(data, range(rank, len(data), world))
-    runs = {f"DiGSeg {e}x{s}" + (f", {m} candidates" if len(modes) > 1 else ""): (e, s, m, class_embeds) for e, s in settings for m in modes}
-    if control:
-        runs["control: DiGSeg, prompts of the next class"] = (*settings[-1], modes[0], class_embeds.roll(-1, 0))
-    rules = {"argmax": None, f"τ {threshold}": threshold}
-    names = [f"{n}, {r}" for n in runs for r in rules] + ["baseline: majority label"]
-    conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
-    seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
-    square = fields(data[0])[1].shape == (size, size)  # synthetic scenes: all size², batched
-    for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and "clip" not in modes else 1):
-        images, labels = (x.to(device) for x in fields(batch))
-        inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear", antialias=True).clamp(-1, 1)
-        candidates = {"all": torch.arange(len(class_ids), device=device)}
-        if "clip" in modes:  # one image per batch: its own candidates
-            candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
-        for name, (e, s, mode, embeds) in runs.items():
-            start = time.perf_counter()
-            prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
-            if prob.shape[-2:] != labels.shape[-2:]:
-                prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
-            preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[name] += time.perf_counter() - start
-            class_runs[name] += len(images) * len(candidates[mode])
-            for r, pred in preds.items():
-                conf[f"{name}, {r}"] += confusion_matrix(pred, labels, num_labels)
-            if name == next(iter(runs)) and len(shown) < 4:
-                shown += list(zip(images, preds[next(iter(rules))], labels))[: 4 - len(shown)]
-        conf["baseline: majority label"] += confusion_matrix(torch.full_like(labels, majority), labels, num_labels)
-    total = sum(1 for _ in subset) * world
-    speed = {f"{n}, {r}": {"images/s": round(total / max(t * world, 1e-9), 2), "class runs/s": round(class_runs[n] / max(t, 1e-9), 2)}
-             for n, t in seconds.items() for r in rules}  # fmt: skip
-    return {n: all_reduce_confusion(c) for n, c in conf.items()}, speed, shown
+    replaced by the next class's. In `train.evaluation`: eval mode, own RNG stream seeded by `seed`."""
+    with evaluation(model, seed=seed, device=device):
+        num_labels, background, majority = vocab
+        subset = rank_share(data)
+        runs = {f"DiGSeg {e}x{s}" + (f", {m} candidates" if len(modes) > 1 else ""): (e, s, m, class_embeds) for e, s in settings for m in modes}
+        if control:
+            runs["control: DiGSeg, prompts of the next class"] = (*settings[-1], modes[0], class_embeds.roll(-1, 0))
+        rules = {"argmax": None, f"τ {threshold}": threshold}
+        names = [f"{n}, {r}" for n in runs for r in rules] + ["baseline: majority label"]
+        conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
+        seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
+        square = data[0]["label"].shape == (size, size)  # synthetic scenes: all size², batched
+        for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and "clip" not in modes else 1):
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+            candidates = {"all": torch.arange(len(class_ids), device=device)}
+            if "clip" in modes:  # one image per batch: its own candidates
+                candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
+            for name, (e, s, mode, embeds) in runs.items():
+                start = time.perf_counter()
+                prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
+                if prob.shape[-2:] != labels.shape[-2:]:
+                    prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
+                preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] += time.perf_counter() - start
+                class_runs[name] += len(images) * len(candidates[mode])
+                for r, pred in preds.items():
+                    conf[f"{name}, {r}"] += confusion_matrix(pred, labels, num_labels)
+                if name == next(iter(runs)) and len(shown) < 4:
+                    shown += list(zip(images, preds[next(iter(rules))], labels))[: 4 - len(shown)]
+            conf["baseline: majority label"] += confusion_matrix(torch.full_like(labels, majority), labels, num_labels)
+        speed = {f"{n}, {r}": {"images/s": round(len(subset) / max(t, 1e-9), 2), "class runs/s": round(class_runs[n] / max(t, 1e-9), 2)}
+                 for n, t in seconds.items() for r in rules}  # fmt: skip
+        return {n: all_reduce_confusion(c) for n, c in conf.items()}, speed, shown
 
 
 def summarise(conf: Tensor, scored: list[int]) -> dict:
@@ -276,13 +257,13 @@ def summarise(conf: Tensor, scored: list[int]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    rank, world, local_rank, device = init_distributed()
-    print_demo(args, "tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
-               f"synthetic scenes with class names as prompts, {device.type.upper()}, no download "
-               "(real runs: --model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>)")  # fmt: skip
-    seed_everything(args.seed, rank)
-    args.out.mkdir(parents=True, exist_ok=True)
+    job = start_run(
+        args,
+        demo="tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
+        "synthetic scenes with class names as prompts",
+        real="--model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>",
+    )
+    device = job.device
 
     # ---- data: label vocabulary, training and test sets
     if args.demo:
@@ -303,31 +284,27 @@ def main(argv=None) -> dict:
         augment = RandomResizeCropFlip(crop=(args.size, args.size), scale=(4 * args.size, args.size), ratio_range=(0.8, 1.2))
         train_data = ADE20K(args.data_root, "training", transform=augment, seed=args.seed)
         test_data = ADE20K(args.data_root, "validation")
-        test_data = torch.utils.data.Subset(test_data, range(min(args.images, len(test_data))))
+        test_data = head(test_data, args.images)
         scored = list(range(len(names)))
 
     # ---- models: SD U-Net (conv_in 4 -> 8) + text MLP; frozen VAE, SD text encoder (empty prompt), CLIP
     if args.demo:
         torch.manual_seed(args.seed)
-        unet, vae = UNet(TINY_SD2), BlockCodec()
-        sd_text, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
-        clip_text, clip_tokenizer = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPTokenizer.from_bpe()
-        clip_vision = CLIPVisionEncoder(TINY_VIT)
-        schedule = NoiseSchedule.sd(args.prediction_type)
+        sd = tiny_sd(prediction_type=args.prediction_type)
+        clip_text, clip_vision = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPVisionEncoder(TINY_VIT)
     else:
-        sd = load_sd(args.model, vae_dtype=torch.float32)
-        unet, vae, sd_text, tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
+        sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)
         clip_text, clip_vision = load_clip(args.clip)
-        clip_tokenizer = CLIPTokenizer.from_bpe()  # CLIP's published vocabulary, padded with EOS as openai's
-        schedule = NoiseSchedule(sd.schedule.alphas_cumprod, args.prediction_type)
-    with torch.no_grad():
-        null_context = sd_text.to(device).eval()(tokenizer([""]).to(device))  # [1, 77, D]
+    clip_tokenizer = CLIPTokenizer.from_bpe()  # CLIP's published vocabulary, padded with EOS as openai's
+    unet, vae, schedule = sd.unet, sd.vae, sd.schedule
+    sd.text_encoder.to(device).eval()
+    null_context = sd.encode_prompt([""])  # [1, 77, D]
     class_embeds = class_embeddings(clip_text, clip_tokenizer, names, device)  # [C, P], cached (A.3)
     if args.demo:  # note 7
         from unet_seg.demo import whiten
 
         class_embeds = whiten(class_embeds)
-    del sd_text, clip_text
+    del sd, clip_text
     clip_vision = clip_vision.to(device).eval() if "clip" in args.candidates else None
     torch.manual_seed(args.seed)
     model = DiGSeg(unet.widen_conv_in(8), class_embeds.shape[1], null_context).to(device).train()
@@ -342,54 +319,47 @@ def main(argv=None) -> dict:
 
     models = {"digseg": model}
     step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
-    wrapped = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    forward = maybe_compile(wrapped, args.compile)
+    forward = wrap_for_training(model, compile=args.compile)
     if args.compile and not args.demo:
         vae.encoder.compile()
         vae.decoder.compile()
     settings = [(1, 1), (args.ensemble, args.ddim_steps)] if args.demo else [(args.ensemble, args.ddim_steps)]
     settings = list(dict.fromkeys(settings))
+    eval_kw = dict(vae=vae, schedule=schedule, class_embeds=class_embeds, class_ids=class_ids, vocab=vocab, size=args.size,
+                   device=device, seed=args.seed, clip_vision=clip_vision, threshold=args.threshold)  # fmt: skip
 
     # ---- train: eq. 6 on (image, class) pairs
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        images, labels = (x.to(device) for x in fields(batch))
+        images, labels = batch["image"].to(device), batch["label"].to(device)
         index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
         loss = train_step(forward, params, vae, schedule, opt, images, masks, class_embeds[index])
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(args.out, step, models, opt, None, epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            quick = torch.utils.data.Subset(test_data, range(min(args.eval_images, len(test_data))))
-            conf, _, _ = evaluate(model, vae, schedule, quick, class_embeds, class_ids, vocab, settings[:1], args.size,
-                                  device, args.seed, args.candidates[:1], clip_vision, threshold=args.threshold)
+            quick = head(test_data, args.eval_images)
+            conf, _, _ = evaluate(model, quick, **eval_kw, settings=settings[:1], modes=args.candidates[:1])
             miou = summarise(next(iter(conf.values())), scored)["mIoU"]
             print0(f"step {step}: mIoU {miou:.2f} on {len(quick)} test images ({settings[0][0]}x{settings[0][1]})")
     bar.close()
-    train_time = time.perf_counter() - started
+    train_time = time.perf_counter() - job.started
 
     # ---- eval: E×S settings × candidates × {argmax, τ floor}, the majority baseline, (demo) the shuffled-prompt control
-    conf, speed, shown = evaluate(model, vae, schedule, test_data, class_embeds, class_ids, vocab, settings, args.size,
-                                  device, args.seed, args.candidates, clip_vision, control=args.demo, threshold=args.threshold)
+    conf, speed, shown = evaluate(model, test_data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo)
     metrics = {n: {**summarise(c, scored), **speed.get(n, {})} for n, c in conf.items()}
     first = next(iter(conf))  # demo: only the scene classes and background are ever predicted
     kept = scored if args.demo else list(range(len(label_names)))
     print0(iou_table(conf[first][kept][:, kept], [label_names[c] for c in kept], title=f"{first}: IoU per class"))
-    wall = time.perf_counter() - started
-    title = f"DiGSeg, {len(test_data)} test images" + (" (DEMO: synthetic)" if args.demo else " (ADE20K-150 val)")
-    table = write_metrics(metrics, args.out / "metrics", title=title)
-    if shown and rank == 0:
+    if shown:
         shift = 0 if args.demo else 1  # ADE20K's class 0 (wall) gets a colour: overlay leaves label 0 untinted
         draw = lambda x, lab: overlay(x, torch.where(lab == 255, 255, lab + shift).cpu(), alpha=0.6)  # noqa: E731
         rows = [[image_to_uint8(x), draw(x, p), draw(x, y)] for x, p, y in shown]
         save_grid(rows, args.out / "predictions.png", titles=["image", "prediction", "ground truth"], scale=2 if args.demo else 1)
-    print0("\n" + table)
-    print0(f"train {train_time:.0f} s, total {wall:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
-    barrier()
-    cleanup_distributed()
-    return metrics
+    title = f"DiGSeg, {len(test_data)} test images" + (" (DEMO: synthetic)" if args.demo else " (ADE20K-150 val)")
+    return finish_run(job, metrics, out=args.out, title=title, wrote="predictions.png", train_seconds=train_time)
 
 
 if __name__ == "__main__":

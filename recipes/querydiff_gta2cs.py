@@ -116,24 +116,22 @@ if __name__ == "__main__":
     parse_args()  # usage errors here, before the seconds that importing torch takes
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unet_seg import load_sd
 from unet_seg.backbones import ReinConvNet, ReinDINOv2
-from unet_seg.codecs import BlockCodec
 from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
-from unet_seg.demo import pretrain_denoiser
+from unet_seg.demo import pretrain_denoiser, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
 from unet_seg.metrics import iou_per_class, iou_table
-from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.models import TINY_SD2, UNet
 from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement
 from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
-    autocast, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, latest_checkpoint,
-    load_checkpoint, maybe_compile, print0, print_demo, progress, resumable_loader, resume_latest,
-    save_checkpoint, seed_everything, should_checkpoint, training_batches, write_metrics,
+    autocast, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
+    resumable_loader, resume_latest, save_checkpoint, seed_everything, should_checkpoint, start_run,
+    training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -178,8 +176,8 @@ def diffusion_features(unet: UNet, vae, context: Tensor, images: Tensor, schedul
                        timesteps: tuple[int, int] = (T_WEAK, T_STRONG)) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """images [B, 3, H, W] in [-1, 1] -> (weak, strong): the `TAPS` maps at t_w and t_s (own noise
     draws each, as released) from ONE U-Net forward over the 2B noised latents."""
-    z = vae.encode(images).to(next(unet.parameters()).dtype)  # posterior mean (the release's choice)
-    feats = timestep_features(unet, z, list(timesteps), context.to(z.dtype), TAPS, schedule=schedule)
+    z = vae.encode(images)  # posterior mean (the release's choice)
+    feats = timestep_features(unet, z, list(timesteps), context, TAPS, schedule=schedule)
     return [feats[n][:, 0] for n in TAPS], [feats[n][:, 1] for n in TAPS]
 
 
@@ -211,15 +209,12 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
 @torch.no_grad()
 def evaluate(model: nn.Module, data, num_classes: int, device, slide: bool):
     """(all-rank confusion [K, K], up to 4 (image, pred, label)) in eval mode without the diffusion branch."""
-    was_training = model.training
-    model.eval()
     if slide:
         predict = lambda x: slide_logits(lambda w: predict_scores(model, w), x, CROP, STRIDE, num_classes)  # noqa: E731
     else:
         predict = lambda x: predict_scores(model, x)  # noqa: E731
-    out = evaluate_semantic(predict, data, num_classes, device, batch_size=1 if slide else 16)
-    model.train(was_training)
-    return out
+    with evaluation(model):
+        return evaluate_semantic(predict, data, num_classes, device, batch_size=1 if slide else 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,16 +252,14 @@ def build_teacher(args, device):
     block codec and tiny text encoder. Only called for training with DCL."""
     if args.demo:
         torch.manual_seed(args.seed + 1)
-        unet, vae = UNet(DEMO_TEACHER), BlockCodec()
-        text_encoder, tokenizer = CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!")
-        schedule = NoiseSchedule.sd()
+        sd = tiny_sd(DEMO_TEACHER)
     else:
         sd = load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        unet, vae, text_encoder, tokenizer, schedule = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.schedule
+    unet, vae, schedule = sd.unet, sd.vae, sd.schedule
     for frozen in (unet, vae):
         frozen.to(device).eval().requires_grad_(False)
     with torch.no_grad():
-        context = text_encoder.to(device).eval()(tokenizer([""])[:, :2].to(device))  # BOS, EOS: the release's unpadded prompt
+        context = sd.text_encoder.to(device).eval()(sd.tokenizer([""])[:, :2].to(device))  # BOS, EOS: the release's unpadded prompt
     if args.demo and args.teacher_steps:
         empty_prompt = lambda labels: context.expand(len(labels), -1, -1)  # noqa: E731
         loss = pretrain_denoiser(unet, vae, schedule, args.teacher_steps, args.size, args.seed, empty_prompt, batch_size=16, device=device)
@@ -289,7 +282,7 @@ def datasets(args):
     resize["mapillary"] = Compose((Rescale(0.5), resize["mapillary"]))  # scored on halved labels, as the release
     tests = {n: DrivingScenes(n, r, "val", transform=resize[n]) for n, r in roots.items() if r}
     if args.eval_images:
-        tests = {n: torch.utils.data.Subset(d, range(min(args.eval_images, len(d)))) for n, d in tests.items()}
+        tests = {n: head(d, args.eval_images) for n, d in tests.items()}
     return train, tests, CITYSCAPES_CLASSES, True
 
 
@@ -305,46 +298,45 @@ class ContiguousLabels(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        image, label = self.scenes[i]
-        return image, self.lookup[label]
+    def __getitem__(self, i: int) -> dict:
+        item = self.scenes[i]
+        return {**item, "label": self.lookup[item["label"]]}
 
 
 def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_data, num_classes: int, device, desc: str) -> float:
     """Train `model` in place for args.steps (resuming from `out` with --resume); returns seconds."""
     started = time.perf_counter()
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=args.steps, power=0.9)
     models = {"model": model}
     step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
-    local = device.index if device.type == "cuda" else None
-    forward = maybe_compile(DDP(model, device_ids=[local] if local is not None else None) if world > 1 else model, args.compile)
+    forward = wrap_for_training(model, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     loss_cfg = SetLossConfig(points=args.points)
     bar = progress(total=args.steps, initial=step, desc=desc)
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        images, labels = (x.to(device) for x in ((batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]))
+        images, labels = batch["image"].to(device), batch["label"].to(device)
         losses = train_step(forward, opt, images, labels, num_classes, loss_cfg, dcl_weight, teacher)
         sched.step()
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(out, step, models, opt, sched, epoch, extra={"args": str(vars(args)), "dcl_weight": dcl_weight}, keep_last=2)
+            extra = {"args": str(vars(args)), "dcl_weight": dcl_weight}
+            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra=extra, keep_last=2)
     bar.close()
     return time.perf_counter() - started
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    rank, world, _, device = init_distributed()
-    print_demo(args, "small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
-               "on random looks, a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY), "
-               f"{device.type.upper()}, no download (real runs: --model <SD 2.x> --gta-root ... with the `recipes` extra for timm)")  # fmt: skip
-    seed_everything(args.seed, rank)
-    args.out.mkdir(parents=True, exist_ok=True)
+    job = start_run(
+        args,
+        demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
+        "on random looks, a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY)",
+        real="--model <SD 2.x> --gta-root ... with the `recipes` extra for timm",
+    )
+    device = job.device
     train_data, tests, class_names, slide = datasets(args)
     num_classes = len(class_names)
     runs = [("QueryDiff", args.dcl_weight)] + ([("no DCL", 0.0)] if args.compare else [])
@@ -354,14 +346,11 @@ def main(argv=None) -> dict:
         out = args.out / ("querydiff" if weight > 0 else "no_dcl")
         model = build_model(args, num_classes, weight > 0)
         if args.eval_only:
-            ckpt = latest_checkpoint(out)
-            if ckpt is None:
-                raise FileNotFoundError(f"--eval-only: no checkpoint in {out}")
-            load_checkpoint(ckpt, {"model": model})
+            load_latest(out, {"model": model})
             model.to(device)
             seconds = 0.0
         else:
-            seed_everything(args.seed, rank)  # both runs see the same noise, points and data order
+            seed_everything(args.seed, job.rank)  # both runs see the same noise, points and data order
             seconds = train(args, model, out, weight, teacher, train_data, num_classes, device, name)
         evaluated = maybe_compile(model, args.compile) if args.compile else model
         row, images, t0 = {}, 0, time.perf_counter()
@@ -380,18 +369,13 @@ def main(argv=None) -> dict:
         metrics["baseline: background everywhere"] = {
             f"{n} mIoU": round(100 * iou_per_class(evaluate_semantic(background, d, num_classes, device)[0]).nanmean().item(), 2) for n, d in tests.items()
         }
-    title = "QueryDiff " + ("(DEMO: synthetic CLEAN -> HAZY)" if args.demo else "GTA5 -> " + ", ".join(tests))
-    table = write_metrics(metrics, args.out / "metrics", title=title)
-    if rank == 0 and shown:
+    if shown:
         names = list(shown)
         rows = [[image_to_uint8(shown[names[0]][i][0])] + [overlay(shown[names[0]][i][0], shown[n][i][1]) for n in names] + [overlay(shown[names[0]][i][0], shown[names[0]][i][2])]
                 for i in range(len(shown[names[0]]))]  # fmt: skip
         save_grid(rows, args.out / "predictions.png", titles=[next(iter(tests))] + names + ["ground truth"], scale=3 if args.demo else 1)
-    print0("\n" + table)
-    print0(f"total {time.perf_counter() - started:.0f} s on {world} process(es); wrote {args.out}/metrics.md, .json, predictions.png")
-    barrier()
-    cleanup_distributed()
-    return metrics
+    title = "QueryDiff " + ("(DEMO: synthetic CLEAN -> HAZY)" if args.demo else "GTA5 -> " + ", ".join(tests))
+    return finish_run(job, metrics, out=args.out, title=title, wrote="predictions.png")
 
 
 if __name__ == "__main__":

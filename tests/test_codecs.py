@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 from unet_seg.codecs import (
 
     IGNORE_COLOUR,
-    BlockCodec,
     check_mask,
     image_to_probability,
     label_map_to_latents,
@@ -26,6 +25,7 @@ from unet_seg.codecs import (
     threshold_relative,
     tint,
 )
+from unet_seg.demo import BlockCodec
 
 from .helpers import rand
 

@@ -4,8 +4,7 @@ the global RNG alone, and hands the scenes' labels to the conditioning."""
 import pytest
 import torch
 
-from unet_seg.codecs import BlockCodec
-from unet_seg.demo import pretrain_denoiser, whiten
+from unet_seg.demo import BlockCodec, pretrain_denoiser, whiten
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.models import TINY_SD2, UNet
 

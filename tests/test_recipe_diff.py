@@ -61,7 +61,7 @@ def test_prompt_rows_give_the_empty_prompt_everywhere_and_present_classes_their_
 def frozen_tiny(recipe, features="trajectory"):
     from argparse import Namespace
 
-    from unet_seg.codecs import BlockCodec
+    from unet_seg.demo import BlockCodec
     from unet_seg.diffusion import NoiseSchedule
     from unet_seg.models import TINY_SD2, UNet
 

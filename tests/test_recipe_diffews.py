@@ -114,7 +114,7 @@ def test_k_shot_prediction_reads_every_support_token_unless_sampling():
     support; with sampling it changes with the RNG."""
     import torch
 
-    from unet_seg.codecs import BlockCodec
+    from unet_seg.demo import BlockCodec
     from unet_seg.models import TINY_SD2, UNet
 
     torch.manual_seed(0)
@@ -201,6 +201,6 @@ def test_bad_support_mask_values_are_refused_before_the_episode():
     from unet_seg.data.synthetic import FewShotEpisodes, fold_split
 
     batch = next(iter(torch.utils.data.DataLoader(FewShotEpisodes(0, 2, fold_split(0)[1], size=32), batch_size=2)))
-    _recipe().fields(batch)  # valid
+    _recipe().checked_episode(batch, "cpu")  # valid
     with pytest.raises(ValueError, match=r"support_masks must hold 0/1"):
-        _recipe().fields(batch._replace(support_masks=batch.support_masks * 2))
+        _recipe().checked_episode({**batch, "support_masks": batch["support_masks"] * 2}, "cpu")

@@ -231,7 +231,7 @@ def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp
         assert rel_err(ref_vae.encode(img).latent_dist.mean * TINY_VAE.scaling_factor, sd.vae.encode(img)) <= 1e-6
         assert rel_err(ref_text(ids).last_hidden_state, sd.text_encoder(ids)) <= 1e-6
     for cls, name in ((UNet, "unet"), (AutoencoderKL, "vae"), (CLIPTextEncoder, "text_encoder")):
-        back = cls.from_pretrained(tmp_path, name)
+        back = cls.from_pretrained(tmp_path, subfolder=name)
         assert back.config == getattr(sd, name).config
         assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), getattr(sd, name).state_dict().values()))
     assert not list(tmp_path.rglob("*.tmp"))

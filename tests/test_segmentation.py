@@ -53,8 +53,8 @@ def test_slide_logits_refuse_wrong_predict_output_and_strides_that_leave_gaps():
 
 def test_evaluate_semantic_of_the_oracle_is_diagonal_and_of_a_constant_is_one_column():
     data = SemanticScenes(0, 6, size=32, classes=(1, 2, 3))
-    labels = torch.stack([data[i][1] for i in range(len(data))])
-    lookup = {tuple(data[i][0].flatten()[:8].tolist()): data[i][1] for i in range(len(data))}
+    labels = torch.stack([data[i]["label"] for i in range(len(data))])
+    lookup = {tuple(data[i]["image"].flatten()[:8].tolist()): data[i]["label"] for i in range(len(data))}
     oracle = lambda x: torch.stack([lookup[tuple(im.flatten()[:8].tolist())] for im in x])  # noqa: E731
     conf, shown = evaluate_semantic(oracle, data, 21, torch.device("cpu"), batch_size=4, keep=3)
     assert torch.equal(conf.diagonal(), torch.bincount(labels.flatten(), minlength=21))

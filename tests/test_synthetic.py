@@ -16,7 +16,6 @@ from unet_seg.data.synthetic import (
     NUM_CLASSES,
     NUM_FOLDS,
     TEXTURES,
-    Episode,
     FewShotEpisodes,
     SemanticScenes,
     Style,
@@ -41,6 +40,9 @@ def class_id(name):
 
 def assert_identical(a, b):
     assert len(a) == len(b)
+    if isinstance(a, dict):  # dataset items
+        assert a.keys() == b.keys()
+        a, b = a.values(), b.values()
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
@@ -141,8 +143,8 @@ def test_styles_keep_labels_and_change_colour_statistics(seed, class_ids):
 
 
 def test_styles_differ_in_mean_colour_and_contrast_over_a_dataset():
-    clean = torch.stack([SemanticScenes(0, 32, style=CLEAN_STYLE)[i][0] for i in range(32)])
-    hazy = torch.stack([SemanticScenes(0, 32, style=HAZY_STYLE)[i][0] for i in range(32)])
+    clean = torch.stack([SemanticScenes(0, 32, style=CLEAN_STYLE)[i]["image"] for i in range(32)])
+    hazy = torch.stack([SemanticScenes(0, 32, style=HAZY_STYLE)[i]["image"] for i in range(32)])
     assert (hazy.mean((0, 2, 3)) - clean.mean((0, 2, 3))).abs().min() > 0.1
     assert hazy.std() < 0.7 * clean.std()
 
@@ -189,14 +191,15 @@ def test_semantic_items_are_a_function_of_seed_and_index(seed, index, style, bor
 @given(seeds, indices)
 def test_semantic_items_differ_across_indices_and_seeds(seed, index):
     ds = SemanticScenes(seed, 101)
-    assert not torch.equal(ds[index][0], ds[index + 1][0])
-    assert not torch.equal(ds[index][0], SemanticScenes(seed + 1, 101)[index][0])
+    assert not torch.equal(ds[index]["image"], ds[index + 1]["image"])
+    assert not torch.equal(ds[index]["image"], SemanticScenes(seed + 1, 101)[index]["image"])
 
 
 @given(seeds, indices, folds, st.integers(0, 1))
 def test_semantic_labels_use_only_the_given_classes(seed, index, fold, border):
     classes = fold_split(fold)[1]
-    image, labels = SemanticScenes(seed, 100, classes=classes, objects=(2, 3), ignore_border=border)[index]
+    item = SemanticScenes(seed, 100, classes=classes, objects=(2, 3), ignore_border=border)[index]
+    image, labels = item["image"], item["label"]
     present = set(labels.unique().tolist()) - {0, IGNORE_INDEX}
     assert 1 <= len(present) and present <= set(classes)
     assert image.shape == (3, 64, 64)
@@ -204,7 +207,7 @@ def test_semantic_labels_use_only_the_given_classes(seed, index, fold, border):
 
 @given(seeds, indices, st.integers(0, 1))
 def test_per_class_masks_are_binary_and_rebuild_the_label_map(seed, index, border):
-    _, labels = SemanticScenes(seed, 100, ignore_border=border)[index]
+    labels = SemanticScenes(seed, 100, ignore_border=border)[index]["label"]
     masks = label_map_to_masks(labels[None], NUM_CLASSES + 1)[0]  # [21, H, W]
     assert set(masks.unique().tolist()) <= {0, 1}
     rebuilt = (masks * torch.arange(NUM_CLASSES + 1).view(-1, 1, 1)).sum(0)
@@ -220,15 +223,15 @@ def test_per_class_masks_are_binary_and_rebuild_the_label_map(seed, index, borde
 def test_every_episode_image_contains_its_class(seed, index, fold, shots, distractors, border, style):
     classes = fold_split(fold)[1]
     ep = FewShotEpisodes(seed, 100, classes, shots, distractors=distractors, style=style, ignore_border=border)[index]
-    assert ep.class_id.dtype == torch.int64 and int(ep.class_id) == classes[index % len(classes)]
-    assert ep.query.shape == (3, 64, 64) and ep.supports.shape == (shots, 3, 64, 64)
-    assert ep.query_mask.shape == (64, 64) and ep.support_masks.shape == (shots, 64, 64)
-    assert ep.query_mask.dtype == ep.support_masks.dtype == torch.int64
+    assert ep["class_id"].dtype == torch.int64 and int(ep["class_id"]) == classes[index % len(classes)]
+    assert ep["query"].shape == (3, 64, 64) and ep["supports"].shape == (shots, 3, 64, 64)
+    assert ep["query_mask"].shape == (64, 64) and ep["support_masks"].shape == (shots, 64, 64)
+    assert ep["query_mask"].dtype == ep["support_masks"].dtype == torch.int64
     allowed = {0, 1, IGNORE_INDEX} if border else {0, 1}
-    for mask in (ep.query_mask, *ep.support_masks):
+    for mask in (ep["query_mask"], *ep["support_masks"]):
         assert set(mask.unique().tolist()) <= allowed
         assert (mask == 1).sum() > 0
-    assert ep.query.min() >= -1 and ep.query.max() <= 1
+    assert ep["query"].min() >= -1 and ep["query"].max() <= 1
 
 
 @given(seeds, indices, folds)
@@ -236,7 +239,7 @@ def test_episodes_are_a_function_of_seed_and_index(seed, index, fold):
     classes = fold_split(fold)[0]
     a = FewShotEpisodes(seed, 100, classes, shots=2)[index]
     assert_identical(a, FewShotEpisodes(seed, 100, classes, shots=2)[index])
-    assert not torch.equal(a.query, FewShotEpisodes(seed + 1, 100, classes, shots=2)[index].query)
+    assert not torch.equal(a["query"], FewShotEpisodes(seed + 1, 100, classes, shots=2)[index]["query"])
 
 
 @settings(max_examples=8)
@@ -245,21 +248,21 @@ def test_k_shot_episode_is_a_prefix_of_the_5_shot_episode(seed, index, k):
     classes = fold_split(2)[1]
     small = FewShotEpisodes(seed, 100, classes, shots=k)[index]
     big = FewShotEpisodes(seed, 100, classes, shots=5)[index]
-    assert torch.equal(small.query, big.query) and torch.equal(small.query_mask, big.query_mask)
-    assert torch.equal(small.supports, big.supports[:k]) and torch.equal(small.support_masks, big.support_masks[:k])
+    assert torch.equal(small["query"], big["query"]) and torch.equal(small["query_mask"], big["query_mask"])
+    assert torch.equal(small["supports"], big["supports"][:k]) and torch.equal(small["support_masks"], big["support_masks"][:k])
 
 
 @given(seeds, indices)
 def test_query_and_supports_are_different_images(seed, index):
     ep = FewShotEpisodes(seed, 100, ALL_CLASSES, shots=2)[index]
-    assert not torch.equal(ep.query, ep.supports[0]) and not torch.equal(ep.supports[0], ep.supports[1])
+    assert not torch.equal(ep["query"], ep["supports"][0]) and not torch.equal(ep["supports"][0], ep["supports"][1])
 
 
 def test_distinct_scenes_hold_several_classes():
     classes = fold_split(0)[1]
-    counts = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3), distinct=True)[i][1].unique().tolist()) - {0})
+    counts = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3), distinct=True)[i]["label"].unique().tolist()) - {0})
               for i in range(40)]
-    repeats = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3))[i][1].unique().tolist()) - {0}) for i in range(40)]
+    repeats = [len(set(SemanticScenes(2, 40, classes=classes, objects=(2, 3))[i]["label"].unique().tolist()) - {0}) for i in range(40)]
     assert sum(c >= 2 for c in counts) >= 38  # only a fully covered object can hide a class
     assert sum(c == 1 for c in repeats) > sum(c == 1 for c in counts)
     with pytest.raises(ValueError, match="distinct"):
@@ -273,10 +276,10 @@ def test_random_order_only_reorders_the_query_objects():
     changed = 0
     for i in range(40):
         a, b = plain[i], shuffled[i]
-        assert torch.equal(a.supports, b.supports) and torch.equal(a.support_masks, b.support_masks)
-        if not torch.equal(a.query, b.query):  # the class painted first: it took the other object's geometry
+        assert torch.equal(a["supports"], b["supports"]) and torch.equal(a["support_masks"], b["support_masks"])
+        if not torch.equal(a["query"], b["query"]):  # the class painted first: it took the other object's geometry
             changed += 1
-            assert not torch.equal(a.query_mask, b.query_mask)
+            assert not torch.equal(a["query_mask"], b["query_mask"])
     assert 10 <= changed <= 30  # two objects: the episode's class is painted first about half the time
 
 
@@ -286,9 +289,9 @@ def test_distractor_supports_show_the_querys_other_class():
     wrong = FewShotEpisodes(5, 20, classes, shots=2, random_order=True, supports_of="distractor")
     for i in range(20):
         a, b = right[i], wrong[i]
-        assert torch.equal(a.query, b.query) and torch.equal(a.query_mask, b.query_mask) and a.class_id == b.class_id
-        assert not torch.equal(a.supports, b.supports)
-        assert all((m == 1).sum() > 0 for m in b.support_masks)
+        assert torch.equal(a["query"], b["query"]) and torch.equal(a["query_mask"], b["query_mask"]) and a["class_id"] == b["class_id"]
+        assert not torch.equal(a["supports"], b["supports"])
+        assert all((m == 1).sum() > 0 for m in b["support_masks"])
     # the query's distractor (the control's support class) fills pixels of the query outside its mask:
     # with no distractors there is nothing to show
     with pytest.raises(ValueError, match="distractors >= 1"):
@@ -300,23 +303,23 @@ def test_distractor_supports_show_the_querys_other_class():
 def test_episode_classes_are_balanced_over_indices():
     classes = fold_split(1)[1]
     ds = FewShotEpisodes(0, 10, classes)
-    assert [int(ds[i].class_id) for i in range(10)] == list(classes) * 2
+    assert [int(ds[i]["class_id"]) for i in range(10)] == list(classes) * 2
 
 
 def test_episode_without_distractors_has_one_object_of_its_class():
     ds = FewShotEpisodes(5, 4, classes=(1,), distractors=0)
     for i in range(4):
-        assert int(ds[i].class_id) == 1 and (ds[i].query_mask == 1).sum() > 0
+        assert int(ds[i]["class_id"]) == 1 and (ds[i]["query_mask"] == 1).sum() > 0
 
 
 def test_dataloader_stacks_episodes_into_batches():
     ds = FewShotEpisodes(0, 6, fold_split(0)[0], shots=2)
     batch = next(iter(DataLoader(ds, batch_size=3)))
-    assert isinstance(batch, Episode)
-    assert batch.query.shape == (3, 3, 64, 64) and batch.supports.shape == (3, 2, 3, 64, 64)
-    assert batch.query_mask.shape == (3, 64, 64) and batch.support_masks.shape == (3, 2, 64, 64)
-    assert batch.class_id.tolist() == [int(ds[i].class_id) for i in range(3)]
-    assert torch.equal(batch.supports[1], ds[1].supports)
+    assert isinstance(batch, dict)  # the items' type, each field stacked
+    assert batch["query"].shape == (3, 3, 64, 64) and batch["supports"].shape == (3, 2, 3, 64, 64)
+    assert batch["query_mask"].shape == (3, 64, 64) and batch["support_masks"].shape == (3, 2, 64, 64)
+    assert batch["class_id"].tolist() == [int(ds[i]["class_id"]) for i in range(3)]
+    assert torch.equal(batch["supports"][1], ds[1]["supports"])
 
 
 # ------------------------------------------------------------------ bad input

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +83,7 @@ def run_training(out, stop, resume=False, restore_rng=True):
     loader = resumable_loader(DATA, BATCH, seed=0)
     step = 0
     if resume:
-        step = load_checkpoint(latest_checkpoint(out), {"net": model}, opt, sched, restore_rng=restore_rng).step
+        step = load_checkpoint(latest_checkpoint(out), {"net": model}, optimizer=opt, scheduler=sched, restore_rng=restore_rng).step
     losses = []
     for step, epoch, (x, y) in training_batches(loader, step, stop):
         scale = 1 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
@@ -95,7 +94,7 @@ def run_training(out, stop, resume=False, restore_rng=True):
         opt.step()
         sched.step()
         losses.append(loss.detach())
-    save_checkpoint(out, step, {"net": model}, opt, sched, epoch=epoch)
+    save_checkpoint(out, step, {"net": model}, optimizer=opt, scheduler=sched, epoch=epoch)
     return torch.stack(losses), model.state_dict(), opt.state_dict(), sched.state_dict()
 
 
@@ -284,12 +283,12 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("steps", [0, 3])
 def test_optimizer_state_round_trips_exactly(tmp_path, name, steps):
     model, opt = stepped(OPTIMIZERS[name], steps)
-    path = save_checkpoint(tmp_path, 7, {"m": model}, opt)
+    path = save_checkpoint(tmp_path, 7, {"m": model}, optimizer=opt)
     fresh_model = tiny_net()
     fresh_opt = OPTIMIZERS[name](fresh_model)
     if steps:
         assert fresh_opt.state_dict() != opt.state_dict()
-    assert load_checkpoint(path, {"m": fresh_model}, fresh_opt).step == 7
+    assert load_checkpoint(path, {"m": fresh_model}, optimizer=fresh_opt).step == 7
     assert_same_tree(fresh_opt.state_dict(), opt.state_dict())
     assert_same_tree(fresh_model.state_dict(), model.state_dict())
 
@@ -301,10 +300,10 @@ def test_step_epoch_extra_and_scheduler_round_trip(tmp_path):
         opt.step()
         sched.step()
     extra = {"args": {"lr": 3e-4, "name": "demo", "sizes": (64, 64)}, "best": torch.tensor(0.25), 3: [None, True]}
-    path = save_checkpoint(tmp_path, 40, {"m": model}, opt, sched, epoch=5, extra=extra)
+    path = save_checkpoint(tmp_path, 40, {"m": model}, optimizer=opt, scheduler=sched, epoch=5, extra=extra)
     new_opt = OPTIMIZERS["adamw"](tiny_net())
     new_sched = torch.optim.lr_scheduler.CosineAnnealingLR(new_opt, T_max=10)
-    resumed = load_checkpoint(path, {"m": tiny_net()}, new_opt, new_sched)
+    resumed = load_checkpoint(path, {"m": tiny_net()}, optimizer=new_opt, scheduler=new_sched)
     assert (resumed.step, resumed.epoch) == (40, 5)
     assert_same_tree(resumed.extra, extra)
     assert_same_tree(new_sched.state_dict(), sched.state_dict())
@@ -355,11 +354,11 @@ def test_missing_file_is_named(tmp_path):
 @pytest.mark.parametrize("keep", [0.5, 0.99, 0.0])
 def test_truncated_checkpoint_raises_naming_the_file(tmp_path, keep):
     model, opt = stepped(OPTIMIZERS["adamw"])
-    path = save_checkpoint(tmp_path, 1, {"m": model}, opt)
+    path = save_checkpoint(tmp_path, 1, {"m": model}, optimizer=opt)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CheckpointError, match=f"{path.name}: corrupt or truncated"):
-        load_checkpoint(path, {"m": model}, opt)
+        load_checkpoint(path, {"m": model}, optimizer=opt)
 
 
 def test_garbage_and_foreign_files_raise_naming_the_file(tmp_path):
@@ -381,20 +380,20 @@ def test_state_dict_mismatch_names_keys_and_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"no state for model\(s\) \['unet'\]"):
         load_checkpoint(path, {"unet": tiny_net()})
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
-        load_checkpoint(path, {"head": tiny_net()}, torch.optim.SGD(tiny_net().parameters(), lr=0.1))
+        load_checkpoint(path, {"head": tiny_net()}, optimizer=torch.optim.SGD(tiny_net().parameters(), lr=0.1))
 
 
 def test_optimizer_of_another_shape_raises_naming_the_file(tmp_path):
     model, opt = stepped(OPTIMIZERS["adamw"])
-    path = save_checkpoint(tmp_path, 1, {"m": model}, opt)
+    path = save_checkpoint(tmp_path, 1, {"m": model}, optimizer=opt)
     wrong = torch.optim.AdamW(tiny_net()[0].parameters())
     with pytest.raises(CheckpointError, match=f"{path.name}: the optimizer state does not fit"):
-        load_checkpoint(path, {"m": tiny_net()}, wrong)
+        load_checkpoint(path, {"m": tiny_net()}, optimizer=wrong)
 
 
 def test_failed_write_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
     model, opt = stepped(OPTIMIZERS["adamw"])
-    path = save_checkpoint(tmp_path, 5, {"m": model}, opt)
+    path = save_checkpoint(tmp_path, 5, {"m": model}, optimizer=opt)
     before = path.read_bytes()
 
     def disk_full(tensors, filename, metadata=None):
@@ -404,9 +403,9 @@ def test_failed_write_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, mo
 
     monkeypatch.setattr(train, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(tmp_path, 5, {"m": tiny_net()}, opt)
+        save_checkpoint(tmp_path, 5, {"m": tiny_net()}, optimizer=opt)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(tmp_path, 6, {"m": tiny_net()}, opt)
+        save_checkpoint(tmp_path, 6, {"m": tiny_net()}, optimizer=opt)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert path.read_bytes() == before
 
@@ -583,3 +582,70 @@ def test_two_gloo_processes_share_one_checkpoint_and_write_once(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"rank": 0}
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000000003.safetensors"]
     assert result.stdout.count("printed by rank") == 1 and "printed by rank 0" in result.stdout
+
+
+# ---------------------------------------------------------------- the recipe runtime
+
+
+def test_run_start_resume_and_finish_in_one_process(tmp_path, capsys):
+    import argparse
+
+    from unet_seg.train import finish_run, load_latest, resume_latest, start_run, wrap_for_training
+
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    args = argparse.Namespace(demo=True, demo_reason=None, seed=3, out=tmp_path / "run")
+    run = start_run(args, demo="tiny things", real="--model x")
+    assert (run.rank, run.world) == (0, 1) and (tmp_path / "run").is_dir()
+    assert "DEMO: tiny things, CPU, no download (real runs: --model x)" in capsys.readouterr().out
+    drawn = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(drawn, torch.rand(3))  # start_run seeded rank 0 with args.seed
+
+    model = tiny_net()
+    opt = torch.optim.AdamW(model.parameters())
+    assert resume_latest(args.out, {"net": model}, optimizer=opt) == 0  # nothing to resume: untouched
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_latest(args.out, {"net": model})
+    save_checkpoint(args.out, 5, {"net": model}, optimizer=opt)
+    fresh = tiny_net()
+    assert resume_latest(args.out, {"net": fresh}, optimizer=torch.optim.AdamW(fresh.parameters())) == 5
+    assert_same_tree(fresh.state_dict(), model.state_dict())
+    again = tiny_net()
+    load_latest(args.out, {"net": again})
+    assert_same_tree(again.state_dict(), model.state_dict())
+    assert wrap_for_training(model, compile=False) is model  # one process: no DDP
+
+    metrics = {"ours": {"mIoU": 51.5}, "baseline": {"mIoU": 12.0}}
+    assert finish_run(run, metrics, out=args.out, title="T", wrote="x.png", train_seconds=2.0) is metrics
+    printed = capsys.readouterr().out
+    assert "| ours | 51.5 |" in printed and "train 2 s, total" in printed and "x.png" in printed
+    assert json.loads((args.out / "metrics.json").read_text()) == metrics
+
+
+def test_rank_share_and_head_of_one_process():
+    from unet_seg.train import head, rank_and_world, rank_share
+
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    assert rank_and_world() == (0, 1)
+    assert list(rank_share(DATA).indices) == list(range(len(DATA)))
+    assert list(head(DATA, 5).indices) == [0, 1, 2, 3, 4] and len(head(DATA, 10**6)) == len(DATA)
+
+
+def test_evaluation_is_eval_mode_on_its_own_rng_and_leaves_the_run_unchanged():
+    from unet_seg.train import evaluation
+
+    model = tiny_net().train()
+    torch.manual_seed(1)
+    expected_after = torch.rand(3)
+    torch.manual_seed(1)
+    with evaluation(model, seed=7):
+        assert not model.training
+        inside = torch.rand(3)
+    assert model.training and torch.equal(torch.rand(3), expected_after)  # the global stream did not move
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(3))  # the block drew from a stream seeded 7
+    with pytest.raises(RuntimeError), evaluation(model):
+        raise RuntimeError("boom")
+    assert model.training  # restored on errors too

@@ -169,6 +169,17 @@ def test_output_shape_and_dtype_follow_input(tiny, b, hw, dtype, int_t, seed):
     assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
 
 
+def test_a_low_precision_unet_casts_its_inputs_in_and_answers_in_the_callers_dtype(tiny):
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, TINY_SD1.context_dim), torch.tensor([10, 900])
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, t, ctx)  # float32 inputs, bf16 weights: no error, no cast by hand
+        by_hand = model(x.bfloat16(), t, ctx.bfloat16())
+        feats = model.features(x, t, ctx, ["mid"])
+    assert out.dtype == torch.float32 and torch.equal(out, by_hand.float())
+    assert feats["mid"].dtype == torch.bfloat16  # features stay in the compute dtype
+
+
 def test_batch_elements_are_independent(tiny):
     # 16² latents: at 8² the deepest level is 1×1, where GroupNorm amplifies the batch-size-dependent
     # rounding of the convolutions to ~1e-2; a batch-mixing bug would give O(1) differences.

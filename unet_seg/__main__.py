@@ -68,19 +68,18 @@ def main() -> None:
         size = args.size or 512
     for model in (sd.unet, sd.vae, sd.text_encoder):
         model.to(args.device)
-    dtype = next(sd.unet.parameters()).dtype
     img = load_image(args.image, size) if args.image else torch.linspace(-1, 1, size).expand(1, 3, size, size)
     img = img.to(args.device)
 
     with torch.no_grad():
-        context = sd.encode_prompt([args.prompt]).to(dtype)
-        z0 = sd.vae.encode(img).to(dtype)
+        context = sd.encode_prompt([args.prompt])
+        z0 = sd.vae.encode(img)  # float32, as img: the bf16 U-Net casts in and answers in float32
         t = torch.full((1,), args.t, device=args.device)
-        noise = torch.randn(z0.shape, generator=torch.Generator(args.device).manual_seed(0), device=args.device, dtype=dtype)
+        noise = torch.randn(z0.shape, generator=torch.Generator(args.device).manual_seed(0), device=args.device)
         z_t = q_sample(z0, noise, t, sd.schedule)
         x0 = predict_x0(lambda x, tt: sd.unet(x, tt, context), z_t, t, sd.schedule)
         feats = sd.unet.features(z_t, t, context, ["up.1", "up.2"])
-        recon = sd.vae.decode(x0.float())
+        recon = sd.vae.decode(x0)
     print(f"image {tuple(img.shape)} -> latent {tuple(z0.shape)} -> one-step x0 at t={args.t} -> {tuple(recon.shape)}")
     print("decoder features: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items()))
     pair = torch.cat([img, recon.clamp(-1, 1)], dim=3)[0]

@@ -3,7 +3,7 @@
 The image-space half is exact arithmetic; the latent half is one VAE call on top of it. `vae` is
 anything with `encode(img [B, 3, H, W] in [-1, 1]) -> scaled latent [B, 4, H/8, W/8]` and
 `decode(z) -> img ≈ [-1, 1]` (`unet_seg.models.vae.AutoencoderKL`, or the weight-free
-`BlockCodec` that CPU demos use in its place).
+`unet_seg.demo.BlockCodec` that CPU demos use in its place).
 
 Binary masks: an encoding paints the foreground rendering where the mask is 1 and the
 background rendering elsewhere,
@@ -43,8 +43,7 @@ import math
 from typing import Union
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 Rendering = Union[Tensor, float]
 
@@ -114,34 +113,6 @@ def mask_to_latent(vae, mask: Tensor, foreground: Rendering = 1.0, background: R
 def latent_to_probability(vae, z: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0) -> Tensor:
     """Scaled latent [B, 4, h, w] -> foreground probability [B, 8h, 8w] in [0, 1]."""
     return image_to_probability(vae.decode(z), foreground, background)
-
-
-class BlockCodec(nn.Module):
-    """A frozen, weight-free stand-in for SD's VAE with its `encode` / `decode` interface, for
-    `--demo` runs on a CPU, where a tiny VAE cannot be trained in minutes to encode images.
-
-        encode: img [B, 3, H, W] in [-1, 1] -> z [B, 4, H/8, W/8]
-                z[:, :3] = mean colour of each 8×8 block,  z[:, 3] = 4·(colour std in the block) − 1
-        decode: z -> bilinear ×8 upsampling of z[:, :3], [B, 3, H, W]
-
-    Constant images round-trip exactly; masks come back with their edges blurred over a block.
-    `sample` and `generator` are accepted and ignored: the code is deterministic.
-    """
-
-    downscale = 8
-
-    def encode(self, img: Tensor, sample: bool = False, generator=None) -> Tensor:
-        _check_image(img, "img")
-        if img.shape[2] % 8 or img.shape[3] % 8:
-            raise ValueError(f"img height and width must be multiples of 8, got {tuple(img.shape[2:])}")
-        mean = F.avg_pool2d(img, 8)
-        var = (F.avg_pool2d(img.square(), 8) - mean.square()).clamp_min(0).mean(1, keepdim=True)
-        return torch.cat([mean, 4 * var.sqrt() - 1], dim=1)
-
-    def decode(self, z: Tensor) -> Tensor:
-        if z.ndim != 4 or z.shape[1] != 4 or not z.is_floating_point():
-            raise ValueError(f"z must be floating point [B, 4, h, w], got {z.dtype} {tuple(z.shape)}")
-        return F.interpolate(z[:, :3], scale_factor=8, mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------

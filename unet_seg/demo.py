@@ -1,10 +1,12 @@
-"""A stand-in for SD's web-scale pre-training, for the recipes' `--demo` modes (which cannot
-download SD): a tiny U-Net taught, in CPU minutes, to denoise codec latents of unlabelled
-synthetic scenes in many looks. `FormScenes`: synthetic scenes labelled by form, the task that
+"""Stand-ins for what the recipes' `--demo` modes cannot download: a tiny random-weight SD
+(`tiny_sd`) with a weight-free VAE stand-in (`BlockCodec`) and, for its web-scale pre-training,
+a tiny U-Net taught in CPU minutes to denoise codec latents of unlabelled synthetic scenes in
+many looks (`pretrain_denoiser`). `FormScenes`: synthetic scenes labelled by form, the task that
 the block codec's latents can carry (DIFF's demo), with `caption_forms` for the pre-training.
 
-    unet = UNet(TINY_SD2)
-    pretrain_denoiser(unet, BlockCodec(), NoiseSchedule.sd("epsilon"), steps=200, size=64, seed=0,
+    sd = tiny_sd()                                            # .unet .vae .text_encoder .tokenizer .schedule
+    empty_prompt = sd.encode_prompt([""])                     # [1, 77, 64]
+    pretrain_denoiser(sd.unet, sd.vae, sd.schedule, steps=200, size=64, seed=0,
                       condition=lambda labels: empty_prompt.expand(len(labels), -1, -1))
 """
 
@@ -16,10 +18,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codecs import _check_image
 from .data import synthetic
 from .data.synthetic import SemanticScenes, random_style
 from .diffusion import NoiseSchedule, q_sample, training_target
+from .models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
+from .models.unet import UNetConfig
+from .sd import StableDiffusion
 from .train import progress
+
+
+class BlockCodec(nn.Module):
+    """A frozen, weight-free stand-in for SD's VAE with its `encode` / `decode` interface, for
+    `--demo` runs on a CPU, where a tiny VAE cannot be trained in minutes to encode images.
+
+        encode: img [B, 3, H, W] in [-1, 1] -> z [B, 4, H/8, W/8]
+                z[:, :3] = mean colour of each 8×8 block,  z[:, 3] = 4·(colour std in the block) − 1
+        decode: z -> bilinear ×8 upsampling of z[:, :3], [B, 3, H, W]
+
+    Constant images round-trip exactly; masks come back with their edges blurred over a block.
+    `sample` and `generator` are accepted and ignored: the code is deterministic.
+    """
+
+    downscale = 8
+
+    def encode(self, img: Tensor, sample: bool = False, generator=None) -> Tensor:
+        _check_image(img, "img")
+        if img.shape[2] % 8 or img.shape[3] % 8:
+            raise ValueError(f"img height and width must be multiples of 8, got {tuple(img.shape[2:])}")
+        mean = F.avg_pool2d(img, 8)
+        var = (F.avg_pool2d(img.square(), 8) - mean.square()).clamp_min(0).mean(1, keepdim=True)
+        return torch.cat([mean, 4 * var.sqrt() - 1], dim=1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        if z.ndim != 4 or z.shape[1] != 4 or not z.is_floating_point():
+            raise ValueError(f"z must be floating point [B, 4, h, w], got {z.dtype} {tuple(z.shape)}")
+        return F.interpolate(z[:, :3], scale_factor=8, mode="bilinear", align_corners=False)
+
+
+def tiny_sd(unet: UNetConfig = TINY_SD2, prediction_type: str = "epsilon") -> StableDiffusion:
+    """A random-weight SD 2.x-structured stand-in, weights drawn from the global torch RNG in this
+    order: the U-Net (`unet` config), then the text encoder (`TINY_SD2_TEXT`, its tokenizer padding
+    with "!" as SD 2.x's does). The VAE is the frozen, weight-free `BlockCodec`; the schedule
+    SD's, in `prediction_type`. Move it with `sd.unet.to(device)` etc.; nothing is frozen."""
+    return StableDiffusion(
+        UNet(unet), BlockCodec(), CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!"),
+        NoiseSchedule.sd(prediction_type), source="tiny random weights (demo)",
+    )  # fmt: skip
 
 
 def pretrain_denoiser(
@@ -51,7 +96,7 @@ def pretrain_denoiser(
         for _ in range(batch_size):  # a look, then a scene index, both from g
             look = SemanticScenes(seed + 7, 10**6, size, style=random_style(g))
             scenes.append(look[int(torch.randint(10**6, (), generator=g))])
-        images, labels = (torch.stack(x).to(device) for x in zip(*scenes))
+        images, labels = (torch.stack([s[k] for s in scenes]).to(device) for k in ("image", "label"))
         with torch.no_grad():
             z0 = codec.encode(images)
             context = condition(labels)
@@ -93,9 +138,9 @@ class FormScenes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        image, label = self.scenes[i]
-        return image, _FORM_OF_CLASS[label]
+    def __getitem__(self, i: int) -> dict:
+        item = self.scenes[i]
+        return {**item, "label": _FORM_OF_CLASS[item["label"]]}
 
 
 def caption_forms(labels: Tensor, text_encoder, tokenizer) -> Tensor:

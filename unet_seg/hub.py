@@ -50,6 +50,7 @@ def component_files(
     src: Union[str, os.PathLike],
     subfolder: str,
     weights_name: str,
+    *,
     revision: Optional[str] = None,
     variant: Optional[str] = None,
 ) -> tuple[dict, list[Path]]:
@@ -152,7 +153,7 @@ def _hub_component(
 
 
 def fetch_files(
-    src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: tuple[str, ...] = (), revision=None
+    src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: tuple[str, ...] = (), *, revision=None
 ) -> Path:
     """A local folder holding `subfolder`'s files (downloaded and cached for a hub repo id)."""
     source = local_or_repo_id(src)
@@ -199,6 +200,7 @@ def read_json(path: Path) -> dict:
 
 def read_safetensors(
     files: list[Path],
+    *,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
     keep: Optional[Callable[[str], bool]] = None,
@@ -226,6 +228,7 @@ def read_safetensors(
 def load_model(
     make_model: Callable[[dict], M],
     src: Union[str, os.PathLike],
+    *,
     subfolder: str,
     weights_name: str,
     revision: Optional[str] = None,
@@ -235,8 +238,8 @@ def load_model(
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda sd: sd,
 ) -> M:
     """`make_model(config dict)` with the component's weights (renamed by `convert`) loaded."""
-    config, files = component_files(src, subfolder, weights_name, revision, variant)
-    state_dict = convert(read_safetensors(files, dtype, device))
+    config, files = component_files(src, subfolder, weights_name, revision=revision, variant=variant)
+    state_dict = convert(read_safetensors(files, dtype=dtype, device=device))
     return build_with_weights(lambda: make_model(config), state_dict, " + ".join(map(str, files)), config_file=files[0].parent / "config.json")
 
 

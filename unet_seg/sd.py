@@ -53,6 +53,7 @@ class StableDiffusion:
 
 def load_sd(
     src: Union[str, os.PathLike],
+    *,
     revision: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
@@ -89,7 +90,9 @@ def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_
         name = {UNet: "unet", AutoencoderKL: "vae", CLIPTextEncoder: "text_encoder"}[model_cls]
         if name not in wanted:
             return None
-        return model_cls.from_pretrained(src, name, revision, vae_dtype if name == "vae" else dtype, device, variant)
+        return model_cls.from_pretrained(
+            src, subfolder=name, revision=revision, dtype=vae_dtype if name == "vae" else dtype, device=device, variant=variant
+        )
 
     def tokenizer() -> CLIPTokenizer:
         folder = hub.fetch_files(src, "tokenizer", *TOKENIZER_FILES, revision=revision)
@@ -133,7 +136,7 @@ def _load_single_file(path: Path, dtype, device, wanted, vae_dtype, prediction_t
     )
 
     def build(name: str, prefix: str, dtype, make_model, convert):
-        sd = hub.read_safetensors([path], dtype, device, keep=lambda k: k.startswith(prefix))
+        sd = hub.read_safetensors([path], dtype=dtype, device=device, keep=lambda k: k.startswith(prefix))
         with _naming_keys(path, name, prefix):
             sd = convert({k[len(prefix) :]: x for k, x in sd.items()})
         return hub.build_with_weights(make_model, sd, f"{path} ({name})")

@@ -13,9 +13,8 @@ Per-class (open-vocabulary) segmentation, one binary mask per class (DiGSeg):
 
 `predict` functions map images [N, 3, h, w] to logits [N, K, h', w'] (any h', w': they are
 resized bilinearly) or, for `evaluate_semantic`, to labels [N, h, w] or logits [N, K, h, w].
-Datasets yield dict(image [3, H, W], label [H_l, W_l]) (the driving and ADE20K readers) or
-(image, label) tuples (`data.synthetic.SemanticScenes`); the label may be larger than the image
-(mmseg's protocol: scored at the annotation's size).
+Datasets yield dict(image [3, H, W], label [H_l, W_l]), as every `unet_seg.data` dataset; the
+label may be larger than the image (mmseg's protocol: scored at the annotation's size).
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from .codecs import latent_to_probability, masks_to_label_map
 from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean
 from .metrics import all_reduce_confusion, confusion_matrix
 from .models.clip_vision import clip_preprocess
 from .train import autocast
+from .train import rank_share
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -72,10 +72,6 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
     return sorted({min(i * stride, size - window) for i in range(n)})
 
 
-def _fields(item) -> tuple[Tensor, Tensor]:
-    return (item["image"], item["label"]) if isinstance(item, dict) else (item[0], item[1])
-
-
 @torch.no_grad()
 def evaluate_semantic(
     predict: Predict,
@@ -93,12 +89,7 @@ def evaluate_semantic(
     bilinearly to the label's size and arg-maxed, labels resized with nearest. Items of a batch
     must share image and label sizes (batch_size 1 for datasets of mixed sizes).
     """
-    world, rank = (
-        (torch.distributed.get_world_size(), torch.distributed.get_rank())
-        if torch.distributed.is_available() and torch.distributed.is_initialized()
-        else (1, 0)
-    )
-    shard = Subset(data, range(rank, len(data), world))
+    shard = rank_share(data)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     shown = []
     for batch in DataLoader(shard, batch_size=batch_size, collate_fn=_collate):
@@ -115,7 +106,7 @@ def evaluate_semantic(
 
 
 def _collate(items: list) -> tuple[Tensor, Tensor]:
-    images, labels = zip(*(_fields(item) for item in items))
+    images, labels = zip(*((item["image"], item["label"]) for item in items))
     return torch.stack(images), torch.stack(labels)
 
 

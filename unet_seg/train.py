@@ -1,29 +1,24 @@
 """What every recipe needs around its training loop: processes, seeds, checkpoints, progress.
 
-    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), None, DEMO, REAL)   # unet_seg.cli
-    rank, world, local_rank, device = init_distributed()      # torchrun or a plain process
-    seed_everything(args.seed, rank)
+The loop the four recipes run (recipes/*.py `main`):
+
+    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), argv, DEMO, REAL)  # unet_seg.cli
+    run = start_run(args, demo="tiny random models, synthetic scenes", real="--model <SD 2.x> --data-root ...")
+    sd = demo.tiny_sd() if args.demo else load_sd(args.model)  # rank, world, device: run.rank, ...
+    model, opt, sched = ..., ..., ...
+    models = {"head": model}                                   # what training changes
+    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
     loader = resumable_loader(dataset, args.batch_size, args.seed)
-    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    forward = maybe_compile(model)                            # CUDA only unless asked
-    step = 0
-    if args.resume:
-        step = load_checkpoint(latest_checkpoint(args.out), {"head": model}, opt, sched).step
-    steps_per_epoch = len(loader)                             # before any resume offset
     bar = progress(total=args.steps, initial=step)
-    while step < args.steps:
-        epoch, batch = divmod(step, steps_per_epoch)
-        loader.sampler.set_epoch(epoch, start=batch * args.batch_size)
-        for x, y in loader:
-            with autocast(device):
-                loss = check_finite_everywhere(loss_fn(forward(x), y), "loss")
-            ...; step += 1; bar.update()
-            if step % args.save_every == 0:
-                save_checkpoint(args.out, step, {"head": model}, opt, sched, epoch, keep_last=3)
-            if step == args.steps:
-                break
-    write_metrics({"mIoU": miou}, args.out / "metrics")
-    cleanup_distributed()
+    for step, epoch, batch in training_batches(loader, step, args.steps):
+        with autocast(run.device):
+            loss = check_finite_everywhere(loss_fn(forward(batch["image"]), batch["label"]), "loss")
+        ...; bar.update()
+        if should_checkpoint(step, args.save_every, args.steps):  # and at the step Ctrl-C / SIGTERM came
+            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, keep_last=2)
+    conf, shown = evaluate_semantic(predict, test_data, ...)   # each rank its `rank_share`
+    return finish_run(run, {"mIoU": miou}, out=args.out, title="...")  # table, times, barrier, cleanup
 
 Collectives (`save_checkpoint`, `check_finite_everywhere`, `barrier`) must be called by every
 rank; only rank 0 writes files. Checkpoints are safetensors only: tensors as tensors, everything
@@ -34,6 +29,7 @@ from `resumable_loader` and the loss draws randomness only from the global RNGs 
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import functools
@@ -57,7 +53,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .errors import TrainingInterrupted
@@ -106,6 +102,22 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    return _rank(), _world_size()
+
+
+def rank_share(data: Dataset) -> Subset:
+    """This rank's share of `data` for evaluation: items rank, rank + world, rank + 2·world, ..."""
+    rank, world = rank_and_world()
+    return Subset(data, range(rank, len(data), world))
+
+
+def head(data: Dataset, n: int) -> Subset:
+    """The first min(n, len(data)) items of `data` (a quick or shortened evaluation)."""
+    return Subset(data, range(min(n, len(data))))
 
 
 def is_main() -> bool:
@@ -430,6 +442,7 @@ def save_checkpoint(
     directory: PathLike,
     step: int,
     models: dict[str, nn.Module],
+    *,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
     epoch: int = 0,
@@ -476,6 +489,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: Optional[PathLike],
     models: dict[str, nn.Module],
+    *,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
     restore_rng: bool = True,
@@ -728,3 +742,79 @@ def write_metrics(metrics: dict[str, Any], path: PathLike, title: Optional[str] 
         _atomic_write_text(path.with_name(path.name + ".md"), markdown)
         _atomic_write_text(path.with_name(path.name + ".json"), json.dumps(table, indent=2) + "\n")
     return markdown
+
+
+# ---------------------------------------------------------------- the recipe runtime
+
+
+class Run(NamedTuple):
+    """This process's place in a recipe run (`start_run`)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    started: float  # time.perf_counter() at the start
+
+
+def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
+    """Join the processes (`init_distributed`), say plainly on rank 0 what a --demo run is
+    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"), seed this rank
+    (`seed_everything(args.seed, rank)`) and create `args.out`."""
+    started = time.perf_counter()
+    rank, world, local_rank, device = init_distributed()
+    print_demo(args, f"{demo}, {device.type.upper()}, no download (real runs: {real})")
+    seed_everything(args.seed, rank)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return Run(rank, world, local_rank, device, started)
+
+
+def load_latest(directory: PathLike, models: dict[str, nn.Module]) -> None:
+    """Evaluation only: the latest checkpoint's weights (and this rank's RNG states, as
+    `load_checkpoint`) into `models`; FileNotFoundError where `directory` holds none."""
+    path = latest_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}: train first (without --eval-only)")
+    load_checkpoint(path, models)
+
+
+@contextlib.contextmanager
+def evaluation(model: nn.Module, *, seed: Optional[int] = None, device: Union[str, torch.device] = "cpu") -> Iterator[None]:
+    """Evaluate `model` in the block: eval mode, and with `seed` a private RNG stream seeded by it
+    (CPU and `device`'s CUDA RNG forked). The training mode and the global RNG states come back
+    after, so that evaluating mid-training leaves the run as it would have been."""
+    was_training = model.training
+    device = torch.device(device)
+    model.eval()
+    try:
+        if seed is None:
+            yield
+        else:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                yield
+    finally:
+        model.train(was_training)
+
+
+def wrap_for_training(model: nn.Module, *, compile: bool) -> nn.Module:
+    """`model` as the training step should call it: in DistributedDataParallel when several
+    processes run (on this rank's GPU where there is one), then `torch.compile`d with `compile`.
+    Hand the unwrapped `model` to the optimizer and to checkpoints."""
+    if _world_size() > 1:
+        device = next(model.parameters()).device
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return maybe_compile(model, compile)
+
+
+def finish_run(run: Run, metrics: dict, *, out: PathLike, title: str, wrote: str = "", train_seconds: Optional[float] = None) -> dict:
+    """The end of every recipe: `metrics` written to `out`/metrics.{md,json} and printed as a
+    table, the run's times, then every rank waits for the others and leaves the process group.
+    `wrote` names further files written (e.g. "predictions.png"). Returns `metrics`."""
+    table = write_metrics(metrics, Path(out) / "metrics", title=title)
+    print0("\n" + table)
+    times = (f"train {train_seconds:.0f} s, " if train_seconds is not None else "") + f"total {time.perf_counter() - run.started:.0f} s"
+    print0(f"{times} on {run.world} process(es); wrote {out}/metrics.md, .json" + (f", {wrote}" if wrote else ""))
+    barrier()
+    cleanup_distributed()
+    return metrics

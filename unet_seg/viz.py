@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .hub import atomic_path
-from .train import PathLike
+from .train import PathLike, is_main
 
 IGNORE_INDEX = 255
 IGNORE_GREY = (128, 128, 128)
@@ -84,7 +84,7 @@ def save_grid(
     """Write panels (uint8 [H, W, 3] each; rows may differ in length) as one PNG at `path`,
     atomically: row r is a line of the picture, each panel enlarged `scale` times (nearest)
     in a cell of the largest panel's size, 2-pixel gaps; `titles` label the columns above the
-    first row (PIL's default font)."""
+    first row (PIL's default font). Only rank 0 writes, as `train.write_metrics`: call it on every rank."""
     if len(rows) == 0 or any(len(row) == 0 for row in rows):
         raise ValueError("rows must be a non-empty sequence of non-empty sequences of panels")
     if not isinstance(scale, int) or scale < 1:
@@ -93,6 +93,8 @@ def save_grid(
         for c, panel in enumerate(row):
             if not isinstance(panel, np.ndarray) or panel.dtype != np.uint8 or panel.ndim != 3 or panel.shape[2] != 3:
                 raise ValueError(f"panel ({r}, {c}) must be a numpy uint8 [H, W, 3] array, got {_describe(panel)}")
+    if not is_main():
+        return
     gap = 2
     cell_h = max(p.shape[0] for row in rows for p in row) * scale
     cell_w = max(p.shape[1] for row in rows for p in row) * scale

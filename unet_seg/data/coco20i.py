@@ -6,7 +6,7 @@
     # ep["supports"] [K, 3, S, S]                      ep["support_masks"] [K, S, S]
     # ep["class_id"] [] int64 in 0..79                 ep["query_id"] str, ep["support_ids"] list[str]
 
-The keys follow `unet_seg.data.synthetic.Episode` (`episode._asdict()`), plus the image ids.
+The keys are those of `unet_seg.data.synthetic.FewShotEpisodes`' episodes, plus the image ids.
 
 Layout (HSNet README, "Preparing Few-Shot Segmentation Datasets"; Matcher, whose loader DiffewS
 imports, uses the same one):

@@ -30,8 +30,11 @@ contrast, brightness, per-image colour jitter, blur, sensor noise) and never the
 the same seed gives the same labels under every style. `CLEAN_STYLE` and `HAZY_STYLE` are the
 two domains of the domain-generalisation demos (train on one, evaluate on the other).
 
-Every item is a pure function of (seed, index): it gets its own torch.Generator, so a dataset
-can be read in any order, split across processes, or resumed. Rendering is vectorised over
+Items are dicts of named tensors, as every dataset of `unet_seg.data` returns (a DataLoader
+batch stacks each field): {"image", "label"} for scenes, {"query", "query_mask", "supports",
+"support_masks", "class_id"} for few-shot episodes. Every item is a pure function of (seed,
+index): it gets its own torch.Generator, so a dataset can be read in any order, split across
+processes, or resumed. Rendering is vectorised over
 pixels; about a millisecond per 64×64 image on one core.
 """
 
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +300,7 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 class SemanticScenes(Dataset):
-    """Item i -> (image [3, H, W], labels [H, W]): a scene of `objects[0]..objects[1]` objects
+    """Item i -> {"image": [3, H, W], "label": [H, W]}: a scene of `objects[0]..objects[1]` objects
     (count and classes uniform, repeats allowed; with `distinct`, no class twice) of `classes`,
     pure function of (seed, i). For semantic segmentation demos (DIFF, QueryDiff, DiGSeg)."""
 
@@ -328,7 +331,7 @@ class SemanticScenes(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         _check_index(index, self.length)
         g = _generator(self.seed, index)
         lo, hi = self.objects
@@ -337,21 +340,12 @@ class SemanticScenes(Dataset):
             picks = torch.randperm(len(self.classes), generator=g)[:count].tolist()
         else:
             picks = torch.randint(len(self.classes), (count,), generator=g).tolist()
-        return scene(g, [self.classes[i] for i in picks], self.size, self.style, self.ignore_border)
-
-
-class Episode(NamedTuple):
-    """A K-shot episode; a DataLoader batch of them adds a leading batch dimension to each."""
-
-    query: Tensor  # [3, H, W] float32 in [-1, 1]
-    query_mask: Tensor  # [H, W] int64 in {0, 1} (255 on ignore borders)
-    supports: Tensor  # [K, 3, H, W]
-    support_masks: Tensor  # [K, H, W]
-    class_id: Tensor  # [] int64 in 1..20
+        image, label = scene(g, [self.classes[i] for i in picks], self.size, self.style, self.ignore_border)
+        return {"image": image, "label": label}
 
 
 class FewShotEpisodes(Dataset):
-    """Item i -> Episode of class `classes[i % len(classes)]` (classes balanced over the
+    """Item i -> an episode of class `classes[i % len(classes)]` (classes balanced over the
     indices). The query and each support are scenes of `distractors` objects of other classes
     from `classes` (uniform, repeats allowed) with one object of the episode's class on top,
     so every image contains the class. A class set from `fold_split` keeps every object of an
@@ -366,6 +360,10 @@ class FewShotEpisodes(Dataset):
 
     Image j of episode i (0 the query, 1..K the supports) depends only on (seed, i, j): the
     first k supports of a K-shot episode are the k-shot episode, and the queries agree.
+
+    An episode: {"query": [3, H, W] float32 in [-1, 1], "query_mask": [H, W] int64 in {0, 1}
+    (255 on ignore borders), "supports": [K, 3, H, W], "support_masks": [K, H, W],
+    "class_id": [] int64 in 1..20}.
     """
 
     def __init__(
@@ -402,7 +400,7 @@ class FewShotEpisodes(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Episode:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         _check_index(index, self.length)
         c = self.classes[index % len(self.classes)]
         images, masks, shown = [], [], c
@@ -418,7 +416,13 @@ class FewShotEpisodes(Dataset):
             masks.append(torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, (labels == shown).long()))
             if j == 0 and self.supports_of == "distractor":
                 shown = picks[0]
-        return Episode(images[0], masks[0], torch.stack(images[1:]), torch.stack(masks[1:]), torch.tensor(c))
+        return {
+            "query": images[0],
+            "query_mask": masks[0],
+            "supports": torch.stack(images[1:]),
+            "support_masks": torch.stack(masks[1:]),
+            "class_id": torch.tensor(c),
+        }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,14 +16,13 @@ transformers >= 5 saves without the `text_model.` prefix (it re-adds it when loa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .pretrained import Pretrained
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,19 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(Pretrained, nn.Module):
+    hub_subfolder, hub_weights = "text_encoder", "model"
+    config_from_hub = CLIPTextConfig.from_transformers
+
+    def config_to_hub(self) -> dict:
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **self.config.to_transformers()}
+
+    @staticmethod
+    def hub_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        from ..hub import clip_text_keys
+
+        return clip_text_keys(sd)
+
     def __init__(self, cfg: CLIPTextConfig = SD1_TEXT):
         super().__init__()
         self.config = cfg
@@ -163,30 +174,6 @@ class CLIPTextEncoder(nn.Module):
         for layer in tm.encoder.layers:
             x = layer(x)
         return tm.final_layer_norm(x)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: Union[str, os.PathLike],
-        subfolder: str = "text_encoder",
-        revision: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device, None] = None,
-        variant: Optional[str] = None,
-    ) -> "CLIPTextEncoder":
-        """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
-        from ..hub import TRANSFORMERS_WEIGHTS, clip_text_keys, load_model
-
-        make = lambda config: cls(CLIPTextConfig.from_transformers(config))  # noqa: E731
-        return load_model(make, src, subfolder, TRANSFORMERS_WEIGHTS, revision, dtype, device, variant, clip_text_keys)
-
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
-        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
-        and the reference library load it."""
-        from ..hub import TRANSFORMERS_WEIGHTS, save_component
-
-        config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **self.config.to_transformers()}
-        return save_component(self.state_dict(), config, folder, TRANSFORMERS_WEIGHTS)
 
     def _check(self, ids: Tensor) -> None:
         cfg = self.config

@@ -193,6 +193,7 @@ def clip_preprocess(img: Tensor, size: int = 224) -> Tensor:
 
 def load_clip(
     src: Union[str, os.PathLike],
+    *,
     revision: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
@@ -203,13 +204,13 @@ def load_clip(
     `position_ids` buffers of old files are dropped. Returns (text, vision), in eval mode."""
     from ..hub import TRANSFORMERS_WEIGHTS, build_with_weights, component_files, read_safetensors
 
-    config, files = component_files(src, "", TRANSFORMERS_WEIGHTS, revision)
+    config, files = component_files(src, "", TRANSFORMERS_WEIGHTS, revision=revision)
     if "text_config" not in config or "vision_config" not in config:
         raise ValueError(f"{src}: config.json is not a full CLIP model's (needs text_config and vision_config)")
     projection_dim = config.get("projection_dim", 512)
     text_cfg = CLIPTextConfig.from_transformers(config["text_config"])
     vision_cfg = CLIPVisionConfig.from_transformers({**config["vision_config"], "projection_dim": projection_dim})
-    weights = read_safetensors(files, dtype, device, keep=lambda k: not k.endswith("position_ids") and k != "logit_scale")
+    weights = read_safetensors(files, dtype=dtype, device=device, keep=lambda k: not k.endswith("position_ids") and k != "logit_scale")
     text = {k: v for k, v in weights.items() if k.startswith("text_model.") or k == "text_projection.weight"}
     vision = {k: v for k, v in weights.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}
     text_model = build_with_weights(lambda: CLIPTextEncoderWithProjection(text_cfg, projection_dim), text, f"{src} (text)")

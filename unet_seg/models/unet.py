@@ -3,6 +3,9 @@
     unet(x, t, context) -> prediction        x [B, C_in, h, w], t [B] or scalar, context [B, L, D]
     unet.features(x, t, context, names)      -> {name: tensor}, stops after the deepest name asked for
 
+x and context may come in any float dtype: they are cast to the parameters' dtype and the
+prediction returns in x's (the dtype rule of `unet_seg.models`); features stay in the compute dtype.
+
 Hook points for primitives (nothing else in the model knows about them):
 - `procs={attention name: proc}` replaces the attention product of chosen layers for one call
   (see `layers.Attention`); `unet.attention_names` lists the names, e.g. `down.1.attn.0.self`,
@@ -28,19 +31,28 @@ Hook points for primitives (nothing else in the model knows about them):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, Downsample, Procs, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample, timestep_embedding
+from .pretrained import Pretrained
 
 
-Tap = Optional[Callable[[int, Tensor], bool]]
+class FeatureTaps:
+    """The named features one call asks for: `taps(name, tensor)` keeps a requested one and
+    answers True once all of them are in, which is the network's one early exit."""
+
+    def __init__(self, names: tuple[str, ...], stop_early: bool = True):
+        self.names, self.stop_early, self.feats = names, stop_early, {}
+
+    def __call__(self, name: str, h: Tensor) -> bool:
+        if name in self.names:
+            self.feats[name] = h
+        return self.stop_early and bool(self.names) and len(self.feats) == len(self.names)
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,10 @@ class UpBlock(nn.Module):
         rev = cfg.channels[::-1]
         n, g, eps = cfg.layers_per_block, cfg.norm_groups, cfg.norm_eps
         level = len(rev) - 1 - i
+        # resnet j concatenates h with one skip popped off the down path: h is c_prev wide (the
+        # level below) for j = 0 and c_out after; skips j < n are the mirrored down level's own
+        # outputs (c_out), skip n the output of the down level above it (its downsampler's, or
+        # conv_in's for the top level: c_skip_in), as in diffusers' UpBlock2D
         c_prev, c_out, c_skip_in = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, len(rev) - 1)]
         self.resnets = nn.ModuleList(
             [
@@ -226,24 +242,30 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(c_out)] if i < len(rev) - 1 else [])
 
     def forward(
-        self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs, tap: Tap = None
+        self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs, taps: FeatureTaps, prefix: str
     ) -> tuple[Tensor, bool]:
-        """-> (output, stopped): `tap(name, tensor)` sees `res.j.branch`, `res.j` and `attn.j` in
-        that order; returning True stops the block there."""
+        """-> (output, stopped): `taps` sees `<prefix>res.j.branch`, `res.j` and `attn.j` in that
+        order; once it has all it asks for, the block stops there."""
         for j, resnet in enumerate(self.resnets):
             h, branch = resnet.parts(torch.cat([h, skips.pop()], dim=1), temb)
-            if tap is not None and (tap(f"res.{j}.branch", branch) | tap(f"res.{j}", h)):
+            if taps(f"{prefix}res.{j}.branch", branch) | taps(f"{prefix}res.{j}", h):
                 return h, True
             if len(self.attentions):
                 h, block = self.attentions[j].parts(h, context, procs)
-                if tap is not None and tap(f"attn.{j}", block):
+                if taps(f"{prefix}attn.{j}", block):
                     return h, True
         for up in self.upsamplers:
             h = up(h)
         return h, False
 
 
-class UNet(nn.Module):
+class UNet(Pretrained, nn.Module):
+    hub_subfolder, hub_weights = "unet", "diffusion_pytorch_model"
+    config_from_hub = UNetConfig.from_diffusers
+
+    def config_to_hub(self) -> dict:
+        return {"_class_name": "UNet2DConditionModel", **self.config.to_diffusers()}
+
     def __init__(self, cfg: UNetConfig = SD15):
         super().__init__()
         self.config = cfg
@@ -270,30 +292,6 @@ class UNet(nn.Module):
         )  # fmt: skip
         self.attention_names = tuple(
 m.name for m in self.modules() if isinstance(m, Attention))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: Union[str, os.PathLike],
-        subfolder: str = "unet",
-        revision: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device, None] = None,
-        variant: Optional[str] = None,
-    ) -> "UNet":
-        """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
-        from ..hub import DIFFUSERS_WEIGHTS, load_model
-
-        make = lambda config: cls(UNetConfig.from_diffusers(config))  # noqa: E731
-        return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
-
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
-        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
-        and the reference library load it."""
-        from ..hub import DIFFUSERS_WEIGHTS, save_component
-
-        config = {"_class_name": "UNet2DConditionModel", **self.config.to_diffusers()}
-        return save_component(self.state_dict(), config, folder, DIFFUSERS_WEIGHTS)
 
     @property
     def downscale(self) -> int:
@@ -332,14 +330,12 @@ m.name for m in self.modules() if isinstance(m, Attention))
         support: Optional[Tensor] = None, stop_early: bool = True,
     ) -> tuple[Optional[Tensor], dict[str, Tensor]]:
         t = self._check_inputs(x, t, context, support)
-        feats: dict[str, Tensor] = {}
+        out_dtype, dtype = x.dtype, self.conv_in.weight.dtype  # the package's dtype rule (models/__init__.py)
+        x, context = x.to(dtype), context.to(dtype)
+        keep = FeatureTaps(names, stop_early)
+        feats = keep.feats
 
-        def keep(name: str, h: Tensor) -> bool:  # True once every requested feature is collected
-            if name in names:
-                feats[name] = h
-            return stop_early and bool(names) and len(feats) == len(names)
-
-        temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
+        temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(dtype))
         if support is None:
             h = self.conv_in(x)
         else:  # both convolutions on every row, then a select: no data-dependent shapes
@@ -358,13 +354,13 @@ m.name for m in self.modules() if isinstance(m, Attention))
             return None, feats
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
-            h, stopped = block(h, skips[-n:], temb, context, procs, lambda name, r, i=i: keep(f"up.{i}.{name}", r))
+            h, stopped = block(h, skips[-n:], temb, context, procs, keep, f"up.{i}.")
             if stopped:
                 return None, feats
             del skips[-n:]
             if keep(f"up.{i}", h):
                 return None, feats
-        return self.conv_out(F.silu(self.conv_norm_out(h))), feats
+        return self.conv_out(F.silu(self.conv_norm_out(h))).to(out_dtype), feats
 
     def _check_inputs(self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, support: Optional[Tensor]) -> Tensor:
         cfg = self.config

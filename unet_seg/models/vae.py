@@ -9,17 +9,16 @@ U-Net and it casts inputs in and outputs back, with autocast switched off inside
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, Downsample, ResBlock, Upsample
+from .pretrained import Pretrained
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Pretrained, nn.Module):
+    hub_subfolder, hub_weights = "vae", "diffusion_pytorch_model"
+    config_from_hub = VAEConfig.from_diffusers
+
+    def config_to_hub(self) -> dict:
+        return {"_class_name": "AutoencoderKL", **self.config.to_diffusers()}
+
     def __init__(self, cfg: VAEConfig = SD_VAE):
         super().__init__()
         self.config = cfg
@@ -222,27 +227,3 @@ class AutoencoderKL(nn.Module):
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f"{name} height and width must be multiples of {multiple}, got {tuple(x.shape[2:])}")
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        src: Union[str, os.PathLike],
-        subfolder: str = "vae",
-        revision: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device, None] = None,
-        variant: Optional[str] = None,
-    ) -> "AutoencoderKL":
-        """From a hub repo id or a local diffusers-layout folder (see `unet_seg.hub.component_files`)."""
-        from ..hub import DIFFUSERS_WEIGHTS, load_model
-
-        make = lambda config: cls(VAEConfig.from_diffusers(config))  # noqa: E731
-        return load_model(make, src, subfolder, DIFFUSERS_WEIGHTS, revision, dtype, device, variant)
-
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
-        """Write `folder/config.json` + weights in the hub layout (atomically); our `from_pretrained`
-        and the reference library load it."""
-        from ..hub import DIFFUSERS_WEIGHTS, save_component
-
-        config = {"_class_name": "AutoencoderKL", **self.config.to_diffusers()}
-        return save_component(self.state_dict(), config, folder, DIFFUSERS_WEIGHTS)
