@@ -50,7 +50,7 @@ prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's
 (at 64² ground-truth latents decode to 43 mIoU). Every scene holds 2–3 objects of distinct
 classes, so a mask depends on the prompt; the control gives each class the next class's prompt.
 Measured once (150 steps, H100): 1×10 τ floor 15.3 mIoU, control 15.6, majority 13.9; with v
-on a CPU (24 images) 17.0 vs ε 15.2, controls 17.9 / 17.1: neither reads its prompts yet (README).
+on a CPU (24 images) 17.0 vs ε 15.2, controls 17.9 / 17.1; 750 steps 17.3, control 17.4 (README).
 """
 
 from __future__ import annotations
