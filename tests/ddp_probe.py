@@ -1,11 +1,14 @@
 """Launcher for the multi-process recipe tests (not a test module): runs a recipe's `main` under
-torchrun with one addition — at every `unet_seg.train.save_checkpoint`, each rank also writes the
-parameters of the models it checkpoints to `<probe>/rank<r>_<run folder>_step<s>.safetensors`. Only rank 0
-writes the real checkpoint, so without this a rank that drifted from the others would go unseen.
+torchrun with two additions. At every `unet_seg.train.save_checkpoint`, each rank also writes the
+parameters of the models it checkpoints to `<probe>/rank<r>_<run folder>_step<s>.safetensors` (only
+rank 0 writes the real checkpoint, so a rank that drifted from the others would go unseen). Every
+`unet_seg.train.rank_share` (the evaluation's split of a dataset) appends the dataset's length and
+this rank's item indices to `<probe>/shares_rank<r>.jsonl`.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_probe.py <recipe> <probe dir> <recipe args...>
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +35,18 @@ def main(recipe: str, probe: Path, args: list[str]) -> None:
         save_file(params, str(probe / f"rank{rank}_{Path(directory).name}_step{step}.safetensors"))
         return path
 
-    train.save_checkpoint = save_checkpoint  # before the recipe imports it by name
+    real_share = train.rank_share
+
+    def rank_share(data):
+        share = real_share(data)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(probe / f"shares_rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"len": len(data), "indices": list(share.indices)}) + "\n")
+        return share
+
+    # before the recipe and unet_seg.segmentation import them by name
+    train.save_checkpoint, train.rank_share = save_checkpoint, rank_share
+    assert "unet_seg.segmentation" not in sys.modules, "import the recipe only after patching"
     probe.mkdir(parents=True, exist_ok=True)
     load_recipe(recipe).main(args)
 

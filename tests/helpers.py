@@ -98,6 +98,21 @@ def assert_ranks_hold_the_same_weights(probe: Path, processes: int = 2) -> list[
     return sorted({int(name.split("_step")[-1].split(".")[0]) for name in saved})
 
 
+def assert_rank_shares_cover_each_item_once(probe: Path, processes: int = 2) -> int:
+    """Every evaluation split of a `run_torchrun(..., probe=...)` run (the k-th `rank_share` call
+    of each rank): the ranks' items together are each item of the dataset exactly once. Returns the
+    number of splits checked (at least one: a recipe that evaluates without `rank_share` fails)."""
+    import json
+
+    calls = [[json.loads(line) for line in (probe / f"shares_rank{r}.jsonl").read_text().splitlines()] for r in range(processes)]
+    assert calls[0] and all(len(c) == len(calls[0]) for c in calls), f"ranks split {[len(c) for c in calls]} datasets"
+    for k, shares in enumerate(zip(*calls)):
+        n = shares[0]["len"]
+        items = sorted(i for share in shares for i in share["indices"])
+        assert all(s["len"] == n for s in shares) and items == list(range(n)), f"split {k}: {shares}"
+    return len(calls[0])
+
+
 def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: list[str] = (), run_dir: str = ""):
     """Run a recipe's `main` for 2 steps (`args` must save every step), then again from only its
     step-1 checkpoint with --resume -> the tensors of both step-2 checkpoints (straight, resumed).

@@ -8,7 +8,10 @@ import pytest
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import assert_ranks_hold_the_same_weights, load_recipe, run_torchrun, straight_and_resumed
+from .helpers import (
+    assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, load_recipe,
+    run_torchrun, straight_and_resumed,
+)
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
 
@@ -91,10 +94,11 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
     assert "multiple of 64" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_finish_with_identical_weights_on_both_ranks(tmp_path):
+def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
     run = run_torchrun("diffews_coco20i", TINY + ["--out", str(tmp_path / "run")], timeout=240, probe=tmp_path / "probe")
     assert run.returncode == 0, run.stderr[-3000:]
     assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
+    assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
     assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "episodes.png").is_file()
