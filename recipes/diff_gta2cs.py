@@ -365,8 +365,7 @@ def main(argv=None) -> dict:
         print0(f"\n== {variant}")
         metrics[variant], shown = evaluate(segmenter, frozen, targets, num_classes, class_names, device, args)
         if i == 0:
-            to_image = lambda lab, im: F.interpolate(lab[None, None].float(), size=im.shape[-2:], mode="nearest")[0, 0].long()  # noqa: E731  labels keep the annotation's size
-            rows = [[image_to_uint8(im), overlay(im, to_image(pred, im), palette), overlay(im, to_image(lab, im), palette)] for d in shown.values() for im, pred, lab in d[:2]]
+            rows = [[image_to_uint8(im), overlay(im, pred, palette), overlay(im, lab, palette)] for d in shown.values() for im, pred, lab in d[:2]]
     if args.demo:  # the floor: every pixel background
         constant = lambda x: torch.zeros(len(x), *x.shape[-2:], dtype=torch.long, device=x.device)  # noqa: E731
         floor = {name: evaluate_semantic(constant, data, num_classes, device)[0] for name, data in targets.items()}

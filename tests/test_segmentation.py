@@ -102,6 +102,30 @@ def test_candidates_to_labels_maps_argmax_to_dataset_labels_with_or_without_a_fl
     assert candidates_to_labels(prob, candidates, class_ids, background=99).tolist() == [[[14, 11, 11]]]  # plain argmax
 
 
+
+class _AnnotationSized(torch.utils.data.Dataset):
+    """Cityscapes-like items: the image resized to 8×12, the label kept at the annotation's 16×24."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> dict:
+        label = torch.zeros(16, 24, dtype=torch.long)
+        label[:, 12:] = i + 1
+        return {"image": torch.zeros(3, 8, 12), "label": label}
+
+
+def test_evaluate_semantic_scores_at_the_label_size_and_shows_triples_at_the_image_size():
+    right_half = lambda x: (torch.arange(12) >= 6).long().expand(len(x), 8, 12)  # noqa: E731  predicts class 1
+    conf, shown = evaluate_semantic(right_half, _AnnotationSized(), 4, torch.device("cpu"), keep=2)
+    assert conf.sum() == 3 * 16 * 24 and conf[1, 1] == 16 * 12 and conf[3, 1] == 16 * 12
+    assert len(shown) == 2
+    for i, (image, pred, label) in enumerate(shown):  # each can be overlaid on its image
+        assert image.shape == (3, 8, 12) and pred.shape == label.shape == (8, 12)
+        assert torch.equal(label[:, 6:], torch.full((8, 6), i + 1)) and label[:, :6].eq(0).all()
+        assert torch.equal(pred, right_half(image[None])[0])
+
+
 # ------------------------------------------------------------------------ sharded evaluation, 2 processes
 
 

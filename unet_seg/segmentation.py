@@ -83,7 +83,8 @@ def evaluate_semantic(
     ignore_index: int = 255,
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """This rank's share of `data` (items rank, rank + world, ...) -> (confusion [K, K] summed over
-    all ranks, up to `keep` (image, prediction, label) triples of this rank, on the CPU).
+    all ranks, up to `keep` (image, prediction, label) triples of this rank, on the CPU, prediction
+    and label resized (nearest) to the image for display: labels keep the annotation's size).
 
     `predict(images [N, 3, H, W]) -> labels [N, H, W] or logits [N, K, h, w]`; logits are resized
     bilinearly to the label's size and arg-maxed, labels resized with nearest. Items of a batch
@@ -97,12 +98,21 @@ def evaluate_semantic(
         pred = predict(image)
         if pred.ndim == 4:
             pred = F.interpolate(pred.float(), size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-        elif pred.shape[-2:] != label.shape[-2:]:
-            pred = F.interpolate(pred[:, None].float(), size=label.shape[-2:], mode="nearest-exact")[:, 0].long()
+        else:
+            pred = resize_labels(pred, label.shape[-2:])
         conf += confusion_matrix(pred, label, num_classes, ignore_index)
-        for i in range(min(keep - len(shown), len(image))):
-            shown.append((image[i].cpu(), pred[i].cpu(), label[i].cpu()))
+        n = min(keep - len(shown), len(image))
+        if n > 0:
+            size = image.shape[-2:]
+            shown += zip(image[:n].cpu(), resize_labels(pred[:n], size).cpu(), resize_labels(label[:n], size).cpu())
     return all_reduce_confusion(conf), shown
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Label maps [N, H, W] -> [N, *size], nearest (unchanged when the size already matches)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].to(labels.dtype)
 
 
 def _collate(items: list) -> tuple[Tensor, Tensor]:
