@@ -7,6 +7,7 @@ folder and an original-layout single file of a tiny SD1 with a 64-wide-head text
 
 import json
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -116,6 +117,24 @@ def test_single_file_missing_a_tensor_of_the_architecture_names_file_and_full_ke
     with pytest.raises(CheckpointError, match=r"cut.safetensors: no tensor cond_stage_model\..*layers\.0\.mlp\.fc1\.weight"):
         load_sd(tmp_path / "cut.safetensors", components=["text_encoder"])
 
+
+
+@pytest.mark.parametrize(
+    "key, components",
+    [
+        ("model.diffusion_model.out.2.weight", ["unet"]),
+        ("first_stage_model.encoder.down.0.block.0.conv2.weight", ["vae"]),  # once: "num_channels must be divisible"
+        ("first_stage_model.encoder.conv_in.weight", ["vae"]),  # once: "tuple index out of range"
+        ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", ["text_encoder"]),
+    ],
+)
+def test_single_file_with_an_architecture_tensor_of_the_wrong_rank_names_it(pristine, tmp_path, key, components):
+    tensors = load_file(pristine / "single.safetensors")
+    tensors[key] = torch.zeros(tensors[key].numel() + 1)  # found by the fuzz test below
+    save_file(tensors, tmp_path / "flat.safetensors")
+    name = key.split(".", 1)[1].removeprefix("diffusion_model.").removeprefix("transformer.")
+    with pytest.raises(CheckpointError, match=rf"flat.safetensors: .*tensor {re.escape(name)} has shape \[\d+\], expected [24] dim"):
+        load_sd(tmp_path / "flat.safetensors", components=components)
 
 def test_wrong_dtype_is_named(pristine, tmp_path):
     tensors = load_file(pristine / "single.safetensors")

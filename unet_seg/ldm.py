@@ -165,25 +165,41 @@ def indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.fullmatch(k))})
 
 
+class ShapeError(ValueError):
+    """A tensor read to infer an architecture has the wrong number of dimensions."""
+
+    def __init__(self, key: str, shape: torch.Size, ndim: int):
+        super().__init__(f"tensor {key} has shape {list(shape)}, expected {ndim} dimensions")
+        self.key = key
+
+
+def _shape(sd: dict[str, Tensor], key: str, ndim: int) -> torch.Size:
+    """The shape of `sd[key]`, which must have `ndim` dimensions (a KeyError names a missing one)."""
+    shape = sd[key].shape
+    if len(shape) != ndim:
+        raise ShapeError(key, shape, ndim)
+    return shape
+
+
 def infer_unet_config(u: dict[str, Tensor], upcast_attention: bool = False) -> UNetConfig:
     """From original-layout U-Net tensor shapes. Head counts are not stored in weights: SD1
     (conv projections) uses 8 heads per level, SD2 (linear projections) 64-wide heads."""
     levels = 1 + len(indices(u, "input_blocks.{}.0.op.weight"))
     n = len(indices(u, "input_blocks.{}.0.in_layers.0.weight")) // levels
     first = [1 + i * (n + 1) for i in range(levels)]
-    channels = tuple(u[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] for b in first)
+    channels = tuple(_shape(u, f"input_blocks.{b}.0.out_layers.3.weight", 4)[0] for b in first)
     attention = tuple(f"input_blocks.{b}.1.proj_in.weight" in u for b in first)
-    proj_in = u[f"input_blocks.{first[attention.index(True)]}.1.proj_in.weight"]
-    linear_proj = proj_in.ndim == 2
-    context = u[f"input_blocks.{first[attention.index(True)]}.1.transformer_blocks.0.attn2.to_k.weight"]
+    block = f"input_blocks.{first[attention.index(True)]}.1"
+    linear_proj = u[f"{block}.proj_in.weight"].ndim == 2
+    _shape(u, f"{block}.proj_in.weight", 2 if linear_proj else 4)
     return UNetConfig(
-        in_channels=u["input_blocks.0.0.weight"].shape[1],
-        out_channels=u["out.2.weight"].shape[0],
+        in_channels=_shape(u, "input_blocks.0.0.weight", 4)[1],
+        out_channels=_shape(u, "out.2.weight", 4)[0],
         channels=channels,
         attention=attention,
         heads=tuple(c // 64 if linear_proj else 8 for c in channels),
         layers_per_block=n,
-        context_dim=context.shape[1],
+        context_dim=_shape(u, f"{block}.transformer_blocks.0.attn2.to_k.weight", 2)[1],
         linear_proj=linear_proj,
         upcast_attention=upcast_attention,
     )
@@ -193,11 +209,11 @@ def infer_vae_config(v: dict[str, Tensor]) -> VAEConfig:
     """From original-layout VAE tensor shapes (scaling factor: SD 1.x/2.x's 0.18215)."""
     levels = len(indices(v, "encoder.down.{}.block.0.conv1.weight"))
     return VAEConfig(
-        in_channels=v["encoder.conv_in.weight"].shape[1],
-        out_channels=v["decoder.conv_out.weight"].shape[0],
-        channels=tuple(v[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)),
+        in_channels=_shape(v, "encoder.conv_in.weight", 4)[1],
+        out_channels=_shape(v, "decoder.conv_out.weight", 4)[0],
+        channels=tuple(_shape(v, f"encoder.down.{i}.block.0.conv2.weight", 4)[0] for i in range(levels)),
         layers_per_block=len(indices(v, "encoder.down.0.block.{}.conv1.weight")),
-        latent_channels=v["post_quant_conv.weight"].shape[0],
+        latent_channels=_shape(v, "post_quant_conv.weight", 4)[0],
     )
 
 
@@ -205,25 +221,25 @@ def infer_text_config(t: dict[str, Tensor]) -> CLIPTextConfig:
     """From original-layout text-encoder shapes: SD1's CLIP ViT-L (quick GELU) or SD2's OpenCLIP
     ViT-H (GELU, penultimate layer: one layer fewer than stored). Heads are 64 wide in both."""
     if is_openclip(t):
-        vocab, width = t["model.token_embedding.weight"].shape
+        vocab, width = _shape(t, "model.token_embedding.weight", 2)
         return CLIPTextConfig(
             vocab_size=vocab,
             width=width,
             layers=len(indices(t, "model.transformer.resblocks.{}.ln_1.weight")) - 1,
             heads=width // 64,
-            mlp_dim=t["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            max_positions=t["model.positional_embedding"].shape[0],
+            mlp_dim=_shape(t, "model.transformer.resblocks.0.mlp.c_fc.weight", 2)[0],
+            max_positions=_shape(t, "model.positional_embedding", 2)[0],
             act="gelu",
         )
-    ours = text_from_ldm(t, layers=0)
-    vocab, width = ours["text_model.embeddings.token_embedding.weight"].shape
+    ours = text_from_ldm(t, layers=0)  # SD1 stores transformers' layout (older files without `text_model.`)
+    vocab, width = _shape(ours, "text_model.embeddings.token_embedding.weight", 2)
     return CLIPTextConfig(
         vocab_size=vocab,
         width=width,
         layers=len(indices(ours, "text_model.encoder.layers.{}.layer_norm1.weight")),
         heads=width // 64,
-        mlp_dim=ours["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        max_positions=ours["text_model.embeddings.position_embedding.weight"].shape[0],
+        mlp_dim=_shape(ours, "text_model.encoder.layers.0.mlp.fc1.weight", 2)[0],
+        max_positions=_shape(ours, "text_model.embeddings.position_embedding.weight", 2)[0],
         act="quick_gelu",
     )
 

@@ -172,6 +172,8 @@ def _naming_keys(path: Path, part: str, prefix: str) -> Iterator[None]:
     except KeyError as e:
         key = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         raise hub.CheckpointError(f"{path}: no tensor {prefix}{key}, needed for the {part}") from e
+    except ldm.ShapeError as e:
+        raise hub.CheckpointError(f"{path}: the {part} cannot be inferred: {e} (names under {prefix})") from e
     except (IndexError, ValueError, ZeroDivisionError, RuntimeError) as e:
         if isinstance(e, hub.CheckpointError):
             raise
