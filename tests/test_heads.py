@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 
-from .helpers import randn
+from .helpers import randn, randomise_
 
 
 def levels(b, channels, coarse, seed=0):
@@ -72,20 +72,6 @@ def test_wrong_level_channels_or_count_are_refused_naming_the_expected_shapes():
 #     skip dropped. (A dropped bottleneck shortcut was already caught: its weights get no gradient.)
 
 
-def _randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights, biases, norm affines and BatchNorm running statistics (zero or identity
-    values hide bugs: a zero bias cannot tell a missing add from a present one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return module
-
-
 def _conv_bn_relu_ref(x, block, dilation=1, groups=1):
     conv, bn = block[0], block[1]
     x = F.conv2d(x, conv.weight, None, padding=dilation * (conv.weight.shape[-1] // 2), dilation=dilation, groups=groups)
@@ -118,7 +104,7 @@ def daformer_head_reference(head: DAFormerHead, levels_, dilations):
 
 def test_daformer_head_equals_the_written_out_sepaspp_forward():
     dilations = (1, 6, 12, 18)  # DAFormer's; the 16² finest level keeps taps of d = 6 and 12 inside
-    head = _randomise_(DAFormerHead([5, 4, 3], 3, embed_dim=4, dilations=dilations), 0).eval()
+    head = randomise_(DAFormerHead([5, 4, 3], 3, embed_dim=4, dilations=dilations), 0).eval()
     x = [randn(2, c, 16 // 2**i, 16 // 2**i, seed=10 + i) for i, c in enumerate([5, 4, 3])]
     with torch.no_grad():
         got, expected = head(x), daformer_head_reference(head, x, dilations)
@@ -179,7 +165,7 @@ def fusion_reference(fusion: DiffusionFeatureFusion, levels_):
 
 def test_fusion_equals_the_written_out_bottleneck_and_upsample_add_forward():
     channels, dims = [6, 5, 3], [16, 8, 8]
-    fusion = _randomise_(DiffusionFeatureFusion(channels, dims, fine_dim=8, bottleneck_groups=2, groups=4), 1)
+    fusion = randomise_(DiffusionFeatureFusion(channels, dims, fine_dim=8, bottleneck_groups=2, groups=4), 1)
     x = levels(2, channels, 2)
     with torch.no_grad():
         got, expected = fusion(x), fusion_reference(fusion, x)

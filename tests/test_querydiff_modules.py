@@ -11,7 +11,7 @@ from unet_seg.querydiff import (
     DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement, merge_schedule, token_grid,
 )  # fmt: skip
 
-from .helpers import rand, randn
+from .helpers import rand, randn, randomise_
 
 
 def test_merge_schedule_and_token_grid():
@@ -143,18 +143,6 @@ def test_reins_change_only_the_patch_tokens():
 # dilation 1, memories resized nearest instead of bilinear.
 
 
-def _randomise_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return module
-
-
 def _layer_norm(x, norm):
     mean = x.mean(-1, keepdim=True)
     return (x - mean) / torch.sqrt((x - mean).square().mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias
@@ -188,7 +176,7 @@ def progressive_merge_reference(merge, tokens):
 
 
 def test_progressive_merge_equals_the_written_out_stages():
-    merge = _randomise_(ProgressiveMerge(layers=6, tokens=3, dim=4, embed_dim=8, heads=2), 0)
+    merge = randomise_(ProgressiveMerge(layers=6, tokens=3, dim=4, embed_dim=8, heads=2), 0)
     tokens = randn(6, 3, 4, seed=1)
     with torch.no_grad():
         got, expected = merge(tokens), progressive_merge_reference(merge, tokens)
@@ -221,7 +209,7 @@ def query_refinement_reference(refine, mask_features, memories, q):
 
 
 def test_query_refinement_equals_the_written_out_attention_and_dilated_branches():
-    refine = _randomise_(QueryRefinement(dim=4, heads=2), 2).eval()
+    refine = randomise_(QueryRefinement(dim=4, heads=2), 2).eval()
     g = torch.Generator().manual_seed(3)
     mask_features = torch.randn(2, 4, 12, 12, generator=g)
     memories = [torch.randn(2, 4, s, s, generator=g) for s in (3, 6, 9)]
