@@ -1,6 +1,7 @@
 """Shared test utilities: random weights, error measures, hub layouts written by hand."""
 
 import functools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -37,6 +38,17 @@ def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return module
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """vocab.json / merges.txt / tokenizer_config.json as SD checkpoints ship them (CLIP's vocabulary)."""
+    from unet_seg.models import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_bpe()
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(tok.vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merge_ranks) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
 
 def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str = "a" * 40) -> None:
     """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""

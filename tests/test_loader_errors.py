@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 import unet_seg.hub
 from unet_seg import ldm
 from unet_seg.hub import CheckpointError
-from unet_seg.models import TINY_SD1, TINY_VAE, AutoencoderKL, CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer, UNet
+from unet_seg.models import TINY_SD1, TINY_VAE, AutoencoderKL, CLIPTextConfig, CLIPTextEncoder, UNet
 from unet_seg.sd import load_sd
+
+from .helpers import write_tokenizer
 
 TEXT = CLIPTextConfig(vocab_size=49408, width=64, layers=2, heads=1, mlp_dim=128, act="quick_gelu")
 WEIGHTS = {
@@ -48,11 +50,7 @@ def pristine(tmp_path_factory) -> Path:
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")
-    tok = CLIPTokenizer.from_bpe()
-    (folder / "tokenizer").mkdir()
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(tok.vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merge_ranks))
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>", "model_max_length": 77}))
+    write_tokenizer(folder / "tokenizer", "<|endoftext|>")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"})

@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import (
     assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, load_recipe,
-    randn, run_torchrun, straight_and_resumed,
+    randn, run_torchrun, straight_and_resumed, write_tokenizer,
 )
 
 TINY = ["--demo", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
@@ -153,18 +153,14 @@ def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path,
     import numpy as np
     from PIL import Image
 
-    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, CLIPTokenizer, UNet
+    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
 
     torch.manual_seed(0)
     sd = tmp_path / "sd"
     UNet(TINY_SD2).save_pretrained(sd / "unet")
     AutoencoderKL(TINY_VAE).save_pretrained(sd / "vae")
     CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(sd / "text_encoder")
-    tok = CLIPTokenizer.from_bpe()
-    (sd / "tokenizer").mkdir()
-    (sd / "tokenizer" / "vocab.json").write_text(json.dumps(tok.vocab))
-    (sd / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merge_ranks))
-    (sd / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!", "model_max_length": 77}))
+    write_tokenizer(sd / "tokenizer", "!")
     (sd / "scheduler").mkdir()
     (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}))
     (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))

@@ -11,12 +11,11 @@ from safetensors.torch import save_file
 from unet_seg import ldm
 from unet_seg.hub import CheckpointError
 from unet_seg.models.clip import SD1_TEXT, SD2_TEXT, CLIPTextConfig, CLIPTextEncoder
-from unet_seg.models.tokenizer import CLIPTokenizer
 from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
 from unet_seg.sd import load_sd
 
-from .helpers import fake_hub_cache, perturb_, rand, randn, rel_err
+from .helpers import fake_hub_cache, perturb_, rand, randn, rel_err, write_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -28,15 +27,6 @@ TEXT = {
 }
 UNETS = {"sd1": replace(TINY_SD1, context_dim=64), "sd2": replace(TINY_SD2, context_dim=128)}
 PROMPTS = ["a photo of a cat", "Two dogs!! on the  beach, 4k", ""]
-
-
-def write_tokenizer(folder: Path, pad_token: str) -> None:
-    """vocab.json / merges.txt / tokenizer_config.json as SD checkpoints ship them (CLIP's vocabulary)."""
-    tok = CLIPTokenizer.from_bpe()
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(tok.vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merge_ranks) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
 
 
 def write_diffusers_folder(root: Path, family: str) -> Path:
