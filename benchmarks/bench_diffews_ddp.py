@@ -56,7 +56,14 @@ def run(args) -> None:
     context = torch.randn(1, 77, unet.config.context_dim, device=device)
     initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=cuda)
-    model = DDP(unet, device_ids=[local_rank] if cuda else None) if world > 1 else unet
+    model = unet
+    if world > 1:
+        model = DDP(unet, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=args.bucket_view,
+                    bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph)  # fmt: skip
+        if args.bf16_grads:  # gradients rounded to bf16 for the all-reduce: half the traffic, not bit-identical
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            model.register_comm_hook(None, bf16_compress_hook)
     forward = maybe_compile(model, cuda and not args.no_compile)
     if cuda and not args.no_compile:
         vae.encoder.compile()
@@ -95,13 +102,15 @@ def run(args) -> None:
         step(i)
     seconds = synced() - t0
     eps = world * b * args.steps / seconds
-    print0(f"world {world}: {args.steps} steps of {b} episodes per GPU in {seconds:.2f} s: {eps:.2f} episodes/s")
-    if args.profile and cuda and rank == 0:
+    tag = f" ({args.tag})" if args.tag else ""
+    print0(f"world {world}{tag}: {args.steps} steps of {b} episodes per GPU in {seconds:.2f} s: {eps:.2f} episodes/s")
+    if args.profile and cuda:  # every rank steps (DDP's all-reduce needs them all); rank 0 reports
         from bench_models import flops_of, profile_kernels, profile_table
 
         prof = profile_kernels(lambda: step(0), 3)
-        tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12
-        print(profile_table(f"training step, {b} episodes, world {world}, rank 0", prof, tflop), flush=True)
+        if rank == 0:
+            tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12
+            print(profile_table(f"training step, {b} episodes, world {world}{tag}, rank 0", prof, tflop), flush=True)
     if args.eval_episodes == 0:
         barrier()
         cleanup_distributed()
@@ -119,23 +128,25 @@ def run(args) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result = {
-            "world": world, "device": device_name(device.type), "torch": torch.__version__, "batch_per_gpu": b,
+            "world": world, "tag": args.tag, "device": device_name(device.type), "torch": torch.__version__, "batch_per_gpu": b,
             "steps": args.steps, "seconds": seconds, "episodes_per_s": eps, "first_step_s": first,
             "eval_episodes": len(data), "eval_seconds": eval_seconds, "metrics": metrics,
             "confusion": {name: c.cpu().tolist() for name, c in conf.items()},
         }  # fmt: skip
-        (out / f"world{world}.json").write_text(json.dumps(result, indent=1))
+        (out / f"world{world}{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(result, indent=1))
     barrier()
     cleanup_distributed()
 
 
 def compare(folder: Path, tiny: bool) -> None:
-    runs = {r["world"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("world*.json")))}
-    if 1 not in runs or len(runs) < 2:
-        raise SystemExit(f"{folder}: need world1.json and at least one more world*.json, found worlds {sorted(runs)}")
-    one = runs[1]
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("world*.json"))]
+    ones = [r for r in runs if r["world"] == 1 and not r.get("tag")]
+    if not ones or len(runs) < 2:
+        raise SystemExit(f"{folder}: need world1.json and at least one more world*.json, found {len(runs)} runs")
+    one = ones[0]
     lines = []
-    for world, r in sorted(runs.items()):
+    for r in sorted(runs, key=lambda r: (r["world"], r.get("tag", ""))):
+        world = f"{r['world']}" + (f" ({r['tag']})" if r.get("tag") else "")
         same_metrics = r["metrics"] == one["metrics"]
         same_conf = r["confusion"] == one["confusion"]
         lines.append(
@@ -144,7 +155,7 @@ def compare(folder: Path, tiny: bool) -> None:
             f"{'yes' if same_metrics else 'NO'} | {'yes' if same_conf else 'NO'} | {r['eval_seconds']:.1f} |"
         )
     table = (
-        f"# DiffewS training on 1 and {max(runs)} GPUs (DDP, NCCL) — {one['device']}\n\n"
+        f"# DiffewS training on 1 and {max(r['world'] for r in runs)} GPUs (DDP, NCCL) — {one['device']}\n\n"
         f"{datetime.date.today()} · torch {one['torch']} · SD2.1 U-Net (conv_in 8) + SD VAE bf16, random weights, 1-shot "
         f"episodes at the recipe's per-GPU batch, {one['steps']} timed steps after warm-up · evaluation: the recipe's "
         f"rank-sharded `evaluate` on {one['eval_episodes']} synthetic 1-shot episodes with the initial weights\n\n"
@@ -163,6 +174,11 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=32, help="a multiple of 8 x world keeps every batch at 8")
     p.add_argument("--no-compile", action="store_true", help="eager U-Net and VAE")
     p.add_argument("--profile", action="store_true", help="rank 0: kernel families of a training step")
+    p.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb (torch's default 25)")
+    p.add_argument("--static-graph", action="store_true", help="DDP static_graph")
+    p.add_argument("--bf16-grads", action="store_true", help="all-reduce gradients in bf16 (bf16_compress_hook; changes numerics)")
+    p.add_argument("--tag", default="", help="names this variant's result file world<N>-<tag>.json")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results/ddp", help="where world<N>.json go")
     p.add_argument("--compare", type=Path, help="read world*.json in this folder and write the table")
