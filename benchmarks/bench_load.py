@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unet_seg import ldm  # noqa: E402
+from unet_seg.hub_config import text_to_transformers, unet_to_diffusers, vae_to_diffusers  # noqa: E402
 from unet_seg.models import SD2_TEXT, SD21, SD_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
 
 LOAD = """
@@ -42,9 +43,9 @@ def write(workdir: Path) -> None:
         (workdir / name).mkdir(parents=True, exist_ok=True)
         weights = "model" if name == "text_encoder" else "diffusion_pytorch_model"
         save_file(sd, workdir / name / f"{weights}.safetensors")
-    (workdir / "unet" / "config.json").write_text(json.dumps(SD21.to_diffusers()))
-    (workdir / "vae" / "config.json").write_text(json.dumps(SD_VAE.to_diffusers()))
-    (workdir / "text_encoder" / "config.json").write_text(json.dumps(SD2_TEXT.to_transformers()))
+    (workdir / "unet" / "config.json").write_text(json.dumps(unet_to_diffusers(SD21)))
+    (workdir / "vae" / "config.json").write_text(json.dumps(vae_to_diffusers(SD_VAE)))
+    (workdir / "text_encoder" / "config.json").write_text(json.dumps(text_to_transformers(SD2_TEXT)))
     (workdir / "scheduler").mkdir(exist_ok=True)
     (workdir / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction"})

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet  # noqa: E402
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL  # noqa: E402
+from unet_seg.hub_config import unet_to_diffusers, vae_to_diffusers  # noqa: E402
 
 
 def timed(fn, iters: int, warmup: int, device: str) -> float:
@@ -176,7 +177,7 @@ def file_tag(name: str) -> str:
 def unet_pair(cfg, dtype, device):
     import diffusers
 
-    ref = diffusers.UNet2DConditionModel(**cfg.to_diffusers())
+    ref = diffusers.UNet2DConditionModel(**unet_to_diffusers(cfg))
     ours = UNet(cfg)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return [(name, m.to(device, dtype).eval()) for name, m in (("unet_seg", ours), ("diffusers", ref))]
@@ -185,7 +186,7 @@ def unet_pair(cfg, dtype, device):
 def vae_pair(cfg, dtype, device):
     import diffusers
 
-    ref = diffusers.AutoencoderKL(**cfg.to_diffusers())
+    ref = diffusers.AutoencoderKL(**vae_to_diffusers(cfg))
     ours = AutoencoderKL(cfg)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return [(name, m.to(device, dtype).eval()) for name, m in (("unet_seg", ours), ("diffusers", ref))]

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from unet_seg.hub_config import text_from_transformers, text_to_transformers
 from unet_seg.models.clip import SD1_TEXT, SD2_TEXT, TINY_SD1_TEXT, TINY_SD2_TEXT, CLIPTextConfig, CLIPTextEncoder
 
 from .helpers import perturb_, rel_err
@@ -41,7 +42,7 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.fixture(scope="module", params=[TINY_SD1_TEXT, TINY_SD2_TEXT], ids=["sd1-shaped", "sd2-shaped"])
 def pair(request):
     cfg = request.param
-    ref = perturb_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg.to_transformers()))).eval()
+    ref = perturb_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_to_transformers(cfg)))).eval()
     ours = CLIPTextEncoder(cfg).eval()
     ours.load_state_dict(hub_names(ref.state_dict()), strict=True)
     return ref, ours
@@ -61,7 +62,7 @@ def test_output_equals_transformers_last_hidden_state(pair, b, n):
 def test_loads_save_pretrained_file_strictly_and_matches(pair, tmp_path):
     ref, _ = pair
     ref.save_pretrained(tmp_path)
-    ours = CLIPTextEncoder(CLIPTextConfig.from_transformers(json.loads((tmp_path / "config.json").read_text())))
+    ours = CLIPTextEncoder(text_from_transformers(json.loads((tmp_path / "config.json").read_text())))
     ours.load_state_dict(hub_names(load_file(tmp_path / "model.safetensors")), strict=True)
     ids = prompt_ids(2, 77, seed=1)
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_transformers_loads_our_state_dict_with_no_missing_or_unexpected_keys(pa
     """Our names are the published hub layout: transformers reads them as a checkpoint of its own."""
     _, ours = pair
     save_file(ours.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(ours.config.to_transformers()))
+    (tmp_path / "config.json").write_text(json.dumps(text_to_transformers(ours.config)))
     ref, info = transformers.CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = prompt_ids(2, 30, seed=2)
@@ -82,9 +83,9 @@ def test_transformers_loads_our_state_dict_with_no_missing_or_unexpected_keys(pa
 
 @pytest.mark.parametrize("cfg", PRESETS)
 def test_config_round_trips_through_transformers_dict(cfg):
-    assert CLIPTextConfig.from_transformers(cfg.to_transformers()) == cfg
-    t = transformers.CLIPTextConfig(**cfg.to_transformers())
-    assert CLIPTextConfig.from_transformers(t.to_dict()) == cfg
+    assert text_from_transformers(text_to_transformers(cfg)) == cfg
+    t = transformers.CLIPTextConfig(**text_to_transformers(cfg))
+    assert text_from_transformers(t.to_dict()) == cfg
 
 
 # The fields of the published `text_encoder/config.json` of SD 1.4/1.5 and SD 2.1 that describe the network.
@@ -97,8 +98,8 @@ SD2_PUBLISHED = dict(SD1_PUBLISHED, hidden_act="gelu", hidden_size=1024, interme
 
 
 def test_published_sd_configs_give_the_presets():
-    assert CLIPTextConfig.from_transformers(SD1_PUBLISHED) == SD1_TEXT
-    assert CLIPTextConfig.from_transformers(SD2_PUBLISHED) == SD2_TEXT
+    assert text_from_transformers(SD1_PUBLISHED) == SD1_TEXT
+    assert text_from_transformers(SD2_PUBLISHED) == SD2_TEXT
 
 
 @pytest.mark.parametrize(
@@ -113,14 +114,14 @@ def test_published_sd_configs_give_the_presets():
 )
 def test_unsupported_transformers_settings_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        CLIPTextConfig.from_transformers({**SD1_PUBLISHED, **change})
+        text_from_transformers({**SD1_PUBLISHED, **change})
 
 
 @pytest.mark.parametrize("cfg, params", [(SD1_TEXT, 123_060_480), (SD2_TEXT, 340_387_840)], ids=["sd1", "sd2"])
 def test_full_size_presets_have_transformers_names_shapes_and_parameter_count(cfg, params):
     with torch.device("meta"):
         ours = CLIPTextEncoder(cfg)
-        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg.to_transformers()))
+        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_to_transformers(cfg)))
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in hub_names(ref.state_dict()).items()}
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == params

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from unet_seg.hub_config import vision_from_transformers, vision_to_transformers
 from unet_seg.models.clip_vision import (
     CLIP_MEAN,
     CLIP_STD,
@@ -31,7 +32,7 @@ TINY_GELU = CLIPVisionConfig(
 
 def reference(cfg: CLIPVisionConfig):
     """transformers' model with random values in every parameter, eager attention (another kernel than ours)."""
-    t_cfg = transformers.CLIPVisionConfig(**cfg.to_transformers())
+    t_cfg = transformers.CLIPVisionConfig(**vision_to_transformers(cfg))
     model = transformers.CLIPVisionModelWithProjection._from_config(t_cfg, attn_implementation="eager")
     return perturb_(model).eval()
 
@@ -77,7 +78,7 @@ def test_project_of_patch_tokens_equals_transformers_head_on_patches(pair):
 def test_loads_save_pretrained_file_strictly_and_matches(pair, tmp_path):
     ref, _ = pair
     ref.save_pretrained(tmp_path)
-    cfg = CLIPVisionConfig.from_transformers(json.loads((tmp_path / "config.json").read_text()))
+    cfg = vision_from_transformers(json.loads((tmp_path / "config.json").read_text()))
     ours = CLIPVisionEncoder(cfg)
     ours.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
     x = pixels(2, cfg, seed=1)
@@ -102,7 +103,7 @@ def test_vision_keys_of_a_full_clip_model_load_strictly(pair):
     _, ours = pair
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     full_cfg = transformers.CLIPConfig(
-        text_config=text, vision_config=ours.config.to_transformers(), projection_dim=ours.config.projection_dim
+        text_config=text, vision_config=vision_to_transformers(ours.config), projection_dim=ours.config.projection_dim
     )
     full = transformers.CLIPModel(full_cfg).state_dict()
     vision = {k: v for k, v in full.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}
@@ -113,7 +114,7 @@ def test_vision_keys_of_a_full_clip_model_load_strictly(pair):
 def test_transformers_loads_our_state_dict_with_no_missing_or_unexpected_keys(pair, tmp_path):
     _, ours = pair
     save_file(ours.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(ours.config.to_transformers()))
+    (tmp_path / "config.json").write_text(json.dumps(vision_to_transformers(ours.config)))
     ref, info = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     x = pixels(2, ours.config, seed=3)
@@ -129,9 +130,9 @@ def test_model_has_no_buffers(pair):
 
 @pytest.mark.parametrize("cfg", [VIT_L14, TINY_VIT, TINY_GELU], ids=["vit_l14", "tiny", "tiny_gelu"])
 def test_config_round_trips_through_transformers_dict(cfg):
-    assert CLIPVisionConfig.from_transformers(cfg.to_transformers()) == cfg
-    t = transformers.CLIPVisionConfig(**cfg.to_transformers())
-    assert CLIPVisionConfig.from_transformers(t.to_dict()) == cfg
+    assert vision_from_transformers(vision_to_transformers(cfg)) == cfg
+    t = transformers.CLIPVisionConfig(**vision_to_transformers(cfg))
+    assert vision_from_transformers(t.to_dict()) == cfg
 
 
 # `vision_config` of openai/clip-vit-large-patch14's config.json (fields describing the network)
@@ -142,7 +143,7 @@ VIT_L14_PUBLISHED = dict(model_type="clip_vision_model", hidden_act="quick_gelu"
 
 
 def test_published_vit_l14_config_gives_the_preset():
-    assert CLIPVisionConfig.from_transformers(VIT_L14_PUBLISHED) == VIT_L14
+    assert vision_from_transformers(VIT_L14_PUBLISHED) == VIT_L14
     assert VIT_L14.grid == 16
 
 
@@ -160,13 +161,13 @@ def test_published_vit_l14_config_gives_the_preset():
 )
 def test_unsupported_transformers_settings_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        CLIPVisionConfig.from_transformers({**VIT_L14_PUBLISHED, **change})
+        vision_from_transformers({**VIT_L14_PUBLISHED, **change})
 
 
 def test_vit_l14_has_transformers_names_shapes_and_parameter_count():
     with torch.device("meta"):
         ours = CLIPVisionEncoder(VIT_L14)
-        ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VIT_L14.to_transformers()))
+        ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**vision_to_transformers(VIT_L14)))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 303_966_208
 
@@ -332,7 +333,7 @@ def test_preprocess_refuses_malformed_images(img, error):
 def full_clip(tmp_path_factory):
     """transformers' CLIPModel (tiny, random values everywhere) saved as safetensors, as on the hub."""
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, eos_token_id=2)
-    cfg = transformers.CLIPConfig(text_config=text, vision_config=TINY_GELU.to_transformers(), projection_dim=24)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision_to_transformers(TINY_GELU), projection_dim=24)
     ref = perturb_(transformers.CLIPModel._from_config(cfg, attn_implementation="eager")).eval()
     folder = tmp_path_factory.mktemp("clip")
     ref.save_pretrained(folder, safe_serialization=True)

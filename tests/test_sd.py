@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from unet_seg import ldm
 from unet_seg.hub import CheckpointError
+from unet_seg.hub_config import text_to_transformers, unet_to_diffusers, vae_to_diffusers
 from unet_seg.models.clip import SD1_TEXT, SD2_TEXT, CLIPTextConfig, CLIPTextEncoder
 from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
@@ -31,9 +32,9 @@ PROMPTS = ["a photo of a cat", "Two dogs!! on the  beach, 4k", ""]
 
 def write_diffusers_folder(root: Path, family: str) -> Path:
     """A random-weight SD checkpoint in the diffusers hub layout, written by the reference libraries."""
-    perturb_(diffusers.UNet2DConditionModel(**UNETS[family].to_diffusers()), 1).save_pretrained(root / "unet")
-    perturb_(diffusers.AutoencoderKL(**TINY_VAE.to_diffusers()), 2).save_pretrained(root / "vae")
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT[family].to_transformers()))
+    perturb_(diffusers.UNet2DConditionModel(**unet_to_diffusers(UNETS[family])), 1).save_pretrained(root / "unet")
+    perturb_(diffusers.AutoencoderKL(**vae_to_diffusers(TINY_VAE)), 2).save_pretrained(root / "vae")
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_to_transformers(TEXT[family])))
     perturb_(text, 3).save_pretrained(root / "text_encoder")
     write_tokenizer(root / "tokenizer", "!" if family == "sd2" else "<|endoftext|>")
     prediction = "v_prediction" if family == "sd2" else "epsilon"

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unet_seg.hub import CheckpointError
+from unet_seg.hub_config import unet_from_diffusers, unet_to_diffusers
 
 from .helpers import fake_hub_cache, perturb_, randn, rel_err
 from unet_seg.models.unet import SD15, SD21, SD21_BASE, TINY_SD1, TINY_SD2, UNet, UNetConfig
@@ -15,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def diffusers_unet(cfg: UNetConfig, folder: Path, seed: int = 0, **save_kwargs):
-    ref = perturb_(diffusers.UNet2DConditionModel(**cfg.to_diffusers()), seed).eval()
+    ref = perturb_(diffusers.UNet2DConditionModel(**unet_to_diffusers(cfg)), seed).eval()
     ref.save_pretrained(folder / "unet", safe_serialization=True, **save_kwargs)
     return ref
 
@@ -137,12 +138,12 @@ def test_presets_have_published_parameter_counts(cfg, params):
 
 @pytest.mark.parametrize("cfg", [SD15, SD21, SD21_BASE, TINY_SD1, TINY_SD2])
 def test_config_round_trips_through_diffusers_dict(cfg):
-    assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert unet_from_diffusers(unet_to_diffusers(cfg)) == cfg
 
 
 def test_unsupported_diffusers_setting_is_refused():
     with pytest.raises(ValueError, match="class_embed_type"):
-        UNetConfig.from_diffusers({**SD15.to_diffusers(), "class_embed_type": "timestep"})
+        unet_from_diffusers({**unet_to_diffusers(SD15), "class_embed_type": "timestep"})
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unet_seg.hub import CheckpointError
-from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig
+from unet_seg.hub_config import vae_from_diffusers, vae_to_diffusers
+from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
 
 from .helpers import perturb_, rand, randn, rel_err
 
@@ -20,7 +21,7 @@ SD_SHAPED = replace(SD_VAE, channels=(32, 64, 64, 64))
 @pytest.fixture(scope="module", params=[TINY_VAE, SD_SHAPED], ids=["tiny", "sd-shaped"])
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
-    ref = perturb_(diffusers.AutoencoderKL(**request.param.to_diffusers())).eval()
+    ref = perturb_(diffusers.AutoencoderKL(**vae_to_diffusers(request.param))).eval()
     ref.save_pretrained(folder / "vae")
     return request.param, ref, AutoencoderKL.from_pretrained(folder)
 
@@ -126,7 +127,7 @@ def test_bad_inputs_raise_clear_errors(tiny, call, shape, match):
 
 @pytest.mark.parametrize("cfg", [SD_VAE, TINY_VAE, SD_SHAPED])
 def test_config_round_trips_through_diffusers_dict(cfg):
-    assert VAEConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert vae_from_diffusers(vae_to_diffusers(cfg)) == cfg
 
 
 def test_sd_vae_has_published_parameter_count():
@@ -136,11 +137,11 @@ def test_sd_vae_has_published_parameter_count():
 
 def test_unsupported_vae_setting_is_refused():
     with pytest.raises(ValueError, match="shift_factor"):
-        VAEConfig.from_diffusers({**SD_VAE.to_diffusers(), "shift_factor": 0.1159})
+        vae_from_diffusers({**vae_to_diffusers(SD_VAE), "shift_factor": 0.1159})
 
 
 def test_vae_checkpoint_with_wrong_latent_width_names_the_shapes(tmp_path):
-    ref = diffusers.AutoencoderKL(**replace(TINY_VAE, latent_channels=8).to_diffusers())
+    ref = diffusers.AutoencoderKL(**vae_to_diffusers(replace(TINY_VAE, latent_channels=8)))
     ref.save_pretrained(tmp_path / "vae")
     config = (tmp_path / "vae" / "config.json").read_text().replace('"latent_channels": 8', '"latent_channels": 4')
     (tmp_path / "vae" / "config.json").write_text(config)

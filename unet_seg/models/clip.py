@@ -45,41 +45,6 @@ class CLIPTextConfig:
         if min(sizes) < 1:
             raise ValueError(f"sizes must be positive, got {self}")
 
-    @classmethod
-    def from_transformers(cls, d: dict) -> "CLIPTextConfig":
-        """From a transformers `CLIPTextConfig` dict (a `text_encoder/config.json`); missing keys
-        take transformers' defaults, settings this model does not implement are refused."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"model_type must be 'clip_text_model', got {d['model_type']!r}")
-        if d.get("architectures") not in (None, ["CLIPTextModel"]):
-            raise ValueError(f"architectures must be ['CLIPTextModel'], got {d['architectures']!r}")
-        for key in ("attention_dropout", "dropout"):
-            if d.get(key, 0.0):
-                raise ValueError(f"{key}={d[key]!r} is not implemented (SD's text encoders use 0.0)")
-        return cls(
-            vocab_size=d.get("vocab_size", 49408),
-            width=d.get("hidden_size", 512),
-            layers=d.get("num_hidden_layers", 12),
-            heads=d.get("num_attention_heads", 8),
-            mlp_dim=d.get("intermediate_size", 2048),
-            max_positions=d.get("max_position_embeddings", 77),
-            act=d.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        )
-
-    def to_transformers(self) -> dict:
-        """Keyword arguments of transformers' `CLIPTextConfig` for the same network."""
-        return dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.width,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            intermediate_size=self.mlp_dim,
-            max_position_embeddings=self.max_positions,
-            hidden_act=self.act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
-
 
 SD1_TEXT = CLIPTextConfig()  # CLIP ViT-L/14
 SD2_TEXT = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_dim=4096, act="gelu")  # OpenCLIP ViT-H, 23 of 24 layers
@@ -135,11 +100,7 @@ class EncoderLayer(nn.Module):
 
 
 class CLIPTextEncoder(Pretrained, nn.Module):
-    hub_subfolder, hub_weights = "text_encoder", "model"
-    config_from_hub = CLIPTextConfig.from_transformers
-
-    def config_to_hub(self) -> dict:
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **self.config.to_transformers()}
+    hub_subfolder, hub_weights, config_class = "text_encoder", "model", CLIPTextConfig
 
     @staticmethod
     def hub_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import CLIPTextConfig, CLIPTextEncoderWithProjection, EncoderLayer
+from .clip import CLIPTextEncoderWithProjection, EncoderLayer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,45 +60,6 @@ class CLIPVisionConfig:
     def grid(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size
-
-    @classmethod
-    def from_transformers(cls, d: dict) -> "CLIPVisionConfig":
-        """From a transformers `CLIPVisionConfig` dict (an image encoder's `config.json`, or the
-        `vision_config` of a full CLIP config with its top-level `projection_dim`); missing keys take
-        transformers' defaults, settings this model does not implement are refused."""
-        if d.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"model_type must be 'clip_vision_model', got {d['model_type']!r}")
-        if d.get("architectures") not in (None, ["CLIPVisionModelWithProjection"]):
-            raise ValueError(f"architectures must be ['CLIPVisionModelWithProjection'], got {d['architectures']!r}")
-        if d.get("num_channels", 3) != 3:
-            raise ValueError(f"num_channels must be 3 (RGB), got {d['num_channels']!r}")
-        if d.get("attention_dropout", 0.0):
-            raise ValueError(f"attention_dropout={d['attention_dropout']!r} is not implemented (CLIP uses 0.0)")
-        return cls(
-            image_size=d.get("image_size", 224),
-            patch_size=d.get("patch_size", 32),
-            width=d.get("hidden_size", 768),
-            layers=d.get("num_hidden_layers", 12),
-            heads=d.get("num_attention_heads", 12),
-            mlp_dim=d.get("intermediate_size", 3072),
-            projection_dim=d.get("projection_dim", 512),
-            act=d.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        )
-
-    def to_transformers(self) -> dict:
-        """Keyword arguments of transformers' `CLIPVisionConfig` for the same network."""
-        return dict(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            hidden_size=self.width,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            intermediate_size=self.mlp_dim,
-            projection_dim=self.projection_dim,
-            hidden_act=self.act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
 
 
 VIT_L14 = CLIPVisionConfig()  # OpenAI CLIP ViT-L/14 at 224 px: 16×16 patches
@@ -203,13 +164,14 @@ def load_clip(
     `openai/clip-vit-large-patch14` or a local folder. Safetensors only; `logit_scale` and the
     `position_ids` buffers of old files are dropped. Returns (text, vision), in eval mode."""
     from ..hub import TRANSFORMERS_WEIGHTS, build_with_weights, component_files, read_safetensors
+    from ..hub_config import text_from_transformers, vision_from_transformers
 
     config, files = component_files(src, "", TRANSFORMERS_WEIGHTS, revision=revision)
     if "text_config" not in config or "vision_config" not in config:
         raise ValueError(f"{src}: config.json is not a full CLIP model's (needs text_config and vision_config)")
     projection_dim = config.get("projection_dim", 512)
-    text_cfg = CLIPTextConfig.from_transformers(config["text_config"])
-    vision_cfg = CLIPVisionConfig.from_transformers({**config["vision_config"], "projection_dim": projection_dim})
+    text_cfg = text_from_transformers(config["text_config"])
+    vision_cfg = vision_from_transformers({**config["vision_config"], "projection_dim": projection_dim})
     weights = read_safetensors(files, dtype=dtype, device=device, keep=lambda k: not k.endswith("position_ids") and k != "logit_scale")
     text = {k: v for k, v in weights.items() if k.startswith("text_model.") or k == "text_projection.weight"}
     vision = {k: v for k, v in weights.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}

@@ -79,82 +79,6 @@ class UNetConfig:
         if not (len(self.attention) == len(self.heads) == n):
             raise ValueError(f"channels, attention and heads need one entry per level, got {self}")
 
-    @classmethod
-    def from_diffusers(cls, d: dict) -> "UNetConfig":
-        """From a diffusers `unet/config.json` dict; settings SD does not use are refused."""
-        for key, default in _DIFFUSERS_FIXED.items():
-            if d.get(key, default) != default:
-                raise ValueError(f"unsupported U-Net setting {key}={d[key]!r} (SD 1.x/2.x use {default!r})")
-        down, up = d.get("down_block_types", _DOWN), d.get("up_block_types", _UP)
-        if any(t not in _DOWN_KINDS for t in down) or [_UP_KINDS.get(t) for t in up[::-1]] != [_DOWN_KINDS[t] for t in down]:
-            raise ValueError(f"unsupported block layout: down {down}, up {up}")
-        n = len(down)
-        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # SD1's "head dim" is the head count
-        channels = tuple(d.get("block_out_channels", cls.channels))
-        if len(channels) != n:
-            raise ValueError(f"block_out_channels {channels} and down_block_types {down} differ in length")
-        return cls(
-            in_channels=d.get("in_channels", 4),
-            out_channels=d.get("out_channels", 4),
-            channels=channels,
-            attention=tuple(_DOWN_KINDS[t] for t in down),
-            heads=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n,
-            layers_per_block=d.get("layers_per_block", 2),
-            context_dim=d.get("cross_attention_dim", 768),
-            linear_proj=d.get("use_linear_projection", False),
-            upcast_attention=d.get("upcast_attention", False) or False,
-            norm_groups=d.get("norm_num_groups", 32),
-            norm_eps=d.get("norm_eps", 1e-5),
-        )
-
-    def to_diffusers(self) -> dict:
-        """Keyword arguments of diffusers' `UNet2DConditionModel` for the same network."""
-        down = [k for a in self.attention for k, v in _DOWN_KINDS.items() if v == a]
-        up = [k for a in self.attention[::-1] for k, v in _UP_KINDS.items() if v == a]
-        return dict(
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            block_out_channels=list(self.channels),
-            down_block_types=down,
-            up_block_types=up,
-            layers_per_block=self.layers_per_block,
-            attention_head_dim=list(self.heads),
-            cross_attention_dim=self.context_dim,
-            use_linear_projection=self.linear_proj,
-            upcast_attention=self.upcast_attention,
-            norm_num_groups=self.norm_groups,
-            norm_eps=self.norm_eps,
-        )
-
-
-_DOWN_KINDS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-_UP_KINDS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-_DIFFUSERS_FIXED = {  # diffusers settings whose SD value is the only one implemented here
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "encoder_hid_dim": None,
-    "time_cond_proj_dim": None,
-    "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default",
-    "transformer_layers_per_block": 1,
-    "dual_cross_attention": False,
-    "only_cross_attention": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "attention_type": "default",
-    "num_class_embeds": None,
-    "mid_block_only_cross_attention": None,
-    "reverse_transformer_layers_per_block": None,
-    "dropout": 0.0,
-}
-
 
 SD15 = UNetConfig()
 SD21 = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, upcast_attention=True)
@@ -260,11 +184,7 @@ class UpBlock(nn.Module):
 
 
 class UNet(Pretrained, nn.Module):
-    hub_subfolder, hub_weights = "unet", "diffusion_pytorch_model"
-    config_from_hub = UNetConfig.from_diffusers
-
-    def config_to_hub(self) -> dict:
-        return {"_class_name": "UNet2DConditionModel", **self.config.to_diffusers()}
+    hub_subfolder, hub_weights, config_class = "unet", "diffusion_pytorch_model", UNetConfig
 
     def __init__(self, cfg: UNetConfig = SD15):
         super().__init__()

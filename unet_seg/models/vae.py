@@ -31,50 +31,6 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.18215
 
-    @classmethod
-    def from_diffusers(cls, d: dict) -> "VAEConfig":
-        """From a diffusers `vae/config.json` dict; settings SD does not use are refused."""
-        n = len(d.get("block_out_channels", cls.channels))
-        fixed = {
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            "act_fn": "silu",
-            "shift_factor": None,
-            "latents_mean": None,
-            "latents_std": None,
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
-            "mid_block_add_attention": True,
-        }
-        for key, default in fixed.items():
-            value = d.get(key, default)
-            if (list(value) if isinstance(value, (list, tuple)) else value) != default:
-                raise ValueError(f"unsupported VAE setting {key}={value!r} (SD 1.x/2.x use {default!r})")
-        return cls(
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            channels=tuple(d.get("block_out_channels", cls.channels)),
-            layers_per_block=d.get("layers_per_block", 2),
-            latent_channels=d.get("latent_channels", 4),
-            norm_groups=d.get("norm_num_groups", 32),
-            scaling_factor=d.get("scaling_factor", 0.18215),
-        )
-
-    def to_diffusers(self) -> dict:
-        """Keyword arguments of diffusers' `AutoencoderKL` for the same network."""
-        n = len(self.channels)
-        return dict(
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            down_block_types=["DownEncoderBlock2D"] * n,
-            up_block_types=["UpDecoderBlock2D"] * n,
-            block_out_channels=list(self.channels),
-            layers_per_block=self.layers_per_block,
-            latent_channels=self.latent_channels,
-            norm_num_groups=self.norm_groups,
-            scaling_factor=self.scaling_factor,
-        )
-
 
 SD_VAE = VAEConfig()
 TINY_VAE = replace(SD_VAE, channels=(32, 32, 64, 64), layers_per_block=1)
@@ -171,11 +127,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(Pretrained, nn.Module):
-    hub_subfolder, hub_weights = "vae", "diffusion_pytorch_model"
-    config_from_hub = VAEConfig.from_diffusers
-
-    def config_to_hub(self) -> dict:
-        return {"_class_name": "AutoencoderKL", **self.config.to_diffusers()}
+    hub_subfolder, hub_weights, config_class = "vae", "diffusion_pytorch_model", VAEConfig
 
     def __init__(self, cfg: VAEConfig = SD_VAE):
         super().__init__()
