@@ -19,14 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ..errors import DataLayoutError
-from .transforms import IGNORE_INDEX, Transform, item_generator, read_image
+from .transforms import IGNORE_INDEX, LabelledImages, Transform, read_label_png
 
 SPLITS = ("training", "validation")
 
@@ -65,19 +62,18 @@ def reduce_zero_label(label: Tensor) -> Tensor:
 
 def read_label(path: Path) -> Tensor:
     """An ADE20K annotation PNG -> reduced label [H, W] int64 in {0..149, 255}."""
-    with Image.open(path) as img:
-        raw = np.asarray(img)
-    if raw.ndim != 2:
-        raise ValueError(f"{path}: annotations must be single-channel 8-bit PNGs, got array shape {raw.shape}")
+    raw = read_label_png(path, "annotations")
     try:
-        return reduce_zero_label(torch.from_numpy(raw.astype(np.int64)))
+        return reduce_zero_label(torch.from_numpy(raw).long())
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
 
-class ADE20K(Dataset):
+class ADE20K(LabelledImages):
     """Items: dict(image [3, H, W] float32 in [-1, 1], label [H, W] int64 (0..149, 255 = ignore),
     path str of the image). Without a transform, sizes are the files' own (they vary)."""
+
+    label_name = "annotation"
 
     def __init__(
         self, root: Union[str, Path], split: str = "training", transform: Optional[Transform] = None, seed: int = 0
@@ -101,25 +97,4 @@ class ADE20K(Dataset):
                 f"images and annotations of {split} do not pair up ({layout}): {len(unlabelled)} images lack an "
                 f"annotation (e.g. {unlabelled[:3]}), {len(unmatched)} annotations lack an image (e.g. {unmatched[:3]})"
             )
-        self.images = images
-        self.labels = [labels_dir / f"{p.stem}.png" for p in images]
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """New augmentations each epoch (reaches DataLoader workers unless they are persistent)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        image, label = read_image(self.images[index]), read_label(self.labels[index])
-        if image.shape[1:] != label.shape:
-            raise ValueError(
-                f"{self.images[index]} is {tuple(image.shape[1:])} but its annotation is {tuple(label.shape)}"
-            )
-        if self.transform is not None:
-            image, label = self.transform(image, label, item_generator(self.seed, self.epoch, index))
-        return dict(image=image, label=label, path=str(self.images[index]))
+        super().__init__([(p, labels_dir / f"{p.stem}.png") for p in images], read_label, transform, seed)

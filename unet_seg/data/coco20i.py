@@ -73,12 +73,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from unet_seg.data.transforms import IGNORE_INDEX, read_image
+from unet_seg.data.transforms import IGNORE_INDEX, read_image, read_label_png
 from unet_seg.errors import DataLayoutError
 
 NUM_FOLDS = 4
@@ -128,10 +127,7 @@ def train_classes(fold: int, rule: str = "interleaved") -> tuple[int, ...]:
 
 def read_class_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A class-map PNG -> (uint8 [H, W] with values in {0..80, 255}, pixel count of each value [256])."""
-    with Image.open(path) as img:
-        raw = np.asarray(img)
-    if raw.ndim != 2 or raw.dtype != np.uint8:
-        raise ValueError(f"{path}: class maps must be single-channel 8-bit PNGs, got {raw.dtype} array {raw.shape}")
+    raw = read_label_png(path, "class maps")
     counts = np.bincount(raw.ravel(), minlength=256)
     bad = np.flatnonzero(counts[NUM_CLASSES + 1 : IGNORE_INDEX]) + NUM_CLASSES + 1
     if bad.size:

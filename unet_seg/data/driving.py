@@ -43,19 +43,19 @@ zips lacked 6 labelled frames, bdd100k/bdd100k#103: both surface as pairing erro
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from unet_seg.data.transforms import IGNORE_INDEX, Transform, cached_class_counts, class_pixel_counts, item_generator, read_image
+from unet_seg.data.transforms import (
+    IGNORE_INDEX, LabelledImages, Transform, cached_class_counts, class_pixel_counts, read_label_png,
+)  # fmt: skip
 from unet_seg.errors import DataLayoutError
 
 # The 19 classes in train-id order (cityscapesScripts helpers/labels.py; mmseg CityscapesDataset).
@@ -220,17 +220,10 @@ def find_pairs(name: str, root: Union[str, Path], split: str) -> list[tuple[Path
 def read_label(path: Path, lookup: np.ndarray) -> Tensor:
     """A single-channel (grey or palette) label PNG of raw ids -> train ids [H, W] int64 in
     {0..18, 255}, through `lookup` (uint8 [256])."""
-    with Image.open(path) as img:
-        raw = np.asarray(img)
-    if raw.ndim != 2 or raw.dtype != np.uint8:
-        raise ValueError(
-            f"{path}: labels must be single-channel 8-bit PNGs of ids (not colour maps), "
-            f"got array shape {raw.shape} of {raw.dtype}"
-        )
-    return torch.from_numpy(lookup[raw].astype(np.int64))
+    return torch.from_numpy(lookup[read_label_png(path)].astype(np.int64))
 
 
-class DrivingScenes(Dataset):
+class DrivingScenes(LabelledImages):
     """Items: dict(image [3, H, W] float32 in [-1, 1], label [H, W] int64 (Cityscapes train ids,
     255 = ignore), path str of the image). Without a transform, sizes are the files' own."""
 
@@ -242,35 +235,11 @@ class DrivingScenes(Dataset):
         transform: Optional[Transform] = None,
         seed: int = 0,
     ):
-        self.pairs = find_pairs(name, root, split)
-        self.root, self.split = Path(root), split
-        self.layout = LAYOUTS[name]
+        pairs = find_pairs(name, root, split)
+        self.root, self.split, self.layout = Path(root), split, LAYOUTS[name]
         self.lookup = label_lookup(self.layout.ids)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """New augmentations each epoch (reaches DataLoader workers unless they are persistent)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.item(index, item_generator(self.seed, self.epoch, index))
-
-    def item(self, index: int, generator: torch.Generator) -> dict:
-        """Item `index` transformed with draws from `generator` (`RareClassSampling` re-draws crops)."""
-        image_path, label_path = self.pairs[index]
-        image, label = read_image(image_path), read_label(label_path, self.lookup)
-        if image.shape[1:] != label.shape:
-            if not self.layout.resize_label_to_image:
-                raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its label is {tuple(label.shape)}")
-            label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest-exact")[0, 0].long()
-        if self.transform is not None:
-            image, label = self.transform(image, label, generator)
-        return dict(image=image, label=label, path=str(image_path))
+        read = functools.partial(read_label, lookup=self.lookup)
+        super().__init__(pairs, read, transform, seed, resize_label_to_image=self.layout.resize_label_to_image)
 
     def class_counts(self, cache: Union[str, Path, None] = None) -> np.ndarray:
         """int64 [N, 19]: pixels of each train id in each label file (its own resolution), for

@@ -7,6 +7,7 @@ drawing all randomness from the generator so an item depends only on its seed.
                                                 DAFormer's GTA5 pipeline (DIFF's official config)
     RandomShortEdgeResize, Rescale              Rein's / QueryDiff's GTA5 resize; Mapillary at half size
     RareClassSampling(dataset, counts)          DAFormer's rare-class sampling over a dataset
+    LabelledImages(pairs, read_label)           (image file, label file) pairs as items, for the readers
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,57 @@ def read_image(path: Path) -> Tensor:
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def read_label_png(path: Path, what: str = "labels") -> np.ndarray:
+    """A single-channel 8-bit PNG of ids (grey or palette) -> its raw ids, uint8 [H, W]; `what`
+    names the files in the error (colour maps and 16-bit PNGs are refused)."""
+    with Image.open(path) as img:
+        raw = np.asarray(img)
+    if raw.ndim != 2 or raw.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: {what} must be single-channel 8-bit PNGs of ids (not colour maps), "
+            f"got array shape {raw.shape} of {raw.dtype}"
+        )
+    return raw
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(image file, label file) pairs -> items dict(image [3, H, W] float32 in [-1, 1], label [H, W]
+    int64, path str of the image), the transform drawing from `item_generator(seed, epoch, index)`.
+    `read_label(path) -> int64 [H, W]`; an image and its label must have one size, unless
+    `resize_label_to_image` (the label is resized to the image, nearest)."""
+
+    label_name = "label"  # what errors call a label file
+
+    def __init__(
+        self, pairs: list[tuple[Path, Path]], read_label: Callable[[Path], Tensor], transform: Optional[Transform] = None,
+        seed: int = 0, resize_label_to_image: bool = False,
+    ):  # fmt: skip
+        self.pairs, self.read_label, self.resize_label_to_image = pairs, read_label, resize_label_to_image
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """New augmentations each epoch (reaches DataLoader workers unless they are persistent)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.item(index, item_generator(self.seed, self.epoch, index))
+
+    def item(self, index: int, generator: torch.Generator) -> dict:
+        """Item `index` transformed with draws from `generator` (`RareClassSampling` re-draws crops)."""
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), self.read_label(label_path)
+        if image.shape[1:] != label.shape:
+            if not self.resize_label_to_image:
+                raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its {self.label_name} is {tuple(label.shape)}")
+            label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest-exact")[0, 0].long()
+        if self.transform is not None:
+            image, label = self.transform(image, label, generator)
+        return dict(image=image, label=label, path=str(image_path))
 
 
 def _check_multiple_of_8(size: tuple[int, int], name: str) -> None:
