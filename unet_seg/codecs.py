@@ -45,6 +45,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .checks import check_multiple_of_8
+
 Rendering = Union[Tensor, float]
 
 IGNORE_COLOUR = (0.0, 0.0, 0.0)
@@ -106,7 +108,7 @@ def threshold_relative(prob: Tensor, ratio: float = 0.25) -> Tensor:
 
 def mask_to_latent(vae, mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0, check: bool = True) -> Tensor:
     """mask [B, H, W] (H, W multiples of 8) -> scaled latent [B, 4, H/8, W/8] (`check`: see `mask_to_image`)."""
-    _check_multiple_of_8(mask, "mask")
+    _check_maps(mask, "mask")
     return vae.encode(mask_to_image(mask, foreground, background, check))
 
 
@@ -144,7 +146,7 @@ def masks_to_label_map(prob: Tensor, background_label: int, background_threshold
 
 def label_map_to_latents(vae, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """labels [B, H, W] -> per-class white-on-black latents [B, C, 4, H/8, W/8] (B·C VAE images)."""
-    _check_multiple_of_8(labels, "labels")
+    _check_maps(labels, "labels")
     masks = label_map_to_masks(labels, num_classes, ignore_index)
     z = mask_to_latent(vae, masks.flatten(0, 1))
     return z.unflatten(0, masks.shape[:2])
@@ -198,7 +200,7 @@ def palette_image_to_labels(image: Tensor, palette: Tensor, ignore_index: int = 
 
 def labels_to_palette_latent(vae, labels: Tensor, palette: Tensor, ignore_index: int = 255) -> Tensor:
     """labels [B, H, W] (H, W multiples of 8) -> scaled latent [B, 4, H/8, W/8]."""
-    _check_multiple_of_8(labels, "labels")
+    _check_maps(labels, "labels")
     return vae.encode(labels_to_palette_image(labels, palette, ignore_index))
 
 
@@ -278,11 +280,11 @@ def _check_probability(prob: Tensor) -> None:
         raise ValueError(f"prob must be floating point [B, H, W], got {prob.dtype} {tuple(prob.shape)}")
 
 
-def _check_multiple_of_8(x: Tensor, name: str) -> None:
+def _check_maps(x: Tensor, name: str) -> None:
+    """Masks or label maps [B, H, W] that the VAE can take."""
     if x.ndim != 3:
         raise ValueError(f"{name} must be [B, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] % 8 or x.shape[2] % 8:
-        raise ValueError(f"{name} height and width must be multiples of 8 (VAE downscale), got {tuple(x.shape[1:])}")
+    check_multiple_of_8(x.shape[1:], name)
 
 
 def _palette_with_ignore(palette: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_multiple_of_8
 from .codecs import _check_image
 from .data import synthetic
 from .data.synthetic import SemanticScenes, random_style
@@ -44,8 +45,7 @@ class BlockCodec(nn.Module):
 
     def encode(self, img: Tensor, sample: bool = False, generator=None) -> Tensor:
         _check_image(img, "img")
-        if img.shape[2] % 8 or img.shape[3] % 8:
-            raise ValueError(f"img height and width must be multiples of 8, got {tuple(img.shape[2:])}")
+        check_multiple_of_8(img.shape[2:], "img")
         mean = F.avg_pool2d(img, 8)
         var = (F.avg_pool2d(img.square(), 8) - mean.square()).clamp_min(0).mean(1, keepdim=True)
         return torch.cat([mean, 4 * var.sqrt() - 1], dim=1)

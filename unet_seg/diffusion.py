@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_same_shape, describe
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "linspace", "trailing")
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -43,7 +45,7 @@ class NoiseSchedule:
     def __post_init__(self):
         a = self.alphas_cumprod
         if not isinstance(a, Tensor) or a.ndim != 1 or not a.is_floating_point() or len(a) == 0:
-            raise TypeError(f"alphas_cumprod must be a non-empty 1-D float tensor [T], got {_describe(a)}")
+            raise TypeError(f"alphas_cumprod must be a non-empty 1-D float tensor [T], got {describe(a)}")
         if not ((a > 0).all() and (a <= 1).all() and (a[1:] <= a[:-1]).all()):
             raise ValueError("alphas_cumprod must be non-increasing with values in (0, 1]")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -88,13 +90,9 @@ class NoiseSchedule:
         return cls.from_config({**sd, "prediction_type": prediction_type})
 
 
-def _describe(x) -> str:
-    return f"{type(x).__name__} shape={tuple(x.shape)} dtype={x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-
-
 def _check_timesteps(t: Tensor, like: Tensor) -> None:
     if not isinstance(t, Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise TypeError(f"t must be a 1-D integer tensor [B] of timesteps, got {_describe(t)}")
+        raise TypeError(f"t must be a 1-D integer tensor [B] of timesteps, got {describe(t)}")
     if like.ndim == 0 or t.shape[0] != like.shape[0]:
         raise ValueError(f"t has {t.shape[0]} timesteps but the batch is {tuple(like.shape)}: expected t of shape [B]")
 
@@ -107,20 +105,15 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
 def _coefficients(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     """(√ᾱ_t, √(1−ᾱ_t)), [B, 1, ..., 1] in the dtype of `like` (computed in the schedule's dtype)."""
     if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule (e.g. NoiseSchedule(alphas_cumprod)), got {_describe(schedule)}")
+        raise TypeError(f"schedule must be a NoiseSchedule (e.g. NoiseSchedule(alphas_cumprod)), got {describe(schedule)}")
     _check_timesteps(t, like)
     a = _per_sample(schedule.alphas_cumprod.to(like.device)[t.to(like.device)], like)
     return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
 
 
-def _check_same_shape(a: Tensor, b: Tensor, names: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
 def q_sample(x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM eq. 4). x0, noise [B, ...], t [B] -> [B, ...] like x0."""
-    _check_same_shape(x0, noise, "x0 and noise")
+    check_same_shape(x0, noise, "x0", "noise")
     sa, s1a = _coefficients(schedule, t, x0)
     return sa * x0 + s1a * noise.to(x0.dtype)
 
@@ -157,7 +150,7 @@ def v_from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -
 
 def training_target(x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
     """What the network regresses onto for x_t = q_sample(x0, noise, t, schedule): ε, v or x0."""
-    _check_same_shape(x0, noise, "x0 and noise")
+    check_same_shape(x0, noise, "x0", "noise")
     if schedule.prediction_type == "epsilon":
         return noise
     if schedule.prediction_type == "v_prediction":
@@ -167,7 +160,7 @@ def training_target(x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedul
 
 def x0_and_eps(pred: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
     """(x0, ε) implied by a network output `pred` [B, ...] at x_t, in the schedule's parameterisation."""
-    _check_same_shape(pred, x_t, "prediction and x_t")
+    check_same_shape(pred, x_t, "prediction", "x_t")
     if schedule.prediction_type == "epsilon":
         return x0_from_eps(x_t, pred, t, schedule), pred
     if schedule.prediction_type == "v_prediction":
@@ -264,7 +257,7 @@ def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, schedule: Noise
 
     x_t, eps, noise [B, ...]; t, t_next ints (one step for the batch). Computed in float32 or wider.
     """
-    _check_same_shape(x_t, eps, "x_t and eps")
+    check_same_shape(x_t, eps, "x_t", "eps")
     a, a_next = (float(schedule.alphas_cumprod[s]) for s in (t, t_next))
     a_skip = min(a, a_next) / max(a, a_next)
     c1 = eta * math.sqrt((1 - a_skip) * (1 - a_next) / (1 - a)) if eta else 0.0
@@ -336,7 +329,7 @@ def multires_noise(
     square), so annealed samples of one batch keep their relative scale.
     """
     if like.ndim != 4 or not like.is_floating_point():
-        raise ValueError(f"like must be a 4-D float latent [B, C, H, W], got {_describe(like)}")
+        raise ValueError(f"like must be a 4-D float latent [B, C, H, W], got {describe(like)}")
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if levels < 0:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_same_shape
+
 
 def consistency_l2(student: Tensor, teacher: Tensor, detach_teacher: bool = True) -> Tensor:
     """DIFF eq. 4, L_consis = ‖D(F_cond) − D(F_uncond)‖₂, as the mean squared difference over
@@ -28,7 +30,7 @@ def consistency_l2(student: Tensor, teacher: Tensor, detach_teacher: bool = True
     segmentation head's logits [B, C, H, W] in DIFF). `detach_teacher` stops gradients into the
     teacher branch; the paper shares the trainable weights of both branches and does not say.
     """
-    _check_same_shape(student, teacher, "student", "teacher")
+    check_same_shape(student, teacher, "student", "teacher")
     return F.mse_loss(student, teacher.detach() if detach_teacher else teacher)
 
 
@@ -52,7 +54,7 @@ def consistency_kl(
     its `forward_train`): T = 1, "batchmean", max_value 0.5, weight 0.1, teacher not detached.
     logits [B, C, ...] for both branches. `detach_teacher` as in `consistency_l2`.
     """
-    _check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
     if student_logits.ndim < 2:
         raise ValueError(f"logits must be [B, C, ...], got shape {tuple(student_logits.shape)}")
     if reduction not in ("mean", "batchmean"):
@@ -90,7 +92,7 @@ def diffusion_consistency_loss(queries: Tensor, weak: Tensor, strong: Tensor) ->
     for x, name in ((weak, "weak"), (strong, "strong")):
         if x.ndim != 4 or x.shape[:2] != (b, d):
             raise ValueError(f"{name} features must be [{b}, {d}, h, w], got shape {tuple(x.shape)}")
-    _check_same_shape(weak, strong, "weak", "strong")
+    check_same_shape(weak, strong, "weak", "strong")
     f_w, f_s = weak.flatten(2), strong.flatten(2).detach()
     sim = queries @ f_w / d**0.5
     recon = queries.transpose(1, 2) @ sim.softmax(dim=1)
@@ -124,7 +126,7 @@ def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
 
         L = mean_n [ 1 − (2 Σ σ(x_n)·t_n + 1) / (Σ σ(x_n) + Σ t_n + 1) ]
     """
-    _check_same_shape(mask_logits, targets, "mask_logits", "targets")
+    check_same_shape(mask_logits, targets, "mask_logits", "targets")
     if mask_logits.ndim < 2:
         raise ValueError(f"mask_logits must be [N, ...] with pixels after the mask dim, got {tuple(mask_logits.shape)}")
     p, t = mask_logits.sigmoid().flatten(1), targets.to(mask_logits.dtype).flatten(1)
@@ -133,7 +135,7 @@ def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
 
 def latent_mse(pred: Tensor, target: Tensor) -> Tensor:
     """pred, target [B, 4, h, w] (latents or the schedule's training target) -> mean squared error."""
-    _check_same_shape(pred, target, "pred", "target")
+    check_same_shape(pred, target, "pred", "target")
     return F.mse_loss(pred, target)
 
 
@@ -143,8 +145,3 @@ def check_finite(loss: Tensor, name: str) -> Tensor:
     if not bool(torch.isfinite(loss).all()):
         raise FloatingPointError(f"{name} is not finite: {loss.detach().flatten()[:8].tolist()}")
     return loss
-
-
-def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

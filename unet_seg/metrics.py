@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import check_same_shape
+
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """pred, target [B, H, W] (any matching shape) integer labels -> counts [C, C] int64 on their
@@ -28,8 +30,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
     Predictions must lie in [0, C); targets in [0, C) or equal ignore_index (checked: one sync).
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    check_same_shape(pred, target, "pred", "target")
     for x, name in ((pred, "pred"), (target, "target")):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer labels, got {x.dtype}")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .checks import describe
 from .hub import atomic_path
 from .train import PathLike, is_main
 
@@ -42,7 +43,7 @@ PALETTE = _palette()  # [256, 3] uint8; row c is the colour of label c
 def image_to_uint8(image: Tensor) -> np.ndarray:
     """image [3, H, W] float in [-1, 1] (values outside are clipped) -> uint8 [H, W, 3]."""
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor [3, H, W] in [-1, 1], got {_describe(image)}")
+        raise ValueError(f"image must be a float tensor [3, H, W] in [-1, 1], got {describe(image)}")
     x = ((image.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255)
     return x.to(torch.uint8).permute(1, 2, 0).numpy()
 
@@ -58,7 +59,7 @@ def overlay(image: Tensor, labels: Tensor, palette: Optional[np.ndarray] = None,
     rgb = image_to_uint8(image)
     if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.is_floating_point() or labels.is_complex():
         raise ValueError(
-            f"labels must be an integer or bool tensor [H, W] (threshold probabilities first), got {_describe(labels)}"
+            f"labels must be an integer or bool tensor [H, W] (threshold probabilities first), got {describe(labels)}"
         )
     if tuple(labels.shape) != rgb.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} and image {rgb.shape[:2]} must have the same H, W")
@@ -92,7 +93,7 @@ def save_grid(
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             if not isinstance(panel, np.ndarray) or panel.dtype != np.uint8 or panel.ndim != 3 or panel.shape[2] != 3:
-                raise ValueError(f"panel ({r}, {c}) must be a numpy uint8 [H, W, 3] array, got {_describe(panel)}")
+                raise ValueError(f"panel ({r}, {c}) must be a numpy uint8 [H, W, 3] array, got {describe(panel)}")
     if not is_main():
         return
     gap = 2
@@ -113,9 +114,3 @@ def save_grid(
             canvas.paste(Image.fromarray(big), (gap + c * (cell_w + gap), title_h + gap + r * (cell_h + gap)))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, (Tensor, np.ndarray)):
-        return f"{type(x).__name__} {x.dtype} {tuple(x.shape)}"
-    return type(x).__name__

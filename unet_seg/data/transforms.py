@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..checks import check_multiple_of_8
 from ..hub import atomic_path
 
 IGNORE_INDEX = 255
@@ -93,11 +94,6 @@ class LabelledImages(torch.utils.data.Dataset):
         return dict(image=image, label=label, path=str(image_path))
 
 
-def _check_multiple_of_8(size: tuple[int, int], name: str) -> None:
-    if len(size) != 2 or min(size) < 8 or size[0] % 8 or size[1] % 8:
-        raise ValueError(f"{name} must be (height, width), each a positive multiple of 8 (the VAE factor), got {size}")
-
-
 def _resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Bilinear (antialiased) for the image, nearest for the label."""
     image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -117,7 +113,7 @@ class RandomResizeCropFlip:
     ratio_range: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self):
-        _check_multiple_of_8(self.crop, "crop")
+        check_multiple_of_8(self.crop, "crop")
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {self.ratio_range}")
 
@@ -149,7 +145,7 @@ class ResizeImage:
     scale: tuple[int, int] = (2048, 512)
 
     def __post_init__(self):
-        _check_multiple_of_8(self.scale, "scale")
+        check_multiple_of_8(self.scale, "scale")
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """image [3, H, W], label [H, W] -> image [3, 8·i, 8·j], label [H, W] unchanged."""
@@ -243,7 +239,7 @@ class RandomCrop:
     retries: int = 10
 
     def __post_init__(self):
-        _check_multiple_of_8(self.crop, "crop")
+        check_multiple_of_8(self.crop, "crop")
         if not 0 < self.cat_max_ratio <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
 
