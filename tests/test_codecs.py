@@ -21,9 +21,7 @@ from unet_seg.codecs import (
     masks_to_label_map,
     palette_image_to_labels,
     palette_latent_to_labels,
-    threshold_absolute,
     threshold_relative,
-    tint,
 )
 from unet_seg.demo import BlockCodec
 
@@ -73,13 +71,18 @@ def random_image(b, h, w, seed, low=-1.0, high=1.0):
     return torch.rand(b, 3, h, w, generator=gen(seed)) * (high - low) + low
 
 
+def tinted(image):
+    """DiffewS' overlay foreground: the image blended half-way to red."""
+    return 0.5 * image + 0.5 * torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+
+
 def encodings(image):
     """The four DiffewS encodings as (foreground, background)."""
     return {
         "white_on_black": (1.0, -1.0),
         "foreground_on_black": (image, -1.0),
         "black_on_background": (-1.0, image),
-        "overlay": (tint(image), image),
+        "overlay": (tinted(image), image),
     }
 
 
@@ -118,7 +121,7 @@ def test_encodings_paint_what_diffews_describes():
     assert torch.equal(px(fg_on_black, 0), grey) and px(fg_on_black, 1).tolist() == [-1, -1, -1]
     black_on_bg = mask_to_image(mask, -1.0, image)
     assert px(black_on_bg, 0).tolist() == [-1, -1, -1] and torch.equal(px(black_on_bg, 1), grey)
-    overlay = mask_to_image(mask, tint(image, (1.0, -1.0, -1.0), 0.5), image)
+    overlay = mask_to_image(mask, tinted(image), image)
     torch.testing.assert_close(px(overlay, 0), torch.tensor([0.6, -0.7, -0.2]))
     assert torch.equal(px(overlay, 1), grey)
 
@@ -131,11 +134,6 @@ def test_pixels_where_renderings_coincide_decode_to_zero():
     image = torch.full((1, 3, 1, 1), -1.0)  # a black pixel: (b) paints it the same either way
     x = mask_to_image(torch.ones(1, 1, 1, dtype=torch.long), image, -1.0)
     assert image_to_probability(x, image, -1.0).item() == 0.0
-
-
-def test_absolute_threshold_is_strict():
-    prob = torch.tensor([[[0.69, 0.7, 0.71]]])
-    assert threshold_absolute(prob, 0.7).tolist() == [[[0, 0, 1]]]
 
 
 def test_relative_threshold_scales_with_each_images_peak():
@@ -152,7 +150,6 @@ def test_image_codec_preserves_dtype(dtype):
     assert mask_to_image(mask.to(dtype)).dtype == dtype
     assert mask_to_image(mask).dtype == torch.float32
     assert image_to_probability(image).dtype == dtype
-    assert threshold_absolute(image_to_probability(image)).dtype == torch.long
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +208,7 @@ def test_mask_latent_round_trip_through_block_vae_is_exact(shape, seed):
     assert z.shape == (b, 4, h, w)
     prob = latent_to_probability(vae, z)
     torch.testing.assert_close(prob, (mask == 1).float(), atol=1e-5, rtol=0)
-    assert torch.equal(threshold_absolute(prob), (mask == 1).long())
+    assert torch.equal((prob > 0.5).long(), (mask == 1).long())
 
 
 @given(shapes, seeds)
@@ -221,7 +218,7 @@ def test_foreground_on_black_latent_round_trip_through_block_vae_is_exact(shape,
     mask = blocky(random_mask(b, h, w, seed, ignore=False))
     image = blocky(random_image(b, h, w, seed + 1, -0.5, 1.0))  # no pixel is black
     prob = latent_to_probability(vae, mask_to_latent(vae, mask, image, -1.0), image, -1.0)
-    assert torch.equal(threshold_absolute(prob), mask)
+    assert torch.equal((prob > 0.5).long(), mask)
 
 
 @given(shapes, seeds, st.integers(1, 5))

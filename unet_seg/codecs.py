@@ -16,12 +16,13 @@ clamped to [0, 1]. The four encodings DiffewS compares (its Fig. 5; "a" is its b
     (a) white on black           mask_to_image(m)                        fg = 1,         bg = −1
     (b) real foreground on black mask_to_image(m, image, -1.0)           fg = image,     bg = −1
     (c) black on real background mask_to_image(m, -1.0, image)           fg = −1,        bg = image
-    (d) mask overlaid on image   mask_to_image(m, tint(image), image)    fg = tinted,    bg = image
+    (d) mask overlaid on image   mask_to_image(m, tinted, image)         fg = tinted,    bg = image
 
-For (a) the projection is exactly the channel mean mapped to [0, 1]: p = (mean_c x + 1) / 2.
+with tinted = (image + red) / 2, red = (1, −1, −1) as a [1, 3, 1, 1] tensor. For (a) the
+projection is exactly the channel mean mapped to [0, 1]: p = (mean_c x + 1) / 2.
 Pixels where fg = bg (say a black image pixel under (b)) carry no mask and decode to 0.
-Probabilities become masks with an absolute threshold (`p > τ`; DiGSeg uses τ = 0.7) or
-DiffewS' relative one (`p > r · max p` per image, r = 0.25 in its evaluation).
+Probabilities become masks with an absolute threshold (`p > τ`) or DiffewS' relative one
+(`threshold_relative`: `p > r · max p` per image, r = 0.25 in its evaluation).
 
 Label maps [B, H, W] (classes 0..C−1, `ignore_index` 255):
   - per class (DiGSeg): one binary mask per class, each through the VAE; back by a pixel-wise
@@ -56,14 +57,6 @@ IGNORE_COLOUR = (0.0, 0.0, 0.0)
 # Binary masks <-> images
 
 
-def tint(image: Tensor, colour: tuple[float, float, float] = (1.0, -1.0, -1.0), alpha: float = 0.5) -> Tensor:
-    """image [B, 3, H, W] in [-1, 1] blended towards `colour` ((1 − α)·image + α·colour): the
-    foreground rendering of the overlay encoding (d)."""
-    _check_image(image, "image")
-    c = torch.tensor(colour, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
-    return (1 - alpha) * image + alpha * c
-
-
 def mask_to_image(mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0, check: bool = True) -> Tensor:
     """mask [B, H, W] with values in {0, 1, 255} -> image [B, 3, H, W] in [-1, 1].
 
@@ -90,12 +83,6 @@ def image_to_probability(image: Tensor, foreground: Rendering = 1.0, background:
     length2 = direction.square().sum(1)
     p = torch.where(length2 > 0, along / length2.clamp(min=torch.finfo(image.dtype).tiny), 0.0)
     return p.clamp(0.0, 1.0)
-
-
-def threshold_absolute(prob: Tensor, threshold: float = 0.5) -> Tensor:
-    """prob [B, H, W] -> mask [B, H, W] int64, 1 where p > threshold (DiGSeg: τ = 0.7)."""
-    _check_probability(prob)
-    return (prob > threshold).long()
 
 
 def threshold_relative(prob: Tensor, ratio: float = 0.25) -> Tensor:
