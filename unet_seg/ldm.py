@@ -5,8 +5,8 @@ A single file holds the three networks under prefixes:
     cond_stage_model.*        text encoder (SD1: transformers CLIP under `transformer.`;
                               SD2: OpenCLIP under `model.`, attention packed as `in_proj_*`)
 
-Each table maps one of our module prefixes to the original's; `to_ldm` and `from_ldm` use
-the same tables in both directions, so a conversion round-trips exactly.
+Each table maps one of our module prefixes to the original's; `to_ldm` and the `*_from_ldm`
+functions use the same tables in both directions, so a conversion round-trips exactly.
 """
 
 from __future__ import annotations

@@ -252,8 +252,8 @@ m.name for m in self.modules() if isinstance(m, Attention))
         t = self._check_inputs(x, t, context, support)
         out_dtype, dtype = x.dtype, self.conv_in.weight.dtype  # the package's dtype rule (models/__init__.py)
         x, context = x.to(dtype), context.to(dtype)
-        keep = FeatureTaps(names, stop_early)
-        feats = keep.feats
+        taps = FeatureTaps(names, stop_early)
+        feats = taps.feats
 
         temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(dtype))
         if support is None:
@@ -261,24 +261,24 @@ m.name for m in self.modules() if isinstance(m, Attention))
         else:  # both convolutions on every row, then a select: no data-dependent shapes
             plain = self.conv_in(x[:, : self.config.in_channels])
             h = torch.where(support.view(-1, 1, 1, 1), self.conv_in_support(x), plain)
-        if keep("conv_in", h):
+        if taps("conv_in", h):
             return None, feats
         skips = [h]
         for i, block in enumerate(self.down_blocks):
             h, block_skips = block(h, temb, context, procs)
             skips.extend(block_skips)
-            if keep(f"down.{i}", h):
+            if taps(f"down.{i}", h):
                 return None, feats
         h = self.mid_block(h, temb, context, procs)
-        if keep("mid", h):
+        if taps("mid", h):
             return None, feats
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
-            h, stopped = block(h, skips[-n:], temb, context, procs, keep, f"up.{i}.")
+            h, stopped = block(h, skips[-n:], temb, context, procs, taps, f"up.{i}.")
             if stopped:
                 return None, feats
             del skips[-n:]
-            if keep(f"up.{i}", h):
+            if taps(f"up.{i}", h):
                 return None, feats
         return self.conv_out(F.silu(self.conv_norm_out(h))).to(out_dtype), feats
 
