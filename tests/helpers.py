@@ -154,3 +154,29 @@ def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: l
     shutil.copy(checkpoint_path(straight / run_dir, 1), split / run_dir)
     main(args + ["--out", str(split), "--resume"])
     return tuple(load_file(str(checkpoint_path(d / run_dir, 2))) for d in (straight, split))
+
+
+def assert_resume_is_exact(main, args: list[str], tmp_path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """`straight_and_resumed(main, args, tmp_path, **kwargs)`, asserting that both step-2
+    checkpoints hold the same tensors bit for bit -> the straight run's tensors."""
+    straight, resumed = straight_and_resumed(main, args, tmp_path, **kwargs)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    return straight
+
+
+def run_two_gloo_processes(name: str, args: list[str], tmp_path: Path, grid: str = "predictions.png", timeout: int = 300):
+    """recipes/<name>.py with `args` on 2 gloo ranks (`run_torchrun` with the probe; output in
+    tmp_path/run), asserting what every recipe's 2-process run must show: exit status 0, both ranks
+    holding identical weights at steps 1 and 2, every evaluated item on exactly one rank, one DEMO
+    line (rank 0 prints), "on 2 process(es)", metrics.json and the `grid` image written -> the
+    CompletedProcess."""
+    run = run_torchrun(name, args + ["--out", str(tmp_path / "run")], timeout=timeout, probe=tmp_path / "probe")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
+    assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
+    assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
+    assert "on 2 process(es)" in run.stdout
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / grid).is_file()
+    return run

@@ -8,10 +8,7 @@ import pytest
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import (
-    assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, load_recipe,
-    run_torchrun, straight_and_resumed,
-)
+from .helpers import assert_resume_is_exact, load_recipe, run_two_gloo_processes
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
 
@@ -38,14 +35,9 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
-    import torch
-
     tiny = TINY + ["--shots", "3"]  # draws a shot count and supports from the global RNG each step
     evaluating = ["--eval-every", "1", "--eval-episodes", "2"]  # periodic evaluation must not perturb the run
-    a, b = straight_and_resumed(_recipe().main, tiny, tmp_path, straight_only=evaluating)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resume_is_exact(_recipe().main, tiny, tmp_path, straight_only=evaluating)
 
 
 def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, cpu_only, monkeypatch):
@@ -95,13 +87,7 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
 
 
 def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
-    run = run_torchrun("diffews_coco20i", TINY + ["--out", str(tmp_path / "run")], timeout=240, probe=tmp_path / "probe")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
-    assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
-    assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
-    assert "on 2 process(es)" in run.stdout
-    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "episodes.png").is_file()
+    run_two_gloo_processes("diffews_coco20i", TINY, tmp_path, grid="episodes.png", timeout=240)
 
 
 

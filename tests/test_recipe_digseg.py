@@ -10,10 +10,7 @@ import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import (
-    assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, load_recipe,
-    randn, run_torchrun, straight_and_resumed,
-)
+from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
         "--ensemble", "2", "--ddim-steps", "2"]
@@ -43,20 +40,11 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     evaluating = ["--eval-every", "1", "--eval-images", "2"]  # periodic evaluation must not perturb the run
-    a, b = straight_and_resumed(_recipe().main, TINY, tmp_path, straight_only=evaluating)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resume_is_exact(_recipe().main, TINY, tmp_path, straight_only=evaluating)
 
 
 def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
-    run = run_torchrun("digseg_ade20k", TINY + ["--out", str(tmp_path / "run")], timeout=240, probe=tmp_path / "probe")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
-    assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
-    assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
-    assert "on 2 process(es)" in run.stdout
-    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "predictions.png").is_file()
+    run_two_gloo_processes("digseg_ade20k", TINY, tmp_path, timeout=240)
 
 
 @pytest.mark.slow

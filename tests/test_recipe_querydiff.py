@@ -10,10 +10,7 @@ import torch
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import (
-    assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, load_recipe,
-    rand, run_torchrun, straight_and_resumed,
-)
+from .helpers import assert_resume_is_exact, load_recipe, rand, run_two_gloo_processes
 
 TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
@@ -42,10 +39,7 @@ def test_demo_trains_both_models_and_writes_metrics_and_grid(tmp_path, capsys):
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     tiny = TINY + ["--no-compare"]  # noise of the diffusion branch and the loss points come from the global RNG
-    a, b = straight_and_resumed(_recipe().main, tiny, tmp_path, run_dir="querydiff")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resume_is_exact(_recipe().main, tiny, tmp_path, run_dir="querydiff")
 
 
 def test_evaluation_never_builds_the_diffusion_model(tmp_path, monkeypatch):
@@ -119,13 +113,7 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
 
 
 def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
-    run = run_torchrun("querydiff_gta2cs", TINY + ["--out", str(tmp_path / "run")], timeout=300, probe=tmp_path / "probe")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
-    assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
-    assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
-    assert "on 2 process(es)" in run.stdout
-    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "predictions.png").is_file()
+    run_two_gloo_processes("querydiff_gta2cs", TINY, tmp_path)
     # the sharded evaluation counts every image once: one process on the same weights agrees exactly
     two = json.loads((tmp_path / "run" / "metrics.json").read_text())
     with pytest.warns(UserWarning, match="RNG states not restored"):  # a 2-process checkpoint read by 1 process
