@@ -327,18 +327,18 @@ TREES = st.recursive(
 @given(tree=TREES)
 def test_packed_tree_survives_a_safetensors_file_unchanged(tmp_path_factory, tree):
     tensors = {}
-    header = json.dumps(train._pack({"x": tree}, "extra", tensors))
+    header = json.dumps(train.checkpoints._pack({"x": tree}, "extra", tensors))
     path = tmp_path_factory.mktemp("tree") / "t.safetensors"
     save_file(tensors, str(path))
     loaded = load_file(str(path))
-    assert_same_tree(train._unpack(json.loads(header), loaded)["x"], tree)
+    assert_same_tree(train.checkpoints._unpack(json.loads(header), loaded)["x"], tree)
 
 
 def test_unstorable_values_are_named():
     with pytest.raises(TypeError, match=r"extra/f: cannot store a function"):
-        train._pack({"f": lambda: 0}, "extra", {})
+        train.checkpoints._pack({"f": lambda: 0}, "extra", {})
     with pytest.raises(TypeError, match="dict keys must be str or int"):
-        train._pack({(1, 2): 0}, "extra", {})
+        train.checkpoints._pack({(1, 2): 0}, "extra", {})
 
 
 # ---------------------------------------------------------------- errors and atomicity
@@ -401,7 +401,7 @@ def test_failed_write_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, mo
             f.write(b"\x00" * 100)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(train, "save_file", disk_full)
+    monkeypatch.setattr(train.checkpoints, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(tmp_path, 5, {"m": tiny_net()}, optimizer=opt)
     with pytest.raises(OSError, match="No space left"):

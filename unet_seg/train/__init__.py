@@ -1,0 +1,66 @@
+"""What every recipe needs around its training loop: processes, seeds, checkpoints, progress.
+
+The loop the four recipes run (recipes/*.py `main`):
+
+    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), argv, DEMO, REAL)  # unet_seg.cli
+    run = start_run(args, demo="tiny random models, synthetic scenes", real="--model <SD 2.x> --data-root ...")
+    sd = demo.tiny_sd() if args.demo else load_sd(args.model)  # rank, world, device: run.rank, ...
+    model, opt, sched = ..., ..., ...
+    models = {"head": model}                                   # what training changes
+    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
+    loader = resumable_loader(dataset, args.batch_size, args.seed)
+    bar = progress(total=args.steps, initial=step)
+    for step, epoch, batch in training_batches(loader, step, args.steps):
+        with autocast(run.device):
+            loss = check_finite_everywhere(loss_fn(forward(batch["image"]), batch["label"]), "loss")
+        ...; bar.update()
+        if should_checkpoint(step, args.save_every, args.steps):  # and at the step Ctrl-C / SIGTERM came
+            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, keep_last=2)
+    conf, shown = evaluate_semantic(predict, test_data, ...)   # each rank its `rank_share`
+    return finish_run(run, {"mIoU": miou}, out=args.out, title="...")  # table, times, barrier, cleanup
+
+Collectives (`save_checkpoint`, `check_finite_everywhere`, `barrier`) must be called by every
+rank; only rank 0 writes files. Checkpoints are safetensors only: tensors as tensors, everything
+else (optimizer hyper-parameters, scheduler state, counters, RNG states) as JSON in the header.
+Resuming is exact (bit for bit on the same hardware and world size) when the data order comes
+from `resumable_loader` and the loss draws randomness only from the global RNGs restored here.
+
+One job per module; import everything from `unet_seg.train`:
+
+    distributed   init_distributed, rank_and_world, rank_share, head, is_main, barrier, print0,
+                  print_demo, unwrap, cleanup_distributed, check_finite_everywhere
+    loop          seed_everything, resumable_loader (ResumableSampler), training_batches,
+                  should_checkpoint, interrupted (Ctrl-C / SIGTERM)
+    checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
+                  checkpoint_path
+    compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, evaluation
+    report        progress (LineProgress), write_metrics
+    run           start_run, finish_run
+"""
+
+from ..hub import atomic_path
+from .checkpoints import (
+    CHECKPOINT_FORMAT, Resumed, checkpoint_path, latest_checkpoint, load_checkpoint, load_latest, resume_latest,
+    save_checkpoint,
+)
+from .compute import autocast, compile_cache_dir, evaluation, maybe_compile, wrap_for_training
+from .distributed import (
+    barrier, check_finite_everywhere, cleanup_distributed, head, init_distributed, is_main, print0, print_demo,
+    rank_and_world, rank_share, unwrap,
+)
+from .loop import ResumableSampler, interrupted, resumable_loader, seed_everything, should_checkpoint, training_batches
+from .report import LineProgress, PathLike, progress, write_metrics
+from .run import Run, finish_run, start_run
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "Resumed", "checkpoint_path", "latest_checkpoint", "load_checkpoint", "load_latest",
+    "resume_latest", "save_checkpoint",
+    "autocast", "compile_cache_dir", "evaluation", "maybe_compile", "wrap_for_training",
+    "barrier", "check_finite_everywhere", "cleanup_distributed", "head", "init_distributed", "is_main", "print0",
+    "print_demo", "rank_and_world", "rank_share", "unwrap",
+    "ResumableSampler", "interrupted", "resumable_loader", "seed_everything", "should_checkpoint", "training_batches",
+    "LineProgress", "PathLike", "progress", "write_metrics",
+    "Run", "finish_run", "start_run",
+    "atomic_path",  # unet_seg.hub's, still importable from here
+]  # fmt: skip

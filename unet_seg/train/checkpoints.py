@@ -1,0 +1,272 @@
+"""Training checkpoints: safetensors only, written atomically by rank 0, resumed exactly.
+
+Tensors are stored as tensors; everything else (optimizer hyper-parameters, scheduler state,
+counters, every rank's RNG states) as JSON in the header. Resuming is exact (bit for bit on the
+same hardware and world size) when the data order comes from `loop.resumable_loader` and the
+loss draws randomness only from the global RNGs restored here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..hub import CheckpointError, atomic_path, check_state_dict
+from .distributed import _rank, _world_size, all_gather_str, barrier, is_main, print0, unwrap
+from .loop import _INTERRUPT
+from .report import PathLike
+
+
+CHECKPOINT_FORMAT = "unet_seg.checkpoint/1"
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def _rng_state() -> dict:
+    """This process's global RNG states as JSON-able data."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "cuda": (
+            base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+            if torch.cuda.is_available()
+            else None
+        ),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+
+
+def _bytes_tensor(b64: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+
+class Resumed(NamedTuple):
+    step: int
+    epoch: int
+    extra: dict
+
+
+def _pack(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """A nested structure as JSON: tensors move to `tensors` under their path `key` and leave a
+    reference; dicts, lists and tuples are tagged so that they come back as they were (dict keys
+    may be str or int, as in `optimizer.state_dict()`)."""
+    if isinstance(obj, Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors would be stored under {key!r}")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"{key}: dict keys must be str or int to be stored, got {type(k).__name__}")
+        return {"dict": [[k, _pack(v, f"{key}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_pack(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"tuple" if isinstance(obj, tuple) else "list": items}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"{key}: cannot store a {type(obj).__name__} in a checkpoint "
+        "(tensors, numbers, strings, None, and dicts, lists and tuples of them)"
+    )
+
+
+def _unpack(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    [(tag, value)] = obj.items()
+    if tag == "tensor":
+        return tensors[value]
+    if tag == "dict":
+        return {k: _unpack(v, tensors) for k, v in value}
+    items = [_unpack(v, tensors) for v in value]
+    return tuple(items) if tag == "tuple" else items
+
+
+def checkpoint_path(directory: PathLike, step: int) -> Path:
+    """`directory/step_000001000.safetensors`: the name `save_checkpoint` gives step 1000."""
+    return Path(directory) / f"step_{step:09d}.safetensors"
+
+
+def _checkpoints(directory: PathLike) -> list[Path]:
+    """The `step_*.safetensors` files in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: PathLike) -> Optional[Path]:
+    """The checkpoint of the highest step in `directory`, or None if there is none."""
+    found = _checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    directory: PathLike,
+    step: int,
+    models: dict[str, nn.Module],
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    epoch: int = 0,
+    extra: Optional[dict] = None,
+    keep_last: Optional[int] = None,
+) -> Path:
+    """Write `checkpoint_path(directory, step)` atomically (rank 0) and return its path.
+
+    Call it on every rank: each rank's RNG states are gathered so that all of them resume
+    exactly; the ranks wait for the file before returning. Stored: each model's state dict
+    (unwrapped from DDP/compile, under `model/<name>/`), the optimizer and scheduler state dicts,
+    `step`, `epoch`, `extra` (JSON-able values and tensors, e.g. the run's arguments or the best
+    metric so far) and the RNG states. Pass only the modules that training changes. With
+    `keep_last=N`, older `step_*.safetensors` files in `directory` beyond the newest N are deleted.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    rng = [json.loads(s) for s in all_gather_str(json.dumps(_rng_state()))]
+    path = checkpoint_path(directory, step)
+    if is_main():
+        tensors: dict[str, Tensor] = {}
+        for name, model in models.items():
+            for key, value in unwrap(model).state_dict().items():
+                tensors[f"model/{name}/{key}"] = value.detach().cpu().contiguous()
+        header = {
+            "step": step,
+            "epoch": epoch,
+            "models": list(models),
+            "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+            "scheduler": _pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+            "extra": _pack(extra or {}, "extra", tensors),
+            "rng": rng,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(header)})
+        if keep_last is not None:
+            for old in _checkpoints(directory)[:-keep_last]:
+                old.unlink()
+    barrier()
+    _INTERRUPT.saved[step] = path
+    return path
+
+
+def load_checkpoint(
+    path: Optional[PathLike],
+    models: dict[str, nn.Module],
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    restore_rng: bool = True,
+) -> Resumed:
+    """Restore what `save_checkpoint` stored into `models` (same names), the optimizer and the
+    scheduler (when given), and this rank's RNG states; return (step, epoch, extra).
+
+    Every rank reads the file. A missing, truncated or corrupt file, a missing model, optimizer
+    or scheduler state, and a state dict that does not fit (keys listed) raise CheckpointError
+    naming the file. Resumed with a different world size, the RNG states are not restored (a
+    warning says so): training continues, but not bit for bit.
+    """
+    if path is None or not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        header = json.loads(metadata["state"]) if metadata.get("format") == CHECKPOINT_FORMAT else None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from e
+    if header is None:
+        raise CheckpointError(f"{path}: a safetensors file, but not a unet_seg training checkpoint")
+
+    missing = sorted(models.keys() - set(header["models"]))
+    if missing:
+        raise CheckpointError(f"{path}: no state for model(s) {missing}; it holds {header['models']}")
+    for name, model in models.items():
+        model = unwrap(model)
+        prefix = f"model/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        check_state_dict(model.state_dict(), state, f"{path} (model {name!r})")
+        model.load_state_dict(state)
+    for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if header[what] is None:
+            raise CheckpointError(f"{path}: holds no {what} state")
+        try:
+            obj.load_state_dict(_unpack(header[what], tensors))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the {what} state does not fit ({e})") from e
+    if restore_rng:
+        if len(header["rng"]) == _world_size():
+            _set_rng_state(header["rng"][_rank()])
+        else:
+            warnings.warn(
+                f"{path} was written by {len(header['rng'])} process(es), this run has {_world_size()}: "
+                "RNG states not restored, so the resumed run will not match an uninterrupted one bit for bit"
+            )
+    return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors))
+
+
+def resume_latest(
+    directory: PathLike,
+    models: dict[str, nn.Module],
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+) -> int:
+    """--resume: the steps done by the latest usable checkpoint in `directory`, restored into
+    `models`, the optimizer and the scheduler (`load_checkpoint`). Where there is none it says
+    so ("starting from step 0") and returns 0. A checkpoint that cannot be used (corrupt,
+    truncated, not fitting) is passed over for the one before it with a warning naming it; when
+    none can be used, CheckpointError names them all and says what to delete."""
+    found = _checkpoints(directory)[::-1]
+    if not found:
+        print0(f"--resume: no checkpoint in {directory}; starting from step 0")
+        return 0
+    bad = []
+    for path in found:
+        try:
+            step = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler).step
+        except CheckpointError as e:
+            bad.append(path)
+            if is_main():
+                warnings.warn(f"--resume: passing over {path}, which cannot be used: {e}", stacklevel=2)
+            continue
+        print0(f"resumed {path} (step {step})" + (f"; passed over {len(bad)} newer unusable checkpoint(s)" if bad else ""))
+        return step
+    raise CheckpointError(
+        f"--resume: none of the {len(bad)} checkpoint(s) in {directory} can be used (warnings above say why): "
+        f"delete {', '.join(p.name for p in bad)} to start from step 0, or give another --out"
+    )
+
+
+def load_latest(directory: PathLike, models: dict[str, nn.Module]) -> None:
+    """Evaluation only: the latest checkpoint's weights (and this rank's RNG states, as
+    `load_checkpoint`) into `models`; FileNotFoundError where `directory` holds none."""
+    path = latest_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}: train first (without --eval-only)")
+    load_checkpoint(path, models)

@@ -1,0 +1,49 @@
+"""The start and the end of every recipe run (`start_run`, `finish_run`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from .distributed import barrier, cleanup_distributed, init_distributed, print0, print_demo
+from .loop import seed_everything
+from .report import PathLike, write_metrics
+
+
+class Run(NamedTuple):
+    """This process's place in a recipe run (`start_run`)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    started: float  # time.perf_counter() at the start
+
+
+def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
+    """Join the processes (`init_distributed`), say plainly on rank 0 what a --demo run is
+    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"), seed this rank
+    (`seed_everything(args.seed, rank)`) and create `args.out`."""
+    started = time.perf_counter()
+    rank, world, local_rank, device = init_distributed()
+    print_demo(args, f"{demo}, {device.type.upper()}, no download (real runs: {real})")
+    seed_everything(args.seed, rank)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return Run(rank, world, local_rank, device, started)
+
+
+def finish_run(run: Run, metrics: dict, *, out: PathLike, title: str, wrote: str = "", train_seconds: Optional[float] = None) -> dict:
+    """The end of every recipe: `metrics` written to `out`/metrics.{md,json} and printed as a
+    table, the run's times, then every rank waits for the others and leaves the process group.
+    `wrote` names further files written (e.g. "predictions.png"). Returns `metrics`."""
+    table = write_metrics(metrics, Path(out) / "metrics", title=title)
+    print0("\n" + table)
+    times = (f"train {train_seconds:.0f} s, " if train_seconds is not None else "") + f"total {time.perf_counter() - run.started:.0f} s"
+    print0(f"{times} on {run.world} process(es); wrote {out}/metrics.md, .json" + (f", {wrote}" if wrote else ""))
+    barrier()
+    cleanup_distributed()
+    return metrics
