@@ -108,8 +108,8 @@ def run(args) -> None:
         from bench_models import flops_of, profile_kernels, profile_table
 
         prof = profile_kernels(lambda: step(0), 3)
+        tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12  # its loss check is a collective
         if rank == 0:
-            tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12
             print(profile_table(f"training step, {b} episodes, world {world}{tag}, rank 0", prof, tflop), flush=True)
     if args.eval_episodes == 0:
         barrier()
