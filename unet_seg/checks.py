@@ -19,6 +19,14 @@ def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def check_images(x: Any, name: str) -> None:
+    """A batch of RGB images [B, 3, H, W], floating point (values are not read)."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be [B, 3, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
 def check_multiple_of_8(size: Sequence[int], name: str) -> None:
     """(height, width) of an image, mask or crop that SD's VAE takes: each a positive multiple of 8."""
     if len(size) != 2:

@@ -46,7 +46,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .checks import check_multiple_of_8
+from .checks import check_images, check_multiple_of_8
 
 Rendering = Union[Tensor, float]
 
@@ -76,7 +76,7 @@ def image_to_probability(image: Tensor, foreground: Rendering = 1.0, background:
     p = clamp(⟨x − bg, fg − bg⟩ / ‖fg − bg‖², 0, 1) per pixel, with the renderings the mask was
     encoded with; for white on black this is (mean_c x + 1) / 2.
     """
-    _check_image(image, "image")
+    check_images(image, "image")
     fg, bg = _renderings(image[:, 0], foreground, background, dtype=image.dtype)
     direction = (fg - bg).expand_as(image)
     along = ((image - bg) * direction).sum(1)
@@ -178,7 +178,7 @@ def labels_to_palette_image(labels: Tensor, palette: Tensor, ignore_index: int =
 def palette_image_to_labels(image: Tensor, palette: Tensor, ignore_index: int = 255) -> Tensor:
     """image [B, 3, H, W] -> labels [B, H, W] int64: the nearest (Euclidean) of the palette
     colours and `IGNORE_COLOUR`; the latter decodes to ignore_index."""
-    _check_image(image, "image")
+    check_images(image, "image")
     colours = _palette_with_ignore(palette).to(device=image.device, dtype=image.dtype)
     d2 = (image.unsqueeze(1) - colours.view(1, -1, 3, 1, 1)).square().sum(2)  # [B, C+1, H, W]
     index = d2.argmin(1)
@@ -205,7 +205,7 @@ def _renderings(like: Tensor, foreground: Rendering, background: Rendering, dtyp
     images = [r for r in (foreground, background) if isinstance(r, Tensor)]
     for r, name in ((foreground, "foreground"), (background, "background")):
         if isinstance(r, Tensor):
-            _check_image(r, name)
+            check_images(r, name)
             if (r.shape[0], *r.shape[2:]) != tuple(like.shape):
                 raise ValueError(f"{name} must be [B, 3, H, W] matching {tuple(like.shape)}, got {tuple(r.shape)}")
     if dtype is None:
@@ -253,13 +253,6 @@ def _check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
             f"labels must be in [0, {num_classes}) or {ignore_index} (ignore), "
             f"found {labels[bad].unique()[:5].tolist()}"
         )
-
-
-def _check_image(image: Tensor, name: str) -> None:
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"{name} must be [B, 3, H, W], got shape {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {image.dtype}")
 
 
 def _check_probability(prob: Tensor) -> None:

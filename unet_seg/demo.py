@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_multiple_of_8
-from .codecs import _check_image
+from .checks import check_images, check_multiple_of_8
 from .data import synthetic
 from .data.synthetic import SemanticScenes, random_style
 from .diffusion import NoiseSchedule, q_sample, training_target
@@ -44,7 +43,7 @@ class BlockCodec(nn.Module):
     downscale = 8
 
     def encode(self, img: Tensor, sample: bool = False, generator=None) -> Tensor:
-        _check_image(img, "img")
+        check_images(img, "img")
         check_multiple_of_8(img.shape[2:], "img")
         mean = F.avg_pool2d(img, 8)
         var = (F.avg_pool2d(img.square(), 8) - mean.square()).clamp_min(0).mean(1, keepdim=True)
