@@ -65,7 +65,6 @@ epoch and evaluation leaves the epoch at 0.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -79,6 +78,7 @@ from tqdm import tqdm
 
 from unet_seg.data.transforms import IGNORE_INDEX, read_image, read_label_png
 from unet_seg.errors import DataLayoutError
+from unet_seg.hub import atomic_path
 
 NUM_FOLDS = 4
 FOLD_RULES = ("interleaved", "consecutive")
@@ -157,10 +157,9 @@ def class_pixel_index(root: Union[str, Path], coco_split: str) -> dict[str, dict
         if sorted(stored) == stems:
             return {stem: {int(c): n for c, n in stored[stem].items()} for stem in stems}
     index = {stem: class_pixels(masks_dir / f"{stem}.png") for stem in tqdm(stems, desc=f"indexing {masks_dir}")}
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(index, separators=(",", ":")))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(index, separators=(",", ":")))
     except OSError as e:
         warnings.warn(f"could not write the class index {cache} ({e}); it will be rebuilt on every start")
     return index
