@@ -27,6 +27,7 @@ Method (one training sample = an image and one class c; one denoising run per ca
 | training noise | multi-res. + annealed (Table 4: +1.9 mIoU), formula not given | – | Marigold "original", s = 0.9, ×t/T | A.1 matches Marigold's release |
 | schedule, optimiser | DDPM T = 1000; AdamW lr 1e-4; batch 16; 30 000 its (§4.1) | – | same; wd 1e-2, clip 1.0, constant lr | rest: ours |
 | training pairs | not described | – | a present class, or (p = 0.25) an absent one with an empty mask | ours (note 4) |
+| mask target | per class (A.3); a label map in 3 channels, palette decoding (§3.4, App. B) | – | per class; `--target label-map` (note 8) | A.3 is the inference described |
 | augmentation | 512², flip, scale jitter [0.8, 1.2] (§4.1) | – | short side 512×U(0.8,1.2), 512² crop, flip | |
 | inference | DDIM trailing; E seeds averaged in latent space; 8×2 = 58.6, 1×1 = 56.8 (Table 6) | – | same | |
 | labels | argmax over candidates, background below τ_bg (A.3); τ = 0.7 (§4) | – | both rows: plain argmax, and τ = 0.7 floor (note 5) | ADE20K-150 has no background |
@@ -51,6 +52,11 @@ prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's
 classes, so a mask depends on the prompt; the control gives each class the next class's prompt.
 Measured once (150 steps, H100): 1×10 τ floor 15.3 mIoU, control 15.6, majority 13.9; with v
 on a CPU (24 images) 17.0 vs ε 15.2, controls 17.9 / 17.1; 750 steps 17.3, control 17.4 (README).
+(8) `--target label-map` reads §3.4 / App. B instead: the label map painted in a palette (one
+colour per class, `codecs.make_palette`; App. B's grey replication would put ADE20K's 150 classes
+0.013 apart) is the target, and one run per image is decoded by the nearest colour: the per-image
+work of Table 6's FPS (note 6). The paper does not say what conditions such a run; here a zero
+embedding (no prompt: the palette fixes the classes), so no open vocabulary and no control row.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="ADEChallengeData2016 folder (see unet_seg.data.ade20k)")
     p.add_argument("--candidates", nargs="+", choices=("clip", "all"), help="classes denoised per image, one row "
                    "each: CLIP's selection (A.3) and/or every class; default clip, demo all")
+    p.add_argument("--target", choices=("class-masks", "label-map"), default="class-masks", help="one white-on-black "
+                   "mask per class, a run per (image, class) (A.3); or the whole label map as a palette image, one "
+                   "run per image, no class prompt (§3.4, App. B; note 8)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="ε (eq. 6) or v (SD 2.1-768's and Marigold's parameterisation)")
     p.add_argument("--trainable", choices=("paper", "all"), help=f"U-Net parameters trained ({REAL['trainable']}, demo {DEMO['trainable']})")
@@ -107,7 +116,7 @@ from torch import Tensor, nn
 
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
-from unet_seg.codecs import mask_to_latent
+from unet_seg.codecs import labels_to_palette_latent, make_palette, mask_to_latent
 from unet_seg.demo import tiny_sd
 from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
@@ -115,7 +124,7 @@ from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_cla
 from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
-from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks
+from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
@@ -180,11 +189,12 @@ def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, tokenizer, nam
     return F.normalize(text_encoder.to(device).eval().text_embeds(ids).float(), dim=-1)
 
 
-def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, class_embeds) -> Tensor:
+def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, class_embeds) -> Tensor:
     """One optimiser step of eq. 6 (`model`: DiGSeg as called, possibly compiled or DDP-wrapped;
-    `params`: what it trains). images [B, 3, H, W], masks [B, H, W] in {0, 1}, class_embeds [B, P]."""
+    `params`: what it trains). images [B, 3, H, W], z_y [B, 4, h, w] the target latent (a class
+    mask's or the label map's, `target_latents`), class_embeds [B, P]."""
     with torch.no_grad():
-        z_x, z_y = vae.encode(images), mask_to_latent(vae, masks)
+        z_x = vae.encode(images)
         t = torch.randint(0, schedule.num_train_timesteps, (images.shape[0],), device=images.device)
         noise = multires_noise(z_y, t, schedule.num_train_timesteps)  # A.1, annealed
         y_t = q_sample(z_y, noise, t, schedule)
@@ -199,18 +209,33 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, masks, 
     return loss
 
 
+@torch.no_grad()
+def target_latents(vae, labels, class_embeds, class_ids, palette=None) -> tuple[Tensor, Tensor]:
+    """Dataset labels [B, H, W] -> (z_y [B, 4, h, w], conditioning [B, P]). Per class (A.3): a
+    present (or absent, note 4) class's white-on-black mask and its embedding. With `palette`
+    [C + 1, 3] (note 8): the whole label map painted palette[i] for class_ids[i], the last colour
+    for anything else (the demo's background), and no class prompt (a zero embedding)."""
+    if palette is None:
+        index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
+        return mask_to_latent(vae, masks), class_embeds[index]
+    lookup = torch.full((256,), len(class_ids), dtype=torch.long, device=labels.device)
+    lookup[class_ids.to(labels.device)], lookup[255] = torch.arange(len(class_ids), device=labels.device), 255
+    return labels_to_palette_latent(vae, lookup[labels], palette), class_embeds.new_zeros(len(labels), class_embeds.shape[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
 @torch.no_grad()
 def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
-             modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD):
+             modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD, palette=None):
     """This rank's share of `data` -> ({row: all-rank confusion [N, N]}, {row: images/s, class
     runs/s}, up to 4 (image, prediction, labels)). Rows: E×S `settings` × candidate `modes` ("all",
     or "clip" from `clip_vision`) × {plain argmax, τ floor}; the majority baseline (`vocab`:
     num_labels, background, majority); with `control`, the last setting with each class's prompt
-    replaced by the next class's. In `train.evaluation`: eval mode, own RNG stream seeded by `seed`."""
+    replaced by the next class's; with `palette` (note 8) one run per image and setting. In
+    `train.evaluation`: eval mode, own RNG stream seeded by `seed`."""
     with evaluation(model, seed=seed, device=device):
         num_labels, background, majority = vocab
         subset = rank_share(data)
@@ -218,6 +243,10 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
         if control:
             runs["control: DiGSeg, prompts of the next class"] = (*settings[-1], modes[0], class_embeds.roll(-1, 0))
         rules = {"argmax": None, f"τ {threshold}": threshold}
+        if palette is not None:  # note 8
+            runs = {f"DiGSeg label map {e}x{s}": (e, s, None, class_embeds.new_zeros(1, class_embeds.shape[1])) for e, s in settings}
+            rules = {"nearest colour": None}
+            table = torch.cat([class_ids.to(device), torch.tensor([background], device=device)])
         names = [f"{n}, {r}" for n in runs for r in rules] + ["baseline: majority label"]
         conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
         seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
@@ -230,14 +259,18 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
                 candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
             for name, (e, s, mode, embeds) in runs.items():
                 start = time.perf_counter()
-                prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
-                if prob.shape[-2:] != labels.shape[-2:]:
-                    prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
-                preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
+                if palette is not None:
+                    index = denoise_label_maps(model, vae, schedule, inputs, embeds, palette, e, s)
+                    preds = {r: table[resize_labels(index, labels.shape[-2:])] for r in rules}
+                else:
+                    prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
+                    if prob.shape[-2:] != labels.shape[-2:]:
+                        prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
+                    preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - start
-                class_runs[name] += len(images) * len(candidates[mode])
+                class_runs[name] += len(images) * (1 if palette is not None else len(candidates[mode]))
                 for r, pred in preds.items():
                     conf[f"{name}, {r}"] += confusion_matrix(pred, labels, num_labels)
                 if name == next(iter(runs)) and len(shown) < 4:
@@ -325,16 +358,17 @@ def main(argv=None) -> dict:
         vae.decoder.compile()
     settings = [(1, 1), (args.ensemble, args.ddim_steps)] if args.demo else [(args.ensemble, args.ddim_steps)]
     settings = list(dict.fromkeys(settings))
+    palette = make_palette(len(class_ids) + 1).to(device) if args.target == "label-map" else None  # note 8
     eval_kw = dict(vae=vae, schedule=schedule, class_embeds=class_embeds, class_ids=class_ids, vocab=vocab, size=args.size,
-                   device=device, seed=args.seed, clip_vision=clip_vision, threshold=args.threshold)  # fmt: skip
+                   device=device, seed=args.seed, clip_vision=clip_vision, threshold=args.threshold, palette=palette)  # fmt: skip
 
     # ---- train: eq. 6 on (image, class) pairs
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
-        loss = train_step(forward, params, vae, schedule, opt, images, masks, class_embeds[index])
+        z_y, embeds = target_latents(vae, labels, class_embeds, class_ids, palette)
+        loss = train_step(forward, params, vae, schedule, opt, images, z_y, embeds)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
@@ -348,7 +382,7 @@ def main(argv=None) -> dict:
     train_time = time.perf_counter() - job.started
 
     # ---- eval: E×S settings × candidates × {argmax, τ floor}, the majority baseline, (demo) the shuffled-prompt control
-    conf, speed, shown = evaluate(model, test_data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo)
+    conf, speed, shown = evaluate(model, test_data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo and palette is None)
     metrics = {n: {**summarise(c, scored), **speed.get(n, {})} for n, c in conf.items()}
     first = next(iter(conf))  # demo: only the scene classes and background are ever predicted
     kept = scored if args.demo else list(range(len(label_names)))

@@ -138,3 +138,31 @@ def test_defaults_follow_the_paper(tmp_path):
     both = recipe.parse_args(["--model", "m", "--data-root", d, "--candidates", "clip", "all", "--prediction-type", "v_prediction"])
     assert both.candidates == ["clip", "all"] and both.prediction_type == "v_prediction"
     assert recipe.parse_args(["--demo"]).candidates == ["all"]
+
+
+def test_label_map_target_runs_once_per_image_and_decodes_to_dataset_labels(tmp_path):
+    """--target label-map (§3.4, App. B): one run per image and E×S setting, no control row."""
+    metrics = _recipe().main(TINY + ["--target", "label-map", "--out", str(tmp_path)])
+    rows = {f"DiGSeg label map {s}, nearest colour" for s in ("1x1", "2x2")}
+    assert set(metrics) == rows | {"baseline: majority label"}
+    for name in rows:
+        assert metrics[name]["images/s"] == metrics[name]["class runs/s"] > 0
+        assert 0 <= metrics[name]["mIoU"] <= 100
+    assert _recipe().parse_args(["--demo"]).target == "class-masks"  # A.3 by default
+
+
+def test_label_map_targets_paint_each_class_its_palette_colour_and_take_no_prompt():
+    from unet_seg.codecs import IGNORE_COLOUR, make_palette
+
+    recipe = _recipe()
+    identity = type("Identity", (), {"encode": staticmethod(lambda img: img)})()
+    class_ids, embeds = torch.tensor([1, 5, 9]), randn(3, 6, seed=3)
+    up = lambda x: x.repeat_interleave(4, -2).repeat_interleave(4, -1)  # noqa: E731  -- 2×2 -> 8×8
+    labels = up(torch.tensor([[[0, 5], [9, 255]], [[1, 1], [0, 0]]]))
+    palette = make_palette(4)
+    z, cond = recipe.target_latents(identity, labels, embeds, class_ids, palette)
+    expected = [[palette[3], palette[1]], [palette[2], torch.tensor(IGNORE_COLOUR)]], [[palette[0]] * 2, [palette[3]] * 2]
+    assert torch.equal(z, up(torch.stack([torch.stack([torch.stack(r) for r in img]) for img in expected]).permute(0, 3, 1, 2)))
+    assert torch.equal(cond, torch.zeros(2, 6))
+    z, cond = recipe.target_latents(identity, labels, embeds, class_ids)  # per class: a present class's mask
+    assert z.shape == (2, 3, 8, 8) and cond.shape == (2, 6)

@@ -171,3 +171,47 @@ def test_sharded_evaluation_on_two_gloo_processes_counts_every_item_exactly_once
     assert torch.equal(alone, expected)
     for rank in range(world):
         assert torch.equal(torch.load(f"{out}.{rank}", weights_only=True), expected), f"rank {rank}"
+
+
+def _oracle_x0(target: torch.Tensor):
+    """An x0-parameterised denoiser that always predicts `target` [B·K, 4, h, w] (checking its inputs' shapes)."""
+
+    def denoiser(y_t, z_x, t, class_embeds):
+        assert y_t.shape == z_x.shape and class_embeds.shape[0] == y_t.shape[0] == t.shape[0]
+        return target.repeat(y_t.shape[0] // target.shape[0], 1, 1, 1)
+
+    return denoiser
+
+
+class NearestCodec:
+    """8×8 block means in, nearest upsampling out: exact for block-constant images."""
+
+    def encode(self, img):
+        return torch.cat([torch.nn.functional.avg_pool2d(img, 8), torch.zeros_like(img[:, :1, ::8, ::8])], 1)
+
+    def decode(self, z):
+        return z[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3), blocks=st.integers(1, 4), classes=st.integers(1, 30), ensemble=st.integers(1, 3),
+    steps=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_denoise_label_maps_decodes_the_denoised_palette_latent_to_its_labels(b, blocks, classes, ensemble, steps, seed):
+    """One run per image (DiGSeg §3.4, App. B): a denoiser that predicts the palette latent of a
+    label map returns that label map, whatever E and S; ignore pixels come back as the last index."""
+    from unet_seg.codecs import labels_to_palette_latent, make_palette
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.segmentation import denoise_label_maps
+
+    g = torch.Generator().manual_seed(seed)
+    palette, codec = make_palette(classes + 1), NearestCodec()
+    coarse = torch.randint(0, classes + 2, (b, blocks, blocks), generator=g)  # classes + 1 is "ignore"
+    labels = torch.where(coarse == classes + 1, 255, coarse).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    target = labels_to_palette_latent(codec, labels, palette)
+    images = torch.rand(b, 3, 8 * blocks, 8 * blocks, generator=g) * 2 - 1
+    index = denoise_label_maps(_oracle_x0(target), codec, NoiseSchedule.sd("sample"), images, torch.zeros(1, 7), palette,
+                               ensemble, steps)  # fmt: skip
+    assert index.shape == labels.shape and index.dtype == torch.long
+    assert torch.equal(index, torch.where(labels == 255, classes, labels))

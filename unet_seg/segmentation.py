@@ -7,6 +7,10 @@ Per-class (open-vocabulary) segmentation, one binary mask per class (DiGSeg):
     prob = denoise_class_masks(denoiser, vae, schedule, images, class_embeds, ensemble=8, ddim_steps=2)
     labels = candidates_to_labels(prob, candidates, class_ids, background, threshold=0.7)
 
+One run per image instead (DiGSeg §3.4, App. B): the label map as one palette image,
+
+    index = denoise_label_maps(denoiser, vae, schedule, images, embed, palette, ensemble=1, ddim_steps=1)
+
     logits = slide_logits(model_logits, image, crop=(512, 512), stride=(341, 341), num_classes=19)
     conf, shown = evaluate_semantic(lambda x: model_logits(x).argmax(1), val_set, 19, device)
     print(iou_table(conf, CITYSCAPES_CLASSES))
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .codecs import latent_to_probability, masks_to_label_map
+from .codecs import latent_to_probability, masks_to_label_map, palette_latent_to_labels
 from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean
 from .metrics import all_reduce_confusion, confusion_matrix
 from .models.clip_vision import clip_preprocess
@@ -167,14 +171,14 @@ def candidates_to_labels(prob: Tensor, candidates: Tensor, class_ids: Tensor, ba
 
 
 @torch.no_grad()
-def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
-                        ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
-    """images [B, 3, H, W], class_embeds [K, P] (the same candidates for every image) -> class
-    probabilities [B, K, H, W] (DiGSeg §3.7, A.3): for each (image, class), `ensemble` DDIM-trailing
-    runs of `ddim_steps` steps from N(0, I) (`noise` [E, B·K, 4, h, w], image-major; default drawn
-    from the global RNG), averaged in latent space, decoded. `denoiser(y_t, z_x, t, class_embeds)`
+def denoise_latents(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
+                    ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
+    """images [B, 3, H, W], class_embeds [K, P] (the same for every image) -> denoised latents
+    [B·K, 4, h, w], image-major (DiGSeg §3.7, A.3): for each (image, embedding), `ensemble`
+    DDIM-trailing runs of `ddim_steps` steps from N(0, I) (`noise` [E, B·K, 4, h, w]; default
+    drawn from the global RNG), averaged in latent space. `denoiser(y_t, z_x, t, class_embeds)`
     predicts in the schedule's parameterisation. The image is encoded once and its latent shared
-    by its K classes: all K·E runs go through each denoiser call together (bf16 autocast on a GPU)."""
+    by its K runs: all K·E runs go through each denoiser call together (bf16 autocast on a GPU)."""
     b, k = images.shape[0], class_embeds.shape[0]
     z_x = vae.encode(images).repeat_interleave(k, dim=0)  # [B·K, 4, h, w], image-major
     cond = class_embeds.repeat(b, 1)  # [B·K, P]
@@ -190,5 +194,22 @@ def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, 
         noise = torch.randn(ensemble, *z_x.shape, device=images.device)
     elif noise.shape != (ensemble, *z_x.shape):
         raise ValueError(f"noise must be [E, B·K, 4, h, w] = {[ensemble, *z_x.shape]}, got {list(noise.shape)}")
-    z = ensemble_mean(run, noise)
-    return latent_to_probability(vae, z.to(images.dtype)).unflatten(0, (b, k))
+    return ensemble_mean(run, noise).to(images.dtype)
+
+
+def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
+                        ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
+    """images [B, 3, H, W], class_embeds [K, P] -> class probabilities [B, K, H, W]: one
+    `denoise_latents` run per (image, class), each decoded as a white-on-black mask (A.3)."""
+    z = denoise_latents(denoiser, vae, schedule, images, class_embeds, ensemble, ddim_steps, noise)
+    return latent_to_probability(vae, z).unflatten(0, (images.shape[0], class_embeds.shape[0]))
+
+
+def denoise_label_maps(denoiser, vae, schedule: NoiseSchedule, images: Tensor, embed: Tensor, palette: Tensor,
+                       ensemble: int, ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
+    """images [B, 3, H, W], one conditioning embedding [1, P] -> palette indices [B, H, W] int64
+    in 0..C−1: one `denoise_latents` run per image, decoded by the nearest colour of `palette`
+    [C, 3] (DiGSeg §3.4, App. B: the label map as one image; `codecs.labels_to_palette_latent`
+    encodes the training targets). Pixels nearest the ignore colour get the last index, C−1."""
+    z = denoise_latents(denoiser, vae, schedule, images, embed, ensemble, ddim_steps, noise)
+    return palette_latent_to_labels(vae, z, palette, ignore_index=palette.shape[0] - 1)
