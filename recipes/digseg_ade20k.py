@@ -47,11 +47,12 @@ the floor the literal rule (right for the demo, whose scenes have a background).
 times one run per image, not one per candidate class (ADE20K images hold ~10). Per-class runs
 cost K times more per image; "class runs/s" is the number comparable to the paper's FPS.
 (7) `--demo`: a tiny random U-Net (all trained, lr 1e-3), random tiny CLIP towers with the five
-prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's VAE, at 128²
-(at 64² ground-truth latents decode to 43 mIoU). Every scene holds 2–3 objects of distinct
-classes, so a mask depends on the prompt; the control gives each class the next class's prompt.
-Measured once (150 steps, H100): 1×10 τ floor 15.3 mIoU, control 15.6, majority 13.9; with v
-on a CPU (24 images) 17.0 vs ε 15.2, controls 17.9 / 17.1; 750 steps 17.3, control 17.4 (README).
+prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's VAE, at 128² (its
+ground-truth latents decode to 69 mIoU, 41 at 64²). Every scene holds 2–3 objects of distinct
+classes, so a mask needs the prompt; the control gives each class the next class's prompt. The
+classes are in the codec's latents (a conv probe trained on them: 73 mIoU) and `--target
+label-map` learns them in 150 steps, but the per-class model does not read its prompts: after 600
+steps its output does not change with the prompt, at 750 it scores as the control (README).
 (8) `--target label-map` reads §3.4 / App. B instead: the label map painted in a palette (one
 colour per class, `codecs.make_palette`; App. B's grey replication would put ADE20K's 150 classes
 0.013 apart) is the target, and one run per image is decoded by the nearest colour: the per-image
@@ -211,10 +212,9 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, cl
 
 @torch.no_grad()
 def target_latents(vae, labels, class_embeds, class_ids, palette=None) -> tuple[Tensor, Tensor]:
-    """Dataset labels [B, H, W] -> (z_y [B, 4, h, w], conditioning [B, P]). Per class (A.3): a
-    present (or absent, note 4) class's white-on-black mask and its embedding. With `palette`
-    [C + 1, 3] (note 8): the whole label map painted palette[i] for class_ids[i], the last colour
-    for anything else (the demo's background), and no class prompt (a zero embedding)."""
+    """Dataset labels [B, H, W] -> (z_y [B, 4, h, w], conditioning [B, P]): a present (or absent,
+    note 4) class's mask and embedding (A.3); with `palette` [C + 1, 3] (note 8) the label map painted
+    palette[i] for class_ids[i], the last colour elsewhere (demo background), and a zero embedding."""
     if palette is None:
         index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
         return mask_to_latent(vae, masks), class_embeds[index]
