@@ -21,7 +21,6 @@ from unet_seg.codecs import (
     masks_to_label_map,
     palette_image_to_labels,
     palette_latent_to_labels,
-    threshold_relative,
 )
 from unet_seg.demo import BlockCodec
 
@@ -134,12 +133,6 @@ def test_pixels_where_renderings_coincide_decode_to_zero():
     image = torch.full((1, 3, 1, 1), -1.0)  # a black pixel: (b) paints it the same either way
     x = mask_to_image(torch.ones(1, 1, 1, dtype=torch.long), image, -1.0)
     assert image_to_probability(x, image, -1.0).item() == 0.0
-
-
-def test_relative_threshold_scales_with_each_images_peak():
-    prob = torch.tensor([[[0.8, 0.21, 0.2]], [[0.4, 0.11, 0.09]]])
-    # image 0: 0.25 · 0.8 = 0.2;  image 1: 0.25 · 0.4 = 0.1
-    assert threshold_relative(prob, 0.25).tolist() == [[[1, 1, 0]], [[1, 1, 0]]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -22,7 +22,7 @@ with tinted = (image + red) / 2, red = (1, −1, −1) as a [1, 3, 1, 1] tensor.
 projection is exactly the channel mean mapped to [0, 1]: p = (mean_c x + 1) / 2.
 Pixels where fg = bg (say a black image pixel under (b)) carry no mask and decode to 0.
 Probabilities become masks with an absolute threshold (`p > τ`) or DiffewS' relative one
-(`threshold_relative`: `p > r · max p` per image, r = 0.25 in its evaluation).
+(`p > r · max p` per image on the 8-bit decoded image, r = 0.25: `binarise` in its recipe).
 
 Label maps [B, H, W] (classes 0..C−1, `ignore_index` 255):
   - per class (DiGSeg): one binary mask per class, each through the VAE; back by a pixel-wise
@@ -83,14 +83,6 @@ def image_to_probability(image: Tensor, foreground: Rendering = 1.0, background:
     length2 = direction.square().sum(1)
     p = torch.where(length2 > 0, along / length2.clamp(min=torch.finfo(image.dtype).tiny), 0.0)
     return p.clamp(0.0, 1.0)
-
-
-def threshold_relative(prob: Tensor, ratio: float = 0.25) -> Tensor:
-    """prob [B, H, W] -> mask [B, H, W] int64, 1 where p > ratio · max over the image's pixels
-    (DiffewS' relative threshold, r = 0.25 in its evaluation)."""
-    _check_probability(prob)
-    peak = prob.flatten(1).amax(1).view(-1, 1, 1)
-    return (prob > ratio * peak).long()
 
 
 def mask_to_latent(vae, mask: Tensor, foreground: Rendering = 1.0, background: Rendering = -1.0, check: bool = True) -> Tensor:
@@ -253,11 +245,6 @@ def _check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
             f"labels must be in [0, {num_classes}) or {ignore_index} (ignore), "
             f"found {labels[bad].unique()[:5].tolist()}"
         )
-
-
-def _check_probability(prob: Tensor) -> None:
-    if prob.ndim != 3 or not prob.is_floating_point():
-        raise ValueError(f"prob must be floating point [B, H, W], got {prob.dtype} {tuple(prob.shape)}")
 
 
 def _check_maps(x: Tensor, name: str) -> None:
