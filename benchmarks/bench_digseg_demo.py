@@ -12,6 +12,9 @@ class's own prompt and with the next class's (the recipe's control):
   own/other mean p_c over the pixels of class c / of the scene's other objects (sampled runs)
   tf900     the same from one x0 prediction at t = 900 given the true noised mask latent, and
             "mean abs dp", the mean absolute change of that p when the prompt is replaced: 0 = not read.
+  gain      how much the denoiser's output (t = 900) moves per unit-norm random change of a
+            cross-attention output: "gain class" averaged over the layers that see the class
+            tokens (latent/4, /8), "gain full" over those at full latent resolution.
 Diagnostic variants (not recipe options): --token-norm LayerNorm on each class token (CLIP-like
 scale); --context full: the class-token layers also attend to the empty prompt; --pretrain N:
 first N steps of `unet_seg.demo.pretrain_denoiser` with captions naming the classes present, a
@@ -96,6 +99,23 @@ def main() -> None:
     gt, objects = torch.stack([labels == c for c in classes], 1), (labels > 0)[:, None]
     mean_p = lambda prob, where: round(((prob * where).sum() / where.sum().clamp(min=1)).item(), 3)  # noqa: E731
 
+    def path_gains(z_x) -> dict:
+        """Output change per unit-norm perturbation of each cross-attention output, by level."""
+        levels = {"class": ("down_blocks.2.", "mid_block.", "up_blocks.1."), "full": ("down_blocks.0.", "up_blocks.3.")}
+        t, y = torch.full((len(z_x),), 900, device=dev), torch.randn(z_x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
+        base, gains = model(y, z_x, t, emb[:1].expand(len(z_x), -1)), {}
+        for level, prefixes in levels.items():
+            change = []
+            for name, module in model.unet.named_modules():
+                if name.endswith("attn2") and name.startswith(prefixes):
+                    def nudge(mod, inp, out):
+                        return out + torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out) / out.numel() ** 0.5
+                    handle = module.register_forward_hook(nudge)
+                    change.append((model(y, z_x, t, emb[:1].expand(len(z_x), -1)) - base).norm().item())
+                    handle.remove()
+            gains[f"gain {level}"] = round(sum(change) / len(change), 5)
+        return gains
+
     @torch.no_grad()
     def evaluate(step: int, seconds: float) -> dict:
         model.eval()
@@ -119,6 +139,7 @@ def main() -> None:
             forced[name] = torch.stack(probs, 1)
             row[f"tf900 own {name}"], row[f"tf900 other {name}"] = mean_p(forced[name], gt), mean_p(forced[name], objects & ~gt)
         row["tf900 mean abs dp"] = round((forced["prompt"] - forced["control"]).abs().mean().item(), 4)
+        row.update(path_gains(z_x[:8]))
         torch.random.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1])
@@ -128,7 +149,7 @@ def main() -> None:
 
     loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, generator=torch.Generator().manual_seed(0),
                                          num_workers=a.workers, persistent_workers=a.workers > 0)  # fmt: skip
-    rows, step, seconds, start = [], 0, 0.0, time.time()
+    rows, step, seconds, start = [evaluate(0, 0.0)], 0, 0.0, time.time()
     for batch in loader:
         z_y, cond = R.target_latents(vae, batch["label"].to(dev), emb, class_ids)
         R.train_step(model, params, vae, schedule, opt, batch["image"].to(dev), z_y, cond)

@@ -51,8 +51,8 @@ prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's
 ground-truth latents decode to 69 mIoU, 41 at 64²). Every scene holds 2–3 objects of distinct
 classes, so a mask needs the prompt; the control gives each class the next class's prompt. The
 classes are in the codec's latents (a conv probe trained on them: 73 mIoU) and `--target
-label-map` learns them in 150 steps, but the per-class model does not read its prompts: after 600
-steps its output does not change with the prompt, at 750 it scores as the control (README).
+label-map` learns them in 150 steps, but the per-class model does not read its prompts: in 50
+steps it turns down the latent/4 and /8 path where they enter (output gain ÷70), then ignores them (README).
 (8) `--target label-map` reads §3.4 / App. B instead: the label map painted in a palette (one
 colour per class, `codecs.make_palette`; App. B's grey replication would put ADE20K's 150 classes
 0.013 apart) is the target, and one run per image is decoded by the nearest colour: the per-image
