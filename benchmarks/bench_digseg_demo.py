@@ -5,7 +5,7 @@
     python benchmarks/bench_digseg_demo.py --device cpu --seconds 5 --every 2 --images 4   # smoke test
 
 Trains the demo's model as the recipe does (tiny SD2-structured U-Net, all parameters, lr --lr,
-batch --batch, 128², the demo's scenes of 2–3 objects of distinct classes among five, ε unless
+batch --batch, --size (128²), the demo's scenes of 2–3 objects of distinct classes among five, ε unless
 --pred) for --seconds, and every --every steps evaluates on --images held-out scenes, with each
 class's own prompt and with the next class's (the recipe's control):
   mIoU      E×S = 1×10, τ = 0.7 floor (the demo's row)
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="the demo's; the paper's is 1e-4")
+    p.add_argument("--size", type=int, default=128, help="the demo's")
     p.add_argument("--pred", default="epsilon", choices=("epsilon", "v_prediction"))
     p.add_argument("--token-norm", action="store_true")
     p.add_argument("--context", default="class", choices=("class", "full"))
@@ -64,7 +65,7 @@ def main() -> None:
     a = p.parse_args()
     dev, R = torch.device(a.device), load_recipe("digseg_ade20k")
     classes = fold_split(0)[1]
-    kw = dict(size=128, classes=classes, objects=(2, 3), distinct=True)  # the recipe's demo scenes
+    kw = dict(size=a.size, classes=classes, objects=(2, 3), distinct=True)  # the recipe's demo scenes
     train, test = SemanticScenes(0, 10**6, **kw), SemanticScenes(1, a.images, **kw)
     names, class_ids = [CLASS_NAMES[c] for c in classes], torch.tensor(classes, device=dev)
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ def main() -> None:
             return sd.text_encoder(sd.tokenizer(present).to(dev))
 
         start = time.time()
-        loss = pretrain_denoiser(sd.unet.to(dev), sd.vae, sd.schedule, a.pretrain, 128, 0, captions, batch_size=16, device=dev)
+        loss = pretrain_denoiser(sd.unet.to(dev), sd.vae, sd.schedule, a.pretrain, a.size, 0, captions, batch_size=16, device=dev)
         print(a.tag, f"pre-trained {a.pretrain} steps in {time.time() - start:.0f} s, loss {loss:.4f}", flush=True)
         sd.unet.cpu().requires_grad_(True)
     torch.manual_seed(0)
