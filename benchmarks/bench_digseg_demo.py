@@ -16,7 +16,8 @@ class's own prompt and with the next class's (the recipe's control):
             cross-attention output: "gain class" averaged over the layers that see the class
             tokens (latent/4, /8), "gain full" over those at full latent resolution.
 Diagnostic variants (not recipe options): --token-norm LayerNorm on each class token (CLIP-like
-scale); --context full: the class-token layers also attend to the empty prompt; --pretrain N:
+scale); --context full: the class-token layers also attend to the empty prompt; --class-layers
+all: every cross-attention layer sees the class tokens (full resolution too), not A.2's latent/4 and /8; --pretrain N:
 first N steps of `unet_seg.demo.pretrain_denoiser` with captions naming the classes present, a
 stand-in for SD's text-conditioned pre-training (as DIFF's demo). One JSON line per evaluation.
 """
@@ -35,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import load_recipe  # noqa: E402
 
-from unet_seg.attention import context_slice_procs  # noqa: E402
+from unet_seg.attention import context_slice_procs, cross_attention_layers  # noqa: E402
 from unet_seg.codecs import latent_to_probability, mask_to_latent  # noqa: E402
 from unet_seg.data.synthetic import CLASS_NAMES, SemanticScenes, fold_split  # noqa: E402
 from unet_seg.demo import pretrain_denoiser, tiny_sd, whiten  # noqa: E402
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--pred", default="epsilon", choices=("epsilon", "v_prediction"))
     p.add_argument("--token-norm", action="store_true")
     p.add_argument("--context", default="class", choices=("class", "full"))
+    p.add_argument("--class-layers", default="paper", choices=("paper", "all"), help="cross-attention layers that see the class tokens")
     p.add_argument("--pretrain", type=int, default=0)
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +94,9 @@ def main() -> None:
         model.text_mlp = nn.Sequential(model.text_mlp, nn.Unflatten(-1, (model.tokens, d)), nn.LayerNorm(d), nn.Flatten(-2))
     if a.context == "full":
         model.procs.update(context_slice_procs(R.class_token_layers(model.unet.attention_names), 0, null.shape[1] + model.tokens))
+    if a.class_layers == "all":
+        start = null.shape[1]
+        model.procs.update(context_slice_procs(cross_attention_layers(model.unet.attention_names), start, start + model.tokens))
     model = model.to(dev).train()
     vae, schedule = sd.vae.to(dev), sd.schedule.to(dev)
     params = R.set_trainable(model, "all")
