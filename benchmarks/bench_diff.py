@@ -26,6 +26,7 @@ import copy
 import datetime
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import device_name, file_tag, flops_of, interleaved, load_recipe, spread, write_table  # noqa: E402
+from bench_models import device_name, file_tag, first_call, flops_of, interleaved, load_recipe, spread, write_table  # noqa: E402
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD2_TEXT, SD21, SD_VAE, TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
@@ -49,13 +50,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="interleaved segments per variant")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny configs and the demo's 4-step trajectory (smoke test)")
+    p.add_argument("--compile-only", action="store_true", help="only the first calls of the compiled U-Net paths (compile times)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this many seconds")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     started, device = time.perf_counter(), args.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("diff_gta2cs")
-    run = recipe.parse_args(["--data-root", "unused"] + (["--timesteps", "91", "30", "7", "--trajectory", "7", "30", "91", "120"] if args.tiny else []))
+    run = recipe.parse_args(["--data-root", tempfile.gettempdir()] +  # an existing folder: the recipe checks it; nothing is read
+                             (["--timesteps", "91", "30", "7", "--trajectory", "7", "30", "91", "120"] if args.tiny else []))
 
     torch.manual_seed(0)
     unet = UNet(TINY_SD2 if args.tiny else SD21).to(device).eval().requires_grad_(False)
@@ -106,8 +109,18 @@ def main() -> None:
         return fn
 
     whats = {"features per crop (unconditional)": features, "training step (IPKL, 2 classes)": train}
-    counted = {(w, k): flops_of(make(k)) for w, make in whats.items() for k in runs}
     plain = {"forward_with_features": unet.forward_with_features, "features": unet.features}
+    if args.compile_only:  # the U-Net calls the recipe's --compile compiles, at its shapes; run twice: cold, then warm
+        for name, method in plain.items():
+            setattr(unet, name, torch.compile(method, dynamic=False))
+        rows = [f"| {what} | {kind} | {first_call(make(kind), device):.1f} |" for what, make in whats.items() for kind in runs]
+        table = (f"# DIFF first calls (compile) — {device_name(device)}\n\n{datetime.date.today()} · torch {torch.__version__} · "
+                 "the U-Net's forward_with_features and features compiled (static shapes), the head eager\n\n"
+                 "| what | features | first call s |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+        print(table, flush=True)
+        write_table(table, args.out, f"diff_compile_{file_tag(device_name(device))}", args.tiny)
+        return
+    counted = {(w, k): flops_of(make(k)) for w, make in whats.items() for k in runs}
     gpu = device_name(device)
     cfg = "TINY_SD2 + TINY_VAE" if args.tiny else "SD2.1 U-Net + SD VAE + fusion (2048/1024/512→256) + DAFormer head"
     header = (

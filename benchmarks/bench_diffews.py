@@ -26,7 +26,6 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_models import (  # noqa: E402
-    device_name, file_tag, flops_of, interleaved, load_recipe, profile_kernels, profile_table, spread, timed, write_table,
+    device_name, file_tag, first_call, flops_of, interleaved, load_recipe, profile_kernels, profile_table, spread, timed, write_table,
 )
 
 from unet_seg.codecs import mask_to_image, mask_to_latent  # noqa: E402
@@ -96,14 +95,6 @@ def cuda_graph(fn, *inputs):
     with torch.cuda.graph(graph):
         out = fn(*inputs)
     return lambda: (graph.replay(), out)[1]
-
-
-def first_call(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -186,7 +177,7 @@ def main() -> None:
         if args.compile_only:
             fns = {"recipe": fns["recipe"]}
         for name, fn in fns.items():
-            firsts[what, n, k, name] = first_call(fn)
+            firsts[what, n, k, name] = first_call(fn, device)
             print(f"{what} {k}-shot x{n} {name}: first call {firsts[what, n, k, name]:.1f} s", flush=True)
         if args.compile_only:
             continue
@@ -198,7 +189,6 @@ def main() -> None:
                 print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         segments = interleaved(fns, args.rounds, args.iters, 2, device)
         for name, seg in segments.items():
-            ms = statistics.median(seg)
             rows.append((what, k, n, name, seg, counted[what, n, k], firsts.get((what, n, k, name))))
             print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
         if cuda and k == 1:

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import device_name, file_tag, interleaved, load_recipe, spread, timed, write_table  # noqa: E402
+from bench_models import device_name, file_tag, first_call, interleaved, load_recipe, spread, timed, write_table  # noqa: E402
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
@@ -95,18 +94,11 @@ def main() -> None:
                 prob = denoise_class_masks(forward, vae, schedule, image, text_embeds[candidates], e, s)
             return candidates_to_labels(prob, candidates, class_ids, vocabulary, threshold=0.7)
 
-    def first_call(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     name = device_name(device)
     classes, settings = [int(x) for x in args.classes.split(",")], [tuple(int(x) for x in st.split("x")) for st in args.settings.split(",")]
     if args.compile_only:
         (e, s), k = settings[0], classes[0]
-        seconds = first_call(lambda: one_image(k, e, s))
+        seconds = first_call(lambda: one_image(k, e, s), device)
         table = (f"# DiGSeg first call (compile), second process — {name}\n\n{datetime.date.today()} · torch {torch.__version__} · "
                  f"denoiser {'compiled (' + args.mode + ')' if compiled else 'eager'}, VAE and CLIP {'compiled' if args.compile_all else 'eager'}\n\n"
                  f"| K | E×S | first call s |\n|---|---|---|\n| {k} | {e}×{s} | {seconds:.1f} |\n")
@@ -130,7 +122,7 @@ def main() -> None:
             fns = {"batched (recipe)": lambda k=k, e=e, s=s: one_image(k, e, s)}
             if k > 1:
                 fns["per-class loop"] = lambda k=k, e=e, s=s: one_image(k, e, s, per_class=True)
-            firsts = {v: first_call(fn) for v, fn in fns.items()}  # compiles for these batch sizes
+            firsts = {v: first_call(fn, device) for v, fn in fns.items()}  # compiles for these batch sizes
             segments = interleaved(fns, args.rounds, args.iters, 1, device)
             loop = statistics.median(segments["per-class loop"]) if k > 1 else None
             calls = {"batched (recipe)": f"{s} ({k * e})", "per-class loop": f"{k * s} ({e})"}

@@ -10,7 +10,7 @@ mode) is compiled fresh. The two libraries are timed in interleaved rounds, A B 
 within a minute: the table gives the median over segments and their spread (min–max of the
 segment medians), and the ratio of the medians. Needs diffusers (a test dependency of unet_seg).
 
-Also the shared helpers of the other benchmarks: `timed`, `interleaved`, `profile_kernels`,
+Also the shared helpers of the other benchmarks: `first_call`, `timed`, `interleaved`, `profile_kernels`,
 `flops_of`, `load_recipe`, `write_table`.
 """
 
@@ -32,6 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet  # noqa: E402
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL  # noqa: E402
 from unet_seg.hub_config import unet_to_diffusers, vae_to_diffusers  # noqa: E402
+
+
+def first_call(fn, device: str) -> float:
+    """Seconds of one call of `fn` until its GPU work is done: for a freshly compiled `fn`, the
+    compile time (cold with an empty on-disk cache, warm in a second process with the same cache)."""
+    start = time.perf_counter()
+    fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def timed(fn, iters: int, warmup: int, device: str) -> float:

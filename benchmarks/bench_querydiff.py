@@ -29,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_models import device_name, file_tag, load_recipe, timed, write_table  # noqa: E402
+from bench_models import device_name, file_tag, first_call, load_recipe, timed, write_table  # noqa: E402
 
 from unet_seg.backbones import Reins, imagenet_normalise  # noqa: E402
 from unet_seg.demo import BlockCodec  # noqa: E402
@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="crops per inference call")
     p.add_argument("--train-batch", type=int, default=4, help="crops per training step (paper: 4)")
     p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--compile-only", action="store_true", help="only the first call of the compiled model (compile time)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda")
@@ -128,6 +129,15 @@ def main() -> None:
             rows.append((f"inference, {n} pixel decoder", args.batch, mode, t))
             print(f"inference {n:10s} b{args.batch} {mode:8s} {t:8.2f} ms  {1e3 * args.batch / t:7.1f} crops/s", flush=True)
 
+    if args.compile_only:  # the recipe's --compile on its inference call; run twice: cold, then warm
+        net = torch.compile(models["deformable"])
+        seconds = first_call(lambda: recipe.predict_scores(net, x), args.device)
+        table = (f"# QueryDiff first call (compile) — {device_name(args.device)}\n\n{datetime.date.today()} · torch "
+                 f"{torch.__version__} · {backbone_name}, deformable pixel decoder, {args.batch} crops of {size}²\n\n"
+                 f"| what | first call s |\n|---|---|\n| inference | {seconds:.1f} |\n")
+        print(table, flush=True)
+        write_table(table, args.out, f"querydiff_compile_{file_tag(device_name(args.device))}", args.tiny)
+        return
     modes = args.modes.split(",")
     for mode in modes[:1]:
         inference(mode)
