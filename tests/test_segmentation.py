@@ -215,3 +215,28 @@ def test_denoise_label_maps_decodes_the_denoised_palette_latent_to_its_labels(b,
                                ensemble, steps)  # fmt: skip
     assert index.shape == labels.shape and index.dtype == torch.long
     assert torch.equal(index, torch.where(labels == 255, classes, labels))
+
+
+class TrainableCodec(NearestCodec, torch.nn.Module):
+    """NearestCodec with a trainable output gain: decoding records autograd history unless no_grad."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def decode(self, z):
+        return self.gain * super().decode(z)
+
+
+def test_denoising_samplers_decode_without_autograd_history():
+    """Inference only: the decode of a VAE whose weights require grad keeps no graph (memory)."""
+    from unet_seg.codecs import labels_to_palette_latent, make_palette
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.segmentation import denoise_class_masks, denoise_label_maps
+
+    codec, palette = TrainableCodec(), make_palette(3)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    denoiser = _oracle_x0(labels_to_palette_latent(codec, labels, palette))
+    images, schedule = torch.zeros(1, 3, 8, 8), NoiseSchedule.sd("sample")
+    assert not denoise_class_masks(denoiser, codec, schedule, images, torch.zeros(1, 7), 1, 1).requires_grad
+    assert not denoise_label_maps(denoiser, codec, schedule, images, torch.zeros(1, 7), palette, 1, 1).requires_grad

@@ -197,6 +197,7 @@ def denoise_latents(denoiser, vae, schedule: NoiseSchedule, images: Tensor, clas
     return ensemble_mean(run, noise).to(images.dtype)
 
 
+@torch.no_grad()
 def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
                         ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
     """images [B, 3, H, W], class_embeds [K, P] -> class probabilities [B, K, H, W]: one
@@ -205,6 +206,7 @@ def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, 
     return latent_to_probability(vae, z).unflatten(0, (images.shape[0], class_embeds.shape[0]))
 
 
+@torch.no_grad()
 def denoise_label_maps(denoiser, vae, schedule: NoiseSchedule, images: Tensor, embed: Tensor, palette: Tensor,
                        ensemble: int, ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
     """images [B, 3, H, W], one conditioning embedding [1, P] -> palette indices [B, H, W] int64
