@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "each: CLIP's selection (A.3) and/or every class; default clip, demo all")
     p.add_argument("--target", choices=("class-masks", "label-map"), default="class-masks", help="one white-on-black "
                    "mask per class, a run per (image, class) (A.3); or the whole label map as a palette image, one "
-                   "run per image, no class prompt (§3.4, App. B; note 8)")
+                   "run per image, no class prompt and no candidates (§3.4, App. B; note 8)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="ε (eq. 6) or v (SD 2.1-768's and Marigold's parameterisation)")
     p.add_argument("--trainable", choices=("paper", "all"), help=f"U-Net parameters trained ({REAL['trainable']}, demo {DEMO['trainable']})")
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
     p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="ADE20K")
-    args.candidates = list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
+    args.candidates = ["all"] if args.target == "label-map" else list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
     if min(args.ensemble, args.ddim_steps, args.images) < 1:
         p.error("--ensemble, --ddim-steps and --images must be >= 1")
     if args.ddim_steps > 1000:
