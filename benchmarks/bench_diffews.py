@@ -9,7 +9,9 @@ the episode as issue 8 measured it ("issue 8": support images and support masks 
 the masks' value check a host sync, the training target a third VAE call; unfused AdamW), timed in
 interleaved rounds (A B B A ...; `--rounds` segments of `--iters` calls each). "CUDA graph"
 captures the recipe's compiled inference episode once and replays it (possible only because the
-episode has no host sync). One inference episode: one VAE call encodes query, supports and
+episode has no host sync); in training it is the recipe's `--cuda-graph` (`CudaGraphStep`: the
+whole step, optimiser included, one graph). Training steps read the loss after each step, as the
+recipe's loop does. One inference episode: one VAE call encodes query, supports and
 support masks, one U-Net call on [query, supports] with KV fusion, the VAE decodes the query's
 mask latent, relative threshold. One training step: the same encodes (posterior samples, and the
 query mask), U-Net forward and backward, latent MSE, grad clip, AdamW. U-Net fp32 weights under
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -39,7 +42,7 @@ from bench_models import (  # noqa: E402
 
 from unet_seg.codecs import mask_to_image, mask_to_latent  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
-from unet_seg.train import autocast, check_finite_everywhere  # noqa: E402
+from unet_seg.train import CudaGraphStep, autocast, check_finite_everywhere  # noqa: E402
 
 
 def matmul_tflops(device: str) -> float:
@@ -128,8 +131,10 @@ def main() -> None:
         vae.to(memory_format=torch.channels_last)
     context = torch.randn(1, 77, unet.config.context_dim, device=device)  # training: padded empty prompt
     test_context = context[:, :2]  # inference: unpadded [BOS, EOS], as the recipe
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2, fused=cuda)  # as the recipe
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2, fused=True)  # as the recipe
     opt_issue8 = torch.optim.AdamW(unet.parameters(), lr=3e-5, weight_decay=1e-2)  # as the recipe was (foreach)
+    if cuda:  # as the recipe's --cuda-graph
+        opt_graph = torch.optim.AdamW(unet.parameters(), lr=torch.tensor(3e-5, device=device), weight_decay=1e-2, fused=True, capturable=True)
     g = torch.Generator(device).manual_seed(0)
 
     def episodes(n: int, shots: int):
@@ -140,21 +145,24 @@ def main() -> None:
         query_mask = (torch.rand(n, s, s, generator=g, device=device) > 0.5).long()
         return query, supports, masks, query_mask
 
-    shots_list, train_batches = [int(k) for k in args.shots.split(",")], [int(n) for n in args.train_batches.split(",") if n]
+    shots_list, train_batches = [int(k) for k in args.shots.split(",") if k], [int(n) for n in args.train_batches.split(",") if n]
 
     def bf16(fn, *a):  # the recipe evaluates in fp32 (the official evaluation); the issue's targets are bf16
         with autocast(device):
             return fn(*a)
     unet_call = unet
 
-    def variants(what: str, n: int, k: int) -> dict:
+    def variants(what: str, n: int, k: int, counting: bool = False) -> dict:
         q, s, m, qm = episodes(n, k)
         if what == "inference":
             fns = {"recipe": lambda: bf16(recipe.predict_masks, unet_call, vae, test_context, q, s, m)}
             if k == 1 and not args.no_baseline:
                 fns["issue 8"] = lambda: bf16(issue8_predict_masks, recipe, unet_call, vae, test_context, q, s, m)
             return fns
-        fns = {"recipe": lambda: recipe.train_step(unet_call, unet, vae, context, opt, q, qm, s, m)}
+        fns = {"recipe": lambda: check_finite_everywhere(recipe.train_step(unet_call, unet, vae, context, opt, q, qm, s, m), "loss")}
+        if cuda and not counting:
+            graphed = CudaGraphStep(functools.partial(recipe.train_step, unet_call, unet, vae, context, opt_graph), [unet_call], opt_graph)
+            fns["recipe, CUDA graph"] = lambda: check_finite_everywhere(graphed(q, qm, s, m), "loss")
         if not args.no_baseline:
             fns["issue 8"] = lambda: issue8_train_step(recipe, unet_call, unet, vae, context, opt_issue8, q, qm, s, m)
         return fns
@@ -164,7 +172,7 @@ def main() -> None:
     if not args.compile_only:
         for what, n, k in configs:
             unet.train(what == "training")
-            counted[what, n, k] = flops_of(variants(what, n, k)["recipe"]) / 1e12
+            counted[what, n, k] = flops_of(variants(what, n, k, counting=True)["recipe"]) / 1e12
 
     if cuda and not args.eager:  # as the recipe's --compile (static shapes here: each shape compiled once, no dynamic graphs)
         unet_call = torch.compile(unet, dynamic=False)
@@ -191,10 +199,12 @@ def main() -> None:
         for name, seg in segments.items():
             rows.append((what, k, n, name, seg, counted[what, n, k], firsts.get((what, n, k, name))))
             print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
-        if cuda and k == 1:
+        for name in ("recipe", "recipe, CUDA graph") if cuda and k == 1 else ():
+            if name == "recipe, CUDA graph" and what == "inference":
+                continue  # GPU-bound already (idle 2%)
             try:
-                prof = profile_kernels(fns["recipe"], 3)
-                profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, recipe", prof, counted[what, n, k]))
+                prof = profile_kernels(fns[name], 3)
+                profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, {name}", prof, counted[what, n, k]))
                 print(profiles[-1], flush=True)
             except Exception as e:
                 print(f"profile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -21,7 +21,9 @@ them: 2-GPU speed-up over one GPU, and whether the metrics and confusion matrice
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import sys
 import time
@@ -36,7 +38,9 @@ from bench_models import device_name, load_recipe, write_table  # noqa: E402
 
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
-from unet_seg.train import barrier, cleanup_distributed, init_distributed, maybe_compile, print0  # noqa: E402
+from unet_seg.train import (  # noqa: E402
+    CudaGraphStep, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, maybe_compile, print0,
+)
 
 
 def run(args) -> None:
@@ -55,11 +59,16 @@ def run(args) -> None:
         vae.to(memory_format=torch.channels_last)
     context = torch.randn(1, 77, unet.config.context_dim, device=device)
     initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=cuda)
+    lr = torch.tensor(3e-5, device=device) if args.cuda_graph else 3e-5
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True, capturable=args.cuda_graph)
     model = unet
     if world > 1:
-        model = DDP(unet, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=args.bucket_view,
-                    bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph)  # fmt: skip
+        side = torch.cuda.Stream() if cuda else None  # as wrap_for_training: a CUDA graph can then capture the all-reduces
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            model = DDP(unet, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=args.bucket_view,
+                        bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph)  # fmt: skip
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
         if args.bf16_grads:  # gradients rounded to bf16 for the all-reduce: half the traffic, not bit-identical
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
@@ -81,9 +90,12 @@ def run(args) -> None:
 
     batches = [episodes() for _ in range(4)]
 
-    def step(i: int) -> None:
-        query, query_mask, supports, masks = batches[i % len(batches)]
-        recipe.train_step(forward, unet, vae, context, opt, query, query_mask, supports, masks)
+    train = functools.partial(recipe.train_step, forward, unet, vae, context, opt)
+    if args.cuda_graph:
+        train = CudaGraphStep(train, [forward], opt)
+
+    def step(i: int) -> None:  # as the recipe's loop: the step, then the loss read on every rank
+        check_finite_everywhere(train(*batches[i % len(batches)]), "latent MSE")
 
     def synced() -> float:
         if cuda:
@@ -108,7 +120,7 @@ def run(args) -> None:
         from bench_models import flops_of, profile_kernels, profile_table
 
         prof = profile_kernels(lambda: step(0), 3)
-        tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12  # its loss check is a collective
+        tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12  # no DDP: no collective
         if rank == 0:
             print(profile_table(f"training step, {b} episodes, world {world}{tag}, rank 0", prof, tflop), flush=True)
     if args.eval_episodes == 0:
@@ -177,6 +189,7 @@ def main() -> None:
     p.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb (torch's default 25)")
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph")
+    p.add_argument("--cuda-graph", action="store_true", help="each step one CUDA graph, all-reduces included (the recipe's --cuda-graph)")
     p.add_argument("--bf16-grads", action="store_true", help="all-reduce gradients in bf16 (bf16_compress_hook; changes numerics)")
     p.add_argument("--tag", default="", help="names this variant's result file world<N>-<tag>.json")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")

@@ -58,6 +58,7 @@ does not read them); 1500 steps, the demo's default (6.8 min), 1-shot 33.5, 5-sh
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
     p.add_argument("--eval-every", type=int, default=0, help="1-shot mIoU on --eval-episodes test episodes every N steps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (GPU only; "
+                   "one graph per support count): the host no longer paces the GPU")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
     if args.shots < 1:
         p.error("--shots must be >= 1")
@@ -105,7 +108,7 @@ from unet_seg.demo import tiny_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
 from unet_seg.train import (
-    autocast, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -168,17 +171,18 @@ def predict_masks(unet, vae, context, query, supports, support_masks, subsample:
 
 def train_step(model, unet, vae, context, opt, query, query_mask, supports, support_masks) -> torch.Tensor:
     """One optimiser step of the latent regression on K-shot episodes (`model`: the U-Net as
-    called, possibly compiled or DDP-wrapped; `unet`: its parameters). Returns the loss."""
+    called, possibly compiled or DDP-wrapped; `unet`: its parameters) -> the loss. No host sync
+    (a CUDA graph can hold it): a non-finite loss skips the update on the device; the caller
+    reads the loss (`check_finite_everywhere`) to stop the run."""
     with torch.no_grad():  # the frozen VAE: posterior samples of all four, as the official script
         x, z_query_mask = unet_input(vae, query, supports, support_masks, sample=True, query_mask=query_mask)
         target = -z_query_mask
     with autocast(query.device):
         pred = query_prediction(model, x, context, supports.shape[1], subsample=False)
-    loss = check_finite_everywhere(latent_mse(pred.float(), target), "latent MSE")
+    loss = latent_mse(pred.float(), target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-    opt.step()
+    clip_and_step(opt, unet.parameters(), loss, max_norm=1.0)
     return loss
 
 
@@ -222,6 +226,8 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root <COCO-20i>",
     )
     device = job.device
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"diffews_coco20i.py: error: --cuda-graph needs a CUDA device, this run has {device}")
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation
     if args.demo:
@@ -258,8 +264,9 @@ def main(argv=None) -> dict:
     test_context = context[:, :2]  # unpadded [BOS, EOS] at test (official): the causal encoder's first 2 rows
     del sd
     eval_kw = dict(vae=vae, context=test_context, num_labels=num_labels, label_shift=label_shift, device=device, seed=args.seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                            fused=device.type == "cuda")  # fmt: skip
+    lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr  # a graph reads the schedule's lr from the GPU
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True,
+                            capturable=args.cuda_graph)  # fmt: skip
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, min(1.0, LR_END / args.lr), total_iters=args.steps)
 
     models = {"unet": unet}
@@ -269,6 +276,9 @@ def main(argv=None) -> dict:
     if args.compile and not args.demo:  # the VAE is most of an episode's FLOPs (3 encodes + 1 decode at 512²)
         vae.encoder.compile()
         vae.decoder.compile()
+    train = functools.partial(train_step, forward, unet, vae, context, opt)
+    if args.cuda_graph:
+        train = CudaGraphStep(train, [forward], opt)
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
@@ -277,7 +287,7 @@ def main(argv=None) -> dict:
         query, query_mask, supports, support_masks, _ = checked_episode(batch, device)
         s = int(torch.randint(1, args.shots + 1, ()))
         pick = torch.randperm(args.shots)[:s].to(device)
-        loss = train_step(forward, unet, vae, context, opt, query, query_mask, supports[:, pick], support_masks[:, pick])
+        loss = check_finite_everywhere(train(query, query_mask, supports[:, pick], support_masks[:, pick]), "latent MSE")
         sched.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)

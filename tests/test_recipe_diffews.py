@@ -140,7 +140,7 @@ def test_training_encodes_posterior_samples_and_evaluation_posterior_means():
     query, supports = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 1, 3, 64, 64) * 2 - 1
     query_mask, support_masks = (torch.rand(1, 64, 64) > 0.5).long(), (torch.rand(1, 1, 64, 64) > 0.5).long()
     context = torch.randn(1, 77, TINY_SD2.context_dim)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     r.train_step(unet, unet, vae, context, opt, query, query_mask, supports, support_masks)
     assert calls and all(calls)
     calls.clear()

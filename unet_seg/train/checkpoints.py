@@ -215,10 +215,14 @@ def load_checkpoint(
             continue
         if header[what] is None:
             raise CheckpointError(f"{path}: holds no {what} state")
+        lrs = [group["lr"] for group in obj.param_groups] if what == "optimizer" else []
         try:
             obj.load_state_dict(_unpack(header[what], tensors))
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: the {what} state does not fit ({e})") from e
+        for group, lr in zip(obj.param_groups if lrs else [], lrs):
+            if isinstance(lr, Tensor):  # a tensor lr keeps its device and identity (a CUDA graph reads it there)
+                group["lr"] = lr.copy_(group["lr"])
     if restore_rng:
         if len(header["rng"]) == _world_size():
             _set_rng_state(header["rng"][_rank()])

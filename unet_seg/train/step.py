@@ -1,0 +1,110 @@
+"""The optimiser step without host syncs, and a whole training step replayed as one CUDA graph.
+
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True)
+    def train_step(x, y):                       # fixed shapes, no host syncs
+        loss = loss_fn(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(opt, params, loss, max_norm=1.0)   # skipped on the device if not finite
+        return loss
+    step = CudaGraphStep(train_step, [model], opt)       # captured at the first call per shape
+    loss = check_finite_everywhere(step(x, y), "loss")  # raises with the weights untouched
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, max_norm: float) -> Tensor:
+    """Clip the gradients' global L2 norm to `max_norm` and step `opt`, skipped on the device
+    (weights and optimiser state unchanged) where the loss or the gradient norm is not finite.
+
+    No host sync, so a compiled or CUDA-graphed step can hold it; read the loss afterwards
+    (`check_finite_everywhere`) to stop the run. The skip is the `found_inf` flag that GradScaler
+    hands to fused optimisers: `opt` must be fused (torch's Adam, AdamW, SGD with `fused=True`).
+    Returns the gradient norm before clipping ([] tensor)."""
+    if not all(group.get("fused") for group in opt.param_groups):
+        raise ValueError(f"clip_and_step skips non-finite steps through fused optimisers: build {type(opt).__name__} with fused=True")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.found_inf = (~(torch.isfinite(loss).all() & torch.isfinite(norm))).float()
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+    return norm
+
+
+class CudaGraphStep:
+    """A training step `step(*inputs) -> outputs` (forward, backward, optimiser: a whole step)
+    captured as one CUDA graph at its first call for each set of input shapes, then replayed:
+    one launch per step instead of thousands, so the GPU no longer waits for the host.
+
+    `step` must hold its shapes fixed, make no host syncs (`clip_and_step`, not `check_finite`),
+    and step an Adam or AdamW built with `fused=True, capturable=True` and a tensor `lr` on the
+    GPU (a float lr would be frozen into the graph; schedulers update the tensor in place). The
+    warm-up calls that precede each capture run on a forked RNG and are undone (weights,
+    buffers, optimiser state), so a run with graphs trains, and resumes, as one without would
+    (same random streams; numbers agree to float rounding). Calls copy the inputs into the
+    captured ones and return the captured outputs, valid until the next call. Graphs of several
+    shapes share one memory pool: only the weights and optimiser state outlive a replay.
+    DistributedDataParallel works when it was built on a side stream (`wrap_for_training` does)
+    and warms up for 11 steps (done here)."""
+
+    def __init__(self, step: Callable[..., Any], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, warmup: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaGraphStep needs a CUDA device")
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"CudaGraphStep undoes its warm-up steps for Adam and AdamW only, got {type(optimizer).__name__}")
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            if not (group["capturable"] and group["fused"] and isinstance(lr, Tensor) and lr.is_cuda):
+                raise ValueError(
+                    "CudaGraphStep needs fused=True, capturable=True and lr a CUDA tensor in every parameter group, "
+                    f"got fused={group['fused']}, capturable={group['capturable']}, lr={lr!r}"
+                )
+        ddp = any(isinstance(getattr(m, "_orig_mod", m), nn.parallel.DistributedDataParallel) for m in modules)
+        self.step, self.modules, self.optimizer = step, list(modules), optimizer
+        self.warmup = max(warmup, 11) if ddp else warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Any]] = {}
+        self.pool = None
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static_inputs, outputs = self.graphs[key]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def _state(self) -> list[Tensor]:
+        tensors = [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
+        return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+
+    def _capture(self, inputs: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Any]:
+        device = inputs[0].device
+        static_inputs = [x.detach().clone() for x in inputs]
+        saved = {id(t): t.detach().clone() for t in self._state()}
+        with torch.random.fork_rng(devices=[device]):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):  # compiles, picks kernels, creates the optimiser state
+                    self.step(*static_inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.no_grad():
+                for t in self._state():  # undo the warm-up; state it created starts from zero, as Adam's does
+                    if id(t) in saved:
+                        t.copy_(saved[id(t)])
+                    else:
+                        t.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.step(*static_inputs)
+        self.pool = graph.pool()
+        return graph, static_inputs, outputs
