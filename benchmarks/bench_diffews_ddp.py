@@ -4,6 +4,7 @@ rank-sharded evaluation on each: the same metrics whatever the number of GPUs.
     torchrun --nproc_per_node=1 benchmarks/bench_diffews_ddp.py --out /tmp/ddp    # one GPU
     torchrun --nproc_per_node=2 benchmarks/bench_diffews_ddp.py --out /tmp/ddp    # two GPUs
     python benchmarks/bench_diffews_ddp.py --compare /tmp/ddp                     # the table
+    torchrun --nproc_per_node=2 benchmarks/bench_diffews_ddp.py --cuda-graph --tag graph --out /tmp/ddp  # a variant
     torchrun --nproc_per_node=2 benchmarks/bench_diffews_ddp.py --tiny --steps 2 --out /tmp/ddp   # CPU smoke (gloo)
 
 Each run sets up as `recipes/diffews_coco20i.py` does on a GPU (SD2.1 U-Net with conv_in 8,
@@ -152,27 +153,28 @@ def run(args) -> None:
 
 def compare(folder: Path, tiny: bool) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("world*.json"))]
-    ones = [r for r in runs if r["world"] == 1 and not r.get("tag")]
+    ones = {r.get("tag", ""): r for r in runs if r["world"] == 1}
     if not ones or len(runs) < 2:
-        raise SystemExit(f"{folder}: need world1.json and at least one more world*.json, found {len(runs)} runs")
-    one = ones[0]
+        raise SystemExit(f"{folder}: need a world1*.json and at least one more world*.json, found {len(runs)} runs")
+    first = ones[sorted(ones)[0]]  # the metrics every run must reproduce (the same initial weights)
     lines = []
-    for r in sorted(runs, key=lambda r: (r["world"], r.get("tag", ""))):
-        world = f"{r['world']}" + (f" ({r['tag']})" if r.get("tag") else "")
-        same_metrics = r["metrics"] == one["metrics"]
-        same_conf = r["confusion"] == one["confusion"]
+    for r in sorted(runs, key=lambda r: (r.get("tag", ""), r["world"])):
+        one = ones.get(r.get("tag", ""))
+        speedup = f"{r['episodes_per_s'] / one['episodes_per_s']:.2f}×" if one else "–"
         lines.append(
-            f"| {world} | {r['batch_per_gpu']} | {r['episodes_per_s']:.2f} | {r['episodes_per_s'] / one['episodes_per_s']:.2f}× | "
+            f"| {r.get('tag') or '–'} | {r['world']} | {r['batch_per_gpu']} | {r['episodes_per_s']:.2f} | {speedup} | "
             f"{r['first_step_s']:.0f} | {r['metrics']['DiffewS']['mIoU']:.2f} / {r['metrics']['DiffewS']['FB-IoU']:.2f} | "
-            f"{'yes' if same_metrics else 'NO'} | {'yes' if same_conf else 'NO'} | {r['eval_seconds']:.1f} |"
+            f"{'yes' if r['metrics'] == first['metrics'] else 'NO'} | {'yes' if r['confusion'] == first['confusion'] else 'NO'} | "
+            f"{r['eval_seconds']:.1f} |"
         )
     table = (
-        f"# DiffewS training on 1 and {max(r['world'] for r in runs)} GPUs (DDP, NCCL) — {one['device']}\n\n"
-        f"{datetime.date.today()} · torch {one['torch']} · SD2.1 U-Net (conv_in 8) + SD VAE bf16, random weights, 1-shot "
-        f"episodes at the recipe's per-GPU batch, {one['steps']} timed steps after warm-up · evaluation: the recipe's "
-        f"rank-sharded `evaluate` on {one['eval_episodes']} synthetic 1-shot episodes with the initial weights\n\n"
-        "| GPUs | episodes/GPU/step | episodes/s | speed-up | first step s | eval mIoU / FB-IoU | metrics = 1 GPU | confusion = 1 GPU | eval s |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        f"# DiffewS training on 1 and {max(r['world'] for r in runs)} GPUs (DDP, NCCL) — {first['device']}\n\n"
+        f"{datetime.date.today()} · torch {first['torch']} · SD2.1 U-Net (conv_in 8) + SD VAE bf16, random weights, 1-shot "
+        f"episodes at the recipe's per-GPU batch, {first['steps']} timed steps after warm-up · speed-up: over the "
+        f"1-GPU run of the same variant · evaluation: the recipe's rank-sharded `evaluate` on {first['eval_episodes']} "
+        "synthetic 1-shot episodes with the initial weights, compared with the first 1-GPU run\n\n"
+        "| variant | GPUs | episodes/GPU/step | episodes/s | speed-up | first step s | eval mIoU / FB-IoU | same metrics | same confusion | eval s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, str(folder), "diffews_ddp", tiny)
 

@@ -33,3 +33,18 @@ def test_benchmark_smoke_run_writes_its_table(script, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     tables = list(tmp_path.glob("*_tiny.md"))
     assert tables and all("|" in t.read_text() for t in tables), sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ddp_benchmark_runs_on_one_and_two_processes_and_compares_them(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = str(BENCHMARKS / "bench_diffews_ddp.py")
+    tiny = ["--tiny", "--steps", "1", "--warmup", "0", "--eval-episodes", "4", "--size", "64", "--out", str(tmp_path)]
+    for world in (1, 2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", script, *tiny],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, script, "--compare", str(tmp_path), "--tiny"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in (tmp_path / "diffews_ddp_tiny.md").read_text().splitlines() if line.startswith("| – |")]
+    assert len(rows) == 2 and all("| yes | yes |" in row for row in rows)  # both world sizes evaluate identically
