@@ -124,6 +124,8 @@ def run(args) -> None:
         tflop = flops_of(lambda: recipe.train_step(unet, unet, vae, context, opt, *batches[0])) / 1e12  # no DDP: no collective
         if rank == 0:
             print(profile_table(f"training step, {b} episodes, world {world}{tag}, rank 0", prof, tflop), flush=True)
+    if args.cuda_graph:
+        train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     if args.eval_episodes == 0:
         barrier()
         cleanup_distributed()

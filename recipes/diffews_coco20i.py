@@ -299,6 +299,8 @@ def main(argv=None) -> dict:
             miou = summarise(conf["DiffewS"], test_labels)["mIoU"]
             print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")
     bar.close()
+    if args.cuda_graph:
+        train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     train_time = time.perf_counter() - job.started
 
     # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines

@@ -52,7 +52,7 @@ class CudaGraphStep:
     captured ones and return the captured outputs, valid until the next call. Graphs of several
     shapes share one memory pool: only the weights and optimiser state outlive a replay.
     DistributedDataParallel works when it was built on a side stream (`wrap_for_training` does)
-    and warms up for 11 steps (done here)."""
+    and warms up for 11 steps (done here); `close()` before leaving the process group."""
 
     def __init__(self, step: Callable[..., Any], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, warmup: int = 3):
         if not torch.cuda.is_available():
@@ -81,6 +81,15 @@ class CudaGraphStep:
             static.copy_(x, non_blocking=True)
         graph.replay()
         return outputs
+
+    def close(self) -> None:
+        """Free the graphs and their memory; a later call captures again. Call it before
+        `cleanup_distributed`: a live graph holding NCCL calls makes destroy_process_group hang
+        (pytorch/pytorch#115388)."""
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.pool = None
 
     def _state(self) -> list[Tensor]:
         tensors = [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
