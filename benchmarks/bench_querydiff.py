@@ -20,6 +20,7 @@ import argparse
 import datetime
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -97,7 +98,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("querydiff_gta2cs")
-    rargs = recipe.parse_args(["--demo"] if args.tiny else ["--eval-only", "--no-pretrained"])
+    real = ["--eval-only", "--no-pretrained", "--gta-root", tempfile.gettempdir()]  # an existing folder: checked, never read
+    rargs = recipe.parse_args(["--demo"] if args.tiny else real)
+    if rargs.demo != args.tiny:  # without a data root the recipe falls back to its demo sizes (64² crops)
+        raise SystemExit(f"bench_querydiff: the recipe parsed {'demo' if rargs.demo else 'real'} settings")
     num_classes = 6 if args.tiny else 19
     try:
         import timm  # noqa: F401
