@@ -100,7 +100,7 @@ def main() -> None:
     model = model.to(dev).train()
     vae, schedule = sd.vae.to(dev), sd.schedule.to(dev)
     params = R.set_trainable(model, "all")
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
     items = [test[i] for i in range(a.images)]
     images, labels = (torch.stack([x[k] for x in items]).to(dev) for k in ("image", "label"))
     gt, objects = torch.stack([labels == c for c in classes], 1), (labels > 0)[:, None]

@@ -161,7 +161,7 @@ def main() -> None:
     steps = {}
     for name, weight in (("with DCL", 1.0), ("without DCL", 0.0)):
         model = build(weight > 0).train()
-        opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4)
+        opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4, fused=True)
         steps[name] = (lambda m=model, o=opt, w=weight: recipe.train_step(m, o, xb, labels, num_classes, loss_cfg, w, teacher if w else None))
         params[f"train {name}"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     for n, t in interleaved(steps, max(2, args.iters // 2), args.rounds, args.device).items():

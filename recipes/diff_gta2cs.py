@@ -117,7 +117,7 @@ from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    autocast, check_finite_everywhere, finish_run, head, latest_checkpoint, maybe_compile, print0, progress,
+    autocast, check_finite_everywhere, clip_and_step, finish_run, head, latest_checkpoint, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -218,11 +218,11 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
         else:
             kl = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", max_value=0.5)
             losses["consistency"] = 0.1 * kl
-    loss = check_finite_everywhere(sum(losses.values()), "DIFF loss")
+    loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 5.0)
-    opt.step()
+    clip_and_step(opt, [p for g in opt.param_groups for p in g["params"]], loss, max_norm=5.0)
+    check_finite_everywhere(loss, "DIFF loss")  # after the step, which a non-finite loss skipped
     return {k: v.item() for k, v in losses.items()}
 
 
@@ -266,7 +266,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
             segmenter = nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
     models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo else {})  # the demo's U-Net is trained here
     groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
     step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
     model = wrap_for_training(segmenter, compile=args.compile)

@@ -108,8 +108,8 @@ from unet_seg.demo import tiny_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
 from unet_seg.train import (
-    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
-    resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
+    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress,
+    rank_share, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 

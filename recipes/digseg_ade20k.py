@@ -127,7 +127,7 @@ from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
-    autocast, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -202,11 +202,10 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, cl
         target = training_target(z_y, noise, t, schedule)
     with autocast(images.device):
         pred = model(y_t, z_x, t, class_embeds)
-    loss = check_finite_everywhere(latent_mse(pred.float(), target.float()), "DiGSeg loss")
+    loss = latent_mse(pred.float(), target.float())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    clip_and_step(opt, params, loss, max_norm=1.0)  # no host sync: a non-finite loss skips the update on the device
     return loss
 
 
@@ -348,7 +347,7 @@ def main(argv=None) -> dict:
     params = set_trainable(model, args.trainable)
     print0(f"training {sum(p.numel() for p in params) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
            f"parameters ({args.trainable}); {schedule.prediction_type} objective; {len(names)} classes")
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
 
     models = {"digseg": model}
     step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
@@ -368,7 +367,7 @@ def main(argv=None) -> dict:
     for step, epoch, batch in training_batches(loader, step, args.steps):
         images, labels = batch["image"].to(device), batch["label"].to(device)
         z_y, embeds = target_latents(vae, labels, class_embeds, class_ids, palette)
-        loss = train_step(forward, params, vae, schedule, opt, images, z_y, embeds)
+        loss = check_finite_everywhere(train_step(forward, params, vae, schedule, opt, images, z_y, embeds), "DiGSeg loss")
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):

@@ -129,7 +129,7 @@ from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, Progressiv
 from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
-    autocast, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
+    autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
     resumable_loader, resume_latest, save_checkpoint, seed_everything, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -199,10 +199,10 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
         cls, masks, dcl = forward(images, weak, strong)
     seg = set_loss(cls, masks, *semantic_targets(labels), num_classes, loss_cfg)
     loss = seg if dcl is None else seg + dcl_weight * (dcl[0] + dcl[1])
-    check_finite_everywhere(loss, "QueryDiff loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    clip_and_step(opt, (), loss, max_norm=None)  # no clipping (the release's); a non-finite loss skips the update
+    check_finite_everywhere(loss, "QueryDiff loss")
     return {"seg": seg.detach()} | ({} if dcl is None else {"dist": dcl[0].detach(), "sup": dcl[1].detach()})
 
 
@@ -307,7 +307,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     """Train `model` in place for args.steps (resuming from `out` with --resume); returns seconds."""
     started = time.perf_counter()
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=args.steps, power=0.9)
     models = {"model": model}
     step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0

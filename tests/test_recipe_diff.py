@@ -108,7 +108,7 @@ def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consiste
     args.loss, args.consistency = loss, consistency
     torch.manual_seed(0)
     model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
     before = [p.detach().clone() for p in model.parameters()]
     losses = recipe.train_step(model, frozen, opt, image, label, True, args)

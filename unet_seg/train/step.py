@@ -13,24 +13,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
-def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, max_norm: float) -> Tensor:
-    """Clip the gradients' global L2 norm to `max_norm` and step `opt`, skipped on the device
-    (weights and optimiser state unchanged) where the loss or the gradient norm is not finite.
+def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, max_norm: Optional[float]) -> Optional[Tensor]:
+    """Clip the gradients' global L2 norm to `max_norm` (None: no clipping) and step `opt`,
+    skipped on the device (weights and optimiser state unchanged) where the loss, or the gradient
+    norm when clipping, is not finite.
 
     No host sync, so a compiled or CUDA-graphed step can hold it; read the loss afterwards
     (`check_finite_everywhere`) to stop the run. The skip is the `found_inf` flag that GradScaler
     hands to fused optimisers: `opt` must be fused (torch's Adam, AdamW, SGD with `fused=True`).
-    Returns the gradient norm before clipping ([] tensor)."""
+    Returns the gradient norm before clipping ([] tensor), None without clipping."""
     if not all(group.get("fused") for group in opt.param_groups):
         raise ValueError(f"clip_and_step skips non-finite steps through fused optimisers: build {type(opt).__name__} with fused=True")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.found_inf = (~(torch.isfinite(loss).all() & torch.isfinite(norm))).float()
+    finite = torch.isfinite(loss).all()
+    norm = None
+    if max_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = finite & torch.isfinite(norm)
+    opt.found_inf = (~finite).float()
     try:
         opt.step()
     finally:
