@@ -194,3 +194,43 @@ def test_bad_support_mask_values_are_refused_before_the_episode():
     _recipe().checked_episode(batch, "cpu")  # valid
     with pytest.raises(ValueError, match=r"support_masks must hold 0/1"):
         _recipe().checked_episode({**batch, "support_masks": batch["support_masks"] * 2}, "cpu")
+
+
+def test_a_nan_loss_stops_training_after_skipping_its_update(tmp_path, cpu_only, monkeypatch):
+    """The loss is read after the step (no host sync inside it): a NaN loss at step 2 raises
+    there, its update skipped, and the step-1 checkpoint is the last one written."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = _recipe()
+    latent_mse, check_finite_everywhere, make_tiny_sd = recipe.latent_mse, recipe.check_finite_everywhere, recipe.tiny_sd
+    calls, unets, weights = [], [], {}
+
+    def nan_at_step_2(pred, target):
+        calls.append(1)
+        loss = latent_mse(pred, target)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    def check(loss, name):  # the weights as the step left them, just before the check raises
+        weights.update({k: v.clone() for k, v in unets[0].state_dict().items()})
+        return check_finite_everywhere(loss, name)
+
+    def tiny_sd(*a, **kw):
+        sd = make_tiny_sd(*a, **kw)
+        unets.append(sd.unet)
+        return sd
+
+    monkeypatch.setattr(recipe, "latent_mse", nan_at_step_2)
+    monkeypatch.setattr(recipe, "check_finite_everywhere", check)
+    monkeypatch.setattr(recipe, "tiny_sd", tiny_sd)
+    with pytest.raises(FloatingPointError, match=r"latent MSE is not finite: \[nan\]"):
+        recipe.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
+    assert [p.name for p in sorted(tmp_path.glob("step_*.safetensors"))] == [checkpoint_path(tmp_path, 1).name]
+    saved = load_file(str(checkpoint_path(tmp_path, 1)))
+    for key, value in weights.items():  # step 2 changed nothing
+        assert torch.equal(value, saved[f"model/unet/{key}"]), key
+
+
+def test_cuda_graph_needs_a_gpu(tmp_path, cpu_only):
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        _recipe().main(TINY + ["--cuda-graph", "--out", str(tmp_path)])
