@@ -52,8 +52,9 @@ class CudaGraphStep:
     and step an Adam or AdamW built with `fused=True, capturable=True` and a tensor `lr` on the
     GPU (a float lr would be frozen into the graph; schedulers update the tensor in place). The
     warm-up calls that precede each capture run on a forked RNG and are undone (weights,
-    buffers, optimiser state), so a run with graphs trains, and resumes, as one without would
-    (same random streams; numbers agree to float rounding). Calls copy the inputs into the
+    buffers, optimiser state: a copy of them is held meanwhile), so a run with graphs trains as
+    one without would (same random streams, numbers equal to float rounding; tests/test_step.py,
+    on a GPU), and a resumed run captures the same way. Calls copy the inputs into the
     captured ones and return the captured outputs, valid until the next call. Graphs of several
     shapes share one memory pool: only the weights and optimiser state outlive a replay.
     DistributedDataParallel works when it was built on a side stream (`wrap_for_training` does)
