@@ -22,7 +22,6 @@ them: 2-GPU speed-up over one GPU, and whether the metrics and confusion matrice
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,13 +38,13 @@ from bench_models import device_name, load_recipe, write_table  # noqa: E402
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
 from unet_seg.train import (  # noqa: E402
-    CudaGraphStep, barrier, check_finite_everywhere, cleanup_distributed, init_distributed, maybe_compile, print0,
+    CudaGraphStep, barrier, check_finite_everywhere, cleanup_distributed, ddp, init_distributed, maybe_compile, print0,
 )
 
 
 def run(args) -> None:
     recipe = load_recipe("diffews_coco20i")
-    rank, world, local_rank, device = init_distributed()
+    rank, world, _, device = init_distributed()
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -64,12 +62,7 @@ def run(args) -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True, capturable=args.cuda_graph)
     model = unet
     if world > 1:
-        side = torch.cuda.Stream() if cuda else None  # as wrap_for_training: a CUDA graph can then capture the all-reduces
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            model = DDP(unet, device_ids=[local_rank] if cuda else None, gradient_as_bucket_view=args.bucket_view,
-                        bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph)  # fmt: skip
-        if cuda:
-            torch.cuda.current_stream().wait_stream(side)
+        model = ddp(unet, gradient_as_bucket_view=args.bucket_view, bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph)
         if args.bf16_grads:  # gradients rounded to bf16 for the all-reduce: half the traffic, not bit-identical
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 

@@ -34,7 +34,7 @@ One job per module; import everything from `unet_seg.train`:
                   should_checkpoint, interrupted (Ctrl-C / SIGTERM)
     checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
                   checkpoint_path
-    compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, evaluation
+    compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, ddp, evaluation
     step          clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph)
     report        progress (LineProgress), write_metrics
     run           start_run, finish_run
@@ -45,7 +45,7 @@ from .checkpoints import (
     CHECKPOINT_FORMAT, Resumed, checkpoint_path, latest_checkpoint, load_checkpoint, load_latest, resume_latest,
     save_checkpoint,
 )
-from .compute import autocast, compile_cache_dir, evaluation, maybe_compile, wrap_for_training
+from .compute import autocast, compile_cache_dir, ddp, evaluation, maybe_compile, wrap_for_training
 from .distributed import (
     barrier, check_finite_everywhere, cleanup_distributed, head, init_distributed, is_main, print0, print_demo,
     rank_and_world, rank_share, unwrap,
@@ -58,7 +58,7 @@ from .step import CudaGraphStep, clip_and_step
 __all__ = [
     "CHECKPOINT_FORMAT", "Resumed", "checkpoint_path", "latest_checkpoint", "load_checkpoint", "load_latest",
     "resume_latest", "save_checkpoint",
-    "autocast", "compile_cache_dir", "evaluation", "maybe_compile", "wrap_for_training",
+    "autocast", "compile_cache_dir", "ddp", "evaluation", "maybe_compile", "wrap_for_training",
     "barrier", "check_finite_everywhere", "cleanup_distributed", "head", "init_distributed", "is_main", "print0",
     "print_demo", "rank_and_world", "rank_share", "unwrap",
     "ResumableSampler", "interrupted", "resumable_loader", "seed_everything", "should_checkpoint", "training_batches",

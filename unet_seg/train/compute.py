@@ -71,17 +71,23 @@ def evaluation(model: nn.Module, *, seed: Optional[int] = None, device: Union[st
 
 
 def wrap_for_training(model: nn.Module, *, compile: bool) -> nn.Module:
-    """`model` as the training step should call it: in DistributedDataParallel when several
-    processes run (on this rank's GPU where there is one), then `torch.compile`d with `compile`.
-    Hand the unwrapped `model` to the optimizer and to checkpoints. DDP is built on a side
-    stream, so that `CudaGraphStep` can capture its all-reduces."""
+    """`model` as the training step should call it: in DistributedDataParallel (`ddp`) when
+    several processes run, then `torch.compile`d with `compile`. Hand the unwrapped `model` to the
+    optimizer and to checkpoints."""
     if _world_size() > 1:
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            return maybe_compile(nn.parallel.DistributedDataParallel(model), compile)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-        torch.cuda.current_stream(device).wait_stream(side)
+        model = ddp(model)
     return maybe_compile(model, compile)
+
+
+def ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
+    """`model` in DistributedDataParallel on this rank's GPU (or the CPU), built on a side stream
+    on CUDA so that `CudaGraphStep` can capture its all-reduces. `ddp_kwargs` go to DDP."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index], **ddp_kwargs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    return wrapped

@@ -57,7 +57,7 @@ class CudaGraphStep:
     on a GPU), and a resumed run captures the same way. Calls copy the inputs into the
     captured ones and return the captured outputs, valid until the next call. Graphs of several
     shapes share one memory pool: only the weights and optimiser state outlive a replay.
-    DistributedDataParallel works when it was built on a side stream (`wrap_for_training` does)
+    DistributedDataParallel works when it was built on a side stream (`ddp`, `wrap_for_training`)
     and warms up for 11 steps (done here); `close()` before leaving the process group."""
 
     def __init__(self, step: Callable[..., Any], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, warmup: int = 3):
