@@ -199,9 +199,8 @@ def main() -> None:
         for name, seg in segments.items():
             rows.append((what, k, n, name, seg, counted[what, n, k], firsts.get((what, n, k, name))))
             print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
-        for name in ("recipe", "recipe, CUDA graph") if cuda and k == 1 else ():
-            if name == "recipe, CUDA graph" and what == "inference":
-                continue  # GPU-bound already (idle 2%)
+        profiled = ["recipe"] + (["recipe, CUDA graph"] if what == "training" else [])  # inference: GPU-bound already
+        for name in profiled if cuda and k == 1 else []:
             try:
                 prof = profile_kernels(fns[name], 3)
                 profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, {name}", prof, counted[what, n, k]))

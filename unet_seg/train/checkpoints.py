@@ -220,9 +220,9 @@ def load_checkpoint(
             obj.load_state_dict(_unpack(header[what], tensors))
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: the {what} state does not fit ({e})") from e
-        for group, lr in zip(obj.param_groups if lrs else [], lrs):
+        for i, lr in enumerate(lrs):
             if isinstance(lr, Tensor):  # a tensor lr keeps its device and identity (a CUDA graph reads it there)
-                group["lr"] = lr.copy_(group["lr"])
+                obj.param_groups[i]["lr"] = lr.copy_(obj.param_groups[i]["lr"])
     if restore_rng:
         if len(header["rng"]) == _world_size():
             _set_rng_state(header["rng"][_rank()])
