@@ -33,7 +33,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | branches | two | independent VAE samples and noise | same | |
 | fusion, head | F_conv, DAFormer head | GN bottleneck 2048/1024/512 + finecoder 256; sep-ASPP head | same | |
 | losses | eq. 5: CE(cond) + L2 | CE(cond) + CE(uncond) + L2 on stride-4 logits, nothing detached; CE averaged over all pixels (mmseg 0.16) | same | `--loss paper`: eq. 5, teacher detached |
-| KL variant | Table IV 57.81, no equation | `kl_loss` commented out: weight 0.1, T 1, batchmean, clamp 0.5 | same | `--consistency kl` |
+| KL variant | Table IV 57.81, no equation | `kl_loss` commented out: min(0.1 · KL, 0.5) (KL cut at 5), T 1, batchmean | same | `--consistency kl` |
 | data | "as DAFormer" | GTA5 resized to 1280 × 720, 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`) | demo: its synthetic scenes as they are |
 | optimiser | as DAFormer | AdamW 6e-5, head × 10, wd 0.01, poly + 1500 warm-up, 40k iterations, grad-norm clip 5 | same | |
 | batch | – | 1 GPU, batch 1 | same | torchrun: batch N, see README |
@@ -216,8 +216,8 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
         if args.consistency == "l2":  # eq. 4, on the stride-4 logits
             losses["consistency"] = consistency_l2(logits_u, logits_c, detach_teacher=not official)
         else:
-            kl = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", max_value=0.5)
-            losses["consistency"] = 0.1 * kl
+            # official kl_loss: min(0.1 · KL, 0.5), i.e. the KL cut at 5
+            losses["consistency"] = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", weight=0.1, max_value=0.5)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()

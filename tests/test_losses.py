@@ -286,6 +286,17 @@ def test_official_kl_variant_is_pytorch_kl_div_batchmean_times_t_squared_clamped
     assert student.grad.abs().sum() == 0  # the official clamp passes no gradient above the cap
 
 
+def test_kl_weight_is_applied_before_the_clamp_as_the_official_kl_loss():
+    # per position, two classes: teacher p = (1, 0) (to float precision), student q = (0.5, 0.5):
+    # KL = log 2 per image, written out; 0.1 · 8 log 2 = 0.555 is cut at 0.5, 0.1 · 4 log 2 = 0.277 is not
+    teacher = torch.tensor([[[[40.0]], [[0.0]]]])
+    kl = math.log(2)
+    for positions, expected in ((4, 0.1 * 4 * kl), (8, 0.5)):
+        student = torch.zeros(1, 2, positions, 1)
+        got = consistency_kl(student, teacher.expand(-1, -1, positions, -1), reduction="batchmean", weight=0.1, max_value=0.5)
+        assert got.item() == pytest.approx(expected, rel=1e-6)  # clamp before the weight gives 0.05 for both
+
+
 def test_cross_entropy_counting_ignored_pixels_divides_by_all_pixels():
     logits, target = randn(1, 3, 2, 4, seed=0), torch.tensor([[[0, 1, 2, 255], [255, 255, 1, 0]]])
     valid = cross_entropy(logits, target)

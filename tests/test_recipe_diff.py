@@ -118,6 +118,23 @@ def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consiste
     assert set(only_uncond) == {"CE uncond"}
 
 
+def test_kl_consistency_is_the_official_clamp_of_the_weighted_kl():
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe)
+    args.consistency = "kl"
+    torch.manual_seed(0)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
+    calls = []
+    record = lambda levels: calls.append(model(levels)) or calls[-1]  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+    losses = recipe.train_step(record, frozen, opt, image, label, True, args)
+    student, teacher = (x.detach().double() for x in calls)  # unconditional first, then conditional
+    kl = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum().item()  # batchmean, B = 1
+    assert 0.5 < kl  # where the two orders differ: the old 0.1 · min(KL, 0.5) would give 0.05
+    assert losses["consistency"] == pytest.approx(min(0.1 * kl, 0.5), rel=1e-4)
+
+
 def test_poly_schedule_warms_up_then_decays_to_zero():
     f = _recipe().poly_with_warmup(100, 10)
     assert f(0) == pytest.approx(1e-6) and f(5) == pytest.approx(0.5 * 0.95, rel=1e-4)

@@ -40,6 +40,7 @@ def consistency_kl(
     detach_teacher: bool = True,
     temperature: float = 1.0,
     reduction: str = "mean",
+    weight: float = 1.0,
     max_value: Optional[float] = None,
 ) -> Tensor:
     """The KL variant of DIFF's consistency loss (its Table IV; the paper gives no equation):
@@ -49,9 +50,10 @@ def consistency_kl(
         L = T² · Σ_c p_t,c · (log p_t,c − log p_s,c),  p = softmax(logits / T, dim=1)
 
     reduced by "mean" over (b, h, w) or "batchmean" (summed over positions, divided by B: PyTorch
-    `kl_div`'s, as the official `kl_loss`), then clamped from above at `max_value` if given (the
-    official clamp: no gradient while the loss exceeds it). Official arguments (commented out in
-    its `forward_train`): T = 1, "batchmean", max_value 0.5, weight 0.1, teacher not detached.
+    `kl_div`'s, as the official `kl_loss`), multiplied by `weight`, and THEN clamped from above at
+    `max_value` if given (the official order: weight 0.1 with max_value 0.5 cuts the KL at 5; no
+    gradient while the weighted loss exceeds the cap). Official arguments (commented out in its
+    `forward_train`): T = 1, "batchmean", weight 0.1, max_value 0.5, teacher not detached.
     logits [B, C, ...] for both branches. `detach_teacher` as in `consistency_l2`.
     """
     check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
@@ -63,7 +65,7 @@ def consistency_kl(
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
-    loss = (kl.mean() if reduction == "mean" else kl.sum() / kl.shape[0]) * temperature**2
+    loss = (kl.mean() if reduction == "mean" else kl.sum() / kl.shape[0]) * (weight * temperature**2)
     return loss if max_value is None else loss.clamp(max=max_value)
 
 
