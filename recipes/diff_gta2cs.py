@@ -81,18 +81,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--source", default="gta5", choices=("gta5", "cityscapes"), help="training domain")
     p.add_argument("--targets", nargs="+", default=["cityscapes", "bdd100k", "mapillary"], help="unseen test domains (val splits)")
     p.add_argument("--features", default="trajectory", choices=("trajectory", "batched"), help="official inversion trajectory, or the one-call forward-noised approximation (faster)")
-    p.add_argument("--prediction-type", default="as-eps", choices=("as-eps", "model"), help="U-Net output used as ε (official, also for SD 2.1's v) or read in the checkpoint's parameterisation")
+    p.add_argument("--prediction-type", default="as-eps", choices=("as-eps", "model"), help="U-Net output used as ε (official, also for SD 2.1's v) or read in the checkpoint's parameterisation (--features trajectory only)")
     p.add_argument("--loss", default="official", choices=("official", "paper"), help="official: CE on both branches, nothing detached; paper: eq. 5, CE(cond), teacher detached")
     p.add_argument("--consistency", default="l2", choices=("l2", "kl"), help="IPKL consistency loss (paper Table IV)")
     p.add_argument("--no-ipkl", action="store_true", help="train the unconditional branch alone with CE (Table IV, 'DIFF' row)")
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
     p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
-    p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120)")
+    p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120; --features trajectory only)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
     p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
     p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
+    given = p.parse_known_args(argv)[0]  # before the presets fill --trajectory in
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
+    if args.features == "batched" and (given.trajectory is not None or args.prediction_type != "as-eps"):
+        p.error("--trajectory and --prediction-type apply to --features trajectory only (batched forward-noises the latents, no inversion)")
     starts = [0, *sorted(args.trajectory)[:-1]]
     if args.features == "trajectory" and not set(args.timesteps) <= set(starts):
         p.error(f"--timesteps must be U-Net times of the trajectory ({starts}), got {args.timesteps}")

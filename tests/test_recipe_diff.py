@@ -147,6 +147,15 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
     assert "multiple of 64" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--trajectory", "7", "30", "91", "120"], ["--prediction-type", "model"]])
+def test_batched_features_refuse_the_trajectory_only_options(extra, capsys):
+    recipe = _recipe()
+    assert recipe.parse_args(["--demo", "--features", "batched"]).features == "batched"
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--demo", "--features", "batched", *extra])
+    assert "apply to --features trajectory only" in capsys.readouterr().err
+
+
 def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
     run_two_gloo_processes("diff_gta2cs", TINY + ["--no-baseline"], tmp_path)
 
