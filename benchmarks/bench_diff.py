@@ -73,7 +73,7 @@ def main() -> None:
     rev = unet.config.channels[::-1]
     channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
     frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
-    dims, fine, embed, groups = ((128, 64, 32), 32, 32, 8) if args.tiny else ((2048, 1024, 512), 256, 256, 32)
+    dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
     segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups).to(device).train()
     if device == "cuda":
         segmenter.to(memory_format=torch.channels_last)

@@ -58,7 +58,7 @@ TRAJECTORY = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
               52, 60, 69, 80, 91, 105, 121, 139, 160)  # official scheduler_timesteps (ascending)
 TIMESTEPS = (91, 52, 30, 22, 18, 14, 11, 7, 3)  # U-Net times of the official save_timestep steps 33 ... 3
 ETA_RANGE, GUIDANCE = (10, 250), 5.0  # official s_tmin, s_tmax (η = 1 strictly inside), guidance_scale
-LEVELS = (1, 2, 3)  # up levels tapped: strides 32, 16, 8 of the image
+LEVELS = (3, 2, 1)  # up levels tapped, fine to coarse: strides 8, 16, 32 of the image
 PROMPT_TEMPLATE = "A high quality photo; europe city; {}"
 PROMPTS = {  # official label_map: the five prompted Cityscapes train ids
     1: "sidewalk, Paths for pedestrian use",
@@ -261,7 +261,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     resuming from `out` with --resume; returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    dims, fine_dim, embed_dim, groups = ((128, 64, 32), 32, 32, 8) if args.demo else ((2048, 1024, 512), 256, 256, 32)
+    dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo else ((512, 1024, 2048), 256, 256, 32)
     segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)

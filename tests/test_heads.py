@@ -10,8 +10,9 @@ from .helpers import randn, randomise_
 
 
 def levels(b, channels, coarse, seed=0):
-    """Coarse to fine, each level twice the size of the previous."""
-    return [randn(b, c, coarse * 2**i, coarse * 2**i, seed=seed + i) for i, c in enumerate(channels)]
+    """Fine to coarse, each level half the size of the previous, the last `coarse` pixels wide."""
+    n = len(channels)
+    return [randn(b, c, coarse * 2 ** (n - 1 - i), coarse * 2 ** (n - 1 - i), seed=seed + i) for i, c in enumerate(channels)]
 
 
 @settings(max_examples=10, deadline=None)
@@ -24,9 +25,9 @@ def test_fusion_then_head_give_logits_at_twice_the_finest_level(b, coarse, n, cl
     out = fusion(levels(b, channels, coarse))
     finest = coarse * 2 ** (n - 1)
     assert [tuple(o.shape) for o in out] == [(b, 8, 2 * finest, 2 * finest)] + [
-        (b, d, finest // 2**i, finest // 2**i) for i, d in enumerate(dims[::-1])
+        (b, d, finest // 2**i, finest // 2**i) for i, d in enumerate(dims)
     ]
-    assert fusion.out_channels == (8, *dims[::-1])
+    assert fusion.out_channels == (8, *dims)
     logits = head(out)
     assert logits.shape == (b, classes, 2 * finest, 2 * finest)
 
@@ -151,16 +152,17 @@ def fusion_reference(fusion: DiffusionFeatureFusion, levels_):
         y = gn(F.conv2d(y, b[6].weight), b[7])
         return F.relu(y + gn(F.conv2d(x, blk.shortcut[0].weight), blk.shortcut[1]))
 
-    proj = [gn(bottleneck(x, p), n) for x, p, n in zip(levels_, fusion.project, fusion.norm)]
-    x = proj[0]
-    for i, up in enumerate(fusion.up):
+    proj = [gn(bottleneck(x, p), n) for x, p, n in zip(levels_, fusion.project, fusion.norm)]  # fine to coarse
+    coarse_first, ups = proj[::-1], list(fusion.up)[::-1]
+    x = coarse_first[0]
+    for i, up in enumerate(ups):
         x = F.conv_transpose2d(x, up.up.weight, up.up.bias, stride=2, padding=1)
-        if i + 1 < len(proj):
-            x = x + proj[i + 1]
+        if i + 1 < len(coarse_first):
+            x = x + coarse_first[i + 1]
         r = up.res
         res = gn(F.conv2d(F.relu(gn(F.conv2d(x, r[0].weight, r[0].bias, padding=1), r[1])), r[3].weight, r[3].bias, padding=1), r[4])
         x = F.relu(x + res)
-    return [x, *proj[::-1]]
+    return [x, *proj]
 
 
 def test_fusion_equals_the_written_out_bottleneck_and_upsample_add_forward():

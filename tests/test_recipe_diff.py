@@ -82,7 +82,7 @@ def test_level_channels_match_the_features(features):
     with torch.no_grad():
         levels = recipe.diffusion_levels(frozen, randn(2, 4, 8, 8, seed=31), [label, None], args)
     assert [f.shape[1] for f in levels] == frozen.level_channels and all(f.shape[0] == 2 for f in levels)
-    assert [f.shape[-1] for f in levels] == [2, 4, 8]  # strides 32, 16, 8 of a 64-pixel image
+    assert [f.shape[-1] for f in levels] == [8, 4, 2]  # strides 8, 16, 32 of a 64-pixel image (fine to coarse)
 
 
 def test_batched_approximation_fuses_the_class_prompts_inside_their_masks_only():

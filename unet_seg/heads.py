@@ -1,9 +1,12 @@
 """Trainable heads over frozen diffusion features (DIFF): the convolutional fusion block and
 DAFormer's decode head.
 
-    fusion = DiffusionFeatureFusion(in_channels=(c32, c16, c8), dims=(2048, 1024, 512), fine_dim=256)
+    fusion = DiffusionFeatureFusion(in_channels=(c8, c16, c32), dims=(512, 1024, 2048), fine_dim=256)
     head = DAFormerHead(fusion.out_channels, num_classes=19)
-    logits = head(fusion([f32, f16, f8]))          # [B, 19, H/4, W/4]
+    logits = head(fusion([f8, f16, f32]))          # [B, 19, H/4, W/4]
+
+Both take their levels in one order, **fine to coarse** (level i + 1 half the size of level i),
+as timm's and mmseg's feature pyramids list them, and as `UNet.feature_info` reports up levels.
 
 `DiffusionFeatureFusion` is DIFF's F_conv (eq. 1): per stride, the concatenation of all tapped
 layers over all timesteps (and the cross-attention maps) goes through a GroupNorm bottleneck
@@ -69,10 +72,10 @@ class UpFuse(nn.Module):
 
 
 class DiffusionFeatureFusion(nn.Module):
-    """DIFF's fusion block F_conv. Input: per level, coarse to fine (each level twice the size of
-    the previous), the channel concatenation of its layers × timesteps [B, in_channels[i], h_i, w_i].
-    Output, fine to coarse: [fused [B, fine_dim, 2·h_last, 2·w_last], then each level's
-    normalised projection [B, dims[i], h_i, w_i] from the finest to the coarsest]."""
+    """DIFF's fusion block F_conv. Input: per level, fine to coarse (each level half the size of
+    the previous), the channel concatenation of its layers × timesteps [B, in_channels[i], h_i, w_i];
+    `dims[i]`: level i's width after its bottleneck. Output, fine to coarse: [fused [B, fine_dim,
+    2·h_0, 2·w_0], then each level's normalised projection [B, dims[i], h_i, w_i]]."""
 
     def __init__(
         self,
@@ -86,24 +89,27 @@ class DiffusionFeatureFusion(nn.Module):
         if len(in_channels) != len(dims) or len(dims) < 1:
             raise ValueError(f"in_channels and dims need one entry per level, got {list(in_channels)} and {list(dims)}")
         self.in_channels, self.dims = tuple(in_channels), tuple(dims)
-        self.project = nn.ModuleList([Bottleneck(c, d, bottleneck_groups) for c, d in zip(in_channels, dims)])
-        self.norm = nn.ModuleList([nn.GroupNorm(groups, d) for d in dims])
-        outs = list(dims[1:]) + [fine_dim]
-        self.up = nn.ModuleList([UpFuse(c, o, groups) for c, o in zip(dims, outs)])
-        self.out_channels = (fine_dim, *dims[::-1])
-        for m in self.modules():
+        # built and initialised coarse first (the official order of random draws), kept fine first
+        c_in, c_out = in_channels[::-1], dims[::-1]
+        project = [Bottleneck(c, d, bottleneck_groups) for c, d in zip(c_in, c_out)]
+        norm = [nn.GroupNorm(groups, d) for d in c_out]
+        up = [UpFuse(c, o, groups) for c, o in zip(c_out, [*c_out[1:], fine_dim])]
+        for m in nn.ModuleList([*project, *norm, *up]).modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # fine first: up[i] takes level i to the size of level i − 1 (of the fused output for i = 0)
+        self.project, self.norm, self.up = (nn.ModuleList(m[::-1]) for m in (project, norm, up))
+        self.out_channels = (fine_dim, *dims)
 
     def forward(self, levels: Sequence[Tensor]) -> list[Tensor]:
         _check_levels(levels, self.in_channels, "DiffusionFeatureFusion")
         proj = [norm(p(x)) for x, p, norm in zip(levels, self.project, self.norm)]
-        x = proj[0]
-        for i, up in enumerate(self.up):
-            x = up(x, proj[i + 1] if i + 1 < len(proj) else None)
-        return [x, *proj[::-1]]
+        x = proj[-1]
+        for i in reversed(range(len(proj))):  # top-down: from the coarsest, adding each finer level
+            x = self.up[i](x, proj[i - 1] if i > 0 else None)
+        return [x, *proj]
 
 
 def _conv_bn_relu(c_in: int, c_out: int, k: int, dilation: int = 1, groups: int = 1) -> nn.Sequential:
