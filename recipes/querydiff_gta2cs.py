@@ -40,7 +40,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, embeddings) | paper's lrs (`--schedule release`: one lr) |
 | schedule | 60 000 iterations, batch 4 | poly 0.9, 40 000 iterations, batch 2, no warm-up | paper's (`--schedule release`: config's) |
 | training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion; RCS named, not implemented | same, no RCS |
-| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341; CS (1024, 512), BDD (1280, 720), MV halved offline then (1024, 512) | same (MV halved on the fly) |
+| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline then (1024, 512) | same, window `--size` / ⅔ `--size` (MV halved on the fly) |
 | reported | CS 69.1, MV 68.6 (r = 100), average 66.7 | — | not run here (no weights, no GPU time) |
 
 Notes. (¹) The release freezes PMerge and the DCL Linears by accident (`set_requires_grad(["reins"])`
@@ -73,10 +73,15 @@ from typing import Sequence
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 T_WEAK, T_STRONG = 0, 100  # official feature_extraction(x, 0) and (x, 100)
-CROP, STRIDE = (512, 512), (341, 341)  # official test_cfg (slide)
 SCHEDULES = {"paper": dict(steps=60000, batch_size=4, backbone_lr_mult=0.1), "release": dict(steps=40000, batch_size=2, backbone_lr_mult=1.0)}
 DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, dim=64, heads=4, pixel_layers=2, decoder_layers=3, ffn=128, merge_dim=64, queries=16, points=1024, eval_images=100, teacher_steps=200)
 REAL = dict(size=512, steps=60000, batch_size=4, lr=1e-4, dim=256, heads=8, pixel_layers=6, decoder_layers=9, ffn=2048, merge_dim=512, queries=100, points=12544, eval_images=0, teacher_steps=0)
+
+
+def slide_window(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(crop, stride) of the evaluation windows for training crops of `size`: the release's test_cfg,
+    512 / 341 and (its 1024 configs) 1024 / 683, i.e. stride = 2/3 of the crop."""
+    return (size, size), (round(2 * size / 3),) * 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, data=roots, dataset="GTA5")
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
+    args.window = slide_window(args.size)  # evaluation windows follow the training crop
     if not args.demo and not args.eval_only and not args.gta_root:
         p.error("--gta-root is required to train without --demo")
     if args.queries < 1 or args.dcl_weight < 0:
@@ -207,14 +213,15 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, num_classes: int, device, slide: bool):
-    """(all-rank confusion [K, K], up to 4 (image, pred, label)) in eval mode without the diffusion branch."""
-    if slide:
-        predict = lambda x: slide_logits(lambda w: predict_scores(model, w), x, CROP, STRIDE, num_classes)  # noqa: E731
+def evaluate(model: nn.Module, data, num_classes: int, device, window=None):
+    """(all-rank confusion [K, K], up to 4 (image, pred, label)) in eval mode without the diffusion
+    branch; `window` = (crop, stride) slides windows over each image, None predicts it whole."""
+    if window:
+        predict = lambda x: slide_logits(lambda w: predict_scores(model, w), x, *window, num_classes)  # noqa: E731
     else:
         predict = lambda x: predict_scores(model, x)  # noqa: E731
     with evaluation(model):
-        return evaluate_semantic(predict, data, num_classes, device, batch_size=1 if slide else 16)
+        return evaluate_semantic(predict, data, num_classes, device, batch_size=1 if window else 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +362,7 @@ def main(argv=None) -> dict:
         evaluated = maybe_compile(model, args.compile) if args.compile else model
         row, images, t0 = {}, 0, time.perf_counter()
         for test_name, data in tests.items():
-            conf, keep = evaluate(evaluated, data, num_classes, device, slide)
+            conf, keep = evaluate(evaluated, data, num_classes, device, args.window if slide else None)
             row[f"{test_name} mIoU"] = round(100 * iou_per_class(conf).nanmean().item(), 2)
             images += len(data)
             if test_name == next(iter(tests)):

@@ -95,6 +95,23 @@ def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag
     assert recipe.parse_args(["--gta-root", x, "--schedule", "release", "--steps", "7"]).steps == 7
 
 
+@pytest.mark.parametrize("size, window", [(512, ((512, 512), (341, 341))), (1024, ((1024, 1024), (683, 683))), (768, ((768, 768), (512, 512)))])
+def test_evaluation_window_follows_size_with_the_release_stride_ratio(tmp_path, size, window):
+    # the release's test_cfg: slide 512 / 341, and 1024 / 683 in its 1024 configs
+    assert _recipe().parse_args(["--gta-root", str(tmp_path), "--size", str(size)]).window == window
+
+
+def test_evaluate_slides_the_given_window(monkeypatch):
+    recipe, seen = _recipe(), []
+    real = recipe.slide_logits
+    monkeypatch.setattr(recipe, "slide_logits", lambda *a: seen.append(a[2:4]) or real(*a))
+    args = recipe.parse_args(TINY)
+    model = recipe.build_model(args, 3, guided=False)
+    data = [{"image": rand(3, 64, 96, seed=5) * 2 - 1, "label": torch.zeros(64, 96, dtype=torch.long)}]
+    conf, _ = recipe.evaluate(model, data, 3, torch.device("cpu"), ((64, 64), (43, 43)))
+    assert seen == [((64, 64), (43, 43))] and conf.sum() == 64 * 96
+
+
 @pytest.mark.slow
 def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does
