@@ -40,7 +40,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, embeddings) | paper's lrs (`--schedule release`: one lr) |
 | schedule | 60 000 iterations, batch 4 | poly 0.9, 40 000 iterations, batch 2, no warm-up | paper's (`--schedule release`: config's) |
 | training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion; RCS named, not implemented | same, no RCS |
-| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline then (1024, 512) | same, window `--size` / ⅔ `--size` (MV halved on the fly) |
+| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline then (1024, 512) | same, window `--size` / ⅔ `--size`, mask logits upsampled before σ as mmseg (MV halved on the fly) |
 | reported | CS 69.1, MV 68.6 (r = 100), average 66.7 | — | not run here (no weights, no GPU time) |
 
 Notes. (¹) The release freezes PMerge and the DCL Linears by accident (`set_requires_grad(["reins"])`
@@ -188,10 +188,11 @@ def diffusion_features(unet: UNet, vae, context: Tensor, images: Tensor, schedul
 
 
 def predict_scores(model: nn.Module, images: Tensor) -> Tensor:
-    """Inference WITHOUT the diffusion branch: images [N, 3, h, w] -> class scores [N, K, h/4, w/4]."""
+    """Inference WITHOUT the diffusion branch: images [N, 3, h, w] -> class scores [N, K, h, w], the
+    mask logits upsampled before the sigmoid (mmseg's order)."""
     with torch.no_grad(), autocast(images.device):
         cls, masks, _ = model(images)
-    return semantic_scores(cls[-1], masks[-1])
+    return semantic_scores(cls[-1], masks[-1], images.shape[-2:])
 
 
 def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, loss_cfg: SetLossConfig, dcl_weight: float, teacher=None) -> dict:

@@ -108,6 +108,18 @@ def test_decoder_gives_one_prediction_per_layer_plus_the_initial_and_trains_ever
     assert semantic_scores(all_cls[-1], all_masks[-1]).shape == (2, 5, 16, 16)
 
 
+def test_semantic_scores_upsample_the_mask_logits_before_the_sigmoid():
+    # one query of class 0 (softmax (0.5, 0.25, 0.25) over class 0, class 1, no-object), mask logits
+    # (-8, 8) over two pixels resized to four: bilinear, half-pixel centres -> (-8, -4, 4, 8), then σ
+    cls = torch.tensor([[[math.log(2.0), 0.0, 0.0]]])
+    masks = torch.tensor([[[[-8.0, 8.0]]]])
+    sigma = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = [[0.5 * sigma(v) for v in (-8, -4, 4, 8)], [0.25 * sigma(v) for v in (-8, -4, 4, 8)]]
+    got = semantic_scores(cls, masks, (1, 4))
+    torch.testing.assert_close(got[0, :, 0], torch.tensor(expected))  # sigmoid first gives 0.5·(σ(−8)·¾ + σ(8)·¼) = 0.125 at pixel 1
+    assert semantic_scores(cls, masks).shape == (1, 2, 1, 2)
+
+
 def test_decoder_is_per_image():
     decoder = _decoder().eval()
     mask_features, memories, q, pos = _decoder_inputs()

@@ -112,6 +112,17 @@ def test_evaluate_slides_the_given_window(monkeypatch):
     assert seen == [((64, 64), (43, 43))] and conf.sum() == 64 * 96
 
 
+def test_scores_come_from_mask_logits_upsampled_to_the_window_first():
+    recipe = _recipe()
+    model = recipe.build_model(recipe.parse_args(TINY), 3, guided=False).eval()
+    x = rand(1, 3, 64, 96, seed=6) * 2 - 1
+    with torch.no_grad():
+        cls, masks, _ = model(x)
+    up = torch.nn.functional.interpolate(masks[-1], size=(64, 96), mode="bilinear", align_corners=False)
+    expected = torch.einsum("bqk,bqhw->bkhw", cls[-1].softmax(-1)[..., :-1], up.sigmoid())  # mmseg Mask2FormerHead.predict
+    torch.testing.assert_close(recipe.predict_scores(model, x), expected)
+
+
 @pytest.mark.slow
 def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does

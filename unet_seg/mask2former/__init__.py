@@ -9,11 +9,14 @@
     mask_features, memories = pixel_decoder(features)             # 4 maps, strides 4..32
     all_cls, all_masks = decoder(mask_features, memories, q, q_pos)
     loss = set_loss(all_cls, all_masks, *semantic_targets(labels), num_classes)
-    scores = semantic_scores(all_cls[-1], all_masks[-1])          # [B, K, H/4, W/4]
+    scores = semantic_scores(all_cls[-1], all_masks[-1], (H, W))  # [B, K, H, W]
 """
 
-from torch import Tensor
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from .criterion import SetLossConfig, point_sample, semantic_targets, set_loss, uncertain_points
 from .decoder import MaskedAttentionDecoder
@@ -21,10 +24,14 @@ from .deform import MSDeformAttn, ms_deform_attn
 from .pixel_decoder import MSDeformAttnPixelDecoder, sine_position_embedding
 
 
-def semantic_scores(cls: Tensor, masks: Tensor) -> Tensor:
+def semantic_scores(cls: Tensor, masks: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
     """Mask2Former semantic inference: Σ_q softmax(c_q)[:K] · σ(M_q): cls [B, Q, K+1], masks
-    [B, Q, h, w] -> [B, K, h, w] (float32)."""
-    return torch.einsum("bqk,bqhw->bkhw", cls.float().softmax(-1)[..., :-1], masks.float().sigmoid())
+    [B, Q, h, w] -> [B, K, h, w] (float32). With `size` the mask LOGITS are first resized to it
+    (bilinear), as mmseg's `Mask2FormerHead.predict` does before the sigmoid: -> [B, K, *size]."""
+    masks = masks.float()
+    if size is not None:
+        masks = F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.einsum("bqk,bqhw->bkhw", cls.float().softmax(-1)[..., :-1], masks.sigmoid())
 
 
 __all__ = [
