@@ -226,3 +226,47 @@ def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp
         assert back.config == getattr(sd, name).config
         assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), getattr(sd, name).state_dict().values()))
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_save_pretrained_round_trips_through_load_sd_and_the_reference_libraries(tmp_path):
+    """A fine-tuned SD with a support conv_in (DiffewS) written by `save_pretrained`: `load_sd`
+    gives the same networks (support rows included); diffusers' U-Net reads the folder, ignoring
+    only conv_in_support, and equals ours on query rows; transformers reads the text encoder and
+    the tokenizer; the VAE likewise."""
+    from unet_seg.demo import BlockCodec
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.models.tokenizer import CLIPTokenizer
+    from unet_seg.sd import StableDiffusion
+
+    torch.manual_seed(0)
+    unet = perturb_(UNet(UNETS["sd2"]), 1).add_support_conv_in(8)
+    sd = StableDiffusion(unet, perturb_(AutoencoderKL(TINY_VAE), 2), perturb_(CLIPTextEncoder(TEXT["sd2"]), 3),
+                         CLIPTokenizer.from_bpe(pad_token="!"), NoiseSchedule.sd("v_prediction"), source="test")  # fmt: skip
+    folder = sd.save_pretrained(tmp_path / "model", readme="# fine-tuned\n")
+    assert (folder / "README.md").read_text() == "# fine-tuned\n" and not list(tmp_path.glob(".*"))  # no temporaries left
+    back = load_sd(folder)
+    assert back.schedule.prediction_type == "v_prediction"
+    x, t = randn(3, 8, 16, 16, seed=4), torch.tensor([1, 1, 500])
+    context = sd.encode_prompt(PROMPTS)
+    support = torch.tensor([False, True, True])
+    assert torch.equal(back.encode_prompt(PROMPTS), context)
+    assert torch.equal(back.unet(x, t, context, support=support), unet(x, t, context, support=support))
+    image = rand(1, 3, 32, 32, seed=5) * 2 - 1
+    assert torch.equal(back.vae.encode(image), sd.vae.encode(image))
+
+    ref = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    ours = unet(x[:1, :4], t[:1], context[:1])
+    with torch.no_grad():
+        err = rel_err(ref(x[:1, :4], t[:1], context[:1]).sample, ours)
+    assert err <= 1e-4, err  # measured 0.0 (same weights, fp32)
+    assert set(unet.state_dict()) - set(ref.state_dict()) == {"conv_in_support.weight", "conv_in_support.bias"}
+    ids = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")(PROMPTS, padding="max_length", max_length=77).input_ids
+    assert torch.equal(torch.tensor(ids), sd.tokenizer(PROMPTS))
+    text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    with torch.no_grad():
+        assert rel_err(text(sd.tokenizer(PROMPTS)).last_hidden_state, context) <= 1e-4
+
+    sd.vae = BlockCodec()  # the demos' weight-free codec: listed as null, not written
+    demo = sd.save_pretrained(tmp_path / "demo")
+    assert json.loads((demo / "model_index.json").read_text())["vae"] == [None, None] and not (demo / "vae").exists()
+    assert load_sd(demo, components=["unet"]).unet.config.support_in_channels == 8

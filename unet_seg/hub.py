@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar, Union
 
@@ -276,15 +277,39 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; when the block ends without an exception it
+    replaces `path` (a folder there before is removed), otherwise it is deleted and `path` is
+    left as it was: readers never see a half-written folder."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.{os.getpid()}.tmp"), path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_component(state_dict: dict[str, Tensor], config: dict, folder: Union[str, os.PathLike], weights_name: str) -> Path:
     """Write one component in the hub layout: `folder/config.json` and `folder/<weights_name>.safetensors`
     (each written atomically), loadable by our `from_pretrained` and by diffusers / transformers."""
     folder = Path(folder)
     with atomic_path(folder / f"{weights_name}.safetensors") as tmp:
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(tmp))
-    with atomic_path(folder / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    write_json(folder / "config.json", config)
     return folder
+
+
+def write_json(path: Union[str, os.PathLike], value: dict) -> None:
+    """`value` as indented JSON at `path`, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def read_shapes(path: Path) -> dict[str, Tensor]:

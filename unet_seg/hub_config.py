@@ -78,6 +78,7 @@ def unet_from_diffusers(d: dict) -> UNetConfig:
         upcast_attention=d.get("upcast_attention", False) or False,
         norm_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
+        support_in_channels=d.get("support_in_channels", 0),
     )
 
 
@@ -240,7 +241,8 @@ def from_hub(config_class: type[C], d: dict) -> C:
 def to_hub(cfg: Any) -> dict:
     """The component's config.json for `cfg`, naming the reference library's model class."""
     if isinstance(cfg, UNetConfig):
-        return {"_class_name": "UNet2DConditionModel", **unet_to_diffusers(cfg)}
+        support = {"support_in_channels": cfg.support_in_channels} if cfg.support_in_channels else {}  # diffusers ignores it
+        return {"_class_name": "UNet2DConditionModel", **unet_to_diffusers(cfg), **support}
     if isinstance(cfg, VAEConfig):
         return {"_class_name": "AutoencoderKL", **vae_to_diffusers(cfg)}
     if isinstance(cfg, CLIPTextConfig):

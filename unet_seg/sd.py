@@ -51,6 +51,37 @@ class StableDiffusion:
         return self.text_encoder(self.tokenizer(prompts).to(device))
 
 
+    def save_pretrained(self, folder: Union[str, os.PathLike], readme: Optional[str] = None) -> Path:
+        """Write a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/,
+        tokenizer/, scheduler/; `readme` as README.md), atomically: `load_sd` reads it back, and
+        diffusers / transformers read each component. A component that is None or has no hub
+        layout (the demos' weight-free `BlockCodec`) is listed as null and not written; read
+        the folder with `load_sd(folder, components=...)` then. A U-Net with a support conv_in
+        writes it as `conv_in_support.*` tensors and `support_in_channels` in its config, which
+        diffusers ignores (its U-Net loads without them)."""
+        from .models.pretrained import Pretrained
+
+        scheduler = {**SD_SCHEDULER, "prediction_type": self.schedule.prediction_type}
+        if not torch.allclose(NoiseSchedule.from_config(scheduler).alphas_cumprod, self.schedule.alphas_cumprod.cpu(), rtol=1e-6):
+            raise ValueError("only SD's own noise schedule (scaled_linear, 0.00085 -> 0.012, T = 1000) can be written")
+        classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                   "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}  # fmt: skip
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "requires_safety_checker": False,
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "scheduler": ["diffusers", "DDIMScheduler"]}  # fmt: skip
+        with hub.atomic_folder(folder) as tmp:
+            for name in COMPONENTS:
+                part = getattr(self, name)
+                writable = isinstance(part, (Pretrained, CLIPTokenizer))
+                index[name] = list(classes[name]) if writable else [None, None]
+                if writable:
+                    part.save_pretrained(tmp / name)
+            hub.write_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
+            hub.write_json(tmp / "model_index.json", index)
+            if readme:
+                (tmp / "README.md").write_text(readme)
+        return Path(folder)
+
+
 def load_sd(
     src: Union[str, os.PathLike],
     *,

@@ -125,6 +125,26 @@ class CLIPTokenizer:
             raise ValueError(f"{folder}: model_max_length {length!r} is not a length >= 2")
         return cls(vocab, merges, vocab[pad], int(min(length, max_positions)))
 
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Write a `tokenizer/` folder (vocab.json, merges.txt, tokenizer_config.json,
+        special_tokens_map.json) that `from_folder` and transformers' CLIPTokenizer read back."""
+        from ..hub import atomic_path
+
+        folder = Path(folder)
+        merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
+        pad = next(t for t, i in self.vocab.items() if i == self.pad_token_id)
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad}
+        files = {
+            "vocab.json": json.dumps(self.vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "tokenizer_config.json": json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special}, indent=2),
+            "special_tokens_map.json": json.dumps(special, indent=2),
+        }
+        for name, text in files.items():
+            with atomic_path(folder / name) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        return folder
+
     @classmethod
     def from_bpe(cls, path: Union[str, Path, None] = None, pad_token: str = EOS, max_length: int = 77) -> "CLIPTokenizer":
         """CLIP's own gzipped merges file (default: the packaged copy) -> its 49408-token vocabulary:

@@ -73,6 +73,7 @@ class UNetConfig:
     upcast_attention: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    support_in_channels: int = 0  # > 0: a second input convolution for support rows (`add_support_conv_in`)
 
     def __post_init__(self):
         n = len(self.channels)
@@ -194,6 +195,8 @@ class UNet(Pretrained, nn.Module):
         self.time_embedding = TimestepEmbedding(c0, temb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.conv_in_support: Optional[nn.Conv2d] = None  # add_support_conv_in
+        if cfg.support_in_channels:
+            self.conv_in_support = nn.Conv2d(cfg.support_in_channels, c0, 3, padding=1)
         self.down_blocks = nn.ModuleList(
             [
                 DownBlock(cfg, i, cfg.channels[max(i - 1, 0)], cfg.channels[i], temb_dim, last=i == n - 1)
@@ -328,6 +331,7 @@ m.name for m in self.modules() if isinstance(m, Attention))
         C_in times and divided by k, bias copied, so [z_1; z_2] gives (conv_in(z_1) + conv_in(z_2)) / 2.
         conv_in itself is untouched. In place."""
         self.conv_in_support = _tiled(self.conv_in, in_channels)
+        self.config = replace(self.config, support_in_channels=in_channels)
         return self
 
 
