@@ -26,7 +26,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 
 | setting | blog / paper | official code | here |
 |---|---|---|---|
-| backbone | DINOv2 (also ResNet, MiT) | DINOv2-L/16 (from /14) frozen + LoRA Rein (r 16, 100 tokens), blocks 7/11/15/23 ×4/×2/×1/×½ | same (timm's patch resampling) |
+| backbone | DINOv2 (also ResNet, MiT) | DINOv2-L/16 frozen + LoRA Rein (r 16, 100 tokens), blocks 7/11/15/23 ×4/×2/×1/×½; /14 kernel and position embedding resized bicubically (`convert_dinov2`) | same (`backbones.release_patch16`); `--patch-resize pinv`: timm's FlexiViT resize |
 | agent queries | q_init attend each backbone stage, progressive merge | `PMerge` over Rein's tokens: 24→12→6→3 groups (cross-attn, embed 512), mean, MLP; 1024-d | same, trained (¹) |
 | queries to head | Linear, positions | `querys2feat` Linear(256, 256), `query_pos` = agents; 256-d | Linear(1024 → 256) first (²) |
 | pixel decoder | Mask2Former | mmdet MSDeformAttn: 6 layers, 3 levels, 256, 8 heads, 4 points | same (`unet_seg.mask2former`) |
@@ -93,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: 60k iterations, batch 4, backbone (Rein) lr x0.1; release: the config's 40k, batch 2, one lr")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
+    p.add_argument("--patch-resize", default="bicubic", choices=("bicubic", "pinv"), help="DINOv2 /14 -> /16: the release's bicubic kernel resize, or timm's pseudo-inverse (FlexiViT)")
     p.add_argument("--gta-root", help="GTA5 root (unet_seg.data.driving layout), the training set")
     p.add_argument("--cityscapes-root", help="Cityscapes root, evaluated on val")
     p.add_argument("--bdd-root", help="BDD100K root, evaluated on val")
@@ -231,7 +232,7 @@ def evaluate(model: nn.Module, data, num_classes: int, device, window=None):
 
 def build_model(args, num_classes: int, guided: bool) -> QueryDiff:
     torch.manual_seed(args.seed)  # the same initial weights with and without DCL
-    backbone = ReinConvNet(width=64, tokens=args.queries) if args.demo else ReinDINOv2(pretrained=not args.no_pretrained, img_size=args.size, tokens=args.queries)
+    backbone = ReinConvNet(width=64, tokens=args.queries) if args.demo else ReinDINOv2(not args.no_pretrained, args.size, args.queries, patch_resize=args.patch_resize)
     return QueryDiff(backbone, num_classes, args, tap_channels(args) if guided else ())
 
 

@@ -5,6 +5,8 @@ domain-generalisation recipes: images [B, 3, H, W] in [-1, 1] -> 4 maps at strid
     Reins          LoRA tokens refining every layer's features (w1oves/Rein `LoRAReins`)
     ReinDINOv2     timm's DINOv2 ViT-L/14 resampled to patch 16, frozen, + Reins (needs timm: `recipes` extra)
     ReinConvNet    a small CNN with the same interface, trained in full, for CPU demos (no timm)
+    release_patch16   the release's /14 -> /16 conversion of a DINOv2 state dict (bicubic kernel and
+                      position embedding; `resize_patch_kernel`, `resize_pos_embed`)
 """
 
 from __future__ import annotations
@@ -52,17 +54,54 @@ class Reins(nn.Module):
         return torch.cat([head, f + self.scale * delta], dim=1)
 
 
+def resize_patch_kernel(weight: Tensor, size: int) -> Tensor:
+    """Patch-embedding kernel [C, 3, p, p] -> [C, 3, size, size] by bicubic interpolation of its
+    values (half-pixel centres, no antialiasing): Rein's and QueryDiff's `convert_dinov2` for
+    DINOv2's 14 -> 16. The values are kept, so a patch of smooth content responds (16/14)² ≈ 1.31
+    times as strongly; FlexiViT's pseudo-inverse resize (timm's `patch_size=16`) keeps the response."""
+    x = weight.to(torch.promote_types(weight.dtype, torch.float32))  # bf16/fp16 weights resized in fp32
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).to(weight.dtype)
+
+
+def resize_pos_embed(pos: Tensor, grid: tuple[int, int], prefix: int = 1) -> Tensor:
+    """Position embedding [1, prefix + n², C] (square n × n grid after `prefix` tokens) -> [1, prefix
+    + gh·gw, C], bicubic without antialiasing (the release's conversion; timm's antialiases)."""
+    head, tokens = pos[:, :prefix], pos[:, prefix:]
+    n = math.isqrt(tokens.shape[1])
+    if n * n != tokens.shape[1]:
+        raise ValueError(f"position embedding must hold {prefix} prefix tokens and a square grid, got {tuple(pos.shape)}")
+    grid_map = tokens.reshape(1, n, n, -1).permute(0, 3, 1, 2).to(torch.promote_types(pos.dtype, torch.float32))
+    resized = F.interpolate(grid_map, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([head, resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)], dim=1)
+
+
+def release_patch16(state: dict, grid: tuple[int, int], prefix: int = 1, patch: int = 16) -> dict:
+    """A DINOv2 /14 state dict (timm names) converted as the release's `convert_dinov2` does: the
+    patch kernel resized to `patch`, the position embedding to the `grid` of the crop (crop / 16)."""
+    out = dict(state)
+    out["patch_embed.proj.weight"] = resize_patch_kernel(state["patch_embed.proj.weight"], patch)
+    out["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, prefix)
+    return out
+
+
 class ReinDINOv2(nn.Module):
     """timm's DINOv2 ViT-L (frozen, patch embedding resampled to 16) with trainable Reins after
-    every block; the outputs of blocks 7, 11, 15, 23 resized ×4, ×2, ×1, ×½ (as the release does)."""
+    every block; the outputs of blocks 7, 11, 15, 23 resized ×4, ×2, ×1, ×½ (as the release does).
 
-    def __init__(self, pretrained: bool = True, img_size: int = 512, tokens: int = 100, out_indices=(7, 11, 15, 23)):
+    patch_resize: "bicubic" converts the /14 weights as the release (`release_patch16`); "pinv"
+    lets timm resample them (FlexiViT's pseudo-inverse kernel, antialiased position embedding)."""
+
+    def __init__(self, pretrained: bool = True, img_size: int = 512, tokens: int = 100, out_indices=(7, 11, 15, 23), patch_resize: str = "bicubic"):
         super().__init__()
         import timm  # the `recipes` extra
 
-        self.vit = timm.create_model(
-            "vit_large_patch14_dinov2.lvd142m", pretrained=pretrained, patch_size=16, img_size=img_size, dynamic_img_size=True
-        )
+        if patch_resize not in ("bicubic", "pinv"):
+            raise ValueError(f"patch_resize must be 'bicubic' or 'pinv', got {patch_resize!r}")
+        name = "vit_large_patch14_dinov2.lvd142m"
+        self.vit = timm.create_model(name, pretrained=pretrained and patch_resize == "pinv", patch_size=16, img_size=img_size, dynamic_img_size=True)
+        if pretrained and patch_resize == "bicubic":
+            state = timm.create_model(name, pretrained=True).state_dict()  # the /14 weights as published
+            self.vit.load_state_dict(release_patch16(state, self.vit.patch_embed.grid_size, self.vit.num_prefix_tokens))
         self.vit.requires_grad_(False)
         self.reins = Reins(len(self.vit.blocks), self.vit.embed_dim, tokens)
         self.out_indices = tuple(out_indices)
