@@ -6,7 +6,7 @@ appendix: ../shared/design/papers/digseg.txt). No official code was found: the p
 statements are the defaults, our readings of what it leaves open are marked "ours".
 
     python recipes/digseg_ade20k.py --demo                                      # CPU, minutes, no download
-    torchrun --nproc_per_node=8 recipes/digseg_ade20k.py --model stabilityai/stable-diffusion-2-1 \\
+    torchrun --nproc_per_node=8 recipes/digseg_ade20k.py --model stabilityai/stable-diffusion-2-base \\
         --clip openai/clip-vit-large-patch14 --data-root /data/ADEChallengeData2016 --candidates clip all
 
 Method (one training sample = an image and one class c; one denoising run per candidate class):
@@ -20,7 +20,7 @@ Method (one training sample = an image and one class c; one denoising run per ca
 
 | setting | paper | official code | here | why |
 |---|---|---|---|---|
-| backbone | "SDv2" (§4.1); VAE frozen | none released | SD 2.x U-Net | |
+| backbone | "SDv2" (§4.1), ε (eq. 6), 512² (§4.1); VAE frozen | none released | `stabilityai/stable-diffusion-2-base` | 512², ε-trained: fits all three (2.1's 768-v does not) |
 | trained | cross-attention at 1/4 and 1/8, mid attention, a small MLP (A.2) | – | latent/4 cross-attention, mid transformer, MLP, conv_in (note 1) | conv_in: the widened input |
 | text | CLIP ViT-L/14 embedding of "A photo of a {c}" (A.3) | – | same, 4 class tokens via Linear–GELU–Linear (note 2) | MLP size: ours |
 | objective | ε-prediction MSE, eq. 6 | – | ε; `--prediction-type v_prediction` (note 3) | eq. 6 |
@@ -28,12 +28,12 @@ Method (one training sample = an image and one class c; one denoising run per ca
 | schedule, optimiser | DDPM T = 1000; AdamW lr 1e-4; batch 16; 30 000 its (§4.1) | – | same; wd 1e-2, clip 1.0, constant lr | rest: ours |
 | training pairs | not described | – | a present class, or (p = 0.25) an absent one with an empty mask | ours (note 4) |
 | mask target | per class (A.3); a label map in 3 channels, palette decoding (§3.4, App. B) | – | per class; `--target label-map` (note 8) | A.3 is the inference described |
-| augmentation | 512², flip, scale jitter [0.8, 1.2] (§4.1) | – | short side 512×U(0.8,1.2), 512² crop, flip | |
+| augmentation | "resize the input images to 512 × 512, random horizontal flip and scale jittering in [0.8, 1.2]" (§4.1) | – | same: squashed to 512²·U(0.8, 1.2), 512² crop (pad 0 / ignore), flip | |
 | inference | DDIM trailing; E seeds averaged in latent space; 8×2 = 58.6, 1×1 = 56.8 (Table 6) | – | same | |
 | labels | argmax over candidates, background below τ_bg (A.3); τ = 0.7 (§4) | – | both rows: plain argmax, and τ = 0.7 floor (note 5) | ADE20K-150 has no background |
 | candidates | CLIP global cos > 0.25 or any patch > τ_patch (A.3) | – | `--candidates clip` and/or `all`; τ_patch = 0.25 | τ_patch not given: the global value |
 | speed | 11.27 FPS at 1×1, 3.15 at 8×2 (Table 6) | – | images/s and class runs/s (note 6) | |
-| evaluation | ADE20K-150 val, 512² input | – | resized to 512², probabilities back to the label size | |
+| evaluation | ADE20K-150 val, 512² input (§4.1, Table 2) | – | squashed to 512² as in training, probabilities back to the label size | |
 
 Notes. (1) Frozen, the widened conv_in's tiled half-weights would add the image latent to the
 noisy mask latent with the same filters. (2) With one token, cross-attention reduces to a
@@ -74,7 +74,7 @@ PATCH_THRESHOLD = 0.25  # A.3 τ_patch: value not given; the global threshold's
 CLASS_TOKENS = 4  # note 2
 ABSENT_PROB = 0.25  # note 4
 DEMO = dict(size=128, steps=150, batch_size=8, lr=1e-3, ensemble=1, ddim_steps=10, images=100, trainable="all", threshold=0.7)
-REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps=2, images=2000, trainable="paper", threshold=THRESHOLD)
+REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps=2, images=2000, trainable="paper", threshold=THRESHOLD, model="stabilityai/stable-diffusion-2-base")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
 
         names, class_ids = ADE20K_CLASSES, torch.arange(len(ADE20K_CLASSES))
         vocab, label_names = (len(names) + 1, len(names), 0), (*names, "(below τ)")  # majority: wall
-        augment = RandomResizeCropFlip(crop=(args.size, args.size), scale=(4 * args.size, args.size), ratio_range=(0.8, 1.2))
+        augment = RandomResizeCropFlip((args.size,) * 2, (args.size,) * 2, ratio_range=(0.8, 1.2), keep_ratio=False)  # §4.1
         train_data = ADE20K(args.data_root, "training", transform=augment, seed=args.seed)
         test_data = ADE20K(args.data_root, "validation")
         test_data = head(test_data, args.images)

@@ -157,6 +157,21 @@ def test_random_resize_gives_crop_size_and_only_input_labels(h, w, seed):
     assert out_image.min() >= -1 and out_image.max() <= 1
 
 
+@pytest.mark.parametrize("ratio, side", [(1.0, 32), (0.8, 26), (1.2, 38)])
+def test_without_keep_ratio_the_image_is_squashed_to_scale_times_the_ratio(ratio, side):
+    # a 30 × 60 image, left half class 1, right half class 2: squashed to side × side whatever its aspect
+    label = torch.ones(30, 60, dtype=torch.long)
+    label[:, 30:] = 2
+    image = code(label).expand(3, -1, -1)
+    t = RandomResizeCropFlip(crop=(32, 32), scale=(32, 32), ratio_range=(ratio, ratio), keep_ratio=False)
+    out_image, out_label = t(image, label, torch.Generator().manual_seed(0))
+    assert out_label.shape == (32, 32)
+    valid = out_label != IGNORE_INDEX
+    assert valid.sum() == min(side, 32) ** 2  # padded below 32, cropped above
+    if side <= 32:  # uncropped: the halves stay halves (kept aspect would give a 16 × 32 image)
+        assert (out_label == 1).sum() == (out_label == 2).sum() == side * side // 2
+
+
 def test_same_generator_seed_gives_the_same_augmentation():
     image, label = coded_pair(30, 50, 0)
     t = RandomResizeCropFlip(crop=(16, 16), scale=(64, 32))

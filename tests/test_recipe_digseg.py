@@ -138,6 +138,22 @@ def test_defaults_follow_the_paper(tmp_path):
     both = recipe.parse_args(["--model", "m", "--data-root", d, "--candidates", "clip", "all", "--prediction-type", "v_prediction"])
     assert both.candidates == ["clip", "all"] and both.prediction_type == "v_prediction"
     assert recipe.parse_args(["--demo"]).candidates == ["all"]
+    # "SDv2", ε, 512² (§4.1): SD 2 base is trained with ε at 512² (2.1's default checkpoint is 768-v)
+    assert recipe.parse_args(["--data-root", d]).model == "stabilityai/stable-diffusion-2-base"
+    assert recipe.parse_args(["--data-root", d, "--model", "m"]).model == "m"
+
+
+def test_training_squashes_to_512_with_scale_jitter_as_the_evaluation_squashes(tmp_path, monkeypatch, capsys):
+    # §4.1: "resize the input images to 512 × 512, random horizontal flip and scale jittering in [0.8, 1.2]"
+    from unet_seg.data.transforms import RandomResizeCropFlip
+
+    recipe, seen = _recipe(), {}
+    monkeypatch.setattr("unet_seg.data.ade20k.ADE20K", lambda root, split, transform=None, seed=0: (seen.setdefault(split, transform), [])[1])
+    monkeypatch.setattr(recipe, "load_sd", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop after the data")))
+    with pytest.raises(RuntimeError, match="stop after the data"):
+        recipe.main(["--data-root", str(tmp_path), "--images", "1"])
+    assert seen["training"] == RandomResizeCropFlip((512, 512), (512, 512), (0.8, 1.2), keep_ratio=False)
+    assert seen["validation"] is None  # the whole image, squashed to 512² in `evaluate`
 
 
 def test_label_map_target_runs_once_per_image_and_decodes_to_dataset_labels(tmp_path):

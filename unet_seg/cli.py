@@ -45,14 +45,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argparse.ArgumentParser:
     """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
     unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
-    any other key of those dicts too). Recipes add their own options to it."""
+    any other key of those dicts too: `real["model"]` replaces DEFAULT_MODEL). Recipes add their
+    own options to it."""
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument(
         "--demo", action="store_true",
         help="tiny random models, synthetic data, CPU minutes, no download (the default when neither a data root "
         "nor --model is given)",
     )  # fmt: skip
-    p.add_argument("--model", help=f"SD 2.x hub id or local folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"SD 2.x hub id or local folder (default {real.get('model', DEFAULT_MODEL)})")
     for flag, kind, what in (
         ("--steps", int, "training steps"),
         ("--batch-size", int, "training samples (images or episodes) per process and step"),

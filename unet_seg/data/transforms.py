@@ -106,11 +106,14 @@ class RandomResizeCropFlip:
     """mmseg's ADE20K training pipeline without photometric distortion and category-ratio retries:
     resize to fit `scale` (long, short side) times a ratio drawn uniformly from `ratio_range`,
     keeping the aspect; crop `crop` (H, W) at a random place, padding with 0 (mid grey) and 255
-    (ignore) where the image is smaller; flip left-right with probability 1/2."""
+    (ignore) where the image is smaller; flip left-right with probability 1/2. With `keep_ratio`
+    False the image is resized to `scale` read as (H, W) times the ratio, the aspect ignored
+    (mmseg `Resize(keep_ratio=False)`; DiGSeg's "resize to 512 × 512, scale jittering")."""
 
     crop: tuple[int, int] = (512, 512)
     scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
+    keep_ratio: bool = True
 
     def __post_init__(self):
         check_multiple_of_8(self.crop, "crop")
@@ -122,8 +125,12 @@ class RandomResizeCropFlip:
         lo, hi = self.ratio_range
         ratio = lo + (hi - lo) * torch.rand((), generator=generator).item()
         h, w = image.shape[1:]
-        factor = ratio * min(max(self.scale) / max(h, w), min(self.scale) / min(h, w))
-        image, label = _resize(image, label, (max(1, round(h * factor)), max(1, round(w * factor))))
+        if self.keep_ratio:
+            factor = ratio * min(max(self.scale) / max(h, w), min(self.scale) / min(h, w))
+            h, w = h * factor, w * factor
+        else:
+            h, w = self.scale[0] * ratio, self.scale[1] * ratio
+        image, label = _resize(image, label, (max(1, round(h)), max(1, round(w))))
         ch, cw = self.crop
         pad_h, pad_w = max(ch - image.shape[1], 0), max(cw - image.shape[2], 0)
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
