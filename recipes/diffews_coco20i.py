@@ -89,7 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
     p.add_argument("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (GPU only; "
                    "one graph per support count): the host no longer paces the GPU")
+    p.predict_group.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                                 help="a support image and its 0/255 mask of the object to find; repeat for K shots")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
+    if args.predict and not args.support:
+        p.error("--predict segments what the supports show: give --support IMAGE MASK (repeat for K shots)")
     if args.shots < 1:
         p.error("--shots must be >= 1")
     return args
@@ -104,11 +108,13 @@ from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
 from unet_seg.codecs import check_mask, mask_to_image
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
-from unet_seg.demo import tiny_sd
+from unet_seg.demo import BlockCodec, tiny_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
+from unet_seg.predict import Predictor, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
+from unet_seg.segmentation import resize_labels
 from unet_seg.train import (
-    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress,
+    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
     rank_share, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -217,8 +223,35 @@ def summarise(conf: torch.Tensor, test_labels) -> dict:
     return {"mIoU": round(100 * miou.item(), 2), "FB-IoU": round(100 * fb_iou(binary).item(), 2)}
 
 
+def export(sd, args) -> None:
+    """RUN/model: the fine-tuned SD as a diffusers folder, the recipe's settings in config.json (rank 0)."""
+    if is_main():
+        config = dict(recipe="diffews", size=args.size, vae="block codec" if args.demo else "vae", support_sampling=args.support_sampling, seed=args.seed)
+        print0(f"exported the fine-tuned model to {export_sd(sd, args.out / 'model', config)}")
+
+
+def load_trained(run, device="cpu") -> Predictor:
+    """A trained run (or its model/ folder) -> predictor(query, supports=[(image, mask), ...]) ->
+    the query's 0/1 mask [H, W] at its own size; images and masks as paths or tensors."""
+    folder, config, _ = read_export(run, "diffews")
+    parts = ["unet", "text_encoder", "tokenizer"] + (["vae"] if config["vae"] == "vae" else [])
+    sd = load_sd(folder, components=parts, device=device)
+    vae = sd.vae if config["vae"] == "vae" else BlockCodec()
+    unet, context, size = sd.unet.eval(), sd.encode_prompt([""])[:, :2], (config["size"],) * 2
+
+    def segment(query, supports=()):
+        s, m = (torch.stack(x)[None].to(device) for x in support_pairs(supports, size))  # [1, K, 3, S, S], [1, K, S, S]
+        with evaluation(unet, seed=config["seed"], device=device):
+            mask = predict_masks(unet, vae, context, resize_image(query, size)[None].to(device), s, m, config["support_sampling"])
+        return resize_labels(mask, query.shape[-2:])[0].cpu()
+
+    return Predictor(segment, ("background", "foreground"), MASK_COLOUR, binary=True, untinted=0, config=config)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict:
+        return predict_files(load_trained(args.run), args.predict, args.out, supports=args.support)
     job = start_run(
         args,
         demo="tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of SD's VAE, "
@@ -262,7 +295,6 @@ def main(argv=None) -> dict:
     sd.text_encoder.to(device).eval()
     context = sd.encode_prompt([""])  # [1, 77, D], padded as in training
     test_context = context[:, :2]  # unpadded [BOS, EOS] at test (official): the causal encoder's first 2 rows
-    del sd
     eval_kw = dict(vae=vae, context=test_context, num_labels=num_labels, label_shift=label_shift, device=device, seed=args.seed)
     lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr  # a graph reads the schedule's lr from the GPU
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True,
@@ -271,6 +303,9 @@ def main(argv=None) -> dict:
 
     models = {"unet": unet}
     step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    if args.export:
+        load_checkpoint_for_export(args.out, args.export, models)
+        return export(sd, args)
     vae.eval().requires_grad_(False)
     forward = wrap_for_training(unet, compile=args.compile)
     if args.compile and not args.demo:  # the VAE is most of an episode's FLOPs (3 encodes + 1 decode at 512²)
@@ -302,6 +337,7 @@ def main(argv=None) -> dict:
     if args.cuda_graph:
         train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     train_time = time.perf_counter() - job.started
+    export(sd, args)
 
     # ---- eval: 1-shot and 5-shot on the held-out classes, next to the trivial baselines
     metrics, rows = {}, []

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import CheckpointError, DataLayoutError, TrainingInterrupted
+from .errors import CheckpointError, DataLayoutError, InputError, TrainingInterrupted
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
@@ -71,6 +71,14 @@ def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argpars
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--compile", action="store_true", help="torch.compile what runs every step")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and noise")
+    g = p.add_argument_group("use a trained model")
+    g.add_argument("--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="segment these images (a folder: every "
+                   "image in it) with the model exported to --from; writes <name>.png and <name>_overlay.png to --out "
+                   "(default RUN/predictions)")  # fmt: skip
+    g.add_argument("--from", dest="run", metavar="RUN", help="the training run's --out folder (or its model/ folder)")
+    g.add_argument("--export", nargs="?", const="latest", metavar="CHECKPOINT", help="with the training run's flags: "
+                   "write --out/model from its latest checkpoint (or CHECKPOINT) and exit; training does so at its end")  # fmt: skip
+    p.predict_group = g  # a recipe's own prediction flags go here (DiffewS --support, DiGSeg --classes)
     return p
 
 
@@ -90,6 +98,8 @@ def parse_recipe_args(
     (None when --demo was given); `unet_seg.train.print_demo` prints it.
     """
     args = p.parse_args(argv)
+    if args.predict is not None or args.run is not None:
+        return _predict_args(p, args)
     given = [flag for flag in data if getattr(args, _dest(flag)) is not None]
     args.demo_reason = None
     if not args.demo and not given and args.model is None:
@@ -115,6 +125,16 @@ def parse_recipe_args(
     return args
 
 
+def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--predict needs --from; --out defaults to RUN/predictions."""
+    if args.predict is None or args.run is None:
+        p.error("--predict IMAGE_OR_FOLDER... and --from RUN go together")
+    if args.export is not None:
+        p.error("--export writes a model from training checkpoints: give it the training flags, not --predict")
+    args.out = Path(args.run) / "predictions" if args.out == p.get_default("out") else Path(args.out)
+    return args
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -125,7 +145,7 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130."""
     try:
         main()
-    except (DataLayoutError, CheckpointError) as e:
+    except (DataLayoutError, CheckpointError, InputError) as e:
         sys.exit(f"{prog or Path(sys.argv[0]).name}: error: {e}")
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":

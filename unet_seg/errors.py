@@ -9,6 +9,10 @@ class DataLayoutError(FileNotFoundError):
     """A dataset root that is missing or not in the layout its reader expects."""
 
 
+class InputError(ValueError):
+    """An input the user gave that cannot be used: an image that cannot be read, a mask that is not a mask."""
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after writing a checkpoint (`unet_seg.train.training_batches`)."""
 

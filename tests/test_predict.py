@@ -1,0 +1,167 @@
+"""Using trained models: each recipe's demo trains a few steps and exports RUN/model; the export
+reloads (`load_trained`) and segments an image the test writes at an odd size, through the
+command line (`--predict ... --from`) as through Python; the prediction equals what the recipe's
+own evaluation computes for that image from the training checkpoint (not the export). The
+DiffewS export is a diffusers folder: `load_sd` reads it and diffusers reads its U-Net. Inputs of
+any mode are read; a mask that is not a mask says so in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_seg.errors import InputError
+from unet_seg.predict import image_files, read_image, read_mask
+from unet_seg.segmentation import resize_labels
+from unet_seg.train import latest_checkpoint, load_checkpoint
+
+from .helpers import load_recipe, rel_err
+
+ODD = (45, 70)  # H, W: neither a multiple of 8 nor square
+
+
+def scene(path, size=ODD, mode="RGB", seed=0):
+    """A picture of a bright square on a dark textured ground, written as `mode` (RGB, L, RGBA, JPEG by suffix)."""
+    g = np.random.default_rng(seed)
+    h, w = size
+    a = (g.random((h, w, 3)) * 60).astype(np.uint8)
+    a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = (230, 200, 40)
+    img = Image.fromarray(a).convert(mode)
+    img.save(path)
+    return path
+
+
+def square_mask(path, size=ODD):
+    h, w = size
+    a = np.zeros((h, w), np.uint8)
+    a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    Image.fromarray(a).save(path)
+    return path
+
+
+def run_cli(recipe, argv):
+    """The recipe as its __main__ runs it: errors a user fixes end in one line (SystemExit)."""
+    from unet_seg.cli import run
+
+    run(lambda: recipe.main(argv), prog=recipe.__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_images_of_any_mode_read_as_rgb_in_minus_one_to_one(tmp_path):
+    rgb = read_image(scene(tmp_path / "a.png"))
+    assert rgb.shape == (3, *ODD) and rgb.min() >= -1 and rgb.max() <= 1
+    grey = read_image(scene(tmp_path / "g.png", mode="L"))
+    assert grey.shape == (3, *ODD) and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    rgba = np.zeros((*ODD, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half
+    rgba[:, ODD[1] // 2 :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "t.png")
+    x = read_image(tmp_path / "t.png")
+    assert torch.equal(x[:, 0, 0], torch.ones(3)) and torch.equal(x[:, 0, -1], torch.tensor([1.0, -1.0, -1.0]))  # white under transparency
+    jpeg = read_image(scene(tmp_path / "j.jpg"))
+    assert jpeg.shape == (3, *ODD)
+    deep = np.linspace(0, 65535, ODD[0] * ODD[1]).reshape(ODD).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    x = read_image(tmp_path / "d.png")
+    assert x.min() == -1 and x.max() == 1  # 16-bit scaled to its range, not clipped at 255
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="not a readable image"):
+        read_image(tmp_path / "bad.png")
+
+
+def test_masks_must_be_masks(tmp_path):
+    assert torch.equal(read_mask(square_mask(tmp_path / "m.png")).unique(), torch.tensor([0, 1]))
+    Image.fromarray((np.arange(ODD[0] * ODD[1]).reshape(ODD) % 256).astype(np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(InputError, match=r"grey.png: not a mask: it holds 256 values \(0, 1, 2, 3, 4, 5, \.\.\.\)"):
+        read_mask(tmp_path / "grey.png")
+    with pytest.raises(InputError, match="colour channels differ"):
+        read_mask(scene(tmp_path / "photo.png"))
+    Image.fromarray(np.zeros(ODD, np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(InputError, match="empty"):
+        read_mask(tmp_path / "empty.png")
+    square_mask(tmp_path / "m.jpg")
+    with pytest.raises(InputError, match="save masks as PNG"):
+        read_mask(tmp_path / "m.jpg")
+
+
+def test_folders_are_walked_and_outputs_keep_their_place(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    scene(tmp_path / "in" / "b.png")
+    scene(tmp_path / "in" / "sub" / "b.jpg")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    found = image_files([tmp_path / "in"])
+    assert [(p.relative_to(tmp_path).as_posix(), o.as_posix()) for p, o in found] == [("in/b.png", "b"), ("in/sub/b.jpg", "sub/b")]
+    scene(tmp_path / "b.jpg")
+    with pytest.raises(InputError, match="would both write b.png"):
+        image_files([tmp_path / "in" / "b.png", tmp_path / "b.jpg"])
+    with pytest.raises(InputError, match="no such file or folder"):
+        image_files([tmp_path / "missing.png"])
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffewS
+
+
+def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_computes(tmp_path, capsys, cpu_only):
+    diffusers = pytest.importorskip("diffusers")
+    from unet_seg import load_sd
+    from unet_seg.demo import BlockCodec, tiny_sd
+
+    recipe, run = load_recipe("diffews_coco20i"), tmp_path / "run"
+    recipe.main(["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "2", "--out", str(run)])
+    model = run / "model"
+    assert "conv_in_support" in (model / "README.md").read_text()
+    assert json.loads((model / "config.json").read_text())["recipe"] == "diffews"
+
+    # the training checkpoint, rebuilt as the recipe builds it, next to what the export holds
+    torch.manual_seed(0)
+    sd = tiny_sd()
+    sd.unet.add_support_conv_in(8)
+    load_checkpoint(latest_checkpoint(run), {"unet": sd.unet})
+    exported = load_sd(model, components=["unet", "text_encoder", "tokenizer"])
+    for name, p in sd.unet.state_dict().items():
+        assert torch.equal(exported.unet.state_dict()[name], p), name
+    ref = diffusers.UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 1]), sd.encode_prompt(["", "a cat"])
+    with torch.no_grad():
+        err = rel_err(ref(x, t, context).sample, sd.unet(x, t, context))
+    assert err <= 1e-4, err  # measured 0.0: the same U-Net, its support conv_in left out
+
+    query, s1, s2 = scene(tmp_path / "q.png", mode="RGBA"), scene(tmp_path / "s1.jpg", (37, 52), seed=1), scene(tmp_path / "s2.png", (64, 30), "L", 2)
+    m1, m2 = square_mask(tmp_path / "m1.png", (37, 52)), square_mask(tmp_path / "m2.png", (64, 30))
+    capsys.readouterr()
+    recipe.main(["--predict", str(query), "--from", str(run), "--support", str(s1), str(m1), "--support", str(s2), str(m2)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "q.png" in lines[0] and "foreground" in lines[0]
+    png = np.asarray(Image.open(run / "predictions" / "q.png"))
+    assert png.shape == ODD and set(np.unique(png).tolist()) <= {0, 255}
+    assert Image.open(run / "predictions" / "q_overlay.png").size == (ODD[1], ODD[0])
+
+    # the recipe's evaluation on the same 2-shot episode, resized as COCO-20i's are
+    from unet_seg.data.coco20i import _resize
+
+    size = (64, 64)
+    images, masks = zip(*[_resize(read_image(i), read_mask(m), 64) for i, m in ((s1, m1), (s2, m2))])
+    episode = dict(query=_resize(read_image(query), torch.zeros(ODD, dtype=torch.long), 64)[0], query_mask=torch.zeros(size, dtype=torch.long),
+                   supports=torch.stack(images), support_masks=torch.stack(masks), class_id=torch.tensor(1))  # fmt: skip
+    _, shown = recipe.evaluate(sd.unet, [episode], vae=BlockCodec(), context=sd.encode_prompt([""])[:, :2], num_labels=6,
+                               label_shift=0, device=torch.device("cpu"), seed=0)  # fmt: skip
+    expected = resize_labels(shown[0][3][None], ODD)[0]
+    assert 0 < expected.float().mean() < 1  # a mask with both classes: the comparison below can fail
+    assert torch.equal(torch.from_numpy(png // 255).long(), expected)
+    predictor = recipe.load_trained(run)
+    assert torch.equal(predictor(query, supports=[(s1, m1), (s2, m2)]), expected)  # the Python path
+
+    not_a_mask = scene(tmp_path / "photo.png", (37, 52), mode="L")
+    with pytest.raises(SystemExit, match=r"error: .*photo.png: not a mask: it holds \d+ values"):
+        run_cli(recipe, ["--predict", str(query), "--from", str(run), "--support", str(s1), str(not_a_mask)])
+    with pytest.raises(SystemExit, match="no model/config.json"):
+        run_cli(recipe, ["--predict", str(query), "--from", str(tmp_path), "--support", str(s1), str(m1)])
+    with pytest.raises(SystemExit):  # a usage error: supports are needed
+        recipe.parse_args(["--predict", str(query), "--from", str(run)])
+    assert "give --support" in capsys.readouterr().err
