@@ -12,16 +12,21 @@ the block codec's latents can carry (DIFF's demo), with `caption_forms` for the 
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_images, check_multiple_of_8
+from .errors import CheckpointError
 from .data import synthetic
 from .data.synthetic import SemanticScenes, random_style
-from .diffusion import NoiseSchedule, q_sample, training_target
+from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, q_sample, training_target
+from .hub import build_with_weights, read_safetensors
 from .models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from .models.unet import UNetConfig
 from .sd import StableDiffusion
@@ -64,6 +69,85 @@ def tiny_sd(unet: UNetConfig = TINY_SD2, prediction_type: str = "epsilon") -> St
         UNet(unet), BlockCodec(), CLIPTextEncoder(TINY_SD2_TEXT), CLIPTokenizer.from_bpe(pad_token="!"),
         NoiseSchedule.sd(prediction_type), source="tiny random weights (demo)",
     )  # fmt: skip
+
+
+# The pre-trained demo model: a quarter of TINY_SD2's widths (3.25 M parameters) and a 2048-token
+# BPE vocabulary (CLIP's first merges), so that both fit in 7 MB of fp16.
+DEMO_UNET = replace(TINY_SD2, channels=(32, 64, 64, 64))
+DEMO_TEXT = replace(TINY_SD2_TEXT, vocab_size=2048)
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_sd.safetensors"
+
+
+def demo_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE cut to `DEMO_TEXT.vocab_size` tokens (its first merges), padding with "!" as SD 2.x."""
+    return CLIPTokenizer.from_bpe(pad_token="!", num_merges=DEMO_TEXT.vocab_size - 514)
+
+
+def pretrained_tiny_sd(prediction_type: str = "epsilon", path: Union[str, Path, None] = None) -> StableDiffusion:
+    """The demos' tiny SD with the weights shipped in the package (`DEMO_WEIGHTS`, fp16, loaded as
+    float32): a `DEMO_UNET` U-Net and `DEMO_TEXT` text encoder trained together as a latent
+    text-to-image model (ε objective) on captioned synthetic scenes (`synthetic.CaptionedScenes`)
+    in `BlockCodec` latents, by `python -m unet_seg.demo_pretrain`; the file's metadata holds the
+    commit and settings it was trained with (`sd.notes`). `prediction_type` sets the schedule's
+    parameterisation (the weights predict ε). No download; the global RNG is left alone."""
+    path = Path(path) if path is not None else DEMO_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no demo weights (python -m unet_seg.demo_pretrain writes them)")
+    weights = read_safetensors([path])
+    parts = {name: {k.removeprefix(name + "."): v for k, v in weights.items() if k.startswith(name + ".")} for name in ("unet", "text_encoder")}
+    stray = sorted(k for k in weights if not k.startswith(("unet.", "text_encoder.")))
+    if stray:
+        raise CheckpointError(f"{path}: unexpected keys outside unet. and text_encoder.: {stray[:5]}")
+    unet = build_with_weights(lambda: UNet(DEMO_UNET), parts["unet"], f"{path} (unet.)")
+    text_encoder = build_with_weights(lambda: CLIPTextEncoder(DEMO_TEXT), parts["text_encoder"], f"{path} (text_encoder.)")
+    return StableDiffusion(
+        unet, BlockCodec(), text_encoder, demo_tokenizer(), NoiseSchedule.sd(prediction_type),
+        source=f"tiny SD pre-trained on captioned synthetic scenes ({path.name})", notes=json.dumps(demo_metadata(path)),
+    )  # fmt: skip
+
+
+def demo_metadata(path: Union[str, Path, None] = None) -> dict:
+    """The metadata of a demo weights file: {"commit", "settings" (JSON), ...} as the script wrote them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path or DEMO_WEIGHTS), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+@torch.no_grad()
+def denoising_loss(sd: StableDiffusion, images: Tensor, captions: Sequence[str], timesteps: Sequence[int], seed: int = 0) -> Tensor:
+    """Per-image ε-MSE of `sd` on `images` [B, 3, H, W] captioned `captions`, averaged over
+    `timesteps`, with noise from a CPU generator seeded `seed` (the same noise for any captions,
+    so two calls differ only in the text) -> [B]. Runs where `sd.unet` is."""
+    device = next(sd.unet.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    z0 = sd.vae.encode(images.to(device))
+    context = sd.encode_prompt(list(captions)).to(device)
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=g).to(device)
+        tt = torch.full((len(z0),), int(t), device=device)
+        pred = sd.unet(q_sample(z0, noise, tt, sd.schedule), tt, context)
+        losses.append((pred.float() - training_target(z0, noise, tt, sd.schedule)).square().mean((1, 2, 3)))
+    return torch.stack(losses).mean(0)
+
+
+@torch.no_grad()
+def sample(sd: StableDiffusion, captions: Sequence[str], size: int, steps: int = 25, guidance: float = 3.0, seed: int = 0) -> Tensor:
+    """Images [B, 3, size, size] in [-1, 1] from `captions`: DDIM-trailing, `steps` steps,
+    classifier-free guidance (ε_uncond + guidance·(ε_cond − ε_uncond), the empty prompt as the
+    unconditional one), the codec's decoder; noise from a CPU generator seeded `seed`."""
+    device = next(sd.unet.parameters()).device
+    n = len(captions)
+    context = sd.encode_prompt(list(captions) + [""] * n).to(device)
+    x = torch.randn(n, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        cond, uncond = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context).float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    z0 = ddim_sample(guided, x, ddim_timesteps(steps, spacing="trailing").to(device), sd.schedule)
+    return sd.vae.decode(z0).clamp(-1, 1)
 
 
 def pretrain_denoiser(

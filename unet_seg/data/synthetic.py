@@ -426,6 +426,77 @@ class FewShotEpisodes(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Captions: what a scene shows, in words (pre-training the demos' tiny text-to-image model)
+
+HUES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")  # 45° sectors from red's 0°
+
+
+def colour_name(rgb: Tensor) -> str:
+    """Mean colour [3] in [-1, 1] -> a name: "black", "grey" or "white" when its chroma
+    (max − min channel) is below 0.12, else the `HUES` sector of its hue (45° each, red centred
+    on 0°; "pink" the sector before red). Tuned to the muted looks of `random_style`."""
+    r, g, b = rgb.float().cpu().tolist()
+    hi, lo = max(r, g, b), min(r, g, b)
+    if hi - lo < 0.12:
+        return "black" if hi < -0.45 else "white" if lo > 0.45 else "grey"
+    hue = math.degrees(math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    return HUES[int(((hue + 22.5) % 360) // 45)]
+
+
+_ROWS, _COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+
+
+def position_name(cy: float, cx: float) -> str:
+    """A point in [0, 1]² (y down) -> "top left", "middle centre", ... (thirds of the image)."""
+    row, col = _ROWS[min(int(3 * cy), 2)], _COLUMNS[min(int(3 * cx), 2)]
+    return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"
+
+
+def describe(image: Tensor, labels: Tensor) -> str:
+    """A scene's caption: its objects in reading order of their centres, each as "<colour> <class
+    name> at <position>" (the mean colour of its visible pixels, `CLASS_NAMES`, `position_name`),
+    then "on <colour> background". image [3, H, W] in [-1, 1], labels [H, W] (0 background,
+    1..20, 255 ignored). E.g. "red striped disc at top left, blue dotted cross at centre on grey background"."""
+    h, w = labels.shape
+    y = (torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5) / h
+    x = (torch.arange(w, dtype=torch.float32).view(1, w) + 0.5) / w
+    objects = []
+    for c in labels.unique().tolist():
+        if c in (0, IGNORE_INDEX):
+            continue
+        mask = labels == c
+        cy, cx = float(y.expand(h, w)[mask].mean()), float(x.expand(h, w)[mask].mean())
+        objects.append((min(int(3 * cy), 2), cx, f"{colour_name(image[:, mask].mean(1))} {CLASS_NAMES[c]} at {position_name(cy, cx)}"))
+    background = labels == 0
+    back = f"on {colour_name(image[:, background].mean(1))} background" if background.any() else ""
+    return " ".join(filter(None, [", ".join(text for _, _, text in sorted(objects)), back]))
+
+
+class CaptionedScenes(Dataset):
+    """Item i -> {"image": [3, H, W], "label": [H, W], "caption": str}: a scene of 1–4 objects of
+    distinct classes among all 20 (`SemanticScenes`), in a look of its own (`random_style`; with
+    probability `clean` the `CLEAN_STYLE`), captioned by `describe`. Pure function of (seed, i)."""
+
+    def __init__(self, seed: int, length: int, size: Size = 64, objects: tuple[int, int] = (1, 4), clean: float = 0.25):
+        self.scenes = SemanticScenes(seed, length, size, objects=objects, distinct=True)
+        self.clean = clean
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        _check_index(index, len(self))
+        g = _generator(self.scenes.seed, index, 1)
+        style = CLEAN_STYLE if float(torch.rand((), generator=g)) < self.clean else random_style(g)
+        g = _generator(self.scenes.seed, index)  # SemanticScenes' own draws, then the chosen look
+        lo, hi = self.scenes.objects
+        count = int(torch.randint(lo, hi + 1, (), generator=g))
+        picks = torch.randperm(len(self.scenes.classes), generator=g)[:count].tolist()
+        image, label = scene(g, [self.scenes.classes[i] for i in picks], self.scenes.size, style)
+        return {"image": image, "label": label, "caption": describe(image, label)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Checks
 
 

@@ -146,16 +146,22 @@ class CLIPTokenizer:
         return folder
 
     @classmethod
-    def from_bpe(cls, path: Union[str, Path, None] = None, pad_token: str = EOS, max_length: int = 77) -> "CLIPTokenizer":
+    def from_bpe(
+        cls, path: Union[str, Path, None] = None, pad_token: str = EOS, max_length: int = 77, num_merges: int = CLIP_MERGES
+    ) -> "CLIPTokenizer":
         """CLIP's own gzipped merges file (default: the packaged copy) -> its 49408-token vocabulary:
-        byte symbols, byte symbols + `</w>`, one token per merge, BOS, EOS (= SD's vocab.json)."""
+        byte symbols, byte symbols + `</w>`, one token per merge, BOS, EOS (= SD's vocab.json).
+        `num_merges` < CLIP's 48894 keeps the first merges only: a smaller BPE vocabulary of
+        514 + num_merges tokens (BOS, EOS last) in which every text still has a tokenization."""
+        if not isinstance(num_merges, int) or not 0 <= num_merges <= CLIP_MERGES:
+            raise ValueError(f"num_merges must be an int in [0, {CLIP_MERGES}], got {num_merges!r}")
         path = Path(path) if path is not None else PACKAGED_BPE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such BPE merges file (CLIP's bpe_simple_vocab_16e6.txt.gz)")
         lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-        merges = _read_merges(path, lines[1 : CLIP_MERGES + 1], first_line=2)  # line 1 is a header
-        if len(merges) != CLIP_MERGES:
-            raise ValueError(f"{path}: {len(merges)} merges, CLIP's vocabulary needs {CLIP_MERGES}")
+        merges = _read_merges(path, lines[1 : num_merges + 1], first_line=2)  # line 1 is a header
+        if len(merges) != num_merges:
+            raise ValueError(f"{path}: {len(merges)} merges, the vocabulary needs {num_merges}")
         symbols = list(byte_symbols().values())
         tokens = symbols + [s + END_OF_WORD for s in symbols] + [a + b for a, b in merges] + [BOS, EOS]
         vocab = {t: i for i, t in enumerate(tokens)}

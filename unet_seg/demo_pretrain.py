@@ -1,0 +1,216 @@
+"""Pre-train the demos' tiny text-to-image SD and write its weights (what `unet_seg.demo.pretrained_tiny_sd` loads).
+
+    python -m unet_seg.demo_pretrain                                   # one GPU, about 8 minutes
+    python -m unet_seg.demo_pretrain --steps 20 --device cpu --out /tmp/x.safetensors   # a smoke run
+
+A `DEMO_UNET` U-Net and a `DEMO_TEXT` text encoder, both from scratch, trained together as a
+latent text-to-image model: ε-MSE (SD's schedule, t ~ U{0..999}) on `BlockCodec` latents of
+`synthetic.CaptionedScenes` (1–4 objects of the 20 classes in random looks, captions naming each
+object's colour, class and position and the background's colour; 10% of captions dropped to ""
+for classifier-free guidance). Batches alternate between 64² and 128² scenes (the demos' sizes).
+AdamW, linear warm-up then a constant rate, bf16 autocast on a GPU, gradient-norm clip 1; the
+shipped weights are an exponential moving average (fp16). Every random number comes from
+`--seed`: the scenes are pure functions of (seed, index) and read in order, the initialisation
+and the noise from seeded generators. It prints its training curve, then the text-use check:
+the denoising loss on held-out scenes with their own captions against the captions of other
+scenes (the same noise and timesteps), and writes the weights atomically, with the commit and the
+settings in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .data.synthetic import CaptionedScenes
+from .demo import DEMO_TEXT, DEMO_UNET, DEMO_WEIGHTS, BlockCodec, demo_tokenizer, denoising_loss, sample
+from .diffusion import NoiseSchedule, q_sample, training_target
+from .hub import atomic_path
+from .models import CLIPTextEncoder, UNet
+from .sd import StableDiffusion
+from .viz import image_to_uint8, save_grid
+
+HELD_OUT_SEED = 10**6  # scenes of the text-use check (and the test): never trained on
+CHECK_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999, help="decay of the weights' moving average (what is shipped)")
+    p.add_argument("--drop-caption", type=float, default=0.1, help="probability of an empty caption")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="scene sides, alternating batch by batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=14, help="DataLoader processes rendering scenes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-seconds", type=float, default=0, help="stop training after this many seconds (0: never); "
+                   "the metadata records the steps done")
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--check-scenes", type=int, default=256, help="held-out scenes of the text-use check")
+    p.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
+    p.add_argument("--picture", type=Path, help="also write a PNG: held-out scenes, what the codec keeps of them, "
+                   "and samples from their captions")
+    p.add_argument("--commit", help="the commit recorded in the metadata (default: git rev-parse HEAD)")
+    return p.parse_args(argv)
+
+
+class MixedSizes(torch.utils.data.Dataset):
+    """Item i -> a `CaptionedScenes(seed)` scene of side sizes[(i // batch) % len(sizes)] and its
+    caption's token ids (or an empty caption's, with probability `drop`, from the item's own
+    generator): every batch is one size."""
+
+    def __init__(self, seed: int, length: int, sizes, batch: int, drop: float):
+        self.sets = [CaptionedScenes(seed, length, s) for s in sizes]
+        self.batch, self.drop, self.seed = batch, drop, seed
+        self.tokenizer = demo_tokenizer()
+
+    def __len__(self) -> int:
+        return len(self.sets[0])
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.sets[(i // self.batch) % len(self.sets)][i]
+        dropped = float(torch.rand((), generator=torch.Generator().manual_seed(self.seed * 10**9 + i))) < self.drop
+        return {"image": item["image"], "ids": self.tokenizer("" if dropped else item["caption"])[0]}
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up to 1, then constant (the moving average smooths): a run stopped by
+    --max-seconds at step N is the run of --steps N."""
+    return min((step + 1) / warmup, 1.0)
+
+
+def commit_of_checkout() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.no_grad()
+def text_use(sd: StableDiffusion, scenes: int, size: int) -> dict:
+    """Mean denoising loss on `scenes` held-out scenes with their own captions and with the next
+    scene's caption (rolled by one), at `CHECK_TIMESTEPS`; the relative margin (other − own) / other."""
+    data = CaptionedScenes(HELD_OUT_SEED, scenes, size)
+    items = [data[i] for i in range(scenes)]
+    images, captions = torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+    own = denoising_loss(sd, images, captions, CHECK_TIMESTEPS).mean().item()
+    other = denoising_loss(sd, images, captions[1:] + captions[:1], CHECK_TIMESTEPS).mean().item()
+    return {"size": size, "own caption": round(own, 5), "other caption": round(other, 5), "margin": round((other - own) / other, 4)}
+
+
+@torch.no_grad()
+def picture(sd: StableDiffusion, path: Path, scenes: int = 6, size: int = 128) -> list[str]:
+    """Rows of [held-out scene, its codec latent decoded, two samples from its caption] -> PNG at
+    `path`; returns the captions, row by row."""
+    data = CaptionedScenes(HELD_OUT_SEED + 1, scenes, size, clean=1.0)
+    items = [data[i] for i in range(scenes)]
+    captions = [it["caption"] for it in items]
+    images = torch.stack([it["image"] for it in items])
+    kept = sd.vae.decode(sd.vae.encode(images)).clamp(-1, 1)
+    samples = [sample(sd, captions, size, seed=s).cpu() for s in (0, 1)]
+    rows = [[image_to_uint8(x) for x in (images[i], kept[i], samples[0][i], samples[1][i])] for i in range(scenes)]
+    save_grid(rows, path, titles=["scene", "codec keeps", "sample 1", "sample 2"])
+    return captions
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    commit = args.commit or commit_of_checkout()
+    torch.manual_seed(args.seed)
+    unet, text_encoder = UNet(DEMO_UNET).to(device), CLIPTextEncoder(DEMO_TEXT).to(device)
+    codec, schedule = BlockCodec(), NoiseSchedule.sd("epsilon").to(device)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    ema = [p.detach().clone() for p in params]
+    print(f"demo SD: U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
+          f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters; {args.steps} steps of "
+          f"{args.batch_size} scenes at {args.sizes} on {device}; commit {commit}", flush=True)  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
+    data = MixedSizes(args.seed, args.steps * args.batch_size, args.sizes, args.batch_size, args.drop_caption)
+    loader = torch.utils.data.DataLoader(
+        data, args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None,
+    )  # fmt: skip
+    g = torch.Generator(device).manual_seed(args.seed + 1)
+    unet.train()
+    text_encoder.train()
+    start, window, curve = time.perf_counter(), [], []
+    for step, batch in enumerate(loader):
+        images, ids = batch["image"].to(device, non_blocking=True), batch["ids"].to(device, non_blocking=True)
+        with torch.no_grad():
+            z0 = codec.encode(images)
+        t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g, device=device)
+        noise = torch.randn(z0.shape, generator=g, device=device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            pred = unet(q_sample(z0, noise, t, schedule), t, text_encoder(ids))
+        loss = F.mse_loss(pred.float(), training_target(z0, noise, t, schedule))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema)
+        window.append(loss.detach())
+        out_of_time = args.max_seconds and time.perf_counter() - start > args.max_seconds
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or out_of_time:
+            mean = torch.stack(window).mean().item()
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+            seconds = time.perf_counter() - start
+            curve.append((step + 1, round(mean, 5)))
+            print(f"step {step + 1:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {seconds:7.1f} s  "
+                  f"{(step + 1) / seconds:5.1f} steps/s", flush=True)  # fmt: skip
+            window = []
+        if out_of_time:
+            print(f"stopped by --max-seconds after {step + 1} steps", flush=True)
+            break
+    args.steps = step + 1
+    train_seconds = time.perf_counter() - start
+
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    sd = StableDiffusion(unet, codec, text_encoder, demo_tokenizer(), schedule, source="training")
+    checks = [text_use(sd, args.check_scenes, s) for s in args.sizes]
+    for c in checks:
+        print(f"text use, {args.check_scenes} held-out scenes at {c['size']}²: loss {c['own caption']:.4f} with their captions, "
+              f"{c['other caption']:.4f} with another scene's; margin {100 * c['margin']:.1f}%", flush=True)  # fmt: skip
+
+    if args.picture:
+        for i, caption in enumerate(picture(sd, args.picture), 1):
+            print(f"picture row {i}: {caption}", flush=True)
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "commit", "device", "workers", "picture", "max_seconds")}
+    metadata = {
+        "commit": commit,
+        "settings": json.dumps(settings),
+        "script": "python -m unet_seg.demo_pretrain",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "train_seconds": f"{train_seconds:.1f}",
+        "curve": json.dumps(curve),
+        "text_use": json.dumps(checks),
+    }
+    weights = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}
+    with atomic_path(args.out) as tmp:
+        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) after {train_seconds:.0f} s of training", flush=True)
+    return {"curve": curve, "checks": checks, "train_seconds": train_seconds}
+
+
+if __name__ == "__main__":
+    main()
