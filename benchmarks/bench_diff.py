@@ -57,7 +57,7 @@ def main() -> None:
     started, device = time.perf_counter(), args.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("diff_gta2cs")
-    run = recipe.parse_args(["--data-root", tempfile.gettempdir()] +  # an existing folder: the recipe checks it; nothing is read
+    run = recipe.parse_args(["--data-root", tempfile.gettempdir(), "--amp"] +  # an existing folder, checked, never read; bf16 head
                              (["--timesteps", "91", "30", "7", "--trajectory", "7", "30", "91", "120"] if args.tiny else []))
 
     torch.manual_seed(0)

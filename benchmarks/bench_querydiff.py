@@ -110,7 +110,7 @@ def main() -> None:
     except ImportError:
         backbone_name = "tiny conv + Rein (demo)" if args.tiny else "STAND-IN backbone (no timm: patch conv + Rein, no ViT blocks)"
         if not args.tiny:
-            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens: StandInBackbone(tokens)  # noqa: E731
+            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens, **kw: StandInBackbone(tokens)  # noqa: E731
     size, rows = rargs.size, []
 
     def build(guided: bool, fpn: bool = False):
@@ -128,14 +128,14 @@ def main() -> None:
     def inference(mode: str) -> None:
         torch._dynamo.reset()
         nets = {n: torch.compile(m) if mode == "compile" else m for n, m in models.items()}
-        ms = interleaved({n: (lambda net=net: recipe.predict_scores(net, x)) for n, net in nets.items()}, args.iters, args.rounds, args.device)
+        ms = interleaved({n: (lambda net=net: recipe.predict_scores(net, x, amp=True)) for n, net in nets.items()}, args.iters, args.rounds, args.device)
         for n, t in ms.items():
             rows.append((f"inference, {n} pixel decoder", args.batch, mode, t))
             print(f"inference {n:10s} b{args.batch} {mode:8s} {t:8.2f} ms  {1e3 * args.batch / t:7.1f} crops/s", flush=True)
 
     if args.compile_only:  # the recipe's --compile on its inference call; run twice: cold, then warm
         net = torch.compile(models["deformable"])
-        seconds = first_call(lambda: recipe.predict_scores(net, x), args.device)
+        seconds = first_call(lambda: recipe.predict_scores(net, x, amp=True), args.device)
         table = (f"# QueryDiff first call (compile) — {device_name(args.device)}\n\n{datetime.date.today()} · torch "
                  f"{torch.__version__} · {backbone_name}, deformable pixel decoder, {args.batch} crops of {size}²\n\n"
                  f"| what | first call s |\n|---|---|\n| inference | {seconds:.1f} |\n")
@@ -162,7 +162,7 @@ def main() -> None:
     for name, weight in (("with DCL", 1.0), ("without DCL", 0.0)):
         model = build(weight > 0).train()
         opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4, fused=True)
-        steps[name] = (lambda m=model, o=opt, w=weight: recipe.train_step(m, o, xb, labels, num_classes, loss_cfg, w, teacher if w else None))
+        steps[name] = (lambda m=model, o=opt, w=weight: recipe.train_step(m, o, xb, labels, num_classes, loss_cfg, w, teacher if w else None, amp=True))
         params[f"train {name}"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     for n, t in interleaved(steps, max(2, args.iters // 2), args.rounds, args.device).items():
         rows.append((f"training step {n} (AdamW, set loss {rargs.points} points)", args.train_batch, "eager", t))

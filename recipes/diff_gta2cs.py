@@ -23,6 +23,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | setting | paper | official code | here (default) | why / flag |
 |---|---|---|---|---|
 | model | SD 2.1, frozen | stabilityai 2-1 (768, v-pred), fp16 | same, bf16 autocast on GPU | |
+| trained precision | – | fusion block and head in fp32 (no AMP in the mmseg config) | same | `--amp`: bf16 autocast (faster) |
 | trajectory | "multi-step diffusion trajectory", inversion | 37-step stochastic DDIM inversion (t ≤ 160), η = 1 for 10 < t < 250, CFG 5, U-Net evaluated at 0 … 139, features at steps 33 … 3 (t = 91, 52, 30, 22, 18, 14, 11, 7, 3) | same; the 3 steps after the last saved one are skipped (they cannot change the features) | `--features batched`: the 9 noisy latents forward-sampled in ONE U-Net call, eq. 2 on features (faster approximation, see README) |
 | v-prediction | not discussed | SD 2.1's v output used as ε | same | `--prediction-type model` converts v to ε |
 | eq. 2 fusion | masks fuse the predicted latents Φ(I, C_i) | per step, next latents of each prompt path | same (`inversion_trajectory_features`) | |
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ipkl", action="store_true", help="train the unconditional branch alone with CE (Table IV, 'DIFF' row)")
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
     p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast over the trained fusion block and head on a GPU (faster; the release trains them in fp32)")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
     p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120; --features trajectory only)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
@@ -207,7 +209,7 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
         levels = diffusion_levels(frozen, z0, [*label, *[None] * b] if ipkl else [None] * b, args)
     up = lambda logits: F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
     ce = partial(cross_entropy, count_ignored=True)  # mmseg 0.16: mean over all pixels
-    with autocast(image.device):  # one head call per branch: BN statistics per branch, as officially
+    with autocast(image.device, enabled=None if args.amp else False):  # fp32 as released; one head call per branch (BN statistics per branch)
         logits_u = model([f[-b:] for f in levels]).float()
         logits_c = model([f[:b] for f in levels]).float() if ipkl else None
     losses = {"CE uncond": ce(up(logits_u), label)}
@@ -236,7 +238,9 @@ def predict_logits(segmenter, frozen: Frozen, image, args) -> torch.Tensor:
     with autocast(image.device):
         g = torch.Generator(image.device).manual_seed(args.seed)
         z0 = frozen.vae.encode(image, sample=True, generator=g)
-        return segmenter(diffusion_levels(frozen, z0, [None] * len(image), args, g)).float()
+        levels = diffusion_levels(frozen, z0, [None] * len(image), args, g)
+    with autocast(image.device, enabled=None if args.amp else False):
+        return segmenter(levels).float()
 
 
 def poly_with_warmup(total: int, warmup: int):

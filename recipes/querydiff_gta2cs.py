@@ -33,6 +33,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | refinement | cross-attention with the queries | pixels → agents MHA, no residual; 4 dilated (1-4) depth-wise separable convs | same |
 | decoder | Mask2Former | 9 layers, 100 queries, 256, 8 heads, FFN 2048 | same |
 | diffusion model | SD 1.4/1.5/2.1 similar | local "stable-diffusion-2" (ε), empty prompt unpadded (2 tokens), VAE mean of raw RGB (⁵), fp32 | SD 2.1 (`--model`), same; bf16 on GPU |
+| precision | — | fp32 (no AMP in the config) | model fp32; `--amp`: bf16 autocast (faster) |
 | diffusion features | t_w, t_s (no values) | t = 0 and 100; up-blocks 1-3 ResNet branches; taps dead as released (³) | same taps, one batched U-Net call |
 | diffusion tokens | — | [B, M, 1024], construction not in the code (³) | pooled to √r × √r, frozen random projection (³) |
 | DCL | S, KL, L_sup | 3 single Linears; KL over channels, batchmean; SmoothL1 to S·F_w (weak); weights 1, 1 | same, M = r (³) |
@@ -99,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bdd-root", help="BDD100K root, evaluated on val")
     p.add_argument("--mapillary-root", help="Mapillary Vistas root, evaluated on validation at half resolution")
     p.add_argument("--dcl-weight", type=float, default=1.0, help="weight of L_dist + L_sup (0: no diffusion branch)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast over the segmentation model on a GPU (faster; the release trains in fp32)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, help="also train the model without DCL (default: on with --demo)")
     p.add_argument("--t-weak", type=int, default=T_WEAK, help="weak-noise timestep t_w (of 1000)")
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
@@ -185,25 +187,26 @@ def diffusion_features(unet: UNet, vae, context: Tensor, images: Tensor, schedul
     draws each, as released) from ONE U-Net forward over the 2B noised latents."""
     z = vae.encode(images)  # posterior mean (the release's choice)
     feats = timestep_features(unet, z, list(timesteps), context, TAPS, schedule=schedule)
-    return [feats[n][:, 0] for n in TAPS], [feats[n][:, 1] for n in TAPS]
+    return [feats[n][:, 0].float() for n in TAPS], [feats[n][:, 1].float() for n in TAPS]
 
 
-def predict_scores(model: nn.Module, images: Tensor) -> Tensor:
+def predict_scores(model: nn.Module, images: Tensor, amp: bool = False) -> Tensor:
     """Inference WITHOUT the diffusion branch: images [N, 3, h, w] -> class scores [N, K, h, w], the
-    mask logits upsampled before the sigmoid (mmseg's order)."""
-    with torch.no_grad(), autocast(images.device):
+    mask logits upsampled before the sigmoid (mmseg's order); fp32 as released, bf16 with `amp`."""
+    with torch.no_grad(), autocast(images.device, enabled=None if amp else False):
         cls, masks, _ = model(images)
     return semantic_scores(cls[-1], masks[-1], images.shape[-2:])
 
 
-def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, loss_cfg: SetLossConfig, dcl_weight: float, teacher=None) -> dict:
-    """One optimiser step; `teacher` = (unet, vae, context, schedule, (t_w, t_s)) when dcl_weight > 0."""
+def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, loss_cfg: SetLossConfig, dcl_weight: float, teacher=None, amp: bool = False) -> dict:
+    """One optimiser step; `teacher` = (unet, vae, context, schedule, (t_w, t_s)) when dcl_weight > 0;
+    the model in fp32 as released (the frozen teacher in bf16 on a GPU), in bf16 autocast with `amp`."""
     weak = strong = ()
     if dcl_weight > 0:
         with autocast(images.device):
             unet, vae, context, schedule, timesteps = teacher
             weak, strong = diffusion_features(unet, vae, context, images, schedule, timesteps)
-    with autocast(images.device):
+    with autocast(images.device, enabled=None if amp else False):
         cls, masks, dcl = forward(images, weak, strong)
     seg = set_loss(cls, masks, *semantic_targets(labels), num_classes, loss_cfg)
     loss = seg if dcl is None else seg + dcl_weight * (dcl[0] + dcl[1])
@@ -215,13 +218,13 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, num_classes: int, device, window=None):
+def evaluate(model: nn.Module, data, num_classes: int, device, window=None, amp: bool = False):
     """(all-rank confusion [K, K], up to 4 (image, pred, label)) in eval mode without the diffusion
     branch; `window` = (crop, stride) slides windows over each image, None predicts it whole."""
     if window:
-        predict = lambda x: slide_logits(lambda w: predict_scores(model, w), x, *window, num_classes)  # noqa: E731
+        predict = lambda x: slide_logits(lambda w: predict_scores(model, w, amp), x, *window, num_classes)  # noqa: E731
     else:
-        predict = lambda x: predict_scores(model, x)  # noqa: E731
+        predict = lambda x: predict_scores(model, x, amp)  # noqa: E731
     with evaluation(model):
         return evaluate_semantic(predict, data, num_classes, device, batch_size=1 if window else 16)
 
@@ -326,7 +329,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     bar = progress(total=args.steps, initial=step, desc=desc)
     for step, epoch, batch in training_batches(loader, step, args.steps):
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        losses = train_step(forward, opt, images, labels, num_classes, loss_cfg, dcl_weight, teacher)
+        losses = train_step(forward, opt, images, labels, num_classes, loss_cfg, dcl_weight, teacher, args.amp)
         sched.step()
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
@@ -364,7 +367,7 @@ def main(argv=None) -> dict:
         evaluated = maybe_compile(model, args.compile) if args.compile else model
         row, images, t0 = {}, 0, time.perf_counter()
         for test_name, data in tests.items():
-            conf, keep = evaluate(evaluated, data, num_classes, device, args.window if slide else None)
+            conf, keep = evaluate(evaluated, data, num_classes, device, args.window if slide else None, args.amp)
             row[f"{test_name} mIoU"] = round(100 * iou_per_class(conf).nanmean().item(), 2)
             images += len(data)
             if test_name == next(iter(tests)):

@@ -66,7 +66,7 @@ def frozen_tiny(recipe, features="trajectory"):
     torch.manual_seed(0)
     unet = UNet(TINY_SD2).eval()
     args = Namespace(features=features, trajectory=[7, 30, 91, 120], timesteps=[91, 7], prediction_type="as-eps",
-                     loss="official", consistency="l2")  # fmt: skip
+                     loss="official", consistency="l2", amp=False, seed=0)  # fmt: skip
     rev = unet.config.channels[::-1]
     channels = [2 * 6 * rev[i] for i in recipe.LEVELS]
     frozen = recipe.Frozen(unet, BlockCodec(), torch.randn(3, 77, TINY_SD2.context_dim), [5, 9], NoiseSchedule.sd(), channels)
@@ -133,6 +133,24 @@ def test_kl_consistency_is_the_official_clamp_of_the_weighted_kl():
     kl = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum().item()  # batchmean, B = 1
     assert 0.5 < kl  # where the two orders differ: the old 0.1 · min(KL, 0.5) would give 0.05
     assert losses["consistency"] == pytest.approx(min(0.1 * kl, 0.5), rel=1e-4)
+
+
+@pytest.mark.parametrize("amp, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_trained_parts_run_in_fp32_as_released_unless_amp(monkeypatch, amp, dtype):
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe)
+    args.amp = amp
+    # stand in for a GPU: autocast on (bf16) wherever the recipe leaves it to the device
+    monkeypatch.setattr(recipe, "autocast", lambda device, enabled=None: torch.autocast("cpu", torch.bfloat16, enabled=enabled is not False))
+    torch.manual_seed(0)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
+    calls = []
+    record = lambda levels: calls.append(model(levels)) or calls[-1]  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+    recipe.train_step(record, frozen, opt, image, label, True, args)
+    recipe.predict_logits(record, frozen, image, args)
+    assert [c.dtype for c in calls] == [dtype] * 3  # both training branches and inference
 
 
 def test_poly_schedule_warms_up_then_decays_to_zero():

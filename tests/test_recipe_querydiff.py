@@ -123,6 +123,24 @@ def test_scores_come_from_mask_logits_upsampled_to_the_window_first():
     torch.testing.assert_close(recipe.predict_scores(model, x), expected)
 
 
+@pytest.mark.parametrize("amp, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_model_trains_and_predicts_in_fp32_as_released_unless_amp(monkeypatch, amp, dtype):
+    recipe = _recipe()
+    # stand in for a GPU: autocast on (bf16) wherever the recipe leaves it to the device
+    monkeypatch.setattr(recipe, "autocast", lambda device, enabled=None: torch.autocast("cpu", torch.bfloat16, enabled=enabled is not False))
+    args = recipe.parse_args(TINY + (["--amp"] if amp else []))
+    model = recipe.build_model(args, 3, guided=True)
+    teacher = recipe.build_teacher(args, torch.device("cpu"))
+    calls = []
+    record = lambda *a: calls.append(model(*a)) or calls[-1]  # noqa: E731
+    opt = torch.optim.AdamW(recipe.param_groups(model, 1e-3, 1.0), lr=1e-3, fused=True)
+    x, labels = rand(2, 3, 64, 64, seed=7) * 2 - 1, torch.randint(0, 3, (2, 64, 64))
+    recipe.train_step(record, opt, x, labels, 3, recipe.SetLossConfig(points=64), 1.0, teacher, args.amp)
+    model.eval()
+    recipe.predict_scores(record, x, args.amp)
+    assert [c[1][-1].dtype for c in calls] == [dtype] * 2  # mask logits, training and inference
+
+
 @pytest.mark.slow
 def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does
