@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
     given = p.parse_known_args(argv)[0]  # before the presets fill --trajectory in
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
+    if args.predict:
+        return args
     if args.features == "batched" and (given.trajectory is not None or args.prediction_type != "as-eps"):
         p.error("--trajectory and --prediction-type apply to --features trajectory only (batched forward-noises the latents, no inversion)")
     starts = [0, *sorted(args.trajectory)[:-1]]
@@ -113,11 +115,12 @@ from torch import nn
 
 from unet_seg import load_sd
 from unet_seg.data import synthetic
-from unet_seg.demo import FORM_CLASSES, FormScenes, caption_forms, pretrain_denoiser, tiny_sd
+from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, pretrain_denoiser, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
+from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
 from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
@@ -189,6 +192,7 @@ class Segmenter(nn.Module):
 
     def __init__(self, level_channels, num_classes: int, dims, fine_dim: int, embed_dim: int, groups: int):
         super().__init__()
+        self.config = dict(level_channels=list(level_channels), num_classes=num_classes, dims=list(dims), fine_dim=fine_dim, embed_dim=embed_dim, groups=groups)
         self.fusion = DiffusionFeatureFusion(level_channels, dims, fine_dim, bottleneck_groups=groups // 2, groups=groups)
         self.head = DAFormerHead(self.fusion.out_channels, num_classes, embed_dim)
 
@@ -276,6 +280,9 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
     step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    if args.export:
+        load_checkpoint_for_export(out, args.export, models)
+        return segmenter.eval()
     model = wrap_for_training(segmenter, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
@@ -303,8 +310,31 @@ def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_n
     return metrics, shown
 
 
+def export(segmenter, frozen: Frozen, sd, args, class_names, palette) -> None:
+    """RUN/model: fusion + head and the empty prompt's context; the frozen SD's id (demo: sd/, the tiny pre-trained U-Net)."""
+    features = {k: getattr(args, k) for k in ("features", "timesteps", "trajectory", "prediction_type", "seed")}
+    resize = {"square": args.size} if args.demo else {"scale": (2048, 1024), "multiple": 64}  # Cityscapes' test size; the U-Net needs /64
+    config = dict(recipe="diff", model="sd" if args.demo else args.model, demo=args.demo, class_names=list(class_names), resize=resize,
+                  palette=None if palette is None else palette.tolist(), segmenter=segmenter.config, features=features)  # fmt: skip
+    save_export(args.out / "model", config, trained_tensors(segmenter) | {"empty_prompt": frozen.contexts[:1]}, sd=sd if args.demo else None)
+
+
+def load_trained(run, device="cpu") -> Predictor:
+    """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size."""
+    folder, config, tensors = read_export(run, "diff")
+    sd = load_sd(config["model"], components=["unet"] if config["demo"] else ["unet", "vae"], device=device)
+    vae = BlockCodec() if config["demo"] else sd.vae.eval()
+    frozen = Frozen(sd.unet.eval(), vae, tensors.pop("empty_prompt").to(device), [], sd.schedule.to(device), config["segmenter"]["level_channels"])
+    segmenter = load_tensors(Segmenter(**config["segmenter"]), tensors, str(folder)).to(device).eval()
+    predict, args = lambda x: predict_logits(segmenter, frozen, x, args), argparse.Namespace(**config["features"])  # noqa: E731
+    parts = {"segmenter": segmenter, "unet": frozen.unet, "vae": vae, "empty_prompt": frozen.contexts, "schedule": frozen.schedule}
+    return logits_predictor(predict, config, parts, device, untinted=0 if config["demo"] else None)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict:
+        return predict_files(load_trained(args.run), args.predict, args.out)
     job = start_run(
         args,
         demo=f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
@@ -346,7 +376,7 @@ def main(argv=None) -> dict:
     sd = tiny_sd() if args.demo else load_sd(args.model, device=device)
     unet, vae = sd.unet.to(device), sd.vae.to(device)
     sd.text_encoder.to(device).eval().requires_grad_(False)
-    if args.demo and not (args.resume and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
+    if args.demo and not ((args.resume or args.export) and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
         captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731
         loss = pretrain_denoiser(unet, vae, sd.schedule, args.pretrain_steps, args.size, args.seed, captions, batch_size=8, device=device)
         print0(f"pre-trained the tiny U-Net for {args.pretrain_steps} steps: denoising loss {loss:.3f}")
@@ -369,6 +399,10 @@ def main(argv=None) -> dict:
     metrics, rows = {}, []
     for i, (variant, ipkl) in enumerate(variants.items()):
         segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, num_classes, device)
+        if i == 0:
+            export(segmenter, frozen, sd, args, class_names, palette)
+        if args.export:
+            return
         print0(f"\n== {variant}")
         metrics[variant], shown = evaluate(segmenter, frozen, targets, num_classes, class_names, device, args)
         if i == 0:

@@ -165,3 +165,57 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     with pytest.raises(SystemExit):  # a usage error: supports are needed
         recipe.parse_args(["--predict", str(query), "--from", str(run)])
     assert "give --support" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The semantic recipes: export, reload, predict, compare with the recipe's evaluation
+
+
+def checkpoint_tensors(folder, model: str) -> dict:
+    from safetensors.torch import load_file
+
+    prefix = f"model/{model}/"
+    return {k[len(prefix) :]: v for k, v in load_file(str(latest_checkpoint(folder))).items() if k.startswith(prefix)}
+
+
+def predict_one(recipe, run, image, capsys, extra=()):
+    """`--predict IMAGE --from RUN` as a user runs it -> (labels read from <stem>.png, the printed line)."""
+    capsys.readouterr()
+    recipe.main(["--predict", str(image), "--from", str(run), *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and image.name in lines[0]
+    png = Image.open(run / "predictions" / f"{image.stem}.png")
+    assert png.mode == "P" and png.size == (ODD[1], ODD[0])
+    assert Image.open(run / "predictions" / f"{image.stem}_overlay.png").size == png.size
+    return torch.from_numpy(np.asarray(png).astype(np.int64)), lines[0]
+
+
+def assert_evaluation_agrees(conf: torch.Tensor, labels: torch.Tensor):
+    """The recipe's evaluation scored against `labels` (our prediction) as ground truth: every
+    pixel counted, none off the diagonal, and more than one class (else agreeing is easy)."""
+    assert conf.sum() == labels.numel()
+    assert conf.sum() == conf.diagonal().sum(), conf
+    assert len(labels.unique()) > 1
+
+
+def test_diff_exports_the_trained_head_and_predicts_what_its_evaluation_computes(tmp_path, capsys, cpu_only):
+    recipe, run = load_recipe("diff_gta2cs"), tmp_path / "run"
+    recipe.main(["--demo", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "2", "--no-baseline", "--out", str(run)])
+    image = scene(tmp_path / "street.jpg", mode="L")
+    labels, line = predict_one(recipe, run, image, capsys)
+
+    predictor = recipe.load_trained(run)
+    segmenter, unet = predictor.modules["segmenter"], predictor.modules["unet"]
+    for module, name in ((segmenter, "segmenter"), (unet, "unet")):  # the export holds the checkpoint's weights
+        trained = checkpoint_tensors(run, name)
+        assert set(trained) == set(module.state_dict())
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
+    assert torch.equal(predictor(image), labels)
+    # the recipe's evaluation of that image: resized as its test set (64²), logits scored at the label's size
+    from unet_seg.predict import resize_image
+
+    frozen = recipe.Frozen(unet, predictor.modules["vae"], predictor.modules["empty_prompt"], [], predictor.modules["schedule"], segmenter.config["level_channels"])
+    args = recipe.parse_args(["--demo"])
+    item = {"image": resize_image(read_image(image), (64, 64)), "label": labels}
+    metrics, _ = recipe.evaluate(segmenter, frozen, {"mine": [item]}, len(predictor.class_names), predictor.class_names, torch.device("cpu"), args)
+    assert metrics["mine"] == 100.0 and len(labels.unique()) > 1

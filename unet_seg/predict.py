@@ -108,6 +108,18 @@ def image_files(inputs: Iterable[PathLike]) -> list[tuple[Path, Path]]:
     return [(p, o) for o, p in found.items()]
 
 
+def evaluation_size(h: int, w: int, resize: dict) -> tuple[int, int]:
+    """The size a recipe's evaluation resizes an (h, w) image to: `{"square": S}` squashes to S × S
+    (synthetic test sets, DiGSeg, DiffewS); `{"scale": (long, short), "multiple": m}` keeps the
+    aspect to fit the scale, each side rounded to a multiple of m (`data.transforms.ResizeImage`
+    with m = 8, which Cityscapes-sized images meet as they are)."""
+    if "square" in resize:
+        return resize["square"], resize["square"]
+    scale, m = resize["scale"], resize.get("multiple", 8)
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(m, round(h * factor / m) * m), max(m, round(w * factor / m) * m)
+
+
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     """[3, H, W] -> [3, *size], bilinear with antialiasing (as the datasets resize), clamped to [-1, 1]."""
     if tuple(image.shape[-2:]) == tuple(size):
@@ -198,9 +210,25 @@ class Predictor:
     binary: bool = False
     untinted: Optional[int] = None
     config: dict = field(default_factory=dict)
+    modules: dict = field(default_factory=dict)  # the networks it runs, by name
 
     def __call__(self, image: Union[PathLike, Tensor], **kwargs) -> Tensor:
         return self.segment(read_image(image) if isinstance(image, (str, os.PathLike)) else image, **kwargs)
+
+
+def logits_predictor(logits: Callable[[Tensor], Tensor], config: dict, modules: dict, device="cpu", untinted=None) -> Predictor:
+    """A semantic predictor as the recipes evaluate: image [3, H, W] resized by `evaluation_size`
+    (config["resize"]), `logits(images [1, 3, h, w]) -> [1, K, h', w']` on `device`, bilinear to
+    (H, W), argmax. config["class_names"], config["palette"] (None: `viz.PALETTE`'s) name the classes."""
+
+    @torch.no_grad()
+    def segment(image: Tensor) -> Tensor:
+        x = resize_image(image, evaluation_size(*image.shape[-2:], config["resize"]))[None].to(device)
+        out = logits(x)
+        return F.interpolate(out.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+
+    names = config["class_names"]
+    return Predictor(segment, names, palette_for(len(names), config.get("palette")), untinted=untinted, config=config, modules=modules)
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[PathLike], out: PathLike, **kwargs) -> list[Path]:
@@ -233,8 +261,16 @@ def export_folder(run: PathLike) -> Path:
 
 
 def save_export(folder: PathLike, config: dict, tensors: dict[str, Tensor], sd=None, readme: Optional[str] = None) -> Path:
-    """Write an export atomically: `config.json`, `model.safetensors` (`tensors`), and `sd/` (a
-    `StableDiffusion` saved with `save_pretrained`, for demos) -> the folder."""
+    """Write an export atomically (rank 0 only; others return at once): `config.json`,
+    `model.safetensors` (`tensors`), and `sd/` (a `StableDiffusion` saved with `save_pretrained`,
+    for demos, whose frozen models cannot be fetched by id) -> the folder."""
+    from .train import is_main, print0
+
+    if not is_main():
+        return Path(folder)
+    for key in ("model", "clip"):  # a local folder trained from: its absolute path
+        if isinstance(config.get(key), str) and Path(config[key]).exists():
+            config = {**config, key: str(Path(config[key]).resolve())}
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", config)
@@ -242,6 +278,7 @@ def save_export(folder: PathLike, config: dict, tensors: dict[str, Tensor], sd=N
             sd.save_pretrained(tmp / "sd")
         if readme:
             (tmp / "README.md").write_text(readme)
+    print0(f"exported the trained model to {folder}")
     return Path(folder)
 
 
@@ -278,7 +315,8 @@ def load_checkpoint_for_export(out: PathLike, which: str, models: dict[str, nn.M
 
 
 def read_export(run: PathLike, recipe: str) -> tuple[Path, dict, dict[str, Tensor]]:
-    """(folder, config, tensors on the CPU) of `recipe`'s export in `run` (see `export_folder`)."""
+    """(folder, config, tensors on the CPU) of `recipe`'s export in `run` (see `export_folder`);
+    config["model"] is the frozen model's id or path, or the demos' sd/ folder written beside."""
     folder = export_folder(run)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -286,6 +324,8 @@ def read_export(run: PathLike, recipe: str) -> tuple[Path, dict, dict[str, Tenso
         raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     if config.get("recipe") != recipe:
         raise CheckpointError(f"{folder}: an export of {config.get('recipe')!r}, not of {recipe!r}: use that recipe's script")
+    if isinstance(config.get("model"), str) and (folder / config["model"]).is_dir():
+        config["model"] = str(folder / config["model"])
     path = folder / "model.safetensors"
     if not path.is_file():  # DiffewS: the whole model is the diffusers folder
         return folder, config, {}
@@ -296,12 +336,6 @@ def read_export(run: PathLike, recipe: str) -> tuple[Path, dict, dict[str, Tenso
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
-def frozen_source(folder: Path, config: dict, key: str = "model") -> str:
-    """The frozen model's id or path, or for demos the `sd/` folder written beside the export."""
-    local = folder / config[key]
-    return str(local) if local.is_dir() else config[key]
-
-
 def trained_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     """The trained parameters (requires_grad) and every buffer of `module`, prefixed."""
     trained = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -309,13 +343,15 @@ def trained_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return {prefix + k: v for k, v in module.state_dict().items() if k in trained or k in buffers}
 
 
-def load_tensors(module: nn.Module, tensors: dict[str, Tensor], source: str, prefix: str = "") -> nn.Module:
-    """Load the `prefix`ed entries of `tensors` into `module` (what is absent keeps the frozen
-    weights it was built with); names the module does not have are a `CheckpointError`."""
+def load_tensors(module: nn.Module, tensors: dict[str, Tensor], source: str, prefix: str = "", partial: bool = False) -> nn.Module:
+    """Load the `prefix`ed entries of `tensors` into `module`. `partial`: what is absent keeps the
+    frozen weights the module was built with; else every tensor must be there. Missing or
+    unexpected names, or shapes that differ, are a `CheckpointError` naming them."""
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     unexpected = sorted(set(own) - set(module.state_dict()))
-    if unexpected:
-        raise CheckpointError(f"{source}: tensors this model does not have: {unexpected[:5]}")
+    missing = [] if partial else sorted(set(module.state_dict()) - set(own))
+    if unexpected or missing:
+        raise CheckpointError(f"{source}: does not fit this model: unexpected tensors {unexpected[:5]}, missing {missing[:5]}")
     try:
         module.load_state_dict(own, strict=False)
     except RuntimeError as e:
