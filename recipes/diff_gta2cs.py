@@ -35,7 +35,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | fusion, head | F_conv, DAFormer head | GN bottleneck 2048/1024/512 + finecoder 256; sep-ASPP head | same | |
 | losses | eq. 5: CE(cond) + L2 | CE(cond) + CE(uncond) + L2 on stride-4 logits, nothing detached; CE averaged over all pixels (mmseg 0.16) | same | `--loss paper`: eq. 5, teacher detached |
 | KL variant | Table IV 57.81, no equation | `kl_loss` commented out: min(0.1 · KL, 0.5) (KL cut at 5), T 1, batchmean | same | `--consistency kl` |
-| data | "as DAFormer" | GTA5 resized to 1280 × 720, 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`) | demo: its synthetic scenes as they are |
+| data | "as DAFormer" | GTA5 resized to 1280 × 720 (cv2 bilinear, labels nearest), 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`); labels sampled at pixel centres (cv2: top-left, ≤ ½ px off the image) | demo: its synthetic scenes as they are |
 | optimiser | as DAFormer | AdamW 6e-5, head × 10, wd 0.01, poly + 1500 warm-up, 40k iterations, grad-norm clip 5 | same | |
 | batch | – | 1 GPU, batch 1 | same | torchrun: batch N, see README |
 | evaluation | mIoU, 19 classes | whole image, Cityscapes 1024 × 512, unseeded noise | same, noise seeded (`--seed`) | reproducible predictions |

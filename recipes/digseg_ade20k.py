@@ -252,7 +252,7 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
         square = data[0]["label"].shape == (size, size)  # synthetic scenes: all size², batched
         for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and "clip" not in modes else 1):
             images, labels = batch["image"].to(device), batch["label"].to(device)
-            inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+            inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear").clamp(-1, 1)  # as training
             candidates = {"all": torch.arange(len(class_ids), device=device)}
             if "clip" in modes:  # one image per batch: its own candidates
                 candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]

@@ -41,7 +41,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, embeddings) | paper's lrs (`--schedule release`: one lr) |
 | schedule | 60 000 iterations, batch 4 | poly 0.9, 40 000 iterations, batch 2, no warm-up | paper's (`--schedule release`: config's) |
 | training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion; RCS named, not implemented | same, no RCS |
-| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline then (1024, 512) | same, window `--size` / ⅔ `--size`, mask logits upsampled before σ as mmseg (MV halved on the fly) |
+| evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline (PIL bicubic, JPEG re-saved) then (1024, 512) | same, window `--size` / ⅔ `--size`, mask logits upsampled before σ as mmseg (MV halved on the fly, no JPEG re-encoding) |
 | reported | CS 69.1, MV 68.6 (r = 100), average 66.7 | — | not run here (no weights, no GPU time) |
 
 Notes. (¹) The release freezes PMerge and the DCL Linears by accident (`set_requires_grad(["reins"])`

@@ -279,3 +279,29 @@ def test_rescale_halves_image_and_label():
     label = torch.arange(4)[:, None].expand(4, 6).repeat_interleave(2, 0).repeat_interleave(2, 1)  # 8 x 12 blocks
     image, out = Rescale(0.5)(coordinate_image(8, 12), label, torch.Generator())
     assert image.shape == (3, 4, 6) and torch.equal(out, torch.arange(4)[:, None].expand(4, 6))
+
+
+def test_release_resizes_bilinear_without_antialiasing_as_cv2():
+    # mmcv's cv2 INTER_LINEAR at exactly 1/2 averages each 2 × 2 block (half-pixel centres, no
+    # antialiasing; torch's antialiased bilinear would weigh 4 × 4 pixels 1/8, 3/8, 3/8, 1/8 per axis)
+    from unet_seg.data.transforms import Resize, ResizeImage
+
+    image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blocks = image.reshape(3, 16, 2, 24, 2).mean((2, 4))
+    label = torch.zeros(32, 48, dtype=torch.long)
+    torch.testing.assert_close(Resize((24, 16))(image, label, torch.Generator())[0], blocks)  # training (DIFF's GTA5)
+    torch.testing.assert_close(ResizeImage((24, 16))(image, label, torch.Generator())[0], blocks)  # evaluation
+
+
+def test_mapillary_halving_equals_pil_bicubic_with_floored_sides():
+    # the release halves Mapillary validation with PIL: im.resize((w // 2, h // 2), Image.BICUBIC)
+    import numpy as np
+    from PIL import Image
+
+    from unet_seg.data.transforms import Rescale
+
+    image = torch.rand(3, 13, 18, generator=torch.Generator().manual_seed(2)) * 1.6 - 0.8  # away from the clamp
+    out, _ = Rescale(0.5)(image, torch.zeros(13, 18, dtype=torch.long), torch.Generator())
+    pil = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize((9, 6), Image.BICUBIC)) for c in image]
+    assert out.shape == (3, 6, 9)
+    torch.testing.assert_close(out, torch.from_numpy(np.stack(pil)), rtol=0, atol=1e-6)  # measured 1.2e-7

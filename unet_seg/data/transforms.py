@@ -94,9 +94,11 @@ class LabelledImages(torch.utils.data.Dataset):
         return dict(image=image, label=label, path=str(image_path))
 
 
-def _resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Bilinear (antialiased) for the image, nearest for the label."""
-    image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+def _resize(image: Tensor, label: Tensor, size: tuple[int, int], mode: str = "bilinear", antialias: bool = False) -> tuple[Tensor, Tensor]:
+    """Image bilinear without antialiasing by default (mmcv's cv2 INTER_LINEAR, which the releases'
+    mmseg pipelines use), label nearest at pixel centres (cv2's INTER_NEAREST samples the top-left
+    corner instead, up to half a pixel off the image: not copied)."""
+    image = F.interpolate(image[None], size=size, mode=mode, antialias=antialias, align_corners=False)[0]
     label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     return image.clamp(-1, 1), label
 
@@ -159,7 +161,7 @@ class ResizeImage:
         h, w = image.shape[1:]
         factor = min(max(self.scale) / max(h, w), min(self.scale) / min(h, w))
         size = (max(8, round(h * factor / 8) * 8), max(8, round(w * factor / 8) * 8))
-        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]  # cv2 INTER_LINEAR
         return image.clamp(-1, 1), label
 
 
@@ -185,7 +187,7 @@ class Compose:
 class Resize:
     """mmseg `Resize(img_scale, keep_ratio=True)` without a ratio range: scale to fit `scale`
     (long, short side) keeping the aspect (GTA5 1914x1052 -> 1280x704 at (1280, 720)); bilinear
-    (antialiased) image, nearest label. Draws nothing."""
+    image, nearest label. Draws nothing."""
 
     scale: tuple[int, int]
 
@@ -199,7 +201,7 @@ class Resize:
 class RandomShortEdgeResize:
     """mmseg `RandomChoiceResize` of `ResizeShortestEdge(max_size)`: the short side becomes one of
     `short_edges`, drawn uniformly, unless the long side would exceed `max_long`, which then caps
-    it; aspect kept, bilinear (antialiased) image, nearest label. Rein's and QueryDiff's GTA5
+    it; aspect kept, bilinear image, nearest label. Rein's and QueryDiff's GTA5
     pipeline uses `short_edges_for(512)` = 256, 307, ..., 1024 and `max_long` 2048."""
 
     short_edges: tuple[int, ...]
@@ -223,14 +225,15 @@ def short_edges_for(crop: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Rescale:
-    """Image and label scaled by `factor` (bilinear antialiased / nearest): Rein's and QueryDiff's
-    Mapillary validation is scored on images AND labels halved beforehand (mapillary_resize.py)."""
+    """Image and label scaled by `factor` (bicubic antialiased, PIL's BICUBIC / nearest): Rein's and
+    QueryDiff's Mapillary validation is scored on images AND labels halved beforehand with PIL
+    (mapillary_resize.py)."""
 
     factor: float = 0.5
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         h, w = image.shape[1:]
-        return _resize(image, label, (max(1, round(h * self.factor)), max(1, round(w * self.factor))))
+        return _resize(image, label, (max(1, int(h * self.factor)), max(1, int(w * self.factor))), "bicubic", antialias=True)  # sides floored, as h // 2
 
 
 @dataclass(frozen=True)
