@@ -133,3 +133,15 @@ def test_run_reports_an_interrupted_training_in_one_line_with_status_130(capsys)
     assert capsys.readouterr().err == (
         "SIGTERM: interrupted at step 57; wrote runs/x/step_000000057.safetensors; rerun with --resume to continue\n"
     )
+
+
+@pytest.mark.parametrize("exported, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_recipes_make_openmp_threads_sleep_while_they_wait_unless_the_user_chose(exported, expected):
+    """Spinning OpenMP waits collapse a demo on a shared CPU (benchmarks/bench_threads.py); OpenMP
+    reads the policy when torch loads, so the command line sets it before the recipes import torch."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": exported} if exported else {})
+    code = "import os, sys, unet_seg.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert out.stdout.strip() == expected
