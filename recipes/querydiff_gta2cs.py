@@ -40,7 +40,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | set loss | CE + Dice | CE 2 (no-object 0.1), BCE 5, Dice 5; 12544 points, importance 0.75, oversample 3 | same (`mask2former.set_loss`) |
 | optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, embeddings) | paper's lrs (`--schedule release`: one lr) |
 | schedule | 60 000 iterations, batch 4 | poly 0.9, 40 000 iterations, batch 2, no warm-up | paper's (`--schedule release`: config's) |
-| training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion; RCS named, not implemented | same, no RCS |
+| training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion, pad 0 after normalising (ImageNet mean); RCS named, not implemented | same, no RCS |
 | evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline (PIL bicubic, JPEG re-saved) then (1024, 512) | same, window `--size` / ⅔ `--size`, mask logits upsampled before σ as mmseg (MV halved on the fly, no JPEG re-encoding) |
 | reported | CS 69.1, MV 68.6 (r = 100), average 66.7 | — | not run here (no weights, no GPU time) |
 
@@ -286,8 +286,9 @@ def datasets(args):
         tests = {"hazy (held-out)": scenes(args.seed + 1, args.eval_images, HAZY_STYLE), "clean (source)": scenes(args.seed + 1, args.eval_images, CLEAN_STYLE)}
         return scenes(args.seed, 100_000, CLEAN_STYLE), tests, ("background",) + tuple(CLASS_NAMES[c] for c in DEMO_CLASSES), False
     from unet_seg.data.driving import CITYSCAPES_CLASSES, LAYOUTS, DrivingScenes
-    from unet_seg.data.transforms import Compose, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomShortEdgeResize, Rescale, ResizeImage, short_edges_for
-    crop = Compose((RandomShortEdgeResize(short_edges_for(args.size), 4 * args.size), RandomCrop((args.size,) * 2, 0.75), RandomFlip(), PhotoMetricDistortion()))
+    from unet_seg.data.transforms import IMAGENET_MEAN, Compose, Pad, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomShortEdgeResize, Rescale, ResizeImage, short_edges_for
+    side = (args.size,) * 2  # padded last with the ImageNet mean: 0 after the release's normalisation
+    crop = Compose((RandomShortEdgeResize(short_edges_for(args.size), 4 * args.size), RandomCrop(side, 0.75, pad=False), RandomFlip(), PhotoMetricDistortion(), Pad(side, IMAGENET_MEAN)))
     train = DrivingScenes("gta5", args.gta_root, "train", transform=crop, seed=args.seed) if args.gta_root else None
     roots = {"cityscapes": args.cityscapes_root, "bdd100k": args.bdd_root, "mapillary": args.mapillary_root}
     resize = {n: ResizeImage(LAYOUTS[n].scale) for n in roots}

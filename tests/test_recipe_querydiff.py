@@ -141,6 +141,26 @@ def test_model_trains_and_predicts_in_fp32_as_released_unless_amp(monkeypatch, a
     assert [c[1][-1].dtype for c in calls] == [dtype] * 2  # mask logits, training and inference
 
 
+def test_short_gta_crops_are_padded_with_the_imagenet_mean_after_the_photometric_distortion(tmp_path, monkeypatch):
+    # the release pads in its data preprocessor, after PhotoMetricDistortion and ImageNet normalisation, with 0
+    from unet_seg.data.transforms import IMAGENET_MEAN
+
+    recipe, made = _recipe(), {}
+    monkeypatch.setattr("unet_seg.data.driving.DrivingScenes", lambda name, root, split, transform=None, seed=0: made.setdefault(name, transform))
+    recipe.datasets(recipe.parse_args(["--gta-root", str(tmp_path)]))
+    image, label = rand(3, 1052, 1914, seed=8) * 2 - 1, torch.zeros(1052, 1914, dtype=torch.long)
+    padded = 0
+    for seed in range(12):  # short sides 256..460 leave the 512 crop short of the frame
+        out, lab = made["gta5"](image, label, torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 512, 512)
+        rows = (lab == 255).all(1)
+        if rows.any():
+            padded += 1
+            pad = out[:, rows].flatten(1)
+            assert torch.equal(pad, torch.tensor(IMAGENET_MEAN)[:, None].expand_as(pad))  # untouched by the distortion
+    assert padded > 0
+
+
 @pytest.mark.slow
 def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does

@@ -305,3 +305,19 @@ def test_mapillary_halving_equals_pil_bicubic_with_floored_sides():
     pil = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize((9, 6), Image.BICUBIC)) for c in image]
     assert out.shape == (3, 6, 9)
     torch.testing.assert_close(out, torch.from_numpy(np.stack(pil)), rtol=0, atol=1e-6)  # measured 1.2e-7
+
+
+def test_pad_fills_bottom_and_right_with_the_colour_and_ignore():
+    from unet_seg.data.transforms import IMAGENET_MEAN, Pad
+
+    image, label = torch.rand(3, 5, 7) * 2 - 1, torch.ones(5, 7, dtype=torch.long)
+    out, lab = Pad((8, 9), IMAGENET_MEAN)(image, label, torch.Generator())
+    assert out.shape == (3, 8, 9) and lab.shape == (8, 9)
+    assert torch.equal(out[:, :5, :7], image) and torch.equal(lab[:5, :7], label)
+    fill = torch.tensor(IMAGENET_MEAN)[:, None]
+    assert torch.equal(out[:, 5:].flatten(1), fill.expand(3, 27)) and torch.equal(out[:, :5, 7:].flatten(1), fill.expand(3, 10))
+    assert (lab[5:] == 255).all() and (lab[:, 7:] == 255).all()
+    # 0 after ImageNet normalisation, as the release pads
+    from unet_seg.backbones import imagenet_normalise
+
+    torch.testing.assert_close(imagenet_normalise(fill[None, :, :, None]), torch.zeros(1, 3, 1, 1), rtol=0, atol=1e-6)

@@ -242,11 +242,13 @@ class RandomCrop:
     `crop` (H, W) (the whole side where the image is smaller) at a uniform place; while the
     window holds fewer than 2 classes or one class covers `cat_max_ratio` or more of its
     non-ignored pixels, draw again, at most `retries` times (the last draw is kept). The result is
-    padded to `crop` with 0 (mid grey) and 255 (ignore). `cat_max_ratio = 1` turns the check off."""
+    padded to `crop` with 0 (mid grey) and 255 (ignore), unless `pad` is False (then `Pad` last,
+    as mmseg 1.x pads in its data preprocessor). `cat_max_ratio = 1` turns the check off."""
 
     crop: tuple[int, int] = (512, 512)
     cat_max_ratio: float = 0.75
     retries: int = 10
+    pad: bool = True
 
     def __post_init__(self):
         check_multiple_of_8(self.crop, "crop")
@@ -272,8 +274,26 @@ class RandomCrop:
                     break
                 top, left = self.window(shape, generator)
         image, label = image[:, top : top + ch, left : left + cw], label[top : top + ch, left : left + cw]
-        pad = (0, cw - image.shape[2], 0, ch - image.shape[1])
-        return F.pad(image, pad, value=0.0).contiguous(), F.pad(label, pad, value=IGNORE_INDEX).contiguous()
+        return Pad(self.crop)(image, label, generator) if self.pad else (image.contiguous(), label.contiguous())
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Pad bottom and right to `size` (H, W): the image with the colour `fill` (RGB in [-1, 1]),
+    the label with 255 (ignore). QueryDiff's release pads with 0 after ImageNet normalisation,
+    i.e. the ImageNet mean colour, `IMAGENET_MEAN`. Draws nothing."""
+
+    size: tuple[int, int]
+    fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        pad = (0, max(self.size[1] - image.shape[2], 0), 0, max(self.size[0] - image.shape[1], 0))
+        out = F.pad(image, pad, value=0.0)
+        out[:, image.shape[1] :] = out[:, :, image.shape[2] :] = image.new_tensor(self.fill)[:, None, None]
+        return out.contiguous(), F.pad(label, pad, value=IGNORE_INDEX).contiguous()
+
+
+IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)  # in [-1, 1]
 
 
 @dataclass(frozen=True)

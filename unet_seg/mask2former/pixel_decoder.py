@@ -3,7 +3,7 @@ coarsest backbone levels, then one FPN step to stride 4 (facebookresearch/Mask2F
 `MSDeformAttnPixelDecoder`; mmdet's port is the one QueryDiff's config names, same structure).
 
     features: 4 maps [B, C_i, H/s, W/s], s = 4, 8, 16, 32
-    x_l      = GN(Conv1×1(f_l)) + level_embed_l                           l over strides 32, 16, 8
+    x_l      = GN(Conv1×1(f_l)),  pos_l = sine_l + level_embed_l          l over strides 32, 16, 8
     x        = 6 × [LN(x + MSDeformAttn(x + pos, ref, x)); LN(x + FFN(x))]  all levels at once
     y_4      = ReLU(GN(Conv3×3(GN(Conv1×1(f_4)) + up(x_8))))
     -> mask features Conv1×1(y_4) [B, mask_dim, H/4, W/4], memories x at strides 32, 16, 8 [B, dim, ·, ·]
