@@ -38,7 +38,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 | diffusion tokens | — | [B, M, 1024], construction not in the code (³) | pooled to √r × √r, frozen random projection (³) |
 | DCL | S, KL, L_sup | 3 single Linears; KL over channels, batchmean; SmoothL1 to S·F_w (weak); weights 1, 1 | same, M = r (³) |
 | set loss | CE + Dice | CE 2 (no-object 0.1), BCE 5, Dice 5; 12544 points, importance 0.75, oversample 3 | same (`mask2former.set_loss`) |
-| optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, embeddings) | paper's lrs (`--schedule release`: one lr) |
+| optimiser | AdamW, lr 1e-5 backbone, 1e-4 decoder and queries | AdamW 1e-4 for all, wd 0.05 (none on norms, tokens, the decoder's level embedding; the pixel decoder's is decayed) | paper's lrs (`--schedule release`: one lr) |
 | schedule | 60 000 iterations, batch 4 | poly 0.9, 40 000 iterations, batch 2, no warm-up | paper's (`--schedule release`: config's) |
 | training data | GTA5, crop 512 | short side 256..1024 step 51 (long ≤ 2048), crop 512 (cat 0.75), flip, PhotoMetricDistortion, pad 0 after normalising (ImageNet mean); RCS named, not implemented | same, no RCS |
 | evaluation | CS, BDD100K, MV mIoU | slide 512 / 341 (1024 / 683 in the 1024 configs); CS (1024, 512), BDD (1280, 720), MV halved offline (PIL bicubic, JPEG re-saved) then (1024, 512) | same, window `--size` / ⅔ `--size`, mask logits upsampled before σ as mmseg (MV halved on the fly, no JPEG re-encoding) |
@@ -246,14 +246,15 @@ def tap_channels(args) -> list[int]:
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float = 0.05) -> list[dict]:
-    """AdamW groups: no decay on norm layers, Rein tokens and scale, level embeddings (release
-    config); the backbone's trainable part (Rein) at lr × backbone_lr_mult."""
+    """AdamW groups: no decay on norm layers, Rein tokens and scale, the decoder's level embedding
+    (release config; its pixel decoder's is `level_encoding`, which the "level_embed" key misses:
+    decayed); the backbone's trainable part (Rein) at lr × backbone_lr_mult."""
     norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) for p in m.parameters()}
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = id(p) in norms or any(k in name for k in ("tokens_", "reins.scale", "level_embed"))
+        plain = id(p) in norms or (any(k in name for k in ("tokens_", "reins.scale", "level_embed")) and not name.startswith("pixel_decoder."))
         key = (lr * (backbone_lr_mult if name.startswith("backbone.") else 1.0), 0.0 if plain else weight_decay)
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "lr": lr_, "weight_decay": wd} for (lr_, wd), ps in groups.items()]

@@ -161,6 +161,19 @@ def test_short_gta_crops_are_padded_with_the_imagenet_mean_after_the_photometric
     assert padded > 0
 
 
+def test_weight_decay_groups_follow_the_release_config_keys():
+    # no decay: norms, Rein tokens and scale, the decoder's level_embed; decayed: the pixel decoder's
+    # level embedding, whose release name `level_encoding` the "level_embed" key does not match
+    recipe = _recipe()
+    model = recipe.build_model(recipe.parse_args(TINY), 3, guided=False)
+    decay = {id(p): g["weight_decay"] for g in recipe.param_groups(model, 1e-4, 0.1) for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert decay[id(params["pixel_decoder.level_embed"])] == 0.05
+    assert decay[id(params["decoder.level_embed.weight"])] == 0.0
+    assert decay[id(params["backbone.reins.tokens_a"])] == decay[id(params["backbone.reins.scale"])] == 0.0
+    assert decay[id(params["transform.weight"])] == 0.05
+
+
 @pytest.mark.slow
 def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does
