@@ -38,7 +38,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | data | "as DAFormer" | GTA5 resized to 1280 × 720 (cv2 bilinear, labels nearest), 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`); labels sampled at pixel centres (cv2: top-left, ≤ ½ px off the image) | demo: its synthetic scenes as they are |
 | optimiser | as DAFormer | AdamW 6e-5, head × 10, wd 0.01, poly + 1500 warm-up, 40k iterations, grad-norm clip 5 | same | |
 | batch | – | 1 GPU, batch 1 | same | torchrun: batch N, see README |
-| evaluation | mIoU, 19 classes | whole image, Cityscapes 1024 × 512, unseeded noise | same, noise seeded (`--seed`) | reproducible predictions |
+| evaluation | mIoU, 19 classes | whole image, Cityscapes 1024 × 512, unseeded noise | same, noise seeded (`--seed`): one draw, the same for every image | reproducible predictions |
 
 Demo: no pretrained weights here, so the tiny U-Net is pre-trained for 100 steps as a text-conditioned denoiser
 on *unlabelled* synthetic scenes of random looks (captions: the forms present), with the weight-free `BlockCodec`
