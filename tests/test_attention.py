@@ -75,20 +75,24 @@ def test_attention_map_capture_returns_sdpa_output_and_head_mean_softmax_maps(b,
     torch.testing.assert_close(maps["layer"].sum(1), torch.ones(b, lat[0], lat[1]))
 
 
-def test_attention_map_capture_records_every_requested_unet_layer_with_its_grid():
+@pytest.mark.parametrize("lat", [(16, 8), (17, 11), (12, 20)])
+def test_attention_map_capture_records_every_requested_unet_layer_with_its_grid(lat):
+    """Level l's grid is the latent's sides halved l times, rounding up (17×11: 9×6, 5×3, 3×2)."""
     unet = tiny_unet("sd2")
     layers = cross_attention_layers(unet.attention_names)
-    procs, maps = attention_map_capture(layers, (16, 8))
-    x, ctx = randn(2, 4, 16, 8), randn(2, 5, TINY_SD2.context_dim, seed=1)
+    procs, maps = attention_map_capture(layers, lat)
+    x, ctx = randn(2, 4, *lat), randn(2, 5, TINY_SD2.context_dim, seed=1)
     with torch.no_grad():
         out = unet(x, 500, ctx, procs=procs)
         torch.testing.assert_close(out, unet(x, 500, ctx), rtol=1e-5, atol=1e-5)
     assert set(maps) == set(layers)
     level_of = {"down.0": 0, "down.1": 1, "down.2": 2, "mid": 3, "up.1": 2, "up.2": 1, "up.3": 0}
     for name, m in maps.items():
-        s = 2 ** level_of[name.split(".attn.")[0]]
-        assert m.shape == (2, 5, 16 // s, 8 // s), name
-        torch.testing.assert_close(m.sum(1), torch.ones(2, 16 // s, 8 // s))
+        grid = lat
+        for _ in range(level_of[name.split(".attn.")[0]]):
+            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+        assert m.shape == (2, 5, *grid), name
+        torch.testing.assert_close(m.sum(1), torch.ones(2, *grid))
 
 
 def test_attention_map_capture_rejects_a_sequence_that_is_no_grid_of_the_latent():

@@ -157,20 +157,29 @@ def fusion_reference(fusion: DiffusionFeatureFusion, levels_):
     x = coarse_first[0]
     for i, up in enumerate(ups):
         x = F.conv_transpose2d(x, up.up.weight, up.up.bias, stride=2, padding=1)
-        if i + 1 < len(coarse_first):
-            x = x + coarse_first[i + 1]
+        if i + 1 < len(coarse_first):  # an odd finer side 2n − 1: the upsampled map's last row/column is not used
+            finer = coarse_first[i + 1]
+            x = x[..., : finer.shape[-2], : finer.shape[-1]] + finer
         r = up.res
         res = gn(F.conv2d(F.relu(gn(F.conv2d(x, r[0].weight, r[0].bias, padding=1), r[1])), r[3].weight, r[3].bias, padding=1), r[4])
         x = F.relu(x + res)
     return [x, *proj]
 
 
-def test_fusion_equals_the_written_out_bottleneck_and_upsample_add_forward():
+@pytest.mark.parametrize("latent", [None, (17, 11), (90, 20)])
+def test_fusion_equals_the_written_out_bottleneck_and_upsample_add_forward(latent):
+    """Levels half the size of the previous, or the U-Net's up.3/up.2/up.1 sizes at latents with
+    odd sides (17×11: 17×11, 9×6, 5×3; BDD100K's 160×90 latents have 160×90, 80×45, 40×23)."""
     channels, dims = [6, 5, 3], [16, 8, 8]
     fusion = randomise_(DiffusionFeatureFusion(channels, dims, fine_dim=8, bottleneck_groups=2, groups=4), 1)
-    x = levels(2, channels, 2)
+    if latent is None:
+        x = levels(2, channels, 2)
+    else:
+        sizes = [(-(-latent[0] // 2**k), -(-latent[1] // 2**k)) for k in (0, 1, 2)]
+        x = [randn(2, c, *hw, seed=i) for i, (c, hw) in enumerate(zip(channels, sizes))]
     with torch.no_grad():
         got, expected = fusion(x), fusion_reference(fusion, x)
     assert len(got) == len(expected) == 4
+    assert got[0].shape[-2:] == tuple(2 * n for n in x[0].shape[-2:])
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)  # float32 defaults; measured: bit-identical (max |error| 0.0)

@@ -288,30 +288,34 @@ def official_reference(unet, z0, empty, prompts, steps, etas, save, g, predictio
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("which", ["sd1", "sd2"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_trajectory_features_equal_the_official_step_by_step_reference(which, prediction_type):
+@pytest.mark.parametrize(
+    "which, prediction_type, hw",
+    [("sd1", "epsilon", (16, 16)), ("sd1", "v_prediction", (16, 16)), ("sd2", "epsilon", (16, 16)),
+     ("sd2", "v_prediction", (16, 16)), ("sd1", "v_prediction", (17, 11)), ("sd2", "epsilon", (12, 20))],
+)  # fmt: skip
+def test_trajectory_features_equal_the_official_step_by_step_reference(which, prediction_type, hw):
+    """Also at latents with sides that are no multiples of 8 (BDD100K's and ACDC's, scaled down)."""
     from unet_seg.taps import inversion_trajectory_features
 
     unet, d = tiny_unet(which), CONFIGS[which].context_dim
-    z0 = randn(2, 4, 16, 16, seed=3)
+    z0 = randn(2, 4, *hw, seed=3)
     empty, c1, c2 = randn(1, 5, d, seed=4), randn(1, 5, d, seed=5), randn(1, 5, d, seed=6)
-    m1 = torch.zeros(16, 16)
-    m1[:8] = 1
-    m2 = torch.zeros(16, 16)
-    m2[10:, 4:] = 1
+    m1 = torch.zeros(hw)
+    m1[: hw[0] // 2] = 1
+    m2 = torch.zeros(hw)
+    m2[hw[0] * 5 // 8 :, hw[1] // 4 :] = 1
     prompts = [[(c1, m1), (c2, m2)], []]  # image 0: the conditional branch with two classes; image 1: unconditional
     with torch.no_grad():
         expected = official_reference(unet, z0, empty, prompts, STEPS, ETAS, SAVE, 5.0, prediction_type, seed=7)
         got = inversion_trajectory_features(
             unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
-            torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
+            torch.stack([torch.ones(hw), m1, m2, torch.ones(hw)]), PLAIN, SUMMED,
             steps=STEPS, etas=ETAS, save_steps=SAVE, schedule=NoiseSchedule.sd(prediction_type), guidance_scale=5.0,
             generator=torch.Generator().manual_seed(7),
         )  # fmt: skip
         with_negative = inversion_trajectory_features(
             unet, z0, torch.tensor([0, 0, 0, 1]), torch.cat([empty, c1, c2, empty]),
-            torch.stack([torch.ones(16, 16), m1, m2, torch.ones(16, 16)]), PLAIN, SUMMED,
+            torch.stack([torch.ones(hw), m1, m2, torch.ones(hw)]), PLAIN, SUMMED,
             steps=STEPS, etas=ETAS, save_steps=SAVE, schedule=NoiseSchedule.sd(prediction_type), guidance_scale=5.0, negative=empty.expand(2, -1, -1),
             generator=torch.Generator().manual_seed(7),
         )  # fmt: skip

@@ -11,7 +11,6 @@ hold no state beyond the objects the caller builds for one call: nothing global,
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -43,8 +42,8 @@ def attention_map_capture(
     Returns `(procs, maps)`. After `unet(..., procs=procs)` (or `unet.features`), `maps[name]` is
     mean_heads softmax(q kᵀ / √d), laid out as [B, Lk, h, w]: for cross-attention Lk is the
     number of text tokens and `maps[name][:, :, i, j]` sums to 1 over tokens. (h, w) is the
-    layer's grid: `latent_size` (H, W) divided by the layer's downsampling factor s, found from
-    Lq = (H/s)(W/s). The layer output is (probabilities) · v, equal to SDPA's. Build a fresh
+    layer's grid: `latent_size` (H, W) divided by the layer's downsampling factor s = 2^level,
+    rounded up as the U-Net does, found from Lq = ⌈H/s⌉·⌈W/s⌉. The layer output is (probabilities) · v, equal to SDPA's. Build a fresh
     pair per call; `maps` is a plain dict owned by the caller.
     """
     lat_h, lat_w = latent_size
@@ -63,14 +62,17 @@ def attention_map_capture(
 
 
 def _layer_grid(seq_len: int, lat_h: int, lat_w: int, name: str) -> tuple[int, int]:
-    """(h, w) with h·w = seq_len and the latent's aspect ratio: (H/s, W/s) for an integer s."""
-    s = math.isqrt((lat_h * lat_w) // seq_len) if seq_len else 0
-    if s == 0 or lat_h % s or lat_w % s or (lat_h // s) * (lat_w // s) != seq_len:
+    """The layer's grid (⌈H/s⌉, ⌈W/s⌉) with s = 2^level and h·w = seq_len: the U-Net halves each
+    side rounding up, so a 17×11 latent has 9×6, 5×3 and 3×2 grids below it."""
+    h, w = lat_h, lat_w
+    while h * w > seq_len and (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != seq_len:
         raise ValueError(
             f"layer {name!r} has {seq_len} query tokens, which is no (H/s)·(W/s) grid for the "
             f"latent size {(lat_h, lat_w)} given to attention_map_capture"
         )
-    return lat_h // s, lat_w // s
+    return h, w
 
 
 # ---------------------------------------------------------------------------------------------

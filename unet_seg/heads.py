@@ -54,7 +54,9 @@ class Bottleneck(nn.Module):
 
 
 class UpFuse(nn.Module):
-    """×2 transposed convolution, plus the finer level if given, then a residual block (two 3×3 + GN)."""
+    """×2 transposed convolution, plus the finer level if given, then a residual block (two 3×3 + GN).
+    Where the finer level has an odd side (2n − 1, the U-Net's skip sizes at odd latents), the
+    2n-wide upsampled map is cut to it (its last row or column dropped)."""
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
@@ -67,13 +69,13 @@ class UpFuse(nn.Module):
     def forward(self, x: Tensor, finer: Tensor | None = None) -> Tensor:
         x = self.up(x)
         if finer is not None:
-            x = x + finer
+            x = x[..., : finer.shape[-2], : finer.shape[-1]] + finer
         return F.relu(x + self.res(x))
 
 
 class DiffusionFeatureFusion(nn.Module):
     """DIFF's fusion block F_conv. Input: per level, fine to coarse (each level half the size of
-    the previous), the channel concatenation of its layers × timesteps [B, in_channels[i], h_i, w_i];
+    the previous, rounded up: the U-Net's levels), the channel concatenation of its layers × timesteps [B, in_channels[i], h_i, w_i];
     `dims[i]`: level i's width after its bottleneck. Output, fine to coarse: [fused [B, fine_dim,
     2·h_0, 2·w_0], then each level's normalised projection [B, dims[i], h_i, w_i]]."""
 

@@ -210,11 +210,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest ×2 then 3x3 conv."""
+    """Nearest ×2 (or nearest to `size`, e.g. the U-Net's next skip connection, 2h − 1 for an odd
+    side) then 3x3 conv."""
 
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))

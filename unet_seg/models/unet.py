@@ -3,6 +3,11 @@
     unet(x, t, context) -> prediction        x [B, C_in, h, w], t [B] or scalar, context [B, L, D]
     unet.features(x, t, context, names)      -> {name: tensor}, stops after the deepest name asked for
 
+Latents of any size h × w are taken, as diffusers' UNet2DConditionModel takes them: each
+downsampler halves a side rounding up (h -> ⌈h/2⌉), and each upsampler goes back to the size
+of the skip connection it meets, so an odd side comes back odd (BDD100K's 1280×720 -> 160×90
+latents: 80×45, 40×23, 20×12 and back). Level i works at ⌈h/2^i⌉ × ⌈w/2^i⌉.
+
 x and context may come in any float dtype: they are cast to the parameters' dtype and the
 prediction returns in x's (the dtype rule of `unet_seg.models`); features stay in the compute dtype.
 
@@ -167,10 +172,12 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(c_out)] if i < len(rev) - 1 else [])
 
     def forward(
-        self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs, taps: FeatureTaps, prefix: str
+        self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, procs: Procs, taps: FeatureTaps, prefix: str,
+        up_size: Optional[tuple[int, int]] = None,
     ) -> tuple[Tensor, bool]:
         """-> (output, stopped): `taps` sees `<prefix>res.j.branch`, `res.j` and `attn.j` in that
-        order; once it has all it asks for, the block stops there."""
+        order; once it has all it asks for, the block stops there. `up_size`: the upsampler's
+        output size, that of the next up level's first skip (diffusers' `upsample_size`)."""
         for j, resnet in enumerate(self.resnets):
             h, branch = resnet.parts(torch.cat([h, skips.pop()], dim=1), temb)
             if taps(f"{prefix}res.{j}.branch", branch) | taps(f"{prefix}res.{j}", h):
@@ -180,7 +187,7 @@ class UpBlock(nn.Module):
                 if taps(f"{prefix}attn.{j}", block):
                     return h, True
         for up in self.upsamplers:
-            h = up(h)
+            h = up(h, up_size)
         return h, False
 
 
@@ -215,11 +222,6 @@ class UNet(Pretrained, nn.Module):
         )  # fmt: skip
         self.attention_names = tuple(
 m.name for m in self.modules() if isinstance(m, Attention))
-
-    @property
-    def downscale(self) -> int:
-        """Latent sizes must be multiples of this (2 per downsampling level)."""
-        return 2 ** (len(self.config.channels) - 1)
 
     def forward(
         self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None, support: Optional[Tensor] = None
@@ -277,7 +279,9 @@ m.name for m in self.modules() if isinstance(m, Attention))
             return None, feats
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
-            h, stopped = block(h, skips[-n:], temb, context, procs, taps, f"up.{i}.")
+            # the skips decide the upsampling: an odd side s went down to (s + 1) / 2 and comes back to s
+            up_size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None
+            h, stopped = block(h, skips[-n:], temb, context, procs, taps, f"up.{i}.", up_size)
             if stopped:
                 return None, feats
             del skips[-n:]
@@ -298,11 +302,6 @@ m.name for m in self.modules() if isinstance(m, Attention))
             raise ValueError(f"x must be [B, {c_in}, h, w] latents, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
-            raise ValueError(
-                f"latent height and width must be multiples of {self.downscale} "
-                f"(images: multiples of {8 * self.downscale}), got {tuple(x.shape[2:])}"
-            )
         b = x.shape[0]
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
             raise ValueError(f"context must be [{b}, L, {cfg.context_dim}], got shape {tuple(context.shape)}")
