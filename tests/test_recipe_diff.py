@@ -85,6 +85,19 @@ def test_level_channels_match_the_features(features):
     assert [f.shape[-1] for f in levels] == [8, 4, 2]  # strides 8, 16, 32 of a 64-pixel image (fine to coarse)
 
 
+@pytest.mark.parametrize("features", ["trajectory", "batched"])
+def test_prediction_on_images_whose_latents_have_odd_sides(features):
+    """Whole-image evaluation at BDD100K's, ACDC's or Mapillary's proportions (1280×720 -> 160×90
+    latents): here 72×40 -> 9×5, U-Net levels 5×3 and 3×2, logits at stride 4."""
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe, features)
+    args.seed = 0
+    torch.manual_seed(0)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4).eval()
+    logits = recipe.predict_logits(model, frozen, torch.rand(1, 3, 72, 40) * 2 - 1, args)
+    assert logits.shape == (1, 6, 18, 10) and torch.isfinite(logits).all()
+
+
 def test_batched_approximation_fuses_the_class_prompts_inside_their_masks_only():
     recipe = _recipe()
     frozen, args = frozen_tiny(recipe, "batched")
