@@ -312,11 +312,10 @@ def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_n
 
 def export(segmenter, frozen: Frozen, sd, args, class_names, palette) -> None:
     """RUN/model: fusion + head and the empty prompt's context; the frozen SD's id (demo: sd/, the tiny pre-trained U-Net)."""
-    features = {k: getattr(args, k) for k in ("features", "timesteps", "trajectory", "prediction_type", "seed")}
-    resize = {"square": args.size} if args.demo else {"scale": (2048, 1024), "multiple": 64}  # Cityscapes' test size; the U-Net needs /64
+    resize = {"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 64}  # Cityscapes' test size; the U-Net needs /64
     config = dict(recipe="diff", model="sd" if args.demo else args.model, demo=args.demo, class_names=list(class_names), resize=resize,
-                  palette=None if palette is None else palette.tolist(), segmenter=segmenter.config, features=features)  # fmt: skip
-    save_export(args.out / "model", config, trained_tensors(segmenter) | {"empty_prompt": frozen.contexts[:1]}, sd=sd if args.demo else None)
+                  palette=None if palette is None else palette.tolist(), segmenter=segmenter.config)  # fmt: skip
+    save_export(args.out / "model", config, trained_tensors(segmenter) | {"empty_prompt": frozen.contexts[:1]}, sd=sd if args.demo else None, args=args)
 
 
 def load_trained(run, device="cpu") -> Predictor:
@@ -326,7 +325,7 @@ def load_trained(run, device="cpu") -> Predictor:
     vae = BlockCodec() if config["demo"] else sd.vae.eval()
     frozen = Frozen(sd.unet.eval(), vae, tensors.pop("empty_prompt").to(device), [], sd.schedule.to(device), config["segmenter"]["level_channels"])
     segmenter = load_tensors(Segmenter(**config["segmenter"]), tensors, str(folder)).to(device).eval()
-    predict, args = lambda x: predict_logits(segmenter, frozen, x, args), argparse.Namespace(**config["features"])  # noqa: E731
+    predict, args = lambda x: predict_logits(segmenter, frozen, x, args), argparse.Namespace(**config["args"])  # noqa: E731
     parts = {"segmenter": segmenter, "unet": frozen.unet, "vae": vae, "empty_prompt": frozen.contexts, "schedule": frozen.schedule}
     return logits_predictor(predict, config, parts, device, untinted=0 if config["demo"] else None)
 

@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     schedule = SCHEDULES[p.parse_known_args(argv)[0].schedule]
     roots = ["--gta-root", "--cityscapes-root", "--bdd-root", "--mapillary-root"]
     args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, data=roots, dataset="GTA5")
+    if args.predict:
+        return args
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
     args.window = slide_window(args.size)  # evaluation windows follow the training crop
@@ -133,6 +135,7 @@ from unet_seg.demo import pretrain_denoiser, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
 from unet_seg.metrics import iou_per_class, iou_table
+from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
 from unet_seg.models import TINY_SD2, UNet
 from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement
 from unet_seg.segmentation import evaluate_semantic, slide_logits
@@ -221,12 +224,30 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
 def evaluate(model: nn.Module, data, num_classes: int, device, window=None, amp: bool = False):
     """(all-rank confusion [K, K], up to 4 (image, pred, label)) in eval mode without the diffusion
     branch; `window` = (crop, stride) slides windows over each image, None predicts it whole."""
-    if window:
-        predict = lambda x: slide_logits(lambda w: predict_scores(model, w, amp), x, *window, num_classes)  # noqa: E731
-    else:
-        predict = lambda x: predict_scores(model, x, amp)  # noqa: E731
     with evaluation(model):
-        return evaluate_semantic(predict, data, num_classes, device, batch_size=1 if window else 16)
+        return evaluate_semantic(scores(model, num_classes, window, amp), data, num_classes, device, batch_size=1 if window else 16)
+
+
+def scores(model: nn.Module, num_classes: int, window=None, amp: bool = False):
+    """images [N, 3, h, w] -> class scores [N, K, h, w]: whole, or slid over `window` = (crop, stride)."""
+    if window:
+        return lambda x: slide_logits(lambda w: predict_scores(model, w, amp), x, *window, num_classes)
+    return lambda x: predict_scores(model, x, amp)
+
+
+def export(model: QueryDiff, args, class_names, palette) -> None:
+    """RUN/model: the trained weights but the DCL's (training only), what rebuilds the model (frozen DINOv2: timm's)."""
+    config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 32},
+                  palette=palette, window=None if args.demo else args.window)  # fmt: skip
+    save_export(args.out / "model", config, {k: v for k, v in trained_tensors(model).items() if not k.startswith(("tokens.", "dcl."))}, args=args)
+
+
+def load_trained(run, device="cpu") -> Predictor:
+    """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size (no diffusion model)."""
+    folder, config, tensors = read_export(run, "querydiff")
+    args, num_classes = argparse.Namespace(**config["args"]), len(config["class_names"])
+    model = load_tensors(build_model(args, num_classes, guided=False), tensors, str(folder), partial=not args.demo).to(device).eval()
+    return logits_predictor(scores(model, num_classes, config["window"], args.amp), config, {"model": model}, device, untinted=0 if args.demo else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,12 +302,12 @@ def build_teacher(args, device):
 
 
 def datasets(args):
-    """(train set, {name: test set}, class names, slide-window evaluation?)."""
+    """(train set, {name: test set}, class names, slide-window evaluation?, palette: None = viz's)."""
     if args.demo:
         scenes = lambda seed, n, style: ContiguousLabels(SemanticScenes(seed, n, args.size, DEMO_CLASSES, style=style), DEMO_CLASSES)  # noqa: E731
         tests = {"hazy (held-out)": scenes(args.seed + 1, args.eval_images, HAZY_STYLE), "clean (source)": scenes(args.seed + 1, args.eval_images, CLEAN_STYLE)}
-        return scenes(args.seed, 100_000, CLEAN_STYLE), tests, ("background",) + tuple(CLASS_NAMES[c] for c in DEMO_CLASSES), False
-    from unet_seg.data.driving import CITYSCAPES_CLASSES, LAYOUTS, DrivingScenes
+        return scenes(args.seed, 100_000, CLEAN_STYLE), tests, ("background",) + tuple(CLASS_NAMES[c] for c in DEMO_CLASSES), False, None
+    from unet_seg.data.driving import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, LAYOUTS, DrivingScenes
     from unet_seg.data.transforms import IMAGENET_MEAN, Compose, Pad, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomShortEdgeResize, Rescale, ResizeImage, short_edges_for
     side = (args.size,) * 2  # padded last with the ImageNet mean: 0 after the release's normalisation
     crop = Compose((RandomShortEdgeResize(short_edges_for(args.size), 4 * args.size), RandomCrop(side, 0.75, pad=False), RandomFlip(), PhotoMetricDistortion(), Pad(side, IMAGENET_MEAN)))
@@ -297,7 +318,7 @@ def datasets(args):
     tests = {n: DrivingScenes(n, r, "val", transform=resize[n]) for n, r in roots.items() if r}
     if args.eval_images:
         tests = {n: head(d, args.eval_images) for n, d in tests.items()}
-    return train, tests, CITYSCAPES_CLASSES, True
+    return train, tests, CITYSCAPES_CLASSES, True, CITYSCAPES_PALETTE
 
 
 class ContiguousLabels(torch.utils.data.Dataset):
@@ -344,6 +365,8 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict:
+        return predict_files(load_trained(args.run), args.predict, args.out)
     job = start_run(
         args,
         demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
@@ -351,14 +374,17 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --gta-root ... with the `recipes` extra for timm",
     )
     device = job.device
-    train_data, tests, class_names, slide = datasets(args)
+    train_data, tests, class_names, slide, palette = datasets(args)
     num_classes = len(class_names)
     runs = [("QueryDiff", args.dcl_weight)] + ([("no DCL", 0.0)] if args.compare else [])
-    teacher = build_teacher(args, device) if not args.eval_only and any(w > 0 for _, w in runs) else None
+    teacher = build_teacher(args, device) if not (args.eval_only or args.export) and any(w > 0 for _, w in runs) else None
     metrics, shown = {}, {}
     for name, weight in runs:
         out = args.out / ("querydiff" if weight > 0 else "no_dcl")
         model = build_model(args, num_classes, weight > 0)
+        if args.export:
+            load_checkpoint_for_export(out, args.export, {"model": model})
+            return export(model, args, class_names, palette)
         if args.eval_only:
             load_latest(out, {"model": model})
             model.to(device)
@@ -366,6 +392,8 @@ def main(argv=None) -> dict:
         else:
             seed_everything(args.seed, job.rank)  # both runs see the same noise, points and data order
             seconds = train(args, model, out, weight, teacher, train_data, num_classes, device, name)
+        if name == runs[0][0]:
+            export(model, args, class_names, palette)
         evaluated = maybe_compile(model, args.compile) if args.compile else model
         row, images, t0 = {}, 0, time.perf_counter()
         for test_name, data in tests.items():

@@ -17,7 +17,7 @@ from unet_seg.predict import image_files, read_image, read_mask
 from unet_seg.segmentation import resize_labels
 from unet_seg.train import latest_checkpoint, load_checkpoint
 
-from .helpers import load_recipe, rel_err
+from .helpers import load_recipe, randomise_, rel_err
 
 ODD = (45, 70)  # H, W: neither a multiple of 8 nor square
 
@@ -190,14 +190,6 @@ def predict_one(recipe, run, image, capsys, extra=()):
     return torch.from_numpy(np.asarray(png).astype(np.int64)), lines[0]
 
 
-def assert_evaluation_agrees(conf: torch.Tensor, labels: torch.Tensor):
-    """The recipe's evaluation scored against `labels` (our prediction) as ground truth: every
-    pixel counted, none off the diagonal, and more than one class (else agreeing is easy)."""
-    assert conf.sum() == labels.numel()
-    assert conf.sum() == conf.diagonal().sum(), conf
-    assert len(labels.unique()) > 1
-
-
 def test_diff_exports_the_trained_head_and_predicts_what_its_evaluation_computes(tmp_path, capsys, cpu_only):
     recipe, run = load_recipe("diff_gta2cs"), tmp_path / "run"
     recipe.main(["--demo", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "2", "--no-baseline", "--out", str(run)])
@@ -219,3 +211,26 @@ def test_diff_exports_the_trained_head_and_predicts_what_its_evaluation_computes
     item = {"image": resize_image(read_image(image), (64, 64)), "label": labels}
     metrics, _ = recipe.evaluate(segmenter, frozen, {"mine": [item]}, len(predictor.class_names), predictor.class_names, torch.device("cpu"), args)
     assert metrics["mine"] == 100.0 and len(labels.unique()) > 1
+
+
+def test_querydiff_exports_the_model_without_its_training_branch_and_predicts_what_its_evaluation_computes(tmp_path, capsys, cpu_only):
+    from unet_seg.predict import resize_image
+
+    recipe, run = load_recipe("querydiff_gta2cs"), tmp_path / "run"
+    recipe.main(["--demo", "--steps", "2", "--teacher-steps", "2", "--batch-size", "2", "--eval-images", "2", "--no-compare", "--out", str(run)])
+    image = scene(tmp_path / "photo.png", mode="RGBA")
+    labels, line = predict_one(recipe, run, image, capsys)
+
+    predictor = recipe.load_trained(run)
+    model = predictor.modules["model"]
+    trained = checkpoint_tensors(run / "querydiff", "model")
+    assert {k for k in trained if not k.startswith(("tokens.", "dcl."))} == set(model.state_dict())  # the DCL is training only
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in model.state_dict())
+    assert torch.equal(predictor(image), labels)
+    # the recipe's evaluation of that image: resized as its test set (64², whole), scores at the label's size;
+    # 2 steps leave one class everywhere, so the comparison runs on randomised weights (shared by both paths)
+    randomise_(model, 1)
+    labels = predictor(image)
+    item = {"image": resize_image(read_image(image), (64, 64)), "label": labels}
+    conf, _ = recipe.evaluate(model, [item], len(predictor.class_names), torch.device("cpu"))
+    assert conf.sum() == labels.numel() and conf.diagonal().sum() == conf.sum() and len(labels.unique()) > 1

@@ -260,14 +260,18 @@ def export_folder(run: PathLike) -> Path:
     return folder
 
 
-def save_export(folder: PathLike, config: dict, tensors: dict[str, Tensor], sd=None, readme: Optional[str] = None) -> Path:
-    """Write an export atomically (rank 0 only; others return at once): `config.json`,
-    `model.safetensors` (`tensors`), and `sd/` (a `StableDiffusion` saved with `save_pretrained`,
-    for demos, whose frozen models cannot be fetched by id) -> the folder."""
+def save_export(folder: PathLike, config: dict, tensors: dict[str, Tensor], sd=None, args=None, readme: Optional[str] = None) -> Path:
+    """Write an export atomically (rank 0 only; others return at once): `config.json` (with the
+    run's command-line `args` as config["args"], what rebuilds the model), `model.safetensors`
+    (`tensors`), and `sd/` (a `StableDiffusion` saved with `save_pretrained`, for demos, whose
+    frozen models cannot be fetched by id) -> the folder."""
     from .train import is_main, print0
 
     if not is_main():
         return Path(folder)
+    if args is not None:
+        plain = lambda v: isinstance(v, (str, int, float, bool, type(None))) or (isinstance(v, (list, tuple)) and all(map(plain, v)))  # noqa: E731
+        config = {**config, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if plain(v) or isinstance(v, Path)}}
     for key in ("model", "clip"):  # a local folder trained from: its absolute path
         if isinstance(config.get(key), str) and Path(config[key]).exists():
             config = {**config, key: str(Path(config[key]).resolve())}
