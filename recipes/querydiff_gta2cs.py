@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion model during "
         "training only (--model is loaded for training alone). --demo runs on CPU with tiny random models and "
         "synthetic data, no timm (train CLEAN, test HAZY), and also trains the same model without DCL.",
-        DEMO, REAL, out="runs/querydiff",
+        DEMO, REAL, out="runs/querydiff", size_multiple=(64, "QueryDiff's backbones and pixel decoder run at multiples of 64 only"),
     )  # fmt: skip
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: 60k iterations, batch 4, backbone (Rein) lr x0.1; release: the config's 40k, batch 2, one lr")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")

@@ -57,7 +57,8 @@ def test_demo_checkpoints_within_the_run_so_an_interrupted_demo_can_resume():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--demo", "--size", "96"], "multiple of 64"),
+        (["--demo", "--size", "68"], "--size must be a positive multiple of 8 (the VAE's downscale)"),
+        (["--demo", "--size", "0"], "--size must be a positive multiple of 8"),
         (["--demo", "--steps", "0"], ">= 1"),
         (["--demo", "--save-every", "0"], ">= 1"),
         (["--model", "m"], "--data-root is required with --model"),
@@ -92,11 +93,11 @@ finally:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_usage_errors_come_before_importing_torch(name):
-    argv = ["--demo", "--size", "72"]
+    argv = ["--demo", "--size", "68"]
     path = ROOT / "recipes" / f"{name}.py"
     run = subprocess.run([sys.executable, "-c", RUN_AS_MAIN, str(path), json.dumps(argv)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
-    assert "--size must be a multiple of 64" in run.stderr and "torch imported: False" in run.stderr
+    assert "--size must be a positive multiple of" in run.stderr and "torch imported: False" in run.stderr
     assert "Traceback" not in run.stderr
 
 

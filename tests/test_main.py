@@ -24,17 +24,17 @@ def test_no_arguments_writes_the_demo_png_into_the_ignored_runs_folder_and_names
 
 def test_out_is_where_the_png_goes(tmp_path):
     out = tmp_path / "a" / "b.png"
-    run = run_main(["--out", str(out)], tmp_path)
+    run = run_main(["--out", str(out), "--size", "72"], tmp_path)  # 9×9 latents: odd sides all the way down
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.is_file() and run.stdout.splitlines()[-1] == f"wrote {out}" and not (tmp_path / "runs").exists()
 
 
 def test_usage_and_path_errors_are_one_line(tmp_path):
     """Usage errors before torch is imported (seconds); a mistyped --model: one line, not a traceback."""
-    probe = "import runpy, sys; sys.argv = ['unet_seg', '--size', '72']\ntry:\n    runpy.run_module('unet_seg', run_name='__main__')\n" \
+    probe = "import runpy, sys; sys.argv = ['unet_seg', '--size', '68']\ntry:\n    runpy.run_module('unet_seg', run_name='__main__')\n" \
             "finally:\n    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)"
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 2 and "--size must be a positive multiple of 64" in run.stderr
+    assert run.returncode == 2 and "--size must be a positive multiple of 8" in run.stderr
     assert "torch imported: False" in run.stderr
     run = run_main(["--model", "./no_such_model"], tmp_path)
     assert run.returncode == 1 and run.stderr.strip() == "python -m unet_seg: error: no such file or folder: ./no_such_model"

@@ -16,13 +16,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="hub repo id, diffusers folder or single .safetensors file (default: tiny random demo)")
     p.add_argument("--image", help="input image (default: a synthetic gradient)")
     p.add_argument("--prompt", default="")
-    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 64 (default 512, demo 64)")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 8 (default 512, demo 64)")
     p.add_argument("--t", type=int, default=200, help="forward-process timestep")
     p.add_argument("--out", default="runs/unet_seg_demo.png", help="PNG: input | one-step reconstruction")
     p.add_argument("--device", help="default: cuda where available, else cpu")
     args = p.parse_args(argv)
-    if args.size is not None and (args.size < 64 or args.size % 64):
-        p.error(f"--size must be a positive multiple of 64, got {args.size}")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        p.error(f"--size must be a positive multiple of 8 (the VAE's downscale), got {args.size}")
     if not 0 <= args.t < 1000:
         p.error(f"--t must lie in 0..999, got {args.t}")
     return args

@@ -48,11 +48,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if hidden else super()._get_help_string(action)
 
 
-def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argparse.ArgumentParser:
+def recipe_parser(
+    description: str, demo: dict, real: dict, out: str, size_multiple: tuple[int, str] = (8, "the VAE's downscale")
+) -> argparse.ArgumentParser:
     """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
     unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
     any other key of those dicts too: `real["model"]` replaces DEFAULT_MODEL). Recipes add their
-    own options to it."""
+    own options to it. `size_multiple`: (n, why) --size must be a multiple of n (the U-Net takes
+    any latent size, so 8 for SD; a backbone with coarser strides asks for more)."""
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument(
         "--demo", action="store_true",
@@ -64,7 +67,7 @@ def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argpars
         ("--steps", int, "training steps"),
         ("--batch-size", int, "training samples (images or episodes) per process and step"),
         ("--lr", float, "learning rate (see the recipe's hyper-parameter table)"),
-        ("--size", int, "training image side, a multiple of 64"),
+        ("--size", int, f"training image side, a multiple of {size_multiple[0]}"),
     ):
         key = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {real[key]}; demo {demo[key]})")
@@ -85,6 +88,7 @@ def recipe_parser(description: str, demo: dict, real: dict, out: str) -> argpars
     g.add_argument("--export", nargs="?", const="latest", metavar="CHECKPOINT", help="with the training run's flags: "
                    "write --out/model from its latest checkpoint (or CHECKPOINT) and exit; training does so at its end")  # fmt: skip
     p.predict_group = g  # a recipe's own prediction flags go here (DiffewS --support, DiGSeg --classes)
+    p.size_multiple = size_multiple
     return p
 
 
@@ -123,8 +127,9 @@ def parse_recipe_args(
     args.model = args.model or DEFAULT_MODEL
     if args.save_every is None:
         args.save_every = max(1, args.steps // 3) if args.demo else 1000
-    if args.size % 64:
-        p.error(f"--size must be a multiple of 64 (VAE 8 x U-Net 8), got {args.size}")
+    n, why = p.size_multiple
+    if args.size < n or args.size % n:
+        p.error(f"--size must be a positive multiple of {n} ({why}), got {args.size}")
     if args.steps < 1 or args.batch_size < 1 or args.save_every < 1:
         p.error("--steps, --batch-size and --save-every must be >= 1")
     args.out = Path(args.out)
