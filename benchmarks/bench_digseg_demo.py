@@ -39,10 +39,10 @@ from bench_models import load_recipe  # noqa: E402
 from unet_seg.attention import context_slice_procs, cross_attention_layers  # noqa: E402
 from unet_seg.codecs import latent_to_probability, mask_to_latent  # noqa: E402
 from unet_seg.data.synthetic import CLASS_NAMES, SemanticScenes, fold_split  # noqa: E402
-from unet_seg.demo import pretrain_denoiser, tiny_sd, whiten  # noqa: E402
+from unet_seg.demo import pretrain_denoiser, tiny_sd  # noqa: E402
 from unet_seg.diffusion import q_sample, x0_and_eps  # noqa: E402
 from unet_seg.metrics import confusion_matrix, iou_per_class  # noqa: E402
-from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer  # noqa: E402
+from unet_seg.models import TINY_SD1_TEXT  # noqa: E402
 from unet_seg.models.clip import CLIPTextEncoderWithProjection  # noqa: E402
 from unet_seg.segmentation import candidates_to_labels, denoise_class_masks  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
     sd = tiny_sd(prediction_type=a.pred)
     clip_text = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32)
     null = sd.encode_prompt([""])
-    emb = whiten(R.class_embeddings(clip_text, CLIPTokenizer.from_bpe(), names, torch.device("cpu"))).to(dev)
+    emb = R.class_embeddings(clip_text, names, torch.device("cpu"), demo=True).to(dev)  # whitened, as the recipe's demo
     if a.pretrain:
         sd.text_encoder.to(dev).eval()
 

@@ -312,7 +312,7 @@ def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_n
 
 def export(segmenter, frozen: Frozen, sd, args, class_names, palette) -> None:
     """RUN/model: fusion + head and the empty prompt's context; the frozen SD's id (demo: sd/, the tiny pre-trained U-Net)."""
-    resize = {"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 64}  # Cityscapes' test size; the U-Net needs /64
+    resize = {"square": args.size} if args.demo else {"scale": (1024, 512)}  # as the Cityscapes test set
     config = dict(recipe="diff", model="sd" if args.demo else args.model, demo=args.demo, class_names=list(class_names), resize=resize,
                   palette=None if palette is None else palette.tolist(), segmenter=segmenter.config)  # fmt: skip
     save_export(args.out / "model", config, trained_tensors(segmenter) | {"empty_prompt": frozen.contexts[:1]}, sd=sd if args.demo else None, args=args)

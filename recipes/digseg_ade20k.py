@@ -100,7 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, help=f"test images ({REAL['images']}: all of ADE20K val; demo {DEMO['images']})")
     p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
     p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
+    p.predict_group.add_argument("--classes", help='your own class names, comma-separated ("cat,grass,sky"): the model is '
+                                 "open-vocabulary; 0 in the output where none reaches τ")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="ADE20K")
+    if args.predict:
+        return args
     args.candidates = ["all"] if args.target == "label-map" else list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
     if min(args.ensemble, args.ddim_steps, args.images) < 1:
         p.error("--ensemble, --ddim-steps and --images must be >= 1")
@@ -118,13 +122,15 @@ from torch import Tensor, nn
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
 from unet_seg.codecs import labels_to_palette_latent, make_palette, mask_to_latent
-from unet_seg.demo import tiny_sd
+from unet_seg.demo import tiny_sd, whiten
 from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
 from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
+from unet_seg.errors import InputError
+from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
@@ -184,10 +190,12 @@ def set_trainable(model: DiGSeg, which: str) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, tokenizer, names, device) -> Tensor:
-    """Class names -> t_c = normalised CLIP text embeddings of "A photo of a {name}", [C, P] float32 (A.3)."""
-    ids = tokenizer([PROMPT.format(n) for n in names]).to(device)
-    return F.normalize(text_encoder.to(device).eval().text_embeds(ids).float(), dim=-1)
+def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, names, device, demo: bool = False) -> Tensor:
+    """Class names -> t_c = normalised CLIP text embeddings of "A photo of a {name}", [C, P] float32 (A.3);
+    `demo`: whitened (note 7). CLIP's published vocabulary, padded with EOS as openai's."""
+    ids = CLIPTokenizer.from_bpe()([PROMPT.format(n) for n in names]).to(device)
+    embeds = F.normalize(text_encoder.to(device).eval().text_embeds(ids).float(), dim=-1)
+    return whiten(embeds) if demo else embeds
 
 
 def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, class_embeds) -> Tensor:
@@ -287,8 +295,53 @@ def summarise(conf: Tensor, scored: list[int]) -> dict:
     return {"mIoU": round(100 * iou.nanmean().item(), 2), "aAcc": round(100 * acc.item(), 2)}
 
 
+def export(model: DiGSeg, class_embeds, clip_text, args, label_names, class_ids, background: int) -> None:
+    """RUN/model: the trained parameters, the empty prompt's context and the class embeddings; config.json
+    names the frozen SD and CLIP (the demo's random CLIP text tower goes into the tensors)."""
+    tensors = {f"digseg.{k}": v for k, v in trained_tensors(model).items()} | {"null_context": model.null_context, "class_embeds": class_embeds}
+    tensors |= {f"clip_text.{k}": v for k, v in clip_text.state_dict().items()} if args.demo else {}
+    config = dict(recipe="digseg", model=args.model, clip=args.clip, class_names=list(label_names), class_ids=class_ids.tolist(), background=background, resize={"square": args.size})
+    save_export(args.out / "model", config, tensors, args=args)
+
+
+def load_trained(run, device="cpu", classes=None) -> Predictor:
+    """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size;
+    `classes`: your own names instead (open vocabulary, through the training's text path): output
+    i + 1 is classes[i], 0 where no class reaches τ. The demo predicts every class (no CLIP vision tower)."""
+    folder, config, tensors = read_export(run, "digseg")
+    args = argparse.Namespace(**config["args"])
+    sd = tiny_sd(prediction_type=args.prediction_type) if args.demo else load_sd(config["model"], components=["unet", "vae"], prediction_type=args.prediction_type)
+    embeds, null = tensors.pop("class_embeds").to(device), tensors.pop("null_context")
+    model = load_tensors(DiGSeg(sd.unet.widen_conv_in(8), embeds.shape[1], null), tensors, str(folder), "digseg.", partial=args.trainable == "paper").to(device).eval()
+    vae, schedule, (e, s), size = sd.vae.to(device).eval(), sd.schedule.to(device), (args.ensemble, args.ddim_steps), (args.size,) * 2
+    class_ids, background, names, tau = torch.tensor(config["class_ids"], device=device), config["background"], config["class_names"], args.threshold if args.demo else None
+    if classes:
+        if args.target == "label-map":
+            raise InputError("--classes needs a model trained with --target class-masks (a label-map model takes no prompts)")
+        text = load_tensors(CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), tensors, "", "clip_text.") if args.demo else load_clip(config["clip"])[0]
+        embeds, class_ids, background, names, tau = class_embeddings(text, classes, device, args.demo), torch.arange(1, len(classes) + 1, device=device), 0, ("(none)", *classes), args.threshold
+    clip_vision = load_clip(config["clip"])[1].to(device).eval() if args.candidates[0] == "clip" and not args.demo else None
+    palette = make_palette(len(class_ids) + 1).to(device) if args.target == "label-map" else None
+
+    @torch.no_grad()
+    def segment(image: Tensor) -> Tensor:  # as `evaluate` on a set of this one image
+        with evaluation(model, seed=args.seed, device=device):
+            x = next(iter(torch.utils.data.DataLoader([image]))).to(device)  # the loader draws from the RNG stream first
+            inputs = x if x.shape[-2:] == size else F.interpolate(x, size, mode="bilinear").clamp(-1, 1)
+            if palette is not None:
+                index = denoise_label_maps(model, vae, schedule, inputs, embeds.new_zeros(1, embeds.shape[1]), palette, e, s)
+                return torch.cat([class_ids, class_ids.new_tensor([background])])[resize_labels(index, x.shape[-2:])][0].cpu()
+            keep = clip_candidates(clip_vision, x, embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0] if clip_vision else torch.arange(len(class_ids), device=device)
+            prob = F.interpolate(denoise_class_masks(model, vae, schedule, inputs, embeds[keep], e, s), x.shape[-2:], mode="bilinear")
+            return candidates_to_labels(prob, keep, class_ids, background, tau)[0].cpu()
+
+    return Predictor(segment, names, palette_for(len(names)), untinted=0 if args.demo or classes else None, config=config, modules={"digseg": model, "class_embeds": embeds})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict:
+        return predict_files(load_trained(args.run, classes=[c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None), args.predict, args.out)
     job = start_run(
         args,
         demo="tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
@@ -327,16 +380,11 @@ def main(argv=None) -> dict:
     else:
         sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)
         clip_text, clip_vision = load_clip(args.clip)
-    clip_tokenizer = CLIPTokenizer.from_bpe()  # CLIP's published vocabulary, padded with EOS as openai's
     unet, vae, schedule = sd.unet, sd.vae, sd.schedule
     sd.text_encoder.to(device).eval()
     null_context = sd.encode_prompt([""])  # [1, 77, D]
-    class_embeds = class_embeddings(clip_text, clip_tokenizer, names, device)  # [C, P], cached (A.3)
-    if args.demo:  # note 7
-        from unet_seg.demo import whiten
-
-        class_embeds = whiten(class_embeds)
-    del sd, clip_text
+    class_embeds = class_embeddings(clip_text, names, device, args.demo)  # [C, P], cached (A.3)
+    sd, clip_text = None, clip_text if args.demo else None  # the demo's random tower goes into the export
     clip_vision = clip_vision.to(device).eval() if "clip" in args.candidates else None
     torch.manual_seed(args.seed)
     model = DiGSeg(unet.widen_conv_in(8), class_embeds.shape[1], null_context).to(device).train()
@@ -351,6 +399,9 @@ def main(argv=None) -> dict:
 
     models = {"digseg": model}
     step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
+    if args.export:
+        load_checkpoint_for_export(args.out, args.export, models)
+        return export(model, class_embeds, clip_text, args, label_names, class_ids, vocab[1])
     forward = wrap_for_training(model, compile=args.compile)
     if args.compile and not args.demo:
         vae.encoder.compile()
@@ -379,6 +430,7 @@ def main(argv=None) -> dict:
             print0(f"step {step}: mIoU {miou:.2f} on {len(quick)} test images ({settings[0][0]}x{settings[0][1]})")
     bar.close()
     train_time = time.perf_counter() - job.started
+    export(model, class_embeds, clip_text, args, label_names, class_ids, vocab[1])
 
     # ---- eval: E×S settings × candidates × {argmax, τ floor}, the majority baseline, (demo) the shuffled-prompt control
     conf, speed, shown = evaluate(model, test_data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo and palette is None)

@@ -234,3 +234,41 @@ def test_querydiff_exports_the_model_without_its_training_branch_and_predicts_wh
     item = {"image": resize_image(read_image(image), (64, 64)), "label": labels}
     conf, _ = recipe.evaluate(model, [item], len(predictor.class_names), torch.device("cpu"))
     assert conf.sum() == labels.numel() and conf.diagonal().sum() == conf.sum() and len(labels.unique()) > 1
+
+
+def test_digseg_exports_predicts_what_its_evaluation_computes_and_takes_your_own_class_names(tmp_path, capsys, cpu_only):
+    from unet_seg.data.synthetic import CLASS_NAMES
+
+    recipe, run = load_recipe("digseg_ade20k"), tmp_path / "run"
+    recipe.main(["--demo", "--steps", "2", "--batch-size", "2", "--images", "2", "--size", "64", "--ddim-steps", "3", "--out", str(run)])
+    image = scene(tmp_path / "garden.jpg")
+    labels, line = predict_one(recipe, run, image, capsys)
+
+    predictor = recipe.load_trained(run)
+    model = predictor.modules["digseg"]
+    trained = checkpoint_tensors(run, "digseg")
+    assert set(trained) == set(model.state_dict()) and all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    assert torch.equal(predictor(image), labels)
+    # the recipe's evaluation of that image (resized to 64² inside, probabilities at the label's size, τ floor);
+    # 2 steps leave background everywhere, so it runs on randomised weights (shared by both paths)
+    randomise_(model, 3)
+    labels = predictor(image)
+    sd, args = recipe.tiny_sd(), recipe.parse_args(["--demo", "--size", "64", "--ddim-steps", "3"])
+    kw = dict(vae=sd.vae, schedule=sd.schedule, class_embeds=predictor.modules["class_embeds"], class_ids=torch.tensor(predictor.config["class_ids"]),
+              vocab=(len(CLASS_NAMES), 0, 0), settings=[(1, 3)], size=64, device=torch.device("cpu"), seed=0, threshold=0.7)  # fmt: skip
+    conf, _, _ = recipe.evaluate(model, [{"image": read_image(image), "label": labels}], **kw)
+    conf = conf["DiGSeg 1x3, τ 0.7"]
+    assert conf.sum() == labels.numel() and conf.diagonal().sum() == conf.sum() and len(labels.unique()) > 1
+
+    # your own names go through the training's text path: the trained names, given as --classes, give the same map
+    names = [CLASS_NAMES[c] for c in predictor.config["class_ids"]]
+    mine = recipe.load_trained(run, classes=names)
+    randomise_(mine.modules["digseg"], 3)
+    assert torch.allclose(mine.modules["class_embeds"], predictor.modules["class_embeds"])
+    lookup = torch.zeros(256, dtype=torch.long)
+    lookup[torch.tensor(predictor.config["class_ids"])] = torch.arange(1, len(names) + 1)
+    assert torch.equal(mine(image), lookup[labels])
+    capsys.readouterr()
+    recipe.main(["--predict", str(image), "--from", str(run), "--classes", "cat, grass,sky", "--out", str(tmp_path / "mine")])
+    assert "garden.jpg" in capsys.readouterr().out
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "mine" / "garden.png"))).tolist()) <= {0, 1, 2, 3}
