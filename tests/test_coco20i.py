@@ -154,7 +154,7 @@ def test_class_pixel_index_is_read_back_from_its_json_and_rebuilt_when_the_maps_
 )
 def test_episode_class_belongs_to_the_split_and_every_image_shows_it(root, index, fold, rule, split, shots):
     ep = COCO20i(root, fold, split, shots=shots, size=SIZE, episodes=1000, seed=3, fold_rule=rule)[index]
-    c = int(ep["class_id"])
+    c = int(ep["class_id"]) - 1  # the label; fold_classes number from 0
     if split == "val":
         assert c in fold_classes(fold, rule)
     else:
@@ -177,7 +177,7 @@ def test_episode_class_belongs_to_the_split_and_every_image_shows_it(root, index
 @given(index=st.integers(0, 999), split=st.sampled_from(["train", "val"]))
 def test_masks_are_the_nearest_resized_class_maps_of_the_episode_class_with_ignore_kept(root, index, split):
     ep = COCO20i(root, 2, split, shots=2, size=SIZE, episodes=1000)[index]
-    c = int(ep["class_id"])
+    c = int(ep["class_id"]) - 1
     for name, mask in zip([ep["query_id"], *ep["support_ids"]], [ep["query_mask"], *ep["support_masks"]]):
         raw = torch.from_numpy(class_map(image_number(name)).astype(np.int64))
         binary = torch.where(raw == 255, 255, (raw == c + 1).long())
@@ -202,7 +202,7 @@ def test_episodes_are_a_pure_function_of_seed_and_index(root):
 
 
 def draws(ds: COCO20i, n: int) -> list[tuple]:
-    return [(int(e["class_id"]), e["query_id"], tuple(e["support_ids"])) for e in (ds[i] for i in range(n))]
+    return [(int(e["class_id"]) - 1, e["query_id"], tuple(e["support_ids"])) for e in (ds[i] for i in range(n))]
 
 
 def test_other_seeds_and_epochs_give_other_episodes_and_epoch_0_the_evaluation_ones(root):

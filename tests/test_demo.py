@@ -67,3 +67,20 @@ def test_whiten_turns_nearly_parallel_embeddings_into_a_regular_simplex():
     assert torch.allclose(cos.diagonal(), torch.ones(5), atol=1e-5)
     off = cos[~torch.eye(5, dtype=torch.bool)]
     assert torch.allclose(off, torch.full_like(off, -1 / 4), atol=1e-4)
+
+
+def test_pretrain_unless_resuming_trains_once_then_leaves_the_checkpointed_unet_alone(tmp_path):
+    from unet_seg.demo import pretrain_unless_resuming, tiny_sd
+    from unet_seg.train import save_checkpoint
+
+    torch.manual_seed(0)
+    sd = tiny_sd()
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    loss = pretrain_unless_resuming(sd, out=tmp_path, resume=False, steps=1, size=64, seed=0, batch_size=2)
+    assert loss is not None and not sd.unet.training and not any(p.requires_grad for p in sd.unet.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in sd.unet.state_dict().items())  # it trained
+    assert pretrain_unless_resuming(sd, out=tmp_path, resume=True, steps=1, size=64, seed=0) is not None  # nothing saved yet
+    save_checkpoint(tmp_path, 1, {"unet": sd.unet})
+    trained = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    assert pretrain_unless_resuming(sd, out=tmp_path, resume=True, steps=1, size=64, seed=0) is None
+    assert all(torch.equal(trained[k], v) for k, v in sd.unet.state_dict().items())

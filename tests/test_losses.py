@@ -301,3 +301,22 @@ def test_cross_entropy_counting_ignored_pixels_divides_by_all_pixels():
     logits, target = randn(1, 3, 2, 4, seed=0), torch.tensor([[[0, 1, 2, 255], [255, 255, 1, 0]]])
     valid = cross_entropy(logits, target)
     assert cross_entropy(logits, target, count_ignored=True).item() == pytest.approx(valid.item() * 5 / 8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, n=st.integers(1, 3))
+def test_dice_ignore_index_equals_dice_over_the_kept_pixels_only(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 6, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 2, (n, 6, 5), generator=g)
+    target[:, :2] = 255
+    got = dice_loss(logits, target, ignore_index=255)
+    expected = []
+    for i in range(n):  # the loss of each mask over its kept pixels, written out
+        keep = target[i] != 255
+        p, t = logits[i][keep].sigmoid(), target[i][keep].double()
+        expected.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    assert math.isclose(got.item(), torch.stack(expected).mean().item(), rel_tol=1e-12)
+    # without ignore_index nothing changes for targets in {0, 1}
+    clean = target.clamp(max=1)
+    assert dice_loss(logits, clean, ignore_index=255) == dice_loss(logits, clean)

@@ -159,3 +159,21 @@ def test_graphed_step_refuses_a_float_lr():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True, capturable=True)
     with pytest.raises(ValueError, match="lr a CUDA tensor"):
         CudaGraphStep(lambda: None, [net], opt)
+
+
+def test_backward_and_step_is_zero_grad_backward_clip_and_step():
+    from unet_seg.train import backward_and_step, clip_and_step
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 3)
+    b = copy.deepcopy(a)
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (a, b)]
+    x = torch.randn(5, 4)
+    for _ in range(2):  # stale gradients of step 1 must not leak into step 2
+        loss = backward_and_step(opts[0], a.parameters(), a(x).square().mean(), max_norm=0.5)
+        opts[1].zero_grad(set_to_none=True)
+        ref = b(x).square().mean()
+        ref.backward()
+        clip_and_step(opts[1], b.parameters(), ref, max_norm=0.5)
+        assert torch.equal(loss, ref)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -367,3 +367,16 @@ def test_fuse_rows_equals_fuse_by_masks_on_a_rectangular_layout(b, p, seed):
     x, masks = randn(b, p, 2, 4, 4, seed=seed), (randn(b, p, 8, 8, seed=seed + 1) > 0).float()
     rows = torch.arange(b).repeat_interleave(p)
     torch.testing.assert_close(fuse_rows(x.flatten(0, 1), rows, masks.flatten(0, 1), b), fuse_by_masks(x, masks))
+
+
+@given(b=st.integers(1, 3), k=st.integers(1, 4), c=st.integers(1, 5))
+def test_fold_timesteps_puts_timestep_k_in_channels_k_c_to_k_c_plus_c(b, k, c):
+    from unet_seg.taps import fold_timesteps
+
+    feats = randn(b, k, c, 3, 2, seed=b + k + c)
+    folded = fold_timesteps(feats)
+    assert folded.shape == (b, k * c, 3, 2)
+    for t in range(k):
+        assert torch.equal(folded[:, t * c : (t + 1) * c], feats[:, t])
+    with pytest.raises(ValueError, match=r"\[B, K, C, h, w\]"):
+        fold_timesteps(feats[:, 0])

@@ -428,3 +428,23 @@ def test_forward_with_features_is_the_full_output_and_the_same_features(pair, hw
         assert torch.equal(out, ours(x, 10, ctx))
         expected = ours.features(x, 10, ctx, names)
     assert set(feats) == set(names) and all(torch.equal(feats[n], expected[n]) for n in names)
+
+
+@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1", "sd2"])
+def test_feature_info_reports_the_channels_and_stride_of_every_feature_a_forward_returns(config):
+    unet = UNet(config).eval()
+    with torch.no_grad():
+        feats = unet.features(randn(1, 4, 16, 21, seed=5), 10, randn(1, 3, config.context_dim, seed=6), unet.feature_names)
+    for name, f in feats.items():
+        c, s = unet.feature_info(name)
+        assert tuple(f.shape[1:]) == (c, -(-16 // s), -(-21 // s)), name  # ceil-halved at each level
+    with pytest.raises(ValueError, match="unknown feature name"):
+        unet.feature_info("up.9")
+
+
+def test_feature_info_of_sd_at_512_matches_the_documented_shapes():
+    with torch.device("meta"):
+        unet = UNet(SD21)
+    assert unet.feature_info("up.1") == (1280, 2) and unet.feature_info("up.2") == (640, 1)
+    assert unet.feature_info("up.2.res.0") == (640, 2) and unet.feature_info("mid") == (1280, 8)
+    assert unet.feature_info("down.0") == (320, 2) and unet.feature_info("conv_in") == (320, 1)

@@ -8,6 +8,12 @@ the block codec's latents can carry (DIFF's demo), with `caption_forms` for the 
     empty_prompt = sd.encode_prompt([""])                     # [1, 77, 64]
     pretrain_denoiser(sd.unet, sd.vae, sd.schedule, steps=200, size=64, seed=0,
                       condition=lambda labels: empty_prompt.expand(len(labels), -1, -1))
+
+A recipe over frozen features does that once and keeps the U-Net in its checkpoints (save it
+with the trained models), so that `--resume` restores it instead of pre-training again:
+
+    pretrain_unless_resuming(sd, out=args.out, resume=args.resume, steps=200, size=64, seed=0, device=device)
+    models = {"head": head, "unet": sd.unet}    # resume_latest(args.out, models, ...) restores both
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from .hub import build_with_weights, read_safetensors
 from .models import TINY_SD2, TINY_SD2_TEXT, CLIPTextEncoder, CLIPTokenizer, UNet
 from .models.unet import UNetConfig
 from .sd import StableDiffusion
-from .train import progress
+from .train import latest_checkpoint, print0, progress
 
 
 class BlockCodec(nn.Module):
@@ -191,6 +197,35 @@ def pretrain_denoiser(
         opt.step()
     unet.eval().requires_grad_(False)
     return loss.item()
+
+
+def pretrain_unless_resuming(
+    sd: StableDiffusion,
+    *,
+    out,
+    resume: bool,
+    steps: int,
+    size: int,
+    seed: int,
+    device: Union[str, torch.device] = "cpu",
+    condition: Optional[Callable[[Tensor], Tensor]] = None,
+    batch_size: int = 16,
+) -> Optional[float]:
+    """The frozen-feature demo pattern in one call: `pretrain_denoiser` on `sd.unet` (conditioned
+    on the empty prompt unless `condition` is given) unless `resume` is set and `out` holds a
+    checkpoint, whose copy of the U-Net `resume_latest` then restores (the caller saves the U-Net
+    with its models). Leaves the U-Net frozen, in eval mode, on `device`; returns the last
+    denoising loss, None when it skipped."""
+    unet = sd.unet.to(device)
+    loss = None
+    if steps > 0 and not (resume and latest_checkpoint(out) is not None):
+        if condition is None:
+            empty = sd.encode_prompt([""]).to(device)
+            condition = lambda labels: empty.expand(len(labels), -1, -1)  # noqa: E731
+        loss = pretrain_denoiser(unet, sd.vae, sd.schedule, steps, size, seed, condition, batch_size, device)
+        print0(f"demo: pre-trained the tiny U-Net for {steps} denoising steps on unlabelled synthetic scenes (loss {loss:.3f})")
+    unet.eval().requires_grad_(False)
+    return loss
 
 
 def whiten(embeds: Tensor) -> Tensor:

@@ -5,6 +5,7 @@
         conf += confusion_matrix(pred, target, C)
     conf = all_reduce_confusion(conf)          # sum over processes under torch.distributed
     print(iou_table(conf, class_names)); miou = mean_iou(conf)
+    few_shot_scores(conf, test_labels)        # few-shot mIoU / FB-IoU of episodes' label maps
 
 Conventions (mmseg's `IoUMetric`): pixels whose target is `ignore_index` are dropped before
 counting, prediction included; IoU_c = TP / (TP + FP + FN); a class absent from both target
@@ -65,6 +66,21 @@ def fb_iou(conf: Tensor) -> Tensor:
     if conf.shape != (2, 2):
         raise ValueError(f"FB-IoU needs a binary confusion matrix [2, 2], got shape {tuple(conf.shape)}")
     return mean_iou(conf)
+
+
+def few_shot_scores(conf: Tensor, test_labels: Sequence[int]) -> dict[str, float]:
+    """Few-shot scores (in %, 2 decimals) of a confusion matrix [L, L] over label maps in which
+    each episode's foreground carries its class's label and 0 is background
+    (`segmentation.evaluate_episodes`): "mIoU", the foreground IoU of each of `test_labels`
+    accumulated over all its episodes, averaged over those classes (HSNet, PFENet); "FB-IoU",
+    the mean of background and foreground IoU of the 2×2 matrix that pools every class."""
+    _check_confusion(conf)
+    bad = [c for c in test_labels if not 0 < c < conf.shape[0]]
+    if bad or not len(test_labels):
+        raise ValueError(f"test_labels must be non-empty labels in 1..{conf.shape[0] - 1} (0 is background), got {list(test_labels)}")
+    binary = torch.stack([conf[0, 0], conf[0, 1:].sum(), conf[1:, 0].sum(), conf[1:, 1:].sum()]).view(2, 2)
+    miou = iou_per_class(conf)[list(test_labels)].nanmean()
+    return {"mIoU": round(100 * miou.item(), 2), "FB-IoU": round(100 * fb_iou(binary).item(), 2)}
 
 
 def iou_table(conf: Tensor, class_names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> str:

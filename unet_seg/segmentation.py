@@ -15,6 +15,11 @@ One run per image instead (DiGSeg §3.4, App. B): the label map as one palette i
     conf, shown = evaluate_semantic(lambda x: model_logits(x).argmax(1), val_set, 19, device)
     print(iou_table(conf, CITYSCAPES_CLASSES))
 
+Few-shot episodes (`unet_seg.data.fewshot`): a predictor of query masks, scored per class
+
+    conf, shown = evaluate_episodes(lambda q, s, sm: masks, task.test[1], task.num_labels, device)
+    print(few_shot_scores(conf, task.test_labels))   # {"mIoU": ..., "FB-IoU": ...}
+
 `predict` functions map images [N, 3, h, w] to logits [N, K, h', w'] (any h', w': they are
 resized bilinearly) or, for `evaluate_semantic`, to labels [N, h, w] or logits [N, K, h, w].
 Datasets yield dict(image [3, H, W], label [H_l, W_l]), as every `unet_seg.data` dataset; the
@@ -23,19 +28,19 @@ label may be larger than the image (mmseg's protocol: scored at the annotation's
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .codecs import latent_to_probability, masks_to_label_map, palette_latent_to_labels
+from .codecs import check_mask, latent_to_probability, masks_to_label_map, palette_latent_to_labels
 from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean
 from .metrics import all_reduce_confusion, confusion_matrix
 from .models.clip_vision import clip_preprocess
 from .train import autocast
-from .train import rank_share
+from .train import rank_and_world, rank_share
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -110,6 +115,58 @@ def evaluate_semantic(
             size = image.shape[-2:]
             shown += zip(image[:n].cpu(), resize_labels(pred[:n], size).cpu(), resize_labels(label[:n], size).cpu())
     return all_reduce_confusion(conf), shown
+
+
+def episode_tensors(batch: dict, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A collated batch of episodes -> (query [G, 3, H, W], query_mask [G, H, W], supports
+    [G, K, 3, H, W], support_masks [G, K, H, W], class_id [G]) on `device`; the masks are checked
+    ({0, 1, 255}) first, on the loader's CPU tensors, so that the device need not wait for it."""
+    check_mask(batch["query_mask"], "query_mask")
+    check_mask(batch["support_masks"].flatten(0, 1), "support_masks")
+    return tuple(batch[k].to(device) for k in ("query", "query_mask", "supports", "support_masks", "class_id"))
+
+
+@torch.no_grad()
+def evaluate_episodes(
+    predict: Callable[[Tensor, Tensor, Tensor], Union[Tensor, dict[str, Tensor]]],
+    data: Dataset,
+    num_labels: int,
+    device: torch.device,
+    batch_size: int = 8,
+    keep: int = 4,
+    ignore_index: int = 255,
+):
+    """This rank's share of the episodes `data` -> (confusion [L, L] summed over all ranks, up to
+    `keep` (query, support 0, its mask, prediction, query mask) tuples of this rank).
+
+    `predict(query, supports, support_masks) -> query masks [G, H, W] in {0, 1}`, or a dict
+    {name: masks} to score several predictors in one pass (then the confusion is a dict too and
+    the first predictor is shown). Each episode is scored as a label map: prediction and query
+    mask times the episode's class label, so that the matrix keeps every class apart for
+    `metrics.few_shot_scores`; `ignore_index` pixels of the query mask are not counted.
+    """
+    world = rank_and_world()[1]
+    if len(data) < world:  # every rank must see an episode to know the predictors' names
+        raise ValueError(f"{len(data)} episodes cannot be shared by {world} processes")
+    conf: dict[str, Tensor] = {}
+    shown = []
+    for batch in DataLoader(rank_share(data), batch_size=batch_size):
+        query, query_mask, supports, support_masks, class_id = episode_tensors(batch, device)
+        out = predict(query, supports, support_masks)
+        masks = out if isinstance(out, dict) else {"": out}
+        label = class_id.view(-1, 1, 1)
+        target = torch.where(query_mask == ignore_index, ignore_index, query_mask * label)
+        for name, m in masks.items():
+            if m.shape != query_mask.shape:
+                raise ValueError(f"predict must return masks [G, H, W] = {list(query_mask.shape)}, got {list(m.shape)}")
+            counts = confusion_matrix(m.long() * label, target, num_labels, ignore_index)
+            conf[name] = conf[name] + counts if name in conf else counts
+        n = min(keep - len(shown), len(query))
+        if n > 0:
+            first = next(iter(masks.values()))
+            shown += zip(*(t[:n].cpu() for t in (query, supports[:, 0], support_masks[:, 0], first, query_mask)))
+    conf = {n: all_reduce_confusion(c) for n, c in conf.items()}
+    return (conf[""] if list(conf) == [""] else conf), shown
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:

@@ -8,6 +8,10 @@ per-step path control (`inversion_trajectory_features`, DIFF's official extracto
     feats["up.1"]               # [B, 3, C, h, w]
     feats["up.1.attn.0.cross"]  # [B, 3, tokens, h, w]
 
+Consumers that want one map per feature fold the K timesteps into channels:
+`fold_timesteps(feats["up.1"])` -> [B, 3·C, h, w] (timestep-major: channels of t_0, then t_1, ...).
+`unet.feature_info(name)` gives a feature's channels and stride without a forward pass.
+
 Feature names are `unet.feature_names`; shapes for SD 1.x/2.x at 512² (64² latents) are listed
 in `unet_seg/models/unet.py` (e.g. up.0 [1280, 16, 16], up.1 [1280, 32, 32], up.2 [640, 64, 64],
 up.3 [320, 64, 64]). Attention maps take names from `unet.attention_names`; a layer of level i
@@ -89,6 +93,13 @@ def timestep_features(
     out = {n: feats[n] for n in names}
     out.update(maps)
     return {n: v.unflatten(0, (k, b)).transpose(0, 1) for n, v in out.items()}
+
+
+def fold_timesteps(feats: Tensor) -> Tensor:
+    """Timestep features [B, K, C, h, w] -> [B, K·C, h, w], channel k·C + c = feats[:, k, c]."""
+    if feats.ndim != 5:
+        raise ValueError(f"feats must be [B, K, C, h, w] (timestep_features' layout), got shape {tuple(feats.shape)}")
+    return feats.flatten(1, 2)
 
 
 def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:

@@ -4,9 +4,12 @@
     ep = ds[i]
     # ep["query"] [3, S, S] float32 in [-1, 1]        ep["query_mask"] [S, S] int64 in {0, 1, 255}
     # ep["supports"] [K, 3, S, S]                      ep["support_masks"] [K, S, S]
-    # ep["class_id"] [] int64 in 0..79                 ep["query_id"] str, ep["support_ids"] list[str]
+    # ep["class_id"] [] int64 in 1..80 (its label)     ep["query_id"] str, ep["support_ids"] list[str]
 
-The keys are those of `unet_seg.data.synthetic.FewShotEpisodes`' episodes, plus the image ids.
+The keys are those of `unet_seg.data.synthetic.FewShotEpisodes`' episodes, plus the image ids, and
+so is the class convention: an episode's "class_id" is its class's label, 1..80, the value of its
+pixels in the class maps, 0 being background (`COCO20I_LABELS[label]` names it); class c of
+`fold_classes` and `COCO20I_CLASSES` (0..79, HSNet's numbering) has label c + 1.
 
 Layout (HSNet README, "Preparing Few-Shot Segmentation Datasets"; Matcher, whose loader DiffewS
 imports, uses the same one):
@@ -100,6 +103,7 @@ COCO20I_CLASSES = (
 )
 # fmt: on
 NUM_CLASSES = len(COCO20I_CLASSES)
+COCO20I_LABELS = ("background", *COCO20I_CLASSES)  # an episode's class_id -> name
 
 LAYOUT = (
     "root/{train2014,val2014}/<stem>.jpg (COCO 2014 images) with root/annotations/{train2014,val2014}/<stem>.png "
@@ -264,7 +268,7 @@ class COCO20i(Dataset):
             query_mask=query_mask,
             supports=torch.stack(supports),
             support_masks=torch.stack(support_masks),
-            class_id=torch.tensor(class_id),
+            class_id=torch.tensor(class_id + 1),  # the label: 0 is background
             query_id=stems[q],
             support_ids=support_ids,
         )

@@ -32,12 +32,14 @@ Hook points for primitives (nothing else in the model knows about them):
   added); `up.i.attn.j` (levels with attention, i ≥ 1), the output of the transformer block in
   attention j (`up_blocks[i].attentions[j].transformer_blocks[0]`, before proj_out and the
   residual) as [B, C, h, w]. The last two are DIFF's official "resnet" and "ca" features.
+  `unet.feature_info(name)` -> (channels, stride): a feature's width and how many latent pixels
+  one of its pixels spans, from the config alone (no forward pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,13 @@ from torch import Tensor, nn
 
 from .layers import Attention, Downsample, Procs, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample, timestep_embedding
 from .pretrained import Pretrained
+
+
+class FeatureInfo(NamedTuple):
+    """A named feature's width and stride: [B, channels, h / stride, w / stride] for latents [B, 4, h, w]."""
+
+    channels: int
+    stride: int
 
 
 class FeatureTaps:
@@ -223,6 +232,25 @@ class UNet(Pretrained, nn.Module):
         self.attention_names = tuple(
 m.name for m in self.modules() if isinstance(m, Attention))
 
+    def feature_info(self, name: str) -> FeatureInfo:
+        """(channels, stride relative to the latent) of `name` in `feature_names`, e.g. for SD:
+        "up.1" -> (1280, 2), "up.2.res.0" -> (640, 2): for latents [B, 4, h, w] the feature is
+        [B, channels, ⌈h / stride⌉, ⌈w / stride⌉]; multiply the stride by the VAE's 8 for the image's. Up levels run coarse to fine: "up.i" is level n − 1 − i after its upsampler."""
+        if name not in self.feature_names:
+            raise ValueError(f"unknown feature name {name!r}; choose from {self.feature_names}")
+        ch, n = self.config.channels, len(self.config.channels)
+        parts = name.split(".")
+        if name == "conv_in":
+            return FeatureInfo(ch[0], 1)
+        if name == "mid":
+            return FeatureInfo(ch[-1], 2 ** (n - 1))
+        i = int(parts[1])
+        if parts[0] == "down":  # after the level's downsampler (none on the last level)
+            return FeatureInfo(ch[i], 2 ** min(i + 1, n - 1))
+        level = n - 1 - i  # up.i works at the resolution of down level n − 1 − i
+        if len(parts) == 2:  # after the upsampler (none on the last up level)
+            return FeatureInfo(ch[level], 2 ** max(level - 1, 0))
+        return FeatureInfo(ch[level], 2**level)
     def forward(
         self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None, support: Optional[Tensor] = None
     ) -> Tensor:

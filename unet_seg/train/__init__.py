@@ -35,7 +35,7 @@ One job per module; import everything from `unet_seg.train`:
     checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
                   checkpoint_path
     compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, ddp, evaluation
-    step          clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph)
+    step          backward_and_step, clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph)
     report        progress (LineProgress), write_metrics
     run           start_run, finish_run
 """
@@ -53,7 +53,7 @@ from .distributed import (
 from .loop import ResumableSampler, interrupted, resumable_loader, seed_everything, should_checkpoint, training_batches
 from .report import LineProgress, PathLike, progress, write_metrics
 from .run import Run, finish_run, start_run
-from .step import CudaGraphStep, clip_and_step
+from .step import CudaGraphStep, backward_and_step, clip_and_step
 
 __all__ = [
     "CHECKPOINT_FORMAT", "Resumed", "checkpoint_path", "latest_checkpoint", "load_checkpoint", "load_latest",
@@ -64,6 +64,6 @@ __all__ = [
     "ResumableSampler", "interrupted", "resumable_loader", "seed_everything", "should_checkpoint", "training_batches",
     "LineProgress", "PathLike", "progress", "write_metrics",
     "Run", "finish_run", "start_run",
-    "CudaGraphStep", "clip_and_step",
+    "CudaGraphStep", "backward_and_step", "clip_and_step",
     "atomic_path",  # unet_seg.hub's, still importable from here
 ]  # fmt: skip

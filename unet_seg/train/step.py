@@ -19,6 +19,16 @@ import torch
 from torch import Tensor, nn
 
 
+def backward_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, max_norm: Optional[float]) -> Tensor:
+    """The four lines of every training step: zero the gradients, backpropagate `loss`, then
+    `clip_and_step` (skipped on the device if not finite; no host sync) -> `loss`, to read with
+    `check_finite_everywhere` after the step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_and_step(opt, params, loss, max_norm)
+    return loss
+
+
 def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, max_norm: Optional[float]) -> Optional[Tensor]:
     """Clip the gradients' global L2 norm to `max_norm` (None: no clipping) and step `opt`,
     skipped on the device (weights and optimiser state unchanged) where the loss, or the gradient
