@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_models import device_name, load_recipe, write_table  # noqa: E402
 
 from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split  # noqa: E402
+from unet_seg.metrics import few_shot_scores  # noqa: E402
 from unet_seg.models import SD21, SD_VAE, TINY_SD2, TINY_VAE, AutoencoderKL, UNet  # noqa: E402
 from unet_seg.train import (  # noqa: E402
     CudaGraphStep, barrier, check_finite_everywhere, cleanup_distributed, ddp, init_distributed, maybe_compile, print0,
@@ -128,9 +129,9 @@ def run(args) -> None:
     classes = fold_split(0)[1]
     data = FewShotEpisodes(1, args.eval_episodes, classes, shots=1, size=s)
     t0 = synced()
-    conf, _ = recipe.evaluate(unet, data, vae=vae, context=context[:, :2], num_labels=len(CLASS_NAMES), label_shift=0, device=device, seed=0)  # unpadded, as the recipe
+    conf, _ = recipe.evaluate(unet, data, vae=vae, context=context[:, :2], num_labels=len(CLASS_NAMES), device=device, seed=0)  # unpadded, as the recipe
     eval_seconds = synced() - t0
-    metrics = {name: recipe.summarise(c, classes) for name, c in conf.items()}
+    metrics = {name: few_shot_scores(c, classes) for name, c in conf.items()}
     print0(f"world {world}: evaluation of {len(data)} episodes in {eval_seconds:.1f} s: {metrics}")
     if rank == 0:
         out = Path(args.out)

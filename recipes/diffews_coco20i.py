@@ -106,34 +106,25 @@ import torch
 
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
-from unet_seg.codecs import check_mask, mask_to_image
-from unet_seg.data.synthetic import CLASS_NAMES, FewShotEpisodes, fold_split
+from unet_seg.codecs import mask_to_image
+from unet_seg.data.fewshot import fewshot_episodes
 from unet_seg.demo import BlockCodec, tiny_sd
 from unet_seg.losses import latent_mse
-from unet_seg.metrics import all_reduce_confusion, confusion_matrix, fb_iou, iou_per_class, iou_table
+from unet_seg.metrics import few_shot_scores, iou_table
 from unet_seg.predict import Predictor, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
-from unet_seg.segmentation import resize_labels
+from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_labels
 from unet_seg.train import (
     CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
-    rank_share, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
+    resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
 MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
 
 
-def checked_episode(batch: dict, device) -> tuple[torch.Tensor, ...]:
-    """(query, query_mask, supports, support_masks, class_id) of a collated batch of episodes
-    (synthetic or COCO-20i) on `device`, the masks checked first, on the loader's CPU tensors,
-    so that the episode on the GPU need not wait for a check."""
-    check_mask(batch["query_mask"], "query_mask")
-    check_mask(batch["support_masks"].flatten(0, 1), "support_masks")
-    return tuple(batch[k].to(device) for k in ("query", "query_mask", "supports", "support_masks", "class_id"))
-
-
 def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=None):
     """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] (checked already:
-    `check_mask`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), whose zeros
+    `episode_tensors`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), whose zeros
     the query's 4-channel conv_in never reads, then cat(z_s, E(mask_s)); with `query_mask` [G, H, W] its latent E(query mask) [G, 4, H/8, W/8],
     else None). One VAE call encodes all images and masks (no host sync)."""
     g, s = supports.shape[:2]
@@ -192,35 +183,18 @@ def train_step(model, unet, vae, context, opt, query, query_mask, supports, supp
     return loss
 
 
-@torch.no_grad()
-def evaluate(unet, data, *, vae, context, num_labels: int, label_shift: int, device, seed: int, subsample: bool = False):
+def evaluate(unet, data, *, vae, context, num_labels: int, device, seed: int, subsample: bool = False):
     """This rank's share of `data` (K-shot episodes) -> all-rank confusion matrices
     {name: [num_labels, num_labels]} for DiffewS and two baselines, plus up to 4 episodes to draw.
     Runs in `train.evaluation` (eval mode, own RNG stream seeded by `seed` for the support
     subsampling), so that evaluating mid-training leaves the run unchanged."""
+
+    def predict(query, supports, support_masks):
+        mask = predict_masks(unet, vae, context, query, supports, support_masks, subsample)
+        return {"DiffewS": mask, "baseline: support mask": (support_masks[:, 0] == 1).long(), "baseline: all foreground": torch.ones_like(mask)}
+
     with evaluation(unet, seed=seed, device=device):
-        names = ("DiffewS", "baseline: support mask", "baseline: all foreground")
-        conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
-        subset = rank_share(data)
-        shown = []
-        for batch in torch.utils.data.DataLoader(subset, batch_size=8):
-            query, query_mask, supports, support_masks, class_id = checked_episode(batch, device)
-            mask = predict_masks(unet, vae, context, query, supports, support_masks, subsample)
-            label = (class_id + label_shift).view(-1, 1, 1)
-            target = torch.where(query_mask == 255, 255, query_mask * label)
-            for name, m in zip(names, (mask, (support_masks[:, 0] == 1).long(), torch.ones_like(mask))):
-                conf[name] += confusion_matrix(m * label, target, num_labels)
-            if len(shown) < 4:
-                shown += list(zip(query, supports[:, 0], support_masks[:, 0], mask, query_mask))[: 4 - len(shown)]
-        return {n: all_reduce_confusion(c) for n, c in conf.items()}, shown
-
-
-def summarise(conf: torch.Tensor, test_labels) -> dict:
-    """Few-shot mIoU: foreground IoU per test class, accumulated over episodes, averaged over the
-    classes; FB-IoU: mean of background and foreground IoU over all episodes (in %)."""
-    binary = torch.stack([conf[0, 0], conf[0, 1:].sum(), conf[1:, 0].sum(), conf[1:, 1:].sum()]).view(2, 2)
-    miou = iou_per_class(conf)[list(test_labels)].nanmean()
-    return {"mIoU": round(100 * miou.item(), 2), "FB-IoU": round(100 * fb_iou(binary).item(), 2)}
+        return evaluate_episodes(predict, data, num_labels, device)
 
 
 def export(sd, args) -> None:
@@ -262,23 +236,11 @@ def main(argv=None) -> dict:
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"diffews_coco20i.py: error: --cuda-graph needs a CUDA device, this run has {device}")
 
-    # ---- data: the fold's training classes for training, its held-out classes for evaluation
-    if args.demo:
-        train_classes, test_classes = fold_split(args.fold)
-        kw = dict(size=args.size, random_order=True)  # note 4: two classes per query, the support's is the target
-        train_data = FewShotEpisodes(args.seed, 100_000, train_classes, shots=args.shots, **kw)
-        test_data = {k: FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=k, **kw) for k in EVAL_SHOTS}
-        control = FewShotEpisodes(args.seed + 1, args.episodes, test_classes, shots=1, supports_of="distractor", **kw)
-        class_names, label_shift, test_labels = CLASS_NAMES, 0, test_classes
-    else:
-        from unet_seg.data.coco20i import COCO20I_CLASSES, COCO20i, fold_classes
-
-        train_data = COCO20i(args.data_root, args.fold, "train", shots=args.shots, size=args.size, seed=args.seed)
-        test_data = {k: COCO20i(args.data_root, args.fold, "val", shots=k, size=args.size, episodes=args.episodes) for k in EVAL_SHOTS}
-        class_names, label_shift = ("background",) + tuple(COCO20I_CLASSES), 1
-        test_labels = tuple(c + 1 for c in fold_classes(args.fold))
-    num_labels = len(class_names)
-    print0(f"fold {args.fold}: train classes {len(set(train_data.classes))}, test classes {list(test_labels)}")
+    # ---- data: the fold's training classes for training, its held-out classes for evaluation (demo: note 4)
+    task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,
+                            test_shots=EVAL_SHOTS, test_episodes=args.episodes, seed=args.seed)  # fmt: skip
+    test_data, test_labels = task.test, task.test_labels
+    print0(f"fold {args.fold}: train classes {len(set(task.train.classes))}, test classes {list(test_labels)}")
 
     # ---- models: SD U-Net + an 8-channel support conv_in, frozen VAE, empty-prompt context computed once
     if args.demo:
@@ -295,7 +257,7 @@ def main(argv=None) -> dict:
     sd.text_encoder.to(device).eval()
     context = sd.encode_prompt([""])  # [1, 77, D], padded as in training
     test_context = context[:, :2]  # unpadded [BOS, EOS] at test (official): the causal encoder's first 2 rows
-    eval_kw = dict(vae=vae, context=test_context, num_labels=num_labels, label_shift=label_shift, device=device, seed=args.seed)
+    eval_kw = dict(vae=vae, context=test_context, num_labels=task.num_labels, device=device, seed=args.seed)
     lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr  # a graph reads the schedule's lr from the GPU
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True,
                             capturable=args.cuda_graph)  # fmt: skip
@@ -316,10 +278,10 @@ def main(argv=None) -> dict:
         train = CudaGraphStep(train, [forward], opt)
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
-    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     bar = progress(total=args.steps, initial=step, desc="DiffewS")
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        query, query_mask, supports, support_masks, _ = checked_episode(batch, device)
+        query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
         s = int(torch.randint(1, args.shots + 1, ()))
         pick = torch.randperm(args.shots)[:s].to(device)
         loss = check_finite_everywhere(train(query, query_mask, supports[:, pick], support_masks[:, pick]), "latent MSE")
@@ -331,7 +293,7 @@ def main(argv=None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             quick = head(test_data[1], args.eval_episodes)
             conf, _ = evaluate(unet, quick, **eval_kw)
-            miou = summarise(conf["DiffewS"], test_labels)["mIoU"]
+            miou = few_shot_scores(conf["DiffewS"], test_labels)["mIoU"]
             print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")
     bar.close()
     if args.cuda_graph:
@@ -345,18 +307,18 @@ def main(argv=None) -> dict:
         conf, shown = evaluate(unet, data, **eval_kw, subsample=args.support_sampling)
         for name, c in conf.items():
             if name == "DiffewS" or k == 1:  # baselines read the first support only: the same for every K
-                metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = summarise(c, test_labels)
+                metrics[f"{name} {k}-shot" if name == "DiffewS" else name] = few_shot_scores(c, test_labels)
         if k == 1:
             shown_labels = [0, *test_labels]
-            print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [class_names[c] for c in shown_labels],
+            print0(iou_table(conf["DiffewS"][shown_labels][:, shown_labels], [task.class_names[c] for c in shown_labels],
                              title="DiffewS 1-shot, IoU per class over all test episodes (the few-shot mIoU below: test classes only)"))
             rows = [
                 [image_to_uint8(q), overlay(s, sm, MASK_COLOUR, 0.7), overlay(q, m, MASK_COLOUR, 0.7), overlay(q, qm, MASK_COLOUR, 0.7)]
                 for q, s, sm, m, qm in shown
             ]
     if args.demo:
-        conf, _ = evaluate(unet, control, **eval_kw)
-        metrics["control: DiffewS 1-shot, supports of the query's other class"] = summarise(conf["DiffewS"], test_labels)
+        conf, _ = evaluate(unet, task.control, **eval_kw)
+        metrics["control: DiffewS 1-shot, supports of the query's other class"] = few_shot_scores(conf["DiffewS"], test_labels)
     if rows:
         save_grid(rows, args.out / "episodes.png", titles=["query", "support", "prediction", "ground truth"], scale=2)
     title = f"DiffewS fold {args.fold}, {len(test_data[1])} test episodes" + (" (DEMO: synthetic)" if args.demo else "")

@@ -69,3 +69,16 @@ def test_evaluate_episodes_scores_several_predictors_in_one_pass():
     assert set(conf) == {"ones", "zeros"} and conf["zeros"][:, 1:].sum() == 0 and conf["ones"][:, 0].sum() == 0
     with pytest.raises(ValueError, match="masks"):
         evaluate_episodes(lambda q, s, sm: q[:, 0, :4].long(), data, 4, torch.device("cpu"))
+
+
+def test_bad_support_mask_values_are_refused_before_the_episode_reaches_the_device():
+    from unet_seg.data.synthetic import FewShotEpisodes
+    from unet_seg.segmentation import episode_tensors
+
+    batch = next(iter(torch.utils.data.DataLoader(FewShotEpisodes(0, 2, fold_split(0)[1], size=32), batch_size=2)))
+    out = episode_tensors(batch, "cpu")  # valid
+    assert [tuple(t.shape) for t in out] == [(2, 3, 32, 32), (2, 32, 32), (2, 1, 3, 32, 32), (2, 1, 32, 32), (2,)]
+    with pytest.raises(ValueError, match=r"support_masks must hold 0/1"):
+        episode_tensors({**batch, "support_masks": batch["support_masks"] * 2}, "cpu")
+    with pytest.raises(ValueError, match=r"query_mask must hold 0/1"):
+        episode_tensors({**batch, "query_mask": batch["query_mask"] + 3}, "cpu")

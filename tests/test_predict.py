@@ -150,7 +150,7 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     episode = dict(query=_resize(read_image(query), torch.zeros(ODD, dtype=torch.long), 64)[0], query_mask=torch.zeros(size, dtype=torch.long),
                    supports=torch.stack(images), support_masks=torch.stack(masks), class_id=torch.tensor(1))  # fmt: skip
     _, shown = recipe.evaluate(sd.unet, [episode], vae=BlockCodec(), context=sd.encode_prompt([""])[:, :2], num_labels=6,
-                               label_shift=0, device=torch.device("cpu"), seed=0)  # fmt: skip
+                               device=torch.device("cpu"), seed=0)  # fmt: skip
     expected = resize_labels(shown[0][3][None], ODD)[0]
     assert 0 < expected.float().mean() < 1  # a mask with both classes: the comparison below can fail
     assert torch.equal(torch.from_numpy(png // 255).long(), expected)
