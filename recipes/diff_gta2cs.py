@@ -120,7 +120,7 @@ from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
-from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
+from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
 from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
@@ -318,9 +318,9 @@ def export(segmenter, frozen: Frozen, sd, args, class_names, palette) -> None:
     save_export(args.out / "model", config, trained_tensors(segmenter) | {"empty_prompt": frozen.contexts[:1]}, sd=sd if args.demo else None, args=args)
 
 
-def load_trained(run, device="cpu") -> Predictor:
+def load_trained(run, device=None) -> Predictor:
     """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size."""
-    folder, config, tensors = read_export(run, "diff")
+    device, (folder, config, tensors) = default_device(device), read_export(run, "diff")
     sd = load_sd(config["model"], components=["unet"] if config["demo"] else ["unet", "vae"], device=device)
     vae = BlockCodec() if config["demo"] else sd.vae.eval()
     frozen = Frozen(sd.unet.eval(), vae, tensors.pop("empty_prompt").to(device), [], sd.schedule.to(device), config["segmenter"]["level_channels"])

@@ -111,7 +111,7 @@ from unet_seg.data.fewshot import fewshot_episodes
 from unet_seg.demo import BlockCodec, tiny_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import few_shot_scores, iou_table
-from unet_seg.predict import Predictor, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
+from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
 from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_labels
 from unet_seg.train import (
     CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
@@ -204,10 +204,10 @@ def export(sd, args) -> None:
         print0(f"exported the fine-tuned model to {export_sd(sd, args.out / 'model', config)}")
 
 
-def load_trained(run, device="cpu") -> Predictor:
+def load_trained(run, device=None) -> Predictor:
     """A trained run (or its model/ folder) -> predictor(query, supports=[(image, mask), ...]) ->
     the query's 0/1 mask [H, W] at its own size; images and masks as paths or tensors."""
-    folder, config, _ = read_export(run, "diffews")
+    device, (folder, config, _) = default_device(device), read_export(run, "diffews")
     parts = ["unet", "text_encoder", "tokenizer"] + (["vae"] if config["vae"] == "vae" else [])
     sd = load_sd(folder, components=parts, device=device)
     vae = sd.vae if config["vae"] == "vae" else BlockCodec()

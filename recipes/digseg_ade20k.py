@@ -130,7 +130,7 @@ from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
 from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
 from unet_seg.errors import InputError
-from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
+from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
@@ -304,11 +304,11 @@ def export(model: DiGSeg, class_embeds, clip_text, args, label_names, class_ids,
     save_export(args.out / "model", config, tensors, args=args)
 
 
-def load_trained(run, device="cpu", classes=None) -> Predictor:
+def load_trained(run, device=None, classes=None) -> Predictor:
     """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size;
     `classes`: your own names instead (open vocabulary, through the training's text path): output
     i + 1 is classes[i], 0 where no class reaches τ. The demo predicts every class (no CLIP vision tower)."""
-    folder, config, tensors = read_export(run, "digseg")
+    device, (folder, config, tensors) = default_device(device), read_export(run, "digseg")
     args = argparse.Namespace(**config["args"])
     sd = tiny_sd(prediction_type=args.prediction_type) if args.demo else load_sd(config["model"], components=["unet", "vae"], prediction_type=args.prediction_type)
     embeds, null = tensors.pop("class_embeds").to(device), tensors.pop("null_context")

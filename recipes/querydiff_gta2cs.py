@@ -135,7 +135,7 @@ from unet_seg.demo import pretrain_denoiser, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
 from unet_seg.metrics import iou_per_class, iou_table
-from unet_seg.predict import Predictor, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
+from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
 from unet_seg.models import TINY_SD2, UNet
 from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, ProgressiveMerge, QueryRefinement
 from unet_seg.segmentation import evaluate_semantic, slide_logits
@@ -237,14 +237,14 @@ def scores(model: nn.Module, num_classes: int, window=None, amp: bool = False):
 
 def export(model: QueryDiff, args, class_names, palette) -> None:
     """RUN/model: the trained weights but the DCL's (training only), what rebuilds the model (frozen DINOv2: timm's)."""
-    config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 32},
+    config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 64},
                   palette=palette, window=None if args.demo else args.window)  # fmt: skip
     save_export(args.out / "model", config, {k: v for k, v in trained_tensors(model).items() if not k.startswith(("tokens.", "dcl."))}, args=args)
 
 
-def load_trained(run, device="cpu") -> Predictor:
+def load_trained(run, device=None) -> Predictor:
     """A trained run (or its model/ folder) -> predictor(image) -> class ids [H, W] at the image's size (no diffusion model)."""
-    folder, config, tensors = read_export(run, "querydiff")
+    device, (folder, config, tensors) = default_device(device), read_export(run, "querydiff")
     args, num_classes = argparse.Namespace(**config["args"]), len(config["class_names"])
     model = load_tensors(build_model(args, num_classes, guided=False), tensors, str(folder), partial=not args.demo).to(device).eval()
     return logits_predictor(scores(model, num_classes, config["window"], args.amp), config, {"model": model}, device, untinted=0 if args.demo else None)

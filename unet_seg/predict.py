@@ -250,6 +250,11 @@ def predict_files(predictor: Predictor, inputs: Sequence[PathLike], out: PathLik
 # Exports: config.json + model.safetensors (+ sd/ for demos)
 
 
+def default_device(device=None) -> torch.device:
+    """`device`, or the GPU where there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def export_folder(run: PathLike) -> Path:
     """A run folder (holding model/) or a model/ folder itself -> the export folder, checked."""
     run = Path(run)
