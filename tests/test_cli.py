@@ -11,7 +11,7 @@ import pytest
 from unet_seg.cli import parse_recipe_args, recipe_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["diffews_coco20i", "diff_gta2cs", "querydiff_gta2cs", "digseg_ade20k"]
+RECIPES = ["diffews_coco20i", "diff_gta2cs", "querydiff_gta2cs", "digseg_ade20k", "fewshot_prototypes_coco20i"]
 DEMO = dict(steps=300, batch_size=2, lr=1e-3, size=64, extra="d")
 REAL = dict(steps=9, batch_size=1, lr=1e-5, size=512, extra="r")
 
