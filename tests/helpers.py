@@ -50,6 +50,50 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merge_ranks) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
 
+def write_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int = 0, unet=None) -> Path:
+    """An SD 2.x checkpoint folder in the diffusers hub layout (model_index.json, unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/ with SD 2.1's scheduler settings), its three models
+    tiny and random (TINY_SD2, TINY_VAE, TINY_SD2_TEXT) -> folder. `prediction_type`:
+    "v_prediction" as stable-diffusion-2-1, "epsilon" as stable-diffusion-2-base; `unet`: another
+    U-Net config (default TINY_SD2)."""
+    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
+
+    torch.manual_seed(seed)
+    UNet(unet or TINY_SD2).save_pretrained(folder / "unet")
+    AutoencoderKL(TINY_VAE).save_pretrained(folder / "vae")
+    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(folder / "text_encoder")
+    write_tokenizer(folder / "tokenizer", "!")  # SD 2.x pads with "!"
+    scheduler = {
+        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    }  # fmt: skip
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = {
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def write_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24) -> Path:
+    """A full CLIP checkpoint folder as openai/clip-vit-large-patch14 ships it (transformers'
+    `CLIPModel`: config.json with text_config, vision_config, projection_dim; model.safetensors),
+    tiny and random -> folder. Needs transformers (the `test` extra)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=32)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str = "a" * 40) -> None:
     """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
