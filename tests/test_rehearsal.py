@@ -1,0 +1,72 @@
+"""Rehearsals of the recipes' real runs (not `--demo`): each recipe runs as a user starts it, on
+two gloo processes under torchrun, with `--model` a tiny random SD 2.x checkpoint folder in the hub
+layout and the data roots fake datasets in the real on-disk layouts at the native image sizes
+(`tests/fake_datasets.py`), evaluating every target of the official run (DiffewS: fold 0 of the
+four), then `--resume`s from its step-1 checkpoint. Only model size and step counts differ from
+the real settings. What they cannot rehearse: a GPU, the real weights, the real data (its content
+and size), the length of a real run.
+
+Each takes minutes of CPU (two processes, DataLoader workers, native-size images): marked `slow`
+(they start first under `-n 2 --dist worksteal`) and `rehearsal` (`-m "not rehearsal"` skips them)."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unet_seg.models import TINY_SD2
+from unet_seg.train import checkpoint_path
+
+from .fake_datasets import write_coco20i
+from .helpers import assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, run_torchrun, write_tiny_sd
+
+pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
+
+# TINY_SD2 narrowed to 32 channels and one ResNet per block: at native sizes (Cityscapes evaluated at
+# 1024×512: a 128×64 latent) its full-resolution attention sees 8192 tokens.
+REHEARSAL_UNET = replace(TINY_SD2, channels=(32, 32, 32, 32), heads=(1, 1, 1, 1), layers_per_block=1)
+
+
+def failure(run) -> str:
+    """The first rank's traceback in a torchrun's stderr (torchrun's own summary comes after it)."""
+    err = run.stderr
+    start = err.find("Traceback")
+    return err[start : start + 6000] if start >= 0 else err[-6000:]
+
+
+def rehearse(recipe: str, args: list, tmp_path, run_dir: str = "", timeout: int = 900) -> dict:
+    """`recipe` with `args` on 2 gloo ranks for 2 steps (checkpoints at both), then again from only
+    its step-1 checkpoint with --resume. Asserts: both runs finish, the ranks hold the same weights
+    at every checkpoint, every evaluation split covers each item once, the resumed step-2
+    checkpoint equals the straight one bit for bit, and both write the same metrics -> metrics."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run = run_torchrun(recipe, args + ["--out", str(straight)], probe=tmp_path / "probe", timeout=timeout)
+    assert run.returncode == 0, failure(run)
+    assert "on 2 process(es)" in run.stdout
+    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
+    splits = assert_rank_shares_cover_each_item_once(tmp_path / "probe")
+    (resumed / run_dir).mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
+    shutil.copy(checkpoint_path(straight / run_dir, 1), resumed / run_dir)
+    again = run_torchrun(recipe, args + ["--out", str(resumed), "--resume"], timeout=timeout)
+    assert again.returncode == 0, failure(again)
+    a, b = (load_file(str(checkpoint_path(d / run_dir, 2))) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b.get(k))][:5]
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert json.loads((resumed / "metrics.json").read_text()) == metrics
+    return metrics, splits, run
+
+
+def test_diffews_coco20i_fold_run_with_one_and_five_shot_evaluation(tmp_path):
+    """The README's DiffewS command (`--fold F --shots 1`) on COCO 2014 images of odd and portrait
+    sizes (640×427, 427×640, 500×375, ...) squashed to 512², 1- and 5-shot evaluation episodes
+    (4 training images: a batch of 2 episodes on each of the 2 ranks)."""
+    data, sd = write_coco20i(tmp_path / "COCO2014", train_images=4), write_tiny_sd(tmp_path / "sd", "v_prediction", unet=REHEARSAL_UNET)
+    args = ["--model", str(sd), "--data-root", str(data), "--fold", "0", "--shots", "1", "--steps", "2", "--save-every", "1",
+            "--episodes", "2"]  # fmt: skip
+    metrics, splits, _ = rehearse("diffews_coco20i", args, tmp_path)
+    assert {"DiffewS 1-shot", "DiffewS 5-shot"} <= set(metrics) and splits >= 2
+    assert all(0 <= v <= 100 for row in metrics.values() for v in row.values())
+
