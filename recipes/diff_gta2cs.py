@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
     p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the trained fusion block and head on a GPU (faster; the release trains them in fp32)")
+    p.add_argument("--small-head", action="store_true", help="the demo's fusion and head widths (32/64/128, 32, 32) instead of "
+                   "the official 512/1024/2048, 256, 256 (106M parameters): to rehearse a real run on a CPU")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
     p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120; --features trajectory only)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
@@ -269,7 +271,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     resuming from `out` with --resume; returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo else ((512, 1024, 2048), 256, 256, 32)
+    dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo or args.small_head else ((512, 1024, 2048), 256, 256, 32)
     segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)

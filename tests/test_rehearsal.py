@@ -3,8 +3,8 @@ two gloo processes under torchrun, with `--model` a tiny random SD 2.x checkpoin
 layout and the data roots fake datasets in the real on-disk layouts at the native image sizes
 (`tests/fake_datasets.py`), evaluating every target of the official run (DiffewS: fold 0 of the
 four), then `--resume`s from its step-1 checkpoint. Only model size and step counts differ from
-the real settings. What they cannot rehearse: a GPU, the real weights, the real data (its content
-and size), the length of a real run.
+the real settings (DIFF's 106M-parameter head: `--small-head`). What they cannot rehearse: a
+GPU, the real weights, the real data (its content and size), the length of a real run.
 
 Each takes minutes of CPU (two processes, DataLoader workers, native-size images): marked `slow`
 (they start first under `-n 2 --dist worksteal`) and `rehearsal` (`-m "not rehearsal"` skips them)."""
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from unet_seg.models import TINY_SD2
 from unet_seg.train import checkpoint_path
 
-from .fake_datasets import write_coco20i
+from .fake_datasets import write_coco20i, write_driving
 from .helpers import assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, run_torchrun, write_tiny_sd
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
@@ -57,6 +57,21 @@ def rehearse(recipe: str, args: list, tmp_path, run_dir: str = "", timeout: int 
     metrics = json.loads((straight / "metrics.json").read_text())
     assert json.loads((resumed / "metrics.json").read_text()) == metrics
     return metrics, splits, run
+
+
+DRIVING_TARGETS = ["cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich"]
+
+
+def test_diff_official_run_gta5_to_five_targets(tmp_path):
+    """The official DIFF command: GTA5 (1914×1052) -> Cityscapes, BDD100K, Mapillary, ACDC, Dark
+    Zurich at their native sizes, each evaluated whole at its LAYOUTS scale through the trajectory."""
+    data, sd = write_driving(tmp_path / "data"), write_tiny_sd(tmp_path / "sd", "v_prediction", unet=REHEARSAL_UNET)
+    args = ["--model", str(sd), "--data-root", str(data), "--source", "gta5", "--targets", *DRIVING_TARGETS,
+            "--steps", "2", "--save-every", "1", "--trajectory", "7", "30", "--timesteps", "7", "0", "--small-head"]  # fmt: skip
+    metrics, splits, _ = rehearse("diff_gta2cs", args, tmp_path)
+    (scores,) = metrics.values()
+    assert set(scores) == set(DRIVING_TARGETS) and all(0 <= v <= 100 for v in scores.values())
+    assert splits >= len(DRIVING_TARGETS)
 
 
 def test_diffews_coco20i_fold_run_with_one_and_five_shot_evaluation(tmp_path):
