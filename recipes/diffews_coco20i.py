@@ -58,6 +58,7 @@ does not read them); 1500 steps, the demo's default (6.8 min), 1-shot 33.5, 5-sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -201,6 +202,8 @@ def export(sd, args) -> None:
     """RUN/model: the fine-tuned SD as a diffusers folder, the recipe's settings in config.json (rank 0)."""
     if is_main():
         config = dict(recipe="diffews", size=args.size, vae="block codec" if args.demo else "vae", support_sampling=args.support_sampling, seed=args.seed)
+        if not args.demo and next(sd.vae.parameters()).dtype != torch.float32:  # the frozen VAE as it was published, not its bf16 copy
+            sd = dataclasses.replace(sd, vae=load_sd(args.model, components=["vae"]).vae)
         print0(f"exported the fine-tuned model to {export_sd(sd, args.out / 'model', config)}")
 
 

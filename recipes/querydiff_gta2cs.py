@@ -237,7 +237,7 @@ def scores(model: nn.Module, num_classes: int, window=None, amp: bool = False):
 
 def export(model: QueryDiff, args, class_names, palette) -> None:
     """RUN/model: the trained weights but the DCL's (training only), what rebuilds the model (frozen DINOv2: timm's)."""
-    config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512), "multiple": 64},
+    config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512)},
                   palette=palette, window=None if args.demo else args.window)  # fmt: skip
     save_export(args.out / "model", config, {k: v for k, v in trained_tensors(model).items() if not k.startswith(("tokens.", "dcl."))}, args=args)
 

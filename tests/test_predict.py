@@ -235,6 +235,20 @@ def test_querydiff_exports_the_model_without_its_training_branch_and_predicts_wh
     conf, _ = recipe.evaluate(model, [item], len(predictor.class_names), torch.device("cpu"))
     assert conf.sum() == labels.numel() and conf.diagonal().sum() == conf.sum() and len(labels.unique()) > 1
 
+    # real runs resize keeping the aspect and slide windows, as their evaluation: the same export so configured
+    from unet_seg.data.transforms import ResizeImage
+
+    config = json.loads((run / "model" / "config.json").read_text())
+    config |= {"resize": {"scale": [96, 64]}, "window": [[32, 32], [21, 21]]}
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    sliding = recipe.load_trained(run)
+    randomise_(sliding.modules["model"], 1)
+    labels = sliding(image)
+    item = {"image": ResizeImage((96, 64))(read_image(image), labels, None)[0], "label": labels}
+    assert item["image"].shape[-2:] == (64, 96)  # three windows across, two down
+    conf, _ = recipe.evaluate(sliding.modules["model"], [item], len(predictor.class_names), torch.device("cpu"), window=((32, 32), (21, 21)))
+    assert conf.sum() == labels.numel() and conf.diagonal().sum() == conf.sum() and len(labels.unique()) > 1
+
 
 def test_digseg_exports_predicts_what_its_evaluation_computes_and_takes_your_own_class_names(tmp_path, capsys, cpu_only):
     from unet_seg.data.synthetic import CLASS_NAMES

@@ -108,16 +108,15 @@ def image_files(inputs: Iterable[PathLike]) -> list[tuple[Path, Path]]:
     return [(p, o) for o, p in found.items()]
 
 
-def evaluation_size(h: int, w: int, resize: dict) -> tuple[int, int]:
-    """The size a recipe's evaluation resizes an (h, w) image to: `{"square": S}` squashes to S × S
-    (synthetic test sets, DiGSeg, DiffewS); `{"scale": (long, short), "multiple": m}` keeps the
-    aspect to fit the scale, each side rounded to a multiple of m (`data.transforms.ResizeImage`
-    with m = 8, which Cityscapes-sized images meet as they are)."""
+def evaluation_input(image: Tensor, resize: dict) -> Tensor:
+    """[3, H, W] -> the image a recipe's evaluation sees: `{"square": S}` squashes it to S × S
+    (synthetic test sets are drawn at that size); `{"scale": (long, short)}` is the driving test
+    sets' `data.transforms.ResizeImage(scale)` (the aspect kept, sides multiples of 8)."""
     if "square" in resize:
-        return resize["square"], resize["square"]
-    scale, m = resize["scale"], resize.get("multiple", 8)
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return max(m, round(h * factor / m) * m), max(m, round(w * factor / m) * m)
+        return resize_image(image, (resize["square"],) * 2)
+    from .data.transforms import ResizeImage
+
+    return ResizeImage(tuple(resize["scale"]))(image, image.new_zeros(image.shape[-2:]), None)[0]
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
@@ -217,13 +216,13 @@ class Predictor:
 
 
 def logits_predictor(logits: Callable[[Tensor], Tensor], config: dict, modules: dict, device="cpu", untinted=None) -> Predictor:
-    """A semantic predictor as the recipes evaluate: image [3, H, W] resized by `evaluation_size`
+    """A semantic predictor as the recipes evaluate: image [3, H, W] resized by `evaluation_input`
     (config["resize"]), `logits(images [1, 3, h, w]) -> [1, K, h', w']` on `device`, bilinear to
     (H, W), argmax. config["class_names"], config["palette"] (None: `viz.PALETTE`'s) name the classes."""
 
     @torch.no_grad()
     def segment(image: Tensor) -> Tensor:
-        x = resize_image(image, evaluation_size(*image.shape[-2:], config["resize"]))[None].to(device)
+        x = evaluation_input(image, config["resize"])[None].to(device)
         out = logits(x)
         return F.interpolate(out.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
 
