@@ -2,8 +2,10 @@
 reloads (`load_trained`) and segments an image the test writes at an odd size, through the
 command line (`--predict ... --from`) as through Python; the prediction equals what the recipe's
 own evaluation computes for that image from the training checkpoint (not the export). The
-DiffewS export is a diffusers folder: `load_sd` reads it and diffusers reads its U-Net. Inputs of
-any mode are read; a mask that is not a mask says so in one line."""
+DiffewS export is a diffusers folder: `load_sd` reads it and diffusers reads its U-Net; `--export
+CHECKPOINT` exports an older checkpoint. Inputs of any mode are read; a mask that is not a mask
+says so in one line. The recipes' real-run settings (keep-ratio resize, sliding windows) are
+exercised on the QueryDiff demo's export with its config so set."""
 
 import json
 
@@ -113,7 +115,7 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     from unet_seg.demo import BlockCodec, tiny_sd
 
     recipe, run = load_recipe("diffews_coco20i"), tmp_path / "run"
-    recipe.main(["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "2", "--out", str(run)])
+    recipe.main(["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "2", "--save-every", "1", "--out", str(run)])
     model = run / "model"
     assert "conv_in_support" in (model / "README.md").read_text()
     assert json.loads((model / "config.json").read_text())["recipe"] == "diffews"
@@ -160,6 +162,16 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     not_a_mask = scene(tmp_path / "photo.png", (37, 52), mode="L")
     with pytest.raises(SystemExit, match=r"error: .*photo.png: not a mask: it holds \d+ values"):
         run_cli(recipe, ["--predict", str(query), "--from", str(run), "--support", str(s1), str(not_a_mask)])
+    # --export CHECKPOINT, with the training flags: an older checkpoint's weights replace the export
+    from safetensors.torch import load_file
+
+    from unet_seg.train import checkpoint_path
+
+    recipe.main(["--demo", "--out", str(run), "--export", str(checkpoint_path(run, 1))])
+    step1 = {k.removeprefix("model/unet/"): v for k, v in load_file(str(checkpoint_path(run, 1))).items() if k.startswith("model/unet/")}
+    exported = load_sd(model, components=["unet"]).unet.state_dict()
+    assert set(exported) == set(step1) and all(torch.equal(exported[k], v) for k, v in step1.items())
+    assert not all(torch.equal(sd.unet.state_dict()[k], v) for k, v in step1.items())  # step 2 differs: the export did change
     with pytest.raises(SystemExit, match="no model/config.json"):
         run_cli(recipe, ["--predict", str(query), "--from", str(tmp_path), "--support", str(s1), str(m1)])
     with pytest.raises(SystemExit):  # a usage error: supports are needed
