@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from torch import nn
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from unet_seg.mask2former import MSDeformAttn, ms_deform_attn
@@ -143,3 +145,104 @@ def test_compiles_without_graph_breaks():
     tokens, ref = randn(1, 20, 16, seed=12), reference_points(sizes)[None]
     compiled_layer = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled_layer(tokens, ref, tokens, sizes), layer(tokens, ref, tokens, sizes))
+
+
+# ------------------------------------------------------------------ non-square maps, written out
+
+NON_SQUARE = ((13, 7), (6, 11), (3, 5))  # (H, W) per level: a swapped H and W shows on every one
+
+
+def per_point_reference(value, sizes, loc, weights):
+    """Deformable DETR's sampling as plain loops over batch, query, head, level and point: the
+    point (x, y) in [0, 1] sits at pixel coordinates (x·W − ½, y·H − ½) (pixel (i, j) has its centre
+    at (j + ½)/W, (i + ½)/H); the four surrounding pixels are read by row-major index
+    start_l + i·W + j, weighted bilinearly, those outside the map read as 0. float64 Python scalars."""
+    b, _, m, d = value.shape
+    q, n_points = loc.shape[1], loc.shape[4]
+    out = torch.zeros(b, q, m, d, dtype=torch.float64)
+    starts = [sum(h * w for h, w in sizes[:level]) for level in range(len(sizes))]
+    for bi in range(b):
+        for qi in range(q):
+            for mi in range(m):
+                for level, (h, w) in enumerate(sizes):
+                    for pi in range(n_points):
+                        x = loc[bi, qi, mi, level, pi, 0].item() * w - 0.5
+                        y = loc[bi, qi, mi, level, pi, 1].item() * h - 0.5
+                        j0, i0 = math.floor(x), math.floor(y)
+                        sample = torch.zeros(d, dtype=torch.float64)
+                        for i in (i0, i0 + 1):
+                            for j in (j0, j0 + 1):
+                                if 0 <= i < h and 0 <= j < w:
+                                    corner = (1 - abs(x - j)) * (1 - abs(y - i))
+                                    sample += corner * value[bi, starts[level] + i * w + j, mi].double()
+                        out[bi, qi, mi] += weights[bi, qi, mi, level, pi].item() * sample
+    return out.reshape(b, q, m * d)
+
+
+def test_sampling_equals_the_per_point_loop_on_non_square_maps_at_three_levels():
+    value, sizes, loc, weights = _inputs(b=2, q=4, m=2, d=3, sizes=NON_SQUARE, p=3, seed=5, spread=0.15)
+    expected = per_point_reference(value, sizes, loc, weights)
+    torch.testing.assert_close(ms_deform_attn(value, sizes, loc, weights), expected, rtol=0, atol=1e-12)  # measured max |error| 1.2e-15
+    # a point at the centre of pixel (row 2, column 4) of the 6×11 level reads that pixel: row-major, W = 11
+    one = torch.zeros(1, 1, 1, 3, 1, 2, dtype=torch.float64)
+    one[..., 0], one[..., 1] = (4 + 0.5) / 11, (2 + 0.5) / 6
+    only_level_1 = torch.zeros(1, 1, 1, 3, 1, dtype=torch.float64)
+    only_level_1[:, :, :, 1] = 1
+    v = value[:1, :, :1]
+    torch.testing.assert_close(ms_deform_attn(v, sizes, one, only_level_1)[0, 0], v[0, 13 * 7 + 2 * 11 + 4, 0])
+
+
+def layer_reference(layer: MSDeformAttn, query, reference, value, sizes):
+    """MSDeformAttn written out with its own weights: value projection split into heads; offsets
+    in pixels of each level divided by that level's (W, H); per head one softmax over all
+    levels × points; the per-point loop above; output projection."""
+    b, q, c = query.shape
+    m, n_levels, n_points = layer.heads, layer.levels, layer.points
+    v = F.linear(value, layer.value_proj.weight, layer.value_proj.bias).view(b, -1, m, c // m)
+    offsets = F.linear(query, layer.sampling_offsets.weight, layer.sampling_offsets.bias).view(b, q, m, n_levels, n_points, 2)
+    logits = F.linear(query, layer.attention_weights.weight, layer.attention_weights.bias).view(b, q, m, n_levels * n_points)
+    e = (logits - logits.max(-1, keepdim=True).values).exp()
+    weights = (e / e.sum(-1, keepdim=True)).view(b, q, m, n_levels, n_points)
+    loc = torch.empty(b, q, m, n_levels, n_points, 2, dtype=query.dtype)
+    for level, (h, w) in enumerate(sizes):
+        loc[:, :, :, level, :, 0] = reference[:, :, None, None, 0] + offsets[:, :, :, level, :, 0] / w
+        loc[:, :, :, level, :, 1] = reference[:, :, None, None, 1] + offsets[:, :, :, level, :, 1] / h
+    return F.linear(per_point_reference(v, sizes, loc, weights), layer.output_proj.weight, layer.output_proj.bias)
+
+
+def test_layer_equals_the_written_out_forward_on_non_square_maps():
+    from .helpers import randomise_
+
+    layer = randomise_(MSDeformAttn(dim=8, levels=3, heads=2, points=2), 3).double()
+    s = sum(h * w for h, w in NON_SQUARE)
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    value = torch.randn(2, s, 8, generator=g, dtype=torch.float64)
+    reference = torch.rand(2, 5, 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(query, reference, value, NON_SQUARE)
+        expected = layer_reference(layer, query, reference, value, NON_SQUARE)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # measured max |error| 1.8e-15
+
+
+def test_attention_weights_are_one_softmax_per_head_over_levels_and_points():
+    """A constant map of ones reads 1 at points far inside every level: the output per head is
+    then the sum of its weights, which is 1 for a softmax over all levels × points (L for a
+    softmax per level, whatever the logits)."""
+    layer = MSDeformAttn(dim=8, levels=3, heads=2, points=2).double()
+    with torch.no_grad():
+        nn.init.zeros_(layer.sampling_offsets.weight)
+        nn.init.zeros_(layer.sampling_offsets.bias)  # every point at its reference
+        layer.attention_weights.weight.normal_(generator=torch.Generator().manual_seed(6))  # unequal weights
+        layer.value_proj.weight.zero_()
+        layer.value_proj.bias.fill_(1.0)  # V = 1 everywhere
+        layer.output_proj.weight.copy_(torch.eye(8))
+        layer.output_proj.bias.zero_()
+    s = sum(h * w for h, w in NON_SQUARE)
+    query = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    reference = torch.full((2, 4, 2), 0.5, dtype=torch.float64)  # the centre: inside every level
+    with torch.no_grad():
+        out = layer(query, reference, torch.zeros(2, s, 8, dtype=torch.float64), NON_SQUARE)
+        logits = layer.attention_weights(query).view(2, 4, 2, 6)
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-12)
+    assert logits.std() > 0.5  # the weights are far from uniform: a per-level softmax would give 3
