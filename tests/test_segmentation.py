@@ -95,6 +95,16 @@ def test_class_mask_pairs_take_present_classes_or_absent_ones_with_empty_masks()
     assert set(index.tolist()) == {0, 2} and (masks == 0).all()
 
 
+def test_class_mask_pairs_take_a_present_class_when_every_class_is_present():
+    """An image showing the whole vocabulary has no absent class to draw (it raised in randint)."""
+    labels = torch.tensor([[1, 3], [7, 255]]).expand(16, 2, 2)
+    class_ids = torch.tensor([1, 3, 7])
+    torch.manual_seed(0)
+    index, masks = class_mask_pairs(labels, class_ids, absent_prob=1.0)
+    assert set(index.tolist()) == {0, 1, 2}
+    assert torch.equal(masks, (labels == class_ids[index].view(-1, 1, 1)).long()) and (masks.sum((1, 2)) == 1).all()
+
+
 def test_candidates_to_labels_maps_argmax_to_dataset_labels_with_or_without_a_floor():
     prob = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.8, 0.65]]).view(1, 2, 1, 3)  # 2 candidates, 3 pixels
     candidates, class_ids = torch.tensor([4, 1]), torch.tensor([10, 11, 12, 13, 14])

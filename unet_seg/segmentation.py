@@ -204,11 +204,13 @@ def clip_candidates(clip_vision, images: Tensor, class_embeds: Tensor, threshold
 def class_mask_pairs(labels: Tensor, class_ids: Tensor, absent_prob: float) -> tuple[Tensor, Tensor]:
     """labels [B, H, W] (dataset labels, 255 ignore) -> (vocabulary index [B], binary mask [B, H, W]):
     per image a class present in it, or with probability `absent_prob` (always, when none is
-    present) one absent from it, whose mask is empty. Draws from the global RNG."""
+    present; never, when every class is) one absent from it, whose mask is empty. Draws from the
+    global RNG."""
     picks = []
     for lab in labels:
         present = torch.isin(class_ids, lab.unique().to(class_ids.device))
-        pool = present if (present.any() and torch.rand(()) >= absent_prob) else ~present
+        take_present = present.any() and (torch.rand(()) >= absent_prob or present.all())
+        pool = present if take_present else ~present
         choice = pool.nonzero()[:, 0]
         picks.append(choice[torch.randint(len(choice), ())])
     index = torch.stack(picks).to(labels.device)
