@@ -117,7 +117,7 @@ from torch import nn
 
 from unet_seg import load_sd
 from unet_seg.data import synthetic
-from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, pretrain_denoiser, tiny_sd
+from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, pretrain_unless_resuming, tiny_sd
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
@@ -127,7 +127,7 @@ from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    autocast, check_finite_everywhere, clip_and_step, finish_run, head, latest_checkpoint, maybe_compile, print0, progress,
+    autocast, check_finite_everywhere, clip_and_step, finish_run, head, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -377,18 +377,15 @@ def main(argv=None) -> dict:
     sd = tiny_sd() if args.demo else load_sd(args.model, device=device)
     unet, vae = sd.unet.to(device), sd.vae.to(device)
     sd.text_encoder.to(device).eval().requires_grad_(False)
-    if args.demo and not ((args.resume or args.export) and latest_checkpoint(args.out) is not None):  # else the checkpoint holds it
-        captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731
-        loss = pretrain_denoiser(unet, vae, sd.schedule, args.pretrain_steps, args.size, args.seed, captions, batch_size=8, device=device)
-        print0(f"pre-trained the tiny U-Net for {args.pretrain_steps} steps: denoising loss {loss:.3f}")
-    unet.eval().requires_grad_(False)
+    captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731
+    pretrain_unless_resuming(sd, out=args.out, resume=bool(args.resume or args.export), steps=args.pretrain_steps if args.demo else 0,
+                             size=args.size, seed=args.seed, device=device, condition=captions, batch_size=8)  # fmt: skip
     vae.eval().requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     contexts, schedule = sd.encode_prompt([""] + prompts), sd.schedule
     sd.text_encoder = None  # the prompts are encoded: free it
-    rev = unet.config.channels[::-1]  # each tap of up level i has that level's width, at every saved step
-    level_channels = [len(args.timesteps) * len(p + a) * rev[i] for i, (p, a) in zip(LEVELS, level_names(unet))]
+    level_channels = [len(args.timesteps) * sum(unet.feature_info(n).channels for n in p + a) for p, a in level_names(unet)]
     frozen = Frozen(unet, vae, contexts, prompt_ids, schedule, level_channels)
     if args.compile:  # the two calls the feature paths make (a compiled module would only cover forward)
         unet.forward_with_features, unet.features = maybe_compile(unet.forward_with_features, True), maybe_compile(unet.features, True)

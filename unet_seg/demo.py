@@ -223,7 +223,7 @@ def pretrain_unless_resuming(
             empty = sd.encode_prompt([""]).to(device)
             condition = lambda labels: empty.expand(len(labels), -1, -1)  # noqa: E731
         loss = pretrain_denoiser(unet, sd.vae, sd.schedule, steps, size, seed, condition, batch_size, device)
-        print0(f"demo: pre-trained the tiny U-Net for {steps} denoising steps on unlabelled synthetic scenes (loss {loss:.3f})")
+        print0(f"demo: pre-trained the tiny U-Net for {steps} denoising steps on synthetic scenes (loss {loss:.3f})")
     unet.eval().requires_grad_(False)
     return loss
 
