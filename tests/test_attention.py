@@ -208,12 +208,12 @@ def test_kv_fusion_subsample_compiles_without_graph_breaks_on_the_global_rng():
     assert torch.compile(fn, fullgraph=True, backend="eager")(q, k, v).shape == q.shape
 
 
-@pytest.mark.parametrize("which", ["sd1", "sd2"])
-def test_kv_fusion_on_all_unet_self_attention_changes_queries_and_leaves_supports_plain(which):
+@pytest.mark.parametrize("which, hw", [("sd1", (8, 8)), ("sd2", (8, 8)), ("sd1", (9, 13))])
+def test_kv_fusion_on_all_unet_self_attention_changes_queries_and_leaves_supports_plain(which, hw):
     unet, cfg = tiny_unet(which), {"sd1": TINY_SD1, "sd2": TINY_SD2}[which]
     groups, supports = 2, 2
     b = groups * (1 + supports)
-    x, ctx, t = randn(b, 4, 8, 8), randn(b, 3, cfg.context_dim, seed=1), torch.arange(b) * 100
+    x, ctx, t = randn(b, 4, *hw), randn(b, 3, cfg.context_dim, seed=1), torch.arange(b) * 100
     procs = kv_fusion_procs(self_attention_layers(unet.attention_names), supports)
     with torch.no_grad():
         fused, plain = unet(x, t, ctx, procs=procs), unet(x, t, ctx)
