@@ -251,6 +251,7 @@ m.name for m in self.modules() if isinstance(m, Attention))
         if len(parts) == 2:  # after the upsampler (none on the last up level)
             return FeatureInfo(ch[level], 2 ** max(level - 1, 0))
         return FeatureInfo(ch[level], 2**level)
+
     def forward(
         self, x: Tensor, t: Union[Tensor, int, float], context: Tensor, procs: Procs = None, support: Optional[Tensor] = None
     ) -> Tensor:
