@@ -335,7 +335,7 @@ def load_trained(run, device=None, classes=None) -> Predictor:
             prob = F.interpolate(denoise_class_masks(model, vae, schedule, inputs, embeds[keep], e, s), x.shape[-2:], mode="bilinear")
             return candidates_to_labels(prob, keep, class_ids, background, tau)[0].cpu()
 
-    return Predictor(segment, names, palette_for(len(names)), untinted=0 if args.demo or classes else None, config=config, modules={"digseg": model, "class_embeds": embeds})
+    return Predictor(segment, names, palette_for(len(names), background=bool(args.demo or classes)), untinted=0 if args.demo or classes else None, config=config, modules={"digseg": model, "class_embeds": embeds})
 
 
 def main(argv=None) -> dict:

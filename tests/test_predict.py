@@ -105,6 +105,27 @@ def test_folders_are_walked_and_outputs_keep_their_place(tmp_path):
         image_files([tmp_path / "missing.png"])
 
 
+def test_predictions_are_written_as_palette_pngs_of_the_class_ids_and_overlays(tmp_path):
+    from unet_seg.predict import palette_for, write_prediction
+
+    image = torch.rand(3, *ODD) * 2 - 1
+    labels = torch.randint(0, 4, ODD)
+    labels[0, 0] = 255  # ignore
+    palette = palette_for(4, background=True)
+    png, over = write_prediction(tmp_path, "sub/x", image, labels, palette, untinted=0)
+    written = Image.open(png)
+    assert png == tmp_path / "sub" / "x.png" and written.mode == "P"
+    assert np.array_equal(np.asarray(written), labels.numpy())
+    colours = np.array(written.getpalette()[: 3 * 256]).reshape(256, 3)
+    assert np.array_equal(colours[:4], palette) and tuple(colours[0]) == (0, 0, 0)
+    rgb, blended = np.asarray(Image.open(over)).astype(int), ((image.permute(1, 2, 0) + 1) * 127.5).round().numpy()
+    bg, fg = (labels == 0).numpy(), (labels == 2).numpy()
+    assert np.array_equal(rgb[bg], blended[bg])  # background untinted
+    assert np.abs(rgb[fg] - (blended[fg] + palette[2]) / 2).max() <= 1  # class 2 half its colour
+    mask, _ = write_prediction(tmp_path, "m", image, (labels == 2).long(), palette, binary=True)
+    assert set(np.unique(np.asarray(Image.open(mask))).tolist()) == {0, 255}
+
+
 # ---------------------------------------------------------------------------------------------
 # DiffewS
 

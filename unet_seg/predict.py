@@ -146,11 +146,12 @@ def support_pairs(supports: Sequence[tuple], size: tuple[int, int]) -> tuple[lis
 # Outputs
 
 
-def palette_for(num_classes: int, palette: Optional[Sequence] = None) -> np.ndarray:
-    """uint8 [K, 3]: the dataset's colours, or `viz.PALETTE`'s saturated ones from colour 1 on."""
+def palette_for(num_classes: int, palette: Optional[Sequence] = None, background: bool = False) -> np.ndarray:
+    """uint8 [K, 3]: the dataset's colours, or `viz.PALETTE`'s: black for class 0 when it is a
+    `background`, else its saturated colours from colour 1 on (ADE20K's class 0 is "wall")."""
     if palette is not None:
         return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    return PALETTE[1 : num_classes + 1].copy()
+    return PALETTE[: num_classes].copy() if background else PALETTE[1 : num_classes + 1].copy()
 
 
 def blend(image: Tensor, labels: Tensor, palette: np.ndarray, untinted: Optional[int] = None, alpha: float = 0.5) -> np.ndarray:
@@ -227,7 +228,7 @@ def logits_predictor(logits: Callable[[Tensor], Tensor], config: dict, modules: 
         return F.interpolate(out.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
 
     names = config["class_names"]
-    return Predictor(segment, names, palette_for(len(names), config.get("palette")), untinted=untinted, config=config, modules=modules)
+    return Predictor(segment, names, palette_for(len(names), config.get("palette"), untinted == 0), untinted=untinted, config=config, modules=modules)
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[PathLike], out: PathLike, **kwargs) -> list[Path]:
