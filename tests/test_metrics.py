@@ -146,11 +146,11 @@ def test_bad_input_is_rejected():
 def test_few_shot_scores_by_hand():
     from unet_seg.metrics import few_shot_scores
 
-    # labels: 0 background, 1 (train class, not scored), 2 and 3 test classes
-    conf = torch.tensor([[50, 0, 5, 5], [0, 0, 0, 0], [10, 0, 30, 0], [0, 0, 0, 20]])
+    # labels: 0 background, 1 (a training class: in FB-IoU, not in the mIoU), 2 and 3 test classes
+    conf = torch.tensor([[50, 0, 5, 5], [0, 4, 0, 0], [10, 0, 30, 0], [0, 0, 0, 20]])
     scores = few_shot_scores(conf, [2, 3])
     iou2, iou3 = 30 / (30 + 10 + 5), 20 / (20 + 0 + 5)
-    fg, bg = 50 / (50 + 10 + 10), 50 / (50 + 10 + 10)  # pooled 2x2: [[50, 10], [10, 50]]
+    fg, bg = 54 / (54 + 10 + 10), 50 / (50 + 10 + 10)  # pooled 2x2: [[50, 10], [10, 54]]
     assert scores == {"mIoU": round(100 * (iou2 + iou3) / 2, 2), "FB-IoU": round(100 * (fg + bg) / 2, 2)}
     with pytest.raises(ValueError, match="0 is background"):
         few_shot_scores(conf, [0, 2])
