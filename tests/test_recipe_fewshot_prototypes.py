@@ -49,3 +49,39 @@ def test_real_data_defaults_and_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the shared parser offers them; this recipe has nothing to export
         _recipe().parse_args(["--predict", "x.png", "--from", str(tmp_path)])
     assert "not available in this recipe" in capsys.readouterr().err
+
+
+def test_real_data_path_runs_end_to_end_on_a_tiny_checkpoint_and_coco20i_folders(tmp_path, cpu_only):
+    """--model/--data-root: a tiny SD 2-layout checkpoint (a real AutoencoderKL) and a COCO-20i
+    folder in HSNet's layout, every class in each of 8 images (5-shot episodes need 6)."""
+    import numpy as np
+    import torch
+
+    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
+
+    from .helpers import write_tokenizer
+    from .test_coco20i import write_sample
+
+    torch.manual_seed(0)
+    sd = tmp_path / "sd"
+    UNet(TINY_SD2).save_pretrained(sd / "unet")
+    AutoencoderKL(TINY_VAE).save_pretrained(sd / "vae")
+    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(sd / "text_encoder")
+    write_tokenizer(sd / "tokenizer", "!")
+    (sd / "scheduler").mkdir()
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    raw = np.zeros((40, 32), np.uint8)
+    for c in range(80):  # class c: a 4x4 block, value c + 1
+        raw[4 * (c // 8) : 4 * (c // 8) + 4, 4 * (c % 8) : 4 * (c % 8) + 4] = c + 1
+    for split in ("train2014", "val2014"):
+        for j in range(8):
+            write_sample(tmp_path / "coco", split, f"COCO_{split}_{j:012d}", raw, (20 * j, 200 - 20 * j, 90))
+    out = tmp_path / "run"
+    metrics = _recipe().main(["--model", str(sd), "--data-root", str(tmp_path / "coco"), "--size", "64", "--steps", "2",
+                              "--batch-size", "2", "--episodes", "4", "--dim", "32", "--out", str(out)])  # fmt: skip
+    assert set(metrics) == {"prototypes 1-shot", "prototypes 5-shot"}  # no control on real data
+    assert all(0 <= r["mIoU"] <= 100 for r in metrics.values()) and (out / "episodes.png").is_file()
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("model/unet/") for k in load_file(str(checkpoint_path(out, 2))))  # SD is not saved
