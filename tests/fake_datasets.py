@@ -12,8 +12,8 @@ the real files have (GTA5 1914×1052, Cityscapes 2048×1024, BDD100K 1280×720, 
 phone and camera sizes, ACDC / Dark Zurich 1920×1080, ADE20K and COCO's varied sizes, odd sides
 and portrait ones among them). Labels are single-channel 8-bit PNGs of the raw ids each dataset
 uses (palette PNGs where the real files are: GTA5, Mapillary), painted as a grid of cells that
-holds every evaluated class, so crops, rare-class sampling, class prompts and few-shot episodes
-all find what they look for. Images are smooth random colour fields (they compress like photos,
+holds every evaluated class (ADE20K: a draw of them per image), so crops, rare-class sampling,
+class prompts and few-shot episodes all find what they look for. Images are smooth random colour fields (they compress like photos,
 so native sizes stay cheap to write and read). Every writer is a pure function of its `seed`.
 """
 
@@ -34,7 +34,7 @@ SIZES = {
     "mapillary": [(4032, 3024), (1920, 1080)],
     "acdc": [(1920, 1080), (1920, 1080)],  # one frame of each of two conditions
     "darkzurich": [(1920, 1080)],
-    "ade20k": [(683, 512), (512, 683)],
+    "ade20k": [(683, 512), (512, 683), (640, 480), (1024, 768)],  # 4: a batch of 2 on each of 2 ranks
     "ade20k_val": [(500, 375), (256, 341)],
     "coco_train": [(640, 427), (427, 640)],
     "coco_val": [(640, 480), (500, 375), (480, 640), (640, 427), (612, 612), (375, 500)],
@@ -150,14 +150,15 @@ def write_driving(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def write_ade20k(root: Path, seed: int = 0) -> Path:
+def write_ade20k(root: Path, classes: int = 23, seed: int = 0) -> Path:
     """ADEChallengeData2016: root/images/{training,validation}/ADE_*.jpg, root/annotations/.../ADE_*.png
-    (0 other, 1..150 classes: every class in every label)."""
+    (0 other and `classes` of the 150, a different draw per image: real images show about ten)."""
     rng = np.random.default_rng([seed, 7])
     for split, prefix, sizes in (("training", "ADE_train", SIZES["ade20k"]), ("validation", "ADE_val", SIZES["ade20k_val"])):
         for i, size in enumerate(sizes, 1):
             stem = f"{prefix}_{i:08d}"
-            write_pair(root / "images" / split / f"{stem}.jpg", root / "annotations" / split / f"{stem}.png", size, range(151), rng)
+            ids = [0, *rng.choice(np.arange(1, 151), classes, replace=False)]
+            write_pair(root / "images" / split / f"{stem}.jpg", root / "annotations" / split / f"{stem}.png", size, ids, rng)
     return root
 
 
