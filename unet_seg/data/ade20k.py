@@ -64,7 +64,7 @@ def read_label(path: Path) -> Tensor:
     """An ADE20K annotation PNG -> reduced label [H, W] int64 in {0..149, 255}."""
     raw = read_label_png(path, "annotations")
     try:
-        return reduce_zero_label(torch.from_numpy(raw).long())
+        return reduce_zero_label(torch.tensor(raw, dtype=torch.long))  # a copy: the PNG's array is read-only (from_numpy warned)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
