@@ -1,17 +1,17 @@
 """Pre-train the demos' tiny text-to-image SD and write its weights (what `unet_seg.demo.pretrained_tiny_sd` loads).
 
-    python -m unet_seg.demo_pretrain --max-seconds 260                 # one GPU (an H200: 4.5 minutes)
+    python -m unet_seg.demo_pretrain                                   # one GPU, about 8 minutes
     python -m unet_seg.demo_pretrain --steps 20 --device cpu --out /tmp/x.safetensors   # a smoke run
 
 A `DEMO_UNET` U-Net and a `DEMO_TEXT` text encoder, both from scratch, trained together as a
 latent text-to-image model: ε-MSE (SD's schedule, t ~ U{0..999}) on `BlockCodec` latents of
-captioned synthetic scenes rendered on the device (`SceneBatches`: `synthetic.CaptionedScenes`'s
-distribution; 1–4 objects of the 20 classes in random looks, captions naming each
+`synthetic.CaptionedScenes` (1–4 objects of the 20 classes in random looks, captions naming each
 object's colour, class and position and the background's colour; 10% of captions dropped to ""
 for classifier-free guidance). Batches alternate between 64² and 128² scenes (the demos' sizes).
 AdamW, linear warm-up then a constant rate, bf16 autocast on a GPU, gradient-norm clip 1; the
 shipped weights are an exponential moving average (fp16). Every random number comes from
-`--seed` (the initialisation, the scenes, the noise: seeded generators). It prints its training curve, then the text-use check:
+`--seed`: the scenes are pure functions of (seed, index) and read in order, the initialisation
+and the noise from seeded generators. It prints its training curve, then the text-use check:
 the denoising loss on held-out scenes with their own captions against the captions of other
 scenes (the same noise and timesteps), and writes the weights atomically, with the commit and the
 settings in the file's metadata.
@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .data import synthetic
 from .data.synthetic import CaptionedScenes
 from .demo import DEMO_TEXT, DEMO_UNET, DEMO_WEIGHTS, BlockCodec, demo_tokenizer, denoising_loss, sample
 from .diffusion import NoiseSchedule, q_sample, training_target
@@ -46,13 +45,14 @@ CHECK_TIMESTEPS = (100, 300, 500, 700, 900)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999, help="decay of the weights' moving average (what is shipped)")
     p.add_argument("--drop-caption", type=float, default=0.1, help="probability of an empty caption")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="scene sides, alternating batch by batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=14, help="DataLoader processes rendering scenes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=0, help="stop training after this many seconds (0: never); "
                    "the metadata records the steps done")
@@ -65,135 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class SceneBatches:
-    """Captioned scenes rendered on the device, a batch at a time: the distribution of
-    captioned synthetic scenes rendered on the device (`SceneBatches`: `synthetic.CaptionedScenes`'s
-distribution; 1–4 objects of distinct classes among the 20, the same
-    background, forms, textures and `random_style` looks, a quarter in `CLEAN_STYLE`, captions as
-    `synthetic.describe` words them) drawn from one device generator instead of per-item CPU
-    streams (a CPU renders about 750 scenes/s on 14 processes: 6 steps/s; the GPU many times that).
+class MixedSizes(torch.utils.data.Dataset):
+    """Item i -> a `CaptionedScenes(seed)` scene of side sizes[(i // batch) % len(sizes)] and its
+    caption's token ids (or an empty caption's, with probability `drop`, from the item's own
+    generator): every batch is one size."""
 
-        next(size) -> images [B, 3, size, size] in [-1, 1], token ids [B, 77] (`drop`: "" instead)
-    """
-
-    def __init__(self, batch: int, seed: int, device: torch.device, drop: float):
-        self.batch, self.device, self.drop = batch, device, drop
-        self.g = torch.Generator(device).manual_seed(seed)
+    def __init__(self, seed: int, length: int, sizes, batch: int, drop: float):
+        self.sets = [CaptionedScenes(seed, length, s) for s in sizes]
+        self.batch, self.drop, self.seed = batch, drop, seed
         self.tokenizer = demo_tokenizer()
-        self.word_ids: dict[str, list[int]] = {}
-        self.form_texture = torch.tensor(synthetic._FORM_TEXTURE, device=device)  # [20, 2]
-        self.clean = torch.tensor(synthetic.CLEAN_STYLE.colour_matrix, device=device)
 
-    def rand(self, *shape) -> torch.Tensor:
-        return torch.rand(shape, generator=self.g, device=self.device)
+    def __len__(self) -> int:
+        return len(self.sets[0])
 
-    def randn(self, *shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.g, device=self.device)
-
-    @torch.no_grad()
-    def render(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (images [B, 3, S, S], labels [B, S, S]) as `synthetic.scene` paints them, batched."""
-        n, s = self.batch, size
-        y = (torch.arange(s, device=self.device, dtype=torch.float32) + 0.5).view(1, 1, s, 1)
-        x = y.view(1, 1, 1, s)
-        # background: gradient + 4×4 bilinear noise + 3 thin lines
-        base, slope, direction = self.rand(n, 3, 1, 1) * 1.2 - 0.6, self.rand(n, 3, 1, 1) * 0.7 - 0.35, self.rand(n, 1, 1, 1) * 2 * math.pi
-        ramp = ((x / s) * 2 - 1) * torch.cos(direction) + ((y / s) * 2 - 1) * torch.sin(direction)
-        image = base + slope * ramp + F.interpolate(0.2 * self.randn(n, 3, 4, 4), size=(s, s), mode="bilinear")
-        ends, half_width, colours = self.rand(n, 3, 4) * s, (0.008 + 0.012 * self.rand(n, 3, 1, 1)) * s, self.rand(n, 3, 3) * 2 - 1
-        p0y, p0x, p1y, p1x = (ends[:, :, i, None, None] for i in range(4))  # [n, 3 lines, 1, 1]
-        dy, dx = p1y - p0y, p1x - p0x
-        t = (((y[0] - p0y) * dy + (x[0] - p0x) * dx) / (dy**2 + dx**2 + 1e-6)).clamp(0, 1)
-        on_line = (y[0] - p0y - t * dy) ** 2 + (x[0] - p0x - t * dx) ** 2 <= half_width**2  # [n, 3, S, S]
-        for i in range(3):
-            image = torch.where(on_line[:, i : i + 1], colours[:, i, :, None, None], image)
-        # objects: count U{1..4}, distinct classes, painted in order
-        grain = self.randn(n, 3, s, s)
-        labels = torch.zeros(n, 1, s, s, dtype=torch.long, device=self.device)
-        count = 1 + (self.rand(n) * 4).long()
-        classes = 1 + self.rand(n, synthetic.NUM_CLASSES).argsort(1)[:, :4]
-        for k in range(4):
-            c = classes[:, k]
-            form, texture = self.form_texture[c - 1].unbind(1)
-            p = self.rand(n, 8, 1, 1)
-            c0 = self.rand(n, 3, 1, 1) * 1.8 - 0.9
-            c1 = (c0 - 1.1 * torch.sign(c0)).clamp(-1, 1)
-            radius = (0.13 + 0.09 * p[:, 0:1]) * s
-            cy, cx = 0.7 * radius + p[:, 1:2] * (s - 1.4 * radius), 0.7 * radius + p[:, 2:3] * (s - 1.4 * radius)
-            dy, dx = y - cy, x - cx
-            rot, angle, period = p[:, 3:4] * 2 * math.pi, p[:, 4:5] * math.pi, (0.10 + 0.04 * p[:, 5:6]) * s
-            u = (dx * torch.cos(rot) + dy * torch.sin(rot)) / radius
-            v = (dy * torch.cos(rot) - dx * torch.sin(rot)) / radius
-            a = (dx * torch.cos(angle) + dy * torch.sin(angle)) / period + p[:, 6:7]
-            b = (dy * torch.cos(angle) - dx * torch.sin(angle)) / period + p[:, 7:8]
-            forms = torch.stack([fn(u, v) for fn in synthetic._FORM_FNS])  # [5, n, 1, S, S]
-            paints = torch.stack([fn(a, b, c0, c1, grain).expand(n, 3, s, s) for fn in synthetic._TEXTURE_FNS])
-            rows = torch.arange(n, device=self.device)
-            inside = forms[form, rows] & (k < count).view(n, 1, 1, 1)
-            image = torch.where(inside, paints[texture, rows], image)
-            labels = torch.where(inside, c.view(n, 1, 1, 1), labels)
-        return self.style(image.clamp(-1, 1)), labels[:, 0]
-
-    def style(self, image: torch.Tensor) -> torch.Tensor:
-        """`synthetic._apply_style` with a `random_style` per image (or, p = 0.25, `CLEAN_STYLE`)."""
-        n, s = image.shape[0], image.shape[-1]
-        clean = (self.rand(n) < 0.25).view(n, 1, 1)
-        matrix = torch.where(clean, self.clean, torch.softmax(2 * self.randn(n, 3, 3), -1))
-        contrast = torch.where(clean[:, 0], 1.0, 0.5 + 0.6 * self.rand(n, 1)).view(n, 1, 1, 1)
-        brightness = torch.where(clean[:, 0], 0.0, 0.4 * self.rand(n, 1) - 0.2).view(n, 1, 1, 1)
-        jitter = torch.where(clean[:, 0], 0.05, 0.1).view(n, 1, 1, 1)
-        sigma = torch.where(clean[:, 0], 0.0, self.rand(n, 1)).view(n, 1)
-        noise_std = torch.where(clean[:, 0], 0.02, 0.08 * self.rand(n, 1)).view(n, 1, 1, 1)
-        u = self.rand(2, n, 3, 1, 1) * 2 - 1
-        x = contrast * torch.einsum("noc,nchw->nohw", matrix, image) + brightness
-        x = x * (1 + jitter * u[0]) + jitter * u[1]
-        taps = torch.arange(-2, 3, device=self.device, dtype=torch.float32)
-        k = torch.exp(-0.5 * (taps / sigma.clamp_min(1e-3)) ** 2)
-        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # [n·3, 5]; σ ≈ 0: the identity
-        x = F.pad(x.reshape(1, n * 3, s, s), (2, 2, 2, 2), mode="reflect")
-        x = F.conv2d(x, k.view(n * 3, 1, 1, 5), groups=n * 3)
-        x = F.conv2d(x, k.view(n * 3, 1, 5, 1), groups=n * 3).view(n, 3, s, s)
-        return (x + noise_std * self.randn(n, 3, s, s)).clamp(-1, 1)
-
-    def captions(self, image: torch.Tensor, labels: torch.Tensor) -> list[str]:
-        """`synthetic.describe` of every scene, from per-class sums computed on the device."""
-        n, s = labels.shape[0], labels.shape[-1]
-        onehot = F.one_hot(labels.view(n, -1), synthetic.NUM_CLASSES + 1).float()  # [n, S², 21]
-        area = onehot.sum(1)  # [n, 21]
-        grid = (torch.arange(s, device=self.device, dtype=torch.float32) + 0.5) / s
-        cy = torch.einsum("npk,p->nk", onehot, grid.repeat_interleave(s)) / area.clamp_min(1)
-        cx = torch.einsum("npk,p->nk", onehot, grid.repeat(s)) / area.clamp_min(1)
-        colour = torch.einsum("npk,ncp->nkc", onehot, image.view(n, 3, -1)) / area.clamp_min(1)[..., None]
-        area, cy, cx, colour = (t.cpu() for t in (area, cy, cx, colour))
-        out = []
-        for i in range(n):
-            objects = [
-                (min(int(3 * cy[i, c]), 2), float(cx[i, c]), f"{synthetic.colour_name(colour[i, c])} {synthetic.CLASS_NAMES[c]} "
-                 f"at {synthetic.position_name(float(cy[i, c]), float(cx[i, c]))}")
-                for c in range(1, synthetic.NUM_CLASSES + 1) if area[i, c] > 0
-            ]  # fmt: skip
-            back = f"on {synthetic.colour_name(colour[i, 0])} background" if area[i, 0] > 0 else ""
-            out.append(" ".join(filter(None, [", ".join(text for _, _, text in sorted(objects)), back])))
-        return out
-
-    def ids(self, captions: list[str]) -> torch.Tensor:
-        """Token ids [B, 77] of captions, built from cached per-word ids (CLIP's BPE works word by word)."""
-        rows = torch.full((len(captions), 77), self.tokenizer.pad_token_id, dtype=torch.long)
-        for row, caption in zip(rows, captions):
-            ids = [self.tokenizer.bos_token_id]
-            for word in caption.replace(",", " ,").split():
-                if word not in self.word_ids:
-                    self.word_ids[word] = self.tokenizer.tokens(word)
-                ids += self.word_ids[word]
-            ids = ids[:76] + [self.tokenizer.eos_token_id]
-            row[: len(ids)] = torch.tensor(ids)
-        return rows
-
-    def next(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.render(size)
-        captions = self.captions(images, labels)
-        dropped = (self.rand(len(captions)) < self.drop).tolist()
-        return images, self.ids(["" if d else c for c, d in zip(captions, dropped)]).to(self.device, non_blocking=True)
+    def __getitem__(self, i: int) -> dict:
+        item = self.sets[(i // self.batch) % len(self.sets)][i]
+        dropped = float(torch.rand((), generator=torch.Generator().manual_seed(self.seed * 10**9 + i))) < self.drop
+        return {"image": item["image"], "ids": self.tokenizer("" if dropped else item["caption"])[0]}
 
 
 def lr_factor(step: int, warmup: int) -> float:
@@ -250,13 +138,17 @@ def main(argv=None) -> dict:
           f"{args.batch_size} scenes at {args.sizes} on {device}; commit {commit}", flush=True)  # fmt: skip
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
-    batches = SceneBatches(args.batch_size, args.seed, device, args.drop_caption)
+    data = MixedSizes(args.seed, args.steps * args.batch_size, args.sizes, args.batch_size, args.drop_caption)
+    loader = torch.utils.data.DataLoader(
+        data, args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None,
+    )  # fmt: skip
     g = torch.Generator(device).manual_seed(args.seed + 1)
     unet.train()
     text_encoder.train()
     start, window, curve = time.perf_counter(), [], []
-    for step in range(args.steps):
-        images, ids = batches.next(args.sizes[step % len(args.sizes)])
+    for step, batch in enumerate(loader):
+        images, ids = batch["image"].to(device, non_blocking=True), batch["ids"].to(device, non_blocking=True)
         with torch.no_grad():
             z0 = codec.encode(images)
         t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g, device=device)
@@ -303,7 +195,7 @@ def main(argv=None) -> dict:
         for i, caption in enumerate(picture(sd, args.picture), 1):
             print(f"picture row {i}: {caption}", flush=True)
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "commit", "device", "picture", "max_seconds")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "commit", "device", "workers", "picture", "max_seconds")}
     metadata = {
         "commit": commit,
         "settings": json.dumps(settings),
