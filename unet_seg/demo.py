@@ -156,6 +156,12 @@ def sample(sd: StableDiffusion, captions: Sequence[str], size: int, steps: int =
     return sd.vae.decode(z0).clamp(-1, 1)
 
 
+def demo_sd(random: bool, unet: UNetConfig = TINY_SD2, prediction_type: str = "epsilon") -> StableDiffusion:
+    """The `--demo` runs' SD: `pretrained_tiny_sd`, or with `random` (`--random-demo-model`)
+    `tiny_sd(unet)` drawn from the global RNG."""
+    return tiny_sd(unet, prediction_type) if random else pretrained_tiny_sd(prediction_type)
+
+
 def pretrain_denoiser(
     unet: nn.Module,
     codec: nn.Module,
