@@ -75,7 +75,7 @@ REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_imag
 def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "DIFF + IPKL domain-generalised segmentation: train on a source domain, report mIoU on unseen target domains. "
-        "--demo runs on CPU with tiny random models and synthetic styles (no download); otherwise give --data-root.",
+        "--demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic styles (no download); otherwise give --data-root.",
         DEMO, REAL, out="runs/diff",
     )  # fmt: skip
     p.add_argument("--data-root", help="folder holding gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/")
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120; --features trajectory only)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
     p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
-    p.add_argument("--pretrain-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net (100)")
+    p.add_argument("--pretrain-steps", type=int, help="with --demo --random-demo-model: denoising pre-training steps of the tiny random U-Net (100)")
     given = p.parse_known_args(argv)[0]  # before the presets fill --trajectory in
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
     if args.predict:
@@ -117,7 +117,7 @@ from torch import nn
 
 from unet_seg import load_sd
 from unet_seg.data import synthetic
-from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, pretrain_unless_resuming, tiny_sd
+from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, demo_sd, pretrain_unless_resuming
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
@@ -338,7 +338,8 @@ def main(argv=None) -> dict:
         return predict_files(load_trained(args.run), args.predict, args.out)
     job = start_run(
         args,
-        demo=f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on unlabelled synthetic scenes, "
+        demo=(f"tiny SD-structured U-Net pre-trained here for {args.pretrain_steps} steps on captioned synthetic scenes, " if args.random_demo_model
+              else "tiny SD pre-trained on captioned synthetic scenes, ") +
         "a frozen 8x8 block codec in place of SD's VAE, synthetic clean -> hazy styles segmented by form",
         real="--model <SD 2.x> --data-root <GTA5, Cityscapes, ...>",
     )
@@ -374,11 +375,11 @@ def main(argv=None) -> dict:
     # ---- the frozen diffusion side (demo: pre-trained here), prompt contexts computed once
     if args.demo:
         torch.manual_seed(args.seed)
-    sd = tiny_sd() if args.demo else load_sd(args.model, device=device)
+    sd = demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, device=device)
     unet, vae = sd.unet.to(device), sd.vae.to(device)
     sd.text_encoder.to(device).eval().requires_grad_(False)
     captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731
-    pretrain_unless_resuming(sd, out=args.out, resume=bool(args.resume or args.export), steps=args.pretrain_steps if args.demo else 0,
+    pretrain_unless_resuming(sd, out=args.out, resume=bool(args.resume or args.export), steps=args.pretrain_steps if args.demo and args.random_demo_model else 0,
                              size=args.size, seed=args.seed, device=device, condition=captions, batch_size=8)  # fmt: skip
     vae.eval().requires_grad_(False)
     if device.type == "cuda":

@@ -75,7 +75,7 @@ REAL = dict(size=512, steps=10000, batch_size=2, lr=1e-5, episodes=1000)
 def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "DiffewS (OI2M) few-shot segmentation: train on a fold's training classes, evaluate 1- and 5-shot mIoU / "
-        "FB-IoU on its held-out classes. --demo runs on CPU with tiny random models and synthetic episodes "
+        "FB-IoU on its held-out classes. --demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic episodes "
         "(no download); otherwise give --model and --data-root.",
         DEMO, REAL, out="runs/diffews",
     )  # fmt: skip
@@ -109,7 +109,7 @@ from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
 from unet_seg.codecs import mask_to_image
 from unet_seg.data.fewshot import fewshot_episodes
-from unet_seg.demo import BlockCodec, tiny_sd
+from unet_seg.demo import BlockCodec, demo_sd
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import few_shot_scores, iou_table
 from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
         return predict_files(load_trained(args.run), args.predict, args.out, supports=args.support)
     job = start_run(
         args,
-        demo="tiny random-weight SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of SD's VAE, "
+        demo=f"tiny {'random-weight' if args.random_demo_model else 'pre-trained'} SD-structured U-Net and text encoder, a frozen 8x8 block codec in place of SD's VAE, "
         "synthetic few-shot episodes",
         real="--model <SD 2.x> --data-root <COCO-20i>",
     )
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     # ---- models: SD U-Net + an 8-channel support conv_in, frozen VAE, empty-prompt context computed once
     if args.demo:
         torch.manual_seed(args.seed)
-        sd = tiny_sd()
+        sd = demo_sd(args.random_demo_model)
     else:
         sd = load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)  # frozen
     unet, vae = sd.unet, sd.vae

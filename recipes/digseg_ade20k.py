@@ -80,7 +80,7 @@ REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps
 def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "DiGSeg: fine-tune SD 2.x to denoise per-class mask latents conditioned on the image latent and the class "
-        "text; evaluate mIoU with E×S test-time settings. --demo runs on CPU with tiny random models and synthetic "
+        "text; evaluate mIoU with E×S test-time settings. --demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic "
         "scenes (no download); otherwise give --model, --clip and --data-root.",
         DEMO, REAL, out="runs/digseg",
     )  # fmt: skip
@@ -122,7 +122,7 @@ from torch import Tensor, nn
 from unet_seg import load_sd
 from unet_seg.attention import context_slice_procs, cross_attention_layers
 from unet_seg.codecs import labels_to_palette_latent, make_palette, mask_to_latent
-from unet_seg.demo import tiny_sd, whiten
+from unet_seg.demo import demo_sd, whiten
 from unet_seg.diffusion import NoiseSchedule, multires_noise, q_sample, training_target
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
@@ -310,7 +310,7 @@ def load_trained(run, device=None, classes=None) -> Predictor:
     i + 1 is classes[i], 0 where no class reaches τ. The demo predicts every class (no CLIP vision tower)."""
     device, (folder, config, tensors) = default_device(device), read_export(run, "digseg")
     args = argparse.Namespace(**config["args"])
-    sd = tiny_sd(prediction_type=args.prediction_type) if args.demo else load_sd(config["model"], components=["unet", "vae"], prediction_type=args.prediction_type)
+    sd = demo_sd(getattr(args, "random_demo_model", True), prediction_type=args.prediction_type) if args.demo else load_sd(config["model"], components=["unet", "vae"], prediction_type=args.prediction_type)
     embeds, null = tensors.pop("class_embeds").to(device), tensors.pop("null_context")
     model = load_tensors(DiGSeg(sd.unet.widen_conv_in(8), embeds.shape[1], null), tensors, str(folder), "digseg.", partial=args.trainable == "paper").to(device).eval()
     vae, schedule, (e, s), size = sd.vae.to(device).eval(), sd.schedule.to(device), (args.ensemble, args.ddim_steps), (args.size,) * 2
@@ -344,7 +344,7 @@ def main(argv=None) -> dict:
         return predict_files(load_trained(args.run, classes=[c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None), args.predict, args.out)
     job = start_run(
         args,
-        demo="tiny random-weight SD-structured U-Net and CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
+        demo=f"tiny {'random-weight' if args.random_demo_model else 'pre-trained'} SD-structured U-Net and text encoder, random CLIP towers, a frozen 8x8 block codec in place of SD's VAE, "
         "synthetic scenes with class names as prompts",
         real="--model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>",
     )
@@ -375,7 +375,7 @@ def main(argv=None) -> dict:
     # ---- models: SD U-Net (conv_in 4 -> 8) + text MLP; frozen VAE, SD text encoder (empty prompt), CLIP
     if args.demo:
         torch.manual_seed(args.seed)
-        sd = tiny_sd(prediction_type=args.prediction_type)
+        sd = demo_sd(args.random_demo_model, prediction_type=args.prediction_type)
         clip_text, clip_vision = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPVisionEncoder(TINY_VIT)
     else:
         sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)

@@ -88,7 +88,7 @@ def slide_window(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion model during "
-        "training only (--model is loaded for training alone). --demo runs on CPU with tiny random models and "
+        "training only (--model is loaded for training alone). --demo runs on CPU with tiny models and "
         "synthetic data, no timm (train CLEAN, test HAZY), and also trains the same model without DCL.",
         DEMO, REAL, out="runs/querydiff", size_multiple=(64, "QueryDiff's backbones and pixel decoder run at multiples of 64 only"),
     )  # fmt: skip
@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
     p.add_argument("--queries", type=int, help="agent queries r = Rein tokens = decoder queries (100; demo 16)")
     p.add_argument("--eval-images", type=int, help="demo: test images per style (real: 0 = whole val sets)")
-    p.add_argument("--teacher-steps", type=int, help="demo only: denoising pre-training steps of the tiny U-Net teacher (200)")
+    p.add_argument("--teacher-steps", type=int, help="with --demo --random-demo-model: denoising pre-training steps of the tiny random U-Net teacher (200)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoints in --out (SD is never loaded)")
     schedule = SCHEDULES[p.parse_known_args(argv)[0].schedule]
     roots = ["--gta-root", "--cityscapes-root", "--bdd-root", "--mapillary-root"]
@@ -131,7 +131,7 @@ from torch import Tensor, nn
 from unet_seg import load_sd
 from unet_seg.backbones import ReinConvNet, ReinDINOv2
 from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
-from unet_seg.demo import pretrain_denoiser, tiny_sd
+from unet_seg.demo import demo_sd, pretrain_denoiser
 from unet_seg.diffusion import NoiseSchedule
 from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
 from unet_seg.metrics import iou_per_class, iou_table
@@ -286,7 +286,7 @@ def build_teacher(args, device):
     block codec and tiny text encoder. Only called for training with DCL."""
     if args.demo:
         torch.manual_seed(args.seed + 1)
-        sd = tiny_sd(DEMO_TEACHER)
+        sd = demo_sd(args.random_demo_model, DEMO_TEACHER)
     else:
         sd = load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     unet, vae, schedule = sd.unet, sd.vae, sd.schedule
@@ -294,7 +294,7 @@ def build_teacher(args, device):
         frozen.to(device).eval().requires_grad_(False)
     with torch.no_grad():
         context = sd.text_encoder.to(device).eval()(sd.tokenizer([""])[:, :2].to(device))  # BOS, EOS: the release's unpadded prompt
-    if args.demo and args.teacher_steps:
+    if args.demo and args.random_demo_model and args.teacher_steps:
         empty_prompt = lambda labels: context.expand(len(labels), -1, -1)  # noqa: E731
         loss = pretrain_denoiser(unet, vae, schedule, args.teacher_steps, args.size, args.seed, empty_prompt, batch_size=16, device=device)
         print0(f"demo teacher: tiny U-Net pre-trained for {args.teacher_steps} denoising steps on random looks (loss {loss:.3f})")
@@ -369,8 +369,8 @@ def main(argv=None) -> dict:
         return predict_files(load_trained(args.run), args.predict, args.out)
     job = start_run(
         args,
-        demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net pre-trained here as a denoiser "
-        "on random looks, a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY)",
+        demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net " + ("pre-trained here as a denoiser on "
+        "random looks" if args.random_demo_model else "pre-trained on captioned synthetic scenes") + ", a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY)",
         real="--model <SD 2.x> --gta-root ... with the `recipes` extra for timm",
     )
     device = job.device

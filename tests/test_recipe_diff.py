@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes, write_tokenizer
 
-TINY = ["--demo", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
 
 
 def _recipe():
@@ -183,9 +183,9 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
 @pytest.mark.parametrize("extra", [["--trajectory", "7", "30", "91", "120"], ["--prediction-type", "model"]])
 def test_batched_features_refuse_the_trajectory_only_options(extra, capsys):
     recipe = _recipe()
-    assert recipe.parse_args(["--demo", "--features", "batched"]).features == "batched"
+    assert recipe.parse_args(["--demo", "--random-demo-model", "--features", "batched"]).features == "batched"
     with pytest.raises(SystemExit):
-        recipe.parse_args(["--demo", "--features", "batched", *extra])
+        recipe.parse_args(["--demo", "--random-demo-model", "--features", "batched", *extra])
     assert "apply to --features trajectory only" in capsys.readouterr().err
 
 

@@ -10,7 +10,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, run_two_gloo_processes
 
-TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
 
 
 def _recipe():
@@ -50,7 +50,7 @@ def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_r
     from unet_seg.errors import TrainingInterrupted
 
     recipe = _recipe()
-    args = ["--demo", "--steps", "4", "--batch-size", "2", "--episodes", "4", "--save-every", "100", "--shots", "3"]
+    args = ["--demo", "--random-demo-model", "--steps", "4", "--batch-size", "2", "--episodes", "4", "--save-every", "100", "--shots", "3"]
     recipe.main(args + ["--out", str(tmp_path / "straight")])
     train_step, calls = recipe.train_step, []
 
@@ -73,7 +73,7 @@ def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_r
 
 @pytest.mark.slow
 def test_shortened_demo_beats_both_baselines_on_held_out_classes(tmp_path):
-    metrics = _recipe().main(["--demo", "--steps", "150", "--episodes", "40", "--out", str(tmp_path)])
+    metrics = _recipe().main(["--demo", "--random-demo-model", "--steps", "150", "--episodes", "40", "--out", str(tmp_path)])
     ours = metrics["DiffewS 1-shot"]
     baselines = [metrics["baseline: support mask"], metrics["baseline: all foreground"]]
     assert ours["mIoU"] > 2 * max(b["mIoU"] for b in baselines), metrics
@@ -98,7 +98,7 @@ def test_official_defaults(tmp_path):
     the launcher's learning rate."""
     args = _recipe().parse_args(["--model", "m", "--data-root", str(tmp_path)])
     assert not args.support_sampling and args.steps == 10000 and args.lr == 1e-5 and args.shots == 1
-    assert _recipe().parse_args(["--demo", "--support-sampling"]).support_sampling
+    assert _recipe().parse_args(["--demo", "--random-demo-model", "--support-sampling"]).support_sampling
 
 
 def test_k_shot_prediction_reads_every_support_token_unless_sampling():

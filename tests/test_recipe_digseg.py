@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes
 
-TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
         "--ensemble", "2", "--ddim-steps", "2"]
 
 
@@ -51,7 +51,7 @@ def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exac
 def test_shortened_demo_beats_the_majority_baseline_on_held_out_images(tmp_path):
     """What the demo learns in minutes: mIoU above predicting the majority label everywhere."""
     recipe = _recipe()
-    metrics = recipe.main(["--demo", "--images", "24", "--out", str(tmp_path)])
+    metrics = recipe.main(["--demo", "--random-demo-model", "--images", "24", "--out", str(tmp_path)])
     ours = metrics[f"DiGSeg {recipe.DEMO['ensemble']}x{recipe.DEMO['ddim_steps']}, τ 0.7"]
     baseline = metrics["baseline: majority label"]
     assert ours["mIoU"] > baseline["mIoU"] + 1.0, metrics

@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, rand, run_two_gloo_processes
 
-TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
 
 def _recipe():
@@ -58,7 +58,7 @@ def test_evaluation_never_builds_the_diffusion_model(tmp_path, monkeypatch):
 
 def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries():
     recipe = _recipe()
-    args = recipe.parse_args(["--demo", "--queries", "8", "--teacher-steps", "0"])  # a random teacher routes gradients too
+    args = recipe.parse_args(["--demo", "--random-demo-model", "--queries", "8", "--teacher-steps", "0"])  # a random teacher routes gradients too
     model = recipe.build_model(args, 6, True)
     teacher = recipe.build_teacher(args, torch.device("cpu"))
     images = rand(2, 3, 64, 64, seed=31) * 2 - 1
@@ -77,7 +77,7 @@ def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries(
 
 def test_model_forward_compiles_without_graph_breaks():
     recipe = _recipe()
-    args = recipe.parse_args(["--demo", "--queries", "8"])
+    args = recipe.parse_args(["--demo", "--random-demo-model", "--queries", "8"])
     args.pixel_layers = args.decoder_layers = 1  # every layer kind once: tracing time grows with depth
     model = recipe.build_model(args, 6, False).eval()
     x = rand(2, 3, 64, 64, seed=33) * 2 - 1
@@ -179,7 +179,7 @@ def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does
     # not (README, recipe docstring). What the shortened demo does show: QueryDiff, trained on the
     # clean style only, segments the unseen hazy style well above predicting background everywhere.
-    argv = ["--demo", "--steps", "150", "--teacher-steps", "50", "--eval-images", "100", "--no-compare"]
+    argv = ["--demo", "--random-demo-model", "--steps", "150", "--teacher-steps", "50", "--eval-images", "100", "--no-compare"]
     metrics = _recipe().main(argv + ["--out", str(tmp_path)])
     hazy = "hazy (held-out) mIoU"
     assert metrics["QueryDiff"][hazy] > metrics["baseline: background everywhere"][hazy] + 3, metrics
@@ -187,7 +187,7 @@ def test_shortened_demo_learns_the_held_out_style(tmp_path):
 
 def test_bad_size_is_refused_with_a_clear_message(capsys):
     with pytest.raises(SystemExit):
-        _recipe().parse_args(["--demo", "--size", "72"])
+        _recipe().parse_args(["--demo", "--random-demo-model", "--size", "72"])
     assert "multiple of 64" in capsys.readouterr().err
 
 

@@ -80,6 +80,11 @@ def recipe_parser(
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--compile", action="store_true", help="torch.compile what runs every step")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and noise")
+    p.add_argument(
+        "--random-demo-model", action="store_true",
+        help="with --demo: a tiny random-weight SD (pre-trained in the run where the recipe needs a denoiser) instead "
+        "of the tiny SD pre-trained on captioned synthetic scenes that ships with the package",
+    )  # fmt: skip
     g = p.add_argument_group("use a trained model")
     g.add_argument("--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="segment these images (a folder: every "
                    "image in it) with the model exported to --from; writes <name>.png and <name>_overlay.png to --out "
