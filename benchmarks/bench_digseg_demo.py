@@ -4,7 +4,8 @@
     python benchmarks/bench_digseg_demo.py --pretrain 400 --seconds 60             # after a captioned pre-training
     python benchmarks/bench_digseg_demo.py --device cpu --seconds 5 --every 2 --images 4   # smoke test
 
-Trains the demo's model as the recipe does (tiny SD2-structured U-Net, all parameters, lr --lr,
+Trains the demo's model as the recipe does (tiny SD2-structured U-Net: random, or with --pretrained
+the packaged pre-trained one that the recipe now starts from, all parameters, lr --lr,
 batch --batch, --size (128²), the demo's scenes of 2–3 objects of distinct classes among five, ε unless
 --pred) for --seconds, and every --every steps evaluates on --images held-out scenes, with each
 class's own prompt and with the next class's (the recipe's control):
@@ -39,7 +40,7 @@ from bench_models import load_recipe  # noqa: E402
 from unet_seg.attention import context_slice_procs, cross_attention_layers  # noqa: E402
 from unet_seg.codecs import latent_to_probability, mask_to_latent  # noqa: E402
 from unet_seg.data.synthetic import CLASS_NAMES, SemanticScenes, fold_split  # noqa: E402
-from unet_seg.demo import pretrain_denoiser, tiny_sd  # noqa: E402
+from unet_seg.demo import pretrain_denoiser, pretrained_tiny_sd, tiny_sd  # noqa: E402
 from unet_seg.diffusion import q_sample, x0_and_eps  # noqa: E402
 from unet_seg.metrics import confusion_matrix, iou_per_class  # noqa: E402
 from unet_seg.models import TINY_SD1_TEXT  # noqa: E402
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--context", default="class", choices=("class", "full"))
     p.add_argument("--class-layers", default="paper", choices=("paper", "all"), help="cross-attention layers that see the class tokens")
     p.add_argument("--pretrain", type=int, default=0)
+    p.add_argument("--pretrained", action="store_true", help="start from the packaged pre-trained demo SD (the recipe's default)")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default="run")
@@ -71,7 +73,7 @@ def main() -> None:
     train, test = SemanticScenes(0, 10**6, **kw), SemanticScenes(1, a.images, **kw)
     names, class_ids = [CLASS_NAMES[c] for c in classes], torch.tensor(classes, device=dev)
     torch.manual_seed(0)
-    sd = tiny_sd(prediction_type=a.pred)
+    sd = pretrained_tiny_sd(a.pred) if a.pretrained else tiny_sd(prediction_type=a.pred)
     clip_text = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32)
     null = sd.encode_prompt([""])
     emb = R.class_embeddings(clip_text, names, torch.device("cpu"), demo=True).to(dev)  # whitened, as the recipe's demo

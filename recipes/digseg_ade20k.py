@@ -46,13 +46,15 @@ the floor the literal rule (right for the demo, whose scenes have a background).
 1×1 is ~89 ms per image, about one VAE encode + one U-Net call + one decode at 512²: the paper
 times one run per image, not one per candidate class (ADE20K images hold ~10). Per-class runs
 cost K times more per image; "class runs/s" is the number comparable to the paper's FPS.
-(7) `--demo`: a tiny random U-Net (all trained, lr 1e-3), random tiny CLIP towers with the five
+(7) `--demo`: the packaged tiny SD pre-trained on captioned synthetic scenes (`--random-demo-model`:
+random weights; all trained, lr 1e-3), random tiny CLIP towers with the five
 prompts whitened (`unet_seg.demo.whiten`), the weight-free `BlockCodec` for SD's VAE, at 128² (its
 ground-truth latents decode to 69 mIoU, 41 at 64²). Every scene holds 2–3 objects of distinct
 classes, so a mask needs the prompt; the control gives each class the next class's prompt. The
 classes are in the codec's latents (a conv probe trained on them: 73 mIoU) and `--target
-label-map` learns them in 150 steps, but the per-class model does not read its prompts: in 50
-steps it turns down the latent/4 and /8 path where they enter (output gain ÷70), then ignores them (README).
+label-map` learns them in 150 steps, but the per-class model does not read its prompts, from either
+start: from random weights it turns down the latent/4 and /8 path where they enter in 50 steps
+(output gain ÷70), then ignores them (README).
 (8) `--target label-map` reads §3.4 / App. B instead: the label map painted in a palette (one
 colour per class, `codecs.make_palette`; App. B's grey replication would put ADE20K's 150 classes
 0.013 apart) is the target, and one run per image is decoded by the nearest colour: the per-image

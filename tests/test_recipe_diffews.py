@@ -194,7 +194,7 @@ def test_a_nan_loss_stops_training_after_skipping_its_update(tmp_path, cpu_only,
     from safetensors.torch import load_file
 
     recipe = _recipe()
-    latent_mse, check_finite_everywhere, make_tiny_sd = recipe.latent_mse, recipe.check_finite_everywhere, recipe.tiny_sd
+    latent_mse, check_finite_everywhere, make_demo_sd = recipe.latent_mse, recipe.check_finite_everywhere, recipe.demo_sd
     calls, unets, weights = [], [], {}
 
     def nan_at_step_2(pred, target):
@@ -206,14 +206,14 @@ def test_a_nan_loss_stops_training_after_skipping_its_update(tmp_path, cpu_only,
         weights.update({k: v.clone() for k, v in unets[0].state_dict().items()})
         return check_finite_everywhere(loss, name)
 
-    def tiny_sd(*a, **kw):
-        sd = make_tiny_sd(*a, **kw)
+    def demo_sd(*a, **kw):
+        sd = make_demo_sd(*a, **kw)
         unets.append(sd.unet)
         return sd
 
     monkeypatch.setattr(recipe, "latent_mse", nan_at_step_2)
     monkeypatch.setattr(recipe, "check_finite_everywhere", check)
-    monkeypatch.setattr(recipe, "tiny_sd", tiny_sd)
+    monkeypatch.setattr(recipe, "demo_sd", demo_sd)
     with pytest.raises(FloatingPointError, match=r"latent MSE is not finite: \[nan\]"):
         recipe.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
     assert [p.name for p in sorted(tmp_path.glob("step_*.safetensors"))] == [checkpoint_path(tmp_path, 1).name]

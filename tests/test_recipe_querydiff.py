@@ -49,7 +49,7 @@ def test_evaluation_never_builds_the_diffusion_model(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the diffusion model was built at evaluation")
 
-    for name in ("load_sd", "tiny_sd", "UNet", "build_teacher", "diffusion_features"):
+    for name in ("load_sd", "demo_sd", "UNet", "build_teacher", "diffusion_features"):
         monkeypatch.setattr(recipe, name, refuse)
     again = recipe.main(TINY + ["--no-compare", "--eval-only", "--out", str(tmp_path)])
     hazy = "hazy (held-out) mIoU"
