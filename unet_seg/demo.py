@@ -1,5 +1,8 @@
-"""Stand-ins for what the recipes' `--demo` modes cannot download: a tiny random-weight SD
-(`tiny_sd`) with a weight-free VAE stand-in (`BlockCodec`) and, for its web-scale pre-training,
+"""Stand-ins for what the recipes' `--demo` modes cannot download: a tiny text-to-image SD
+pre-trained on captioned synthetic scenes that ships with the package (`pretrained_tiny_sd`, the
+demos' default; `python -m unet_seg.demo_pretrain` trains it again; `denoising_loss`, `sample`),
+a tiny random-weight SD (`tiny_sd`, `--random-demo-model`; `demo_sd` picks one), a weight-free VAE
+stand-in (`BlockCodec`) and, for the random model's web-scale pre-training,
 a tiny U-Net taught in CPU minutes to denoise codec latents of unlabelled synthetic scenes in
 many looks (`pretrain_denoiser`). `FormScenes`: synthetic scenes labelled by form, the task that
 the block codec's latents can carry (DIFF's demo), with `caption_forms` for the pre-training.
