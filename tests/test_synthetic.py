@@ -374,3 +374,34 @@ def test_random_style_is_reproducible_and_mixes_colours_convexly():
         assert torch.allclose(rows.sum(1), torch.ones(3)) and (rows >= 0).all()
         assert 0.5 <= style.contrast <= 1.1 and -0.2 <= style.brightness <= 0.2
         assert 0 <= style.blur_sigma <= 1 and 0 <= style.noise_std <= 0.08
+
+
+def test_describe_names_each_object_by_colour_class_and_position_in_reading_order():
+    from unet_seg.data.synthetic import CLASS_NAMES, describe
+
+    image = torch.zeros(3, 64, 64)  # grey background
+    labels = torch.zeros(64, 64, dtype=torch.long)
+    labels[40:60, 44:60], image[:, 40:60, 44:60] = 3, torch.tensor([0.8, -0.7, -0.7]).view(3, 1, 1)  # red, bottom right
+    labels[2:14, 2:14], image[:, 2:14, 2:14] = 7, torch.tensor([-0.7, -0.6, 0.8]).view(3, 1, 1)  # blue, top left
+    assert describe(image, labels) == f"blue {CLASS_NAMES[7]} at top left, red {CLASS_NAMES[3]} at bottom right on grey background"
+    labels[labels == 0] = 255  # no background pixel, nothing said about it
+    assert describe(image, labels).endswith(f"red {CLASS_NAMES[3]} at bottom right")
+
+
+def test_colour_and_position_names():
+    from unet_seg.data.synthetic import colour_name, position_name
+
+    colours = ([0.9, 0.9, 0.9], [-0.9, -0.9, -0.9], [0.05, 0.0, -0.05], [0.8, -0.7, -0.7], [0.8, 0.8, -0.7], [-0.7, 0.7, -0.7], [-0.7, -0.7, 0.8])
+    names = [colour_name(torch.tensor(c)) for c in colours]
+    assert names == ["white", "black", "grey", "red", "orange", "green", "blue"]  # 45° sectors: pure yellow (60°) is "orange"
+    assert [position_name(0.1, 0.9), position_name(0.5, 0.5), position_name(0.99, 0.0)] == ["top right", "centre", "bottom left"]
+
+
+def test_captioned_scenes_are_a_pure_function_of_seed_and_index():
+    from unet_seg.data.synthetic import CaptionedScenes, describe
+
+    a, b = CaptionedScenes(3, 10, 64), CaptionedScenes(3, 10, 64)
+    x, y = a[7], b[7]
+    assert torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"] == describe(x["image"], x["label"])
+    assert a[6]["caption"] != x["caption"] or not torch.equal(a[6]["image"], x["image"])
+    assert 1 <= len(set(x["label"].unique().tolist()) - {0}) <= 4

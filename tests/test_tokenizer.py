@@ -336,3 +336,15 @@ def test_call_takes_str_or_list_of_str(packaged):
     assert torch.equal(packaged("a cat"), packaged(["a cat"])) and packaged([]).shape == (0, 77)
     with pytest.raises(TypeError, match="list of str"):
         packaged(["a cat", 3])
+
+
+def test_a_cut_vocabulary_keeps_the_first_merges_and_tokenizes_everything_inside_it():
+    full, cut = CLIPTokenizer.from_bpe(pad_token="!"), CLIPTokenizer.from_bpe(pad_token="!", num_merges=1534)
+    assert len(cut.vocab) == 2048 and cut.bos_token_id == 2046 and cut.eos_token_id == 2047
+    text = "a red striped disc at top left, on grey background; Übermäßig 123"
+    ids = cut(text)
+    assert int(ids.max()) < 2048 and ids[0, 0] == 2046
+    assert cut.tokens("red at top left") == full.tokens("red at top left")  # tokens below the cut keep CLIP's ids
+    assert len(cut.tokens("disc")) == 2 and len(full.tokens("disc")) == 1  # merged later than the cut: in pieces
+    with pytest.raises(ValueError, match="num_merges"):
+        CLIPTokenizer.from_bpe(num_merges=10**6)

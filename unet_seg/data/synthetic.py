@@ -434,7 +434,9 @@ HUES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")  #
 def colour_name(rgb: Tensor) -> str:
     """Mean colour [3] in [-1, 1] -> a name: "black", "grey" or "white" when its chroma
     (max − min channel) is below 0.12, else the `HUES` sector of its hue (45° each, red centred
-    on 0°; "pink" the sector before red). Tuned to the muted looks of `random_style`."""
+    on 0°; "pink" the sector before red), so pure yellow (60°) is "orange" and "yellow" is
+    yellow-green: equal sectors, not the usual names' hues, kept because the packaged demo SD was
+    trained on these captions. The grey threshold suits the muted looks of `random_style`."""
     r, g, b = rgb.float().cpu().tolist()
     hi, lo = max(r, g, b), min(r, g, b)
     if hi - lo < 0.12:
