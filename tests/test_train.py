@@ -423,6 +423,27 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["table.md"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writers_give_files_the_users_umask(tmp_path, umask):
+    """safetensors' save_file writes through a 0600 temporary file: checkpoints, save_pretrained
+    folders and exports must still get the mode a plain open() gives, so collaborators can read them."""
+    from unet_seg.hub import atomic_folder, save_component
+
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        checkpoint = save_checkpoint(tmp_path / "run", 1, {"m": tiny_net()})
+        save_component({"w": torch.zeros(2)}, {"a": 1}, tmp_path / "pretrained", "model")
+        with atomic_folder(tmp_path / "export") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    written = [checkpoint, *(tmp_path / "pretrained").iterdir(), tmp_path / "export" / "model.safetensors"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(expected) for p in written}
+
+
 def test_keep_last_deletes_only_older_checkpoints(tmp_path):
     model = tiny_net()
     (tmp_path / "notes.txt").write_text("mine")
