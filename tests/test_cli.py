@@ -59,8 +59,10 @@ def test_demo_checkpoints_within_the_run_so_an_interrupted_demo_can_resume():
     [
         (["--demo", "--size", "68"], "--size must be a positive multiple of 8 (the VAE's downscale)"),
         (["--demo", "--size", "0"], "--size must be a positive multiple of 8"),
-        (["--demo", "--steps", "0"], ">= 1"),
-        (["--demo", "--save-every", "0"], ">= 1"),
+        (["--demo", "--steps", "-1"], "error: --steps must be >= 1, got -1\n"),
+        (["--demo", "--steps", "0"], "error: --steps must be >= 1, got 0\n"),
+        (["--demo", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0\n"),
+        (["--demo", "--save-every", "-3"], "error: --save-every must be >= 1, got -3\n"),
         (["--model", "m"], "--data-root is required with --model"),
         (["--data-root", "/no/such/root"], "--data-root /no/such/root: no such folder"),
     ],

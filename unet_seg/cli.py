@@ -135,8 +135,9 @@ def parse_recipe_args(
     n, why = p.size_multiple
     if args.size < n or args.size % n:
         p.error(f"--size must be a positive multiple of {n} ({why}), got {args.size}")
-    if args.steps < 1 or args.batch_size < 1 or args.save_every < 1:
-        p.error("--steps, --batch-size and --save-every must be >= 1")
+    for flag in ("--steps", "--batch-size", "--save-every"):
+        if getattr(args, _dest(flag)) < 1:
+            p.error(f"{flag} must be >= 1, got {getattr(args, _dest(flag))}")
     args.out = Path(args.out)
     return args
 
