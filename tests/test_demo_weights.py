@@ -83,3 +83,17 @@ def test_the_random_switch_gives_the_tiny_random_model():
     torch.manual_seed(0)
     b = tiny_sd()
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_the_training_script_writes_weights_that_load_with_their_settings(tmp_path, capsys):
+    from unet_seg.demo_pretrain import main
+
+    out = tmp_path / "demo_sd.safetensors"
+    main(["--steps", "2", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--check-scenes", "2",
+          "--device", "cpu", "--commit", "abc1234", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "step      2  loss" in printed and "text use, 2 held-out scenes" in printed
+    sd = pretrained_tiny_sd(path=out)
+    meta = json.loads(sd.notes)
+    assert meta["commit"] == "abc1234" and json.loads(meta["settings"])["steps"] == 2
+    assert len(json.loads(meta["curve"])) == 2
