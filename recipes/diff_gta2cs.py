@@ -281,7 +281,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
-    step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    step = resume_latest(out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     if args.export:
         load_checkpoint_for_export(out, args.export, models)
         return segmenter.eval()

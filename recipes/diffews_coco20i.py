@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, min(1.0, LR_END / args.lr), total_iters=args.steps)
 
     models = {"unet": unet}
-    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     if args.export:
         load_checkpoint_for_export(args.out, args.export, models)
         return export(sd, args)

@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
 
     models = {"digseg": model}
-    step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
+    step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0
     if args.export:
         load_checkpoint_for_export(args.out, args.export, models)
         return export(model, class_embeds, clip_text, args, label_names, class_ids, vocab[1])

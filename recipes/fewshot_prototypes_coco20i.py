@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     head = embedding_head(channels, args.dim).to(device).train()
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2, fused=True)
     models = {"head": head, **({"unet": sd.unet} if args.demo else {})}  # the demo's U-Net was trained here
-    step = resume_latest(args.out, models, optimizer=opt) if args.resume else 0
+    step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(head, compile=args.compile)
 
     # ---- train on episodes of the fold's training classes

@@ -345,7 +345,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=args.steps, power=0.9)
     models = {"model": model}
-    step = resume_latest(out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    step = resume_latest(out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     loss_cfg = SetLossConfig(points=args.points)

@@ -208,6 +208,25 @@ def test_resume_says_when_there_is_nothing_and_passes_over_a_corrupt_latest_chec
         train.resume_latest(tmp_path, {"m": model})
 
 
+def test_resume_with_another_steps_than_the_run_says_so_in_one_line(tmp_path, capsys):
+    model = nn.Linear(2, 2)
+    args = {"steps": 10, "ddim_steps": 50, "out": tmp_path}  # how the recipes store their arguments
+    train.save_checkpoint(tmp_path / "recipe", 4, {"m": model}, extra={"args": str(args)})
+    train.save_checkpoint(tmp_path / "library", 4, {"m": model}, extra={"steps": 10})
+    for run in ("recipe", "library"):
+        capsys.readouterr()
+        assert train.resume_latest(tmp_path / run, {"m": model}, steps=10) == 4
+        assert capsys.readouterr().out == f"resumed {checkpoint_path(tmp_path / run, 4)} (step 4)\n"
+        assert train.resume_latest(tmp_path / run, {"m": model}, steps=20) == 4
+        assert capsys.readouterr().out.splitlines()[1:] == ["--resume: resuming at step 4 of the run's 10; training to 20 as asked (--steps)"]
+        assert train.resume_latest(tmp_path / run, {"m": model}, steps=3) == 4
+        assert capsys.readouterr().out.splitlines()[1:] == ["--resume: resuming at step 4 of the run's 10; --steps 3 is already reached: nothing to train"]
+    train.save_checkpoint(tmp_path / "unknown", 4, {"m": model})  # no record of the run's steps: nothing to compare
+    capsys.readouterr()
+    train.resume_latest(tmp_path / "unknown", {"m": model}, steps=20)
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 class SignalDispositions(torch.utils.data.Dataset):
     """Items: (SIGINT ignored, SIGTERM ignored, the user's worker_init_fn ran) in this process."""
 

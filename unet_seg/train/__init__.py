@@ -7,7 +7,7 @@ The loop the four recipes run (recipes/*.py `main`):
     sd = demo.tiny_sd() if args.demo else load_sd(args.model)  # rank, world, device: run.rank, ...
     model, opt, sched = ..., ..., ...
     models = {"head": model}                                   # what training changes
-    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched) if args.resume else 0
+    step = resume_latest(args.out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
     loader = resumable_loader(dataset, args.batch_size, args.seed)
     bar = progress(total=args.steps, initial=step)
@@ -16,7 +16,7 @@ The loop the four recipes run (recipes/*.py `main`):
             loss = check_finite_everywhere(loss_fn(forward(batch["image"]), batch["label"]), "loss")
         ...; bar.update()
         if should_checkpoint(step, args.save_every, args.steps):  # and at the step Ctrl-C / SIGTERM came
-            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"steps": args.steps}, keep_last=2)
     conf, shown = evaluate_semantic(predict, test_data, ...)   # each rank its `rank_share`
     return finish_run(run, {"mIoU": miou}, out=args.out, title="...")  # table, times, barrier, cleanup
 

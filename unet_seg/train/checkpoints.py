@@ -240,12 +240,17 @@ def resume_latest(
     *,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    steps: Optional[int] = None,
 ) -> int:
     """--resume: the steps done by the latest usable checkpoint in `directory`, restored into
     `models`, the optimizer and the scheduler (`load_checkpoint`). Where there is none it says
     so ("starting from step 0") and returns 0. A checkpoint that cannot be used (corrupt,
     truncated, not fitting) is passed over for the one before it with a warning naming it; when
-    none can be used, CheckpointError names them all and says what to delete."""
+    none can be used, CheckpointError names them all and says what to delete.
+
+    `steps`: this run's --steps. Where the checkpoint's run trained to another number (its
+    `extra["steps"]`, or the `'steps'` of the `extra["args"]` the recipes store) one line says
+    so: the run continues to `steps`, as asked, but matches no uninterrupted run of either length."""
     found = _checkpoints(directory)[::-1]
     if not found:
         print0(f"--resume: no checkpoint in {directory}; starting from step 0")
@@ -253,18 +258,32 @@ def resume_latest(
     bad = []
     for path in found:
         try:
-            step = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler).step
+            step, _, extra = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler)
         except CheckpointError as e:
             bad.append(path)
             if is_main():
                 warnings.warn(f"--resume: passing over {path}, which cannot be used: {e}", stacklevel=2)
             continue
         print0(f"resumed {path} (step {step})" + (f"; passed over {len(bad)} newer unusable checkpoint(s)" if bad else ""))
+        run_steps = _run_steps(extra)
+        if steps is not None and run_steps is not None and run_steps != steps:
+            print0(
+                f"--resume: resuming at step {step} of the run's {run_steps}; "
+                + (f"training to {steps} as asked (--steps)" if step < steps else f"--steps {steps} is already reached: nothing to train")
+            )
         return step
     raise CheckpointError(
         f"--resume: none of the {len(bad)} checkpoint(s) in {directory} can be used (warnings above say why): "
         f"delete {', '.join(p.name for p in bad)} to start from step 0, or give another --out"
     )
+
+
+def _run_steps(extra: dict) -> Optional[int]:
+    """The --steps a checkpoint's run was started with, where its `extra` records it."""
+    if isinstance(extra.get("steps"), int):
+        return extra["steps"]
+    found = re.search(r"'steps': (\d+)\b", extra.get("args", "")) if isinstance(extra.get("args"), str) else None
+    return int(found.group(1)) if found else None
 
 
 def load_latest(directory: PathLike, models: dict[str, nn.Module]) -> None:
