@@ -138,6 +138,60 @@ def test_run_reports_an_interrupted_training_in_one_line_with_status_130(capsys)
     )
 
 
+def screen(text: str) -> list[str]:
+    """What a terminal shows after `text`: a carriage return writes over its line from the left."""
+    lines, col = [[]], 0
+    for ch in text:
+        if ch == "\n":
+            lines, col = lines + [[]], 0
+        elif ch == "\r":
+            col = 0
+        else:
+            lines[-1][col : col + 1] = [ch]
+            col += 1
+    return ["".join(line).rstrip() for line in lines if "".join(line).strip()]
+
+
+def test_the_interrupt_lines_go_above_the_progress_bar_not_into_it(capsys):
+    import signal
+
+    from tqdm import tqdm
+
+    from unet_seg.cli import run
+    from unet_seg.errors import TrainingInterrupted
+    from unet_seg.train import loop
+
+    def main():
+        bar = tqdm(total=10, desc="train", file=sys.stderr, mininterval=0)
+        bar.update(3)
+        loop._on_signal(signal.SIGINT, None)  # Ctrl-C during step 4
+        bar.update(1)
+        raise TrainingInterrupted(4, "runs/x/step_000000004.safetensors", "SIGINT")
+
+    try:
+        with pytest.raises(SystemExit):
+            run(main)
+    finally:
+        loop._INTERRUPT.requested = False
+    shown = screen(capsys.readouterr().err)
+    assert shown[:2] == [
+        "SIGINT: finishing this step, then writing a checkpoint (again to stop at once)",
+        "SIGINT: interrupted at step 4; wrote runs/x/step_000000004.safetensors; rerun with --resume to continue",
+    ]
+    assert [line for line in shown[2:] if not line.startswith("train:")] == []
+
+
+def test_run_prints_warnings_in_one_line_without_their_source():
+    code = (
+        "import warnings; from unet_seg.cli import run\n"
+        "def main():\n    warnings.warn('RNG states not restored')\n"
+        "run(main, prog='recipe.py'); warnings.warn('after the run')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stderr.splitlines()[0] == "recipe.py: warning: RNG states not restored"
+    assert out.stderr.splitlines()[1:] == ["<string>:4: UserWarning: after the run"]  # the formatter was put back
+
+
 @pytest.mark.parametrize("exported, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_recipes_make_openmp_threads_sleep_while_they_wait_unless_the_user_chose(exported, expected):
     """Spinning OpenMP waits collapse a demo on a shared CPU (benchmarks/bench_threads.py); OpenMP

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -159,12 +160,19 @@ def _dest(flag: str) -> str:
 def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
     one line on stderr and exit status 1 instead of a traceback; training stopped by Ctrl-C or
-    SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130."""
+    SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130.
+    Warnings are one line each ("<prog>: warning: ..."), without the line of source that raised them."""
+    prog = prog or Path(sys.argv[0]).name
+    previous, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:
         main()
     except (DataLayoutError, CheckpointError, InputError) as e:
-        sys.exit(f"{prog or Path(sys.argv[0]).name}: error: {e}")
+        sys.exit(f"{prog}: error: {e}")
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
-            print(e, file=sys.stderr, flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(str(e), file=sys.stderr)  # above a progress bar left open, not into it
         sys.exit(130)
+    finally:
+        warnings.formatwarning = previous

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from ..errors import TrainingInterrupted
 from .distributed import _rank, _world_size, is_main
@@ -138,9 +139,8 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _INTERRUPT.requested:
         raise KeyboardInterrupt  # the second one: stop now
     _INTERRUPT.requested, _INTERRUPT.signal_name = True, signal.Signals(signum).name
-    if is_main():
-        print(f"\n{_INTERRUPT.signal_name}: finishing this step, then writing a checkpoint (again to stop at once)",
-              file=sys.stderr, flush=True)  # fmt: skip
+    if is_main():  # above the progress bar, not into it
+        tqdm.write(f"{_INTERRUPT.signal_name}: finishing this step, then writing a checkpoint (again to stop at once)", file=sys.stderr)
 
 
 @contextlib.contextmanager
