@@ -272,6 +272,24 @@ def test_class_map_values_outside_0_to_80_and_255_are_refused_naming_the_file(tm
         COCO20i(tmp_path, 0, "val")
 
 
+def test_a_bad_class_map_or_too_few_images_end_a_recipe_in_one_line_after_the_indexing_bar(tmp_path, capsys):
+    from unet_seg.cli import run
+
+    write_fixture(tmp_path)
+    raw = class_map(1)
+    raw[0, 0] = 90
+    write_sample(tmp_path, "val2014", "COCO_val2014_000000000666", raw, colour(1))
+    with pytest.raises(SystemExit) as e:
+        run(lambda: COCO20i(tmp_path, 0, "val"), prog="recipe.py")
+    assert e.value.code.startswith("recipe.py: error: ") and "values must be" in e.value.code and "\n" not in e.value.code
+    assert capsys.readouterr().err.endswith("\n")  # the bar was closed before the error, not printed after it
+    (tmp_path / "annotations" / "val2014" / "COCO_val2014_000000000666.png").unlink()
+    (tmp_path / "val2014" / "COCO_val2014_000000000666.jpg").unlink()
+    with pytest.raises(SystemExit) as e:
+        run(lambda: COCO20i(tmp_path, 0, "val", shots=4, size=SIZE), prog="recipe.py")
+    assert e.value.code.startswith("recipe.py: error: 4-shot episodes need at least 5 images per class")
+
+
 def test_colour_class_maps_are_refused(tmp_path):
     write_fixture(tmp_path)
     path = tmp_path / "annotations" / "val2014" / f"{stem('val2014', 0)}.png"

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..errors import DataLayoutError
+from ..errors import DataLayoutError, InputError
 from .transforms import IGNORE_INDEX, LabelledImages, Transform, read_label_png
 
 SPLITS = ("training", "validation")
@@ -66,7 +66,7 @@ def read_label(path: Path) -> Tensor:
     try:
         return reduce_zero_label(torch.tensor(raw, dtype=torch.long))  # a copy: the PNG's array is read-only (from_numpy warned)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputError(f"{path}: {e}") from e
 
 
 class ADE20K(LabelledImages):

@@ -80,7 +80,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from unet_seg.data.transforms import IGNORE_INDEX, read_image, read_label_png
-from unet_seg.errors import DataLayoutError
+from unet_seg.errors import DataLayoutError, InputError
 from unet_seg.hub import atomic_path
 
 NUM_FOLDS = 4
@@ -135,7 +135,7 @@ def read_class_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(raw.ravel(), minlength=256)
     bad = np.flatnonzero(counts[NUM_CLASSES + 1 : IGNORE_INDEX]) + NUM_CLASSES + 1
     if bad.size:
-        raise ValueError(f"{path}: values must be 0 (background), 1..{NUM_CLASSES} or 255, found {bad[:5].tolist()}")
+        raise InputError(f"{path}: values must be 0 (background), 1..{NUM_CLASSES} or 255, found {bad[:5].tolist()}")
     return raw, counts
 
 
@@ -160,7 +160,8 @@ def class_pixel_index(root: Union[str, Path], coco_split: str) -> dict[str, dict
         stored = json.loads(cache.read_text())
         if sorted(stored) == stems:
             return {stem: {int(c): n for c, n in stored[stem].items()} for stem in stems}
-    index = {stem: class_pixels(masks_dir / f"{stem}.png") for stem in tqdm(stems, desc=f"indexing {masks_dir}")}
+    with tqdm(stems, desc=f"indexing {masks_dir}") as bar:  # closed before an error is reported, not after
+        index = {stem: class_pixels(masks_dir / f"{stem}.png") for stem in bar}
     try:
         with atomic_path(cache) as tmp:
             tmp.write_text(json.dumps(index, separators=(",", ":")))
@@ -228,7 +229,7 @@ class COCO20i(Dataset):
                     self.class_images[c].append(stem)
         scarce = {COCO20I_CLASSES[c]: len(v) for c, v in self.class_images.items() if len(v) < shots + 1}
         if scarce:
-            raise ValueError(
+            raise InputError(
                 f"{shots}-shot episodes need at least {shots + 1} images per class with >= {min_pixels} pixels of "
                 f"it; in {self.masks_dir} these classes of fold {fold} ({split}) have fewer: {scarce}"
             )
@@ -248,7 +249,7 @@ class COCO20i(Dataset):
         image = read_image(self.images_dir / f"{stem}.jpg")
         raw = torch.from_numpy(read_class_map(self.masks_dir / f"{stem}.png")[0].astype(np.int64))
         if image.shape[1:] != raw.shape:
-            raise ValueError(f"{stem}: the image is {tuple(image.shape[1:])} but its class map is {tuple(raw.shape)}")
+            raise InputError(f"{stem}: the image is {tuple(image.shape[1:])} but its class map is {tuple(raw.shape)}")
         mask = torch.where(raw == IGNORE_INDEX, IGNORE_INDEX, (raw == class_id + 1).long())
         return _resize(image, mask, self.size)
 

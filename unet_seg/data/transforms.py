@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checks import check_multiple_of_8
+from ..errors import InputError
 from ..hub import atomic_path
 
 IGNORE_INDEX = 255
@@ -49,7 +50,7 @@ def read_label_png(path: Path, what: str = "labels") -> np.ndarray:
     with Image.open(path) as img:
         raw = np.asarray(img)
     if raw.ndim != 2 or raw.dtype != np.uint8:
-        raise ValueError(
+        raise InputError(
             f"{path}: {what} must be single-channel 8-bit PNGs of ids (not colour maps), "
             f"got array shape {raw.shape} of {raw.dtype}"
         )
@@ -87,7 +88,7 @@ class LabelledImages(torch.utils.data.Dataset):
         image, label = read_image(image_path), self.read_label(label_path)
         if image.shape[1:] != label.shape:
             if not self.resize_label_to_image:
-                raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its {self.label_name} is {tuple(label.shape)}")
+                raise InputError(f"{image_path} is {tuple(image.shape[1:])} but its {self.label_name} is {tuple(label.shape)}")
             label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest-exact")[0, 0].long()
         if self.transform is not None:
             image, label = self.transform(image, label, generator)
