@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,18 @@ def test_usage_and_path_errors_are_one_line(tmp_path):
     assert "torch imported: False" in run.stderr
     run = run_main(["--model", "./no_such_model"], tmp_path)
     assert run.returncode == 1 and run.stderr.strip() == "python -m unet_seg: error: no such file or folder: ./no_such_model"
+
+
+def test_a_missing_or_unreadable_image_is_one_line_before_torch_is_imported(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (64, 48)).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:60])  # a header, then nothing
+    probe = "import runpy, sys; sys.argv = ['unet_seg', '--image', sys.argv[1]]\ntry:\n    runpy.run_module('unet_seg', run_name='__main__')\n" \
+            "finally:\n    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)"  # fmt: skip
+    for name, message in [("missing.png", "no such file"), ("notes.png", "not an image (cannot identify image file")]:
+        run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / name)], capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 2 and f"error: --image {tmp_path / name}: {message}" in run.stderr, run.stderr
+        assert run.stderr.splitlines()[-1] == "torch imported: False"
+    run = run_main(["--image", str(tmp_path / "cut.png")], tmp_path)
+    assert run.returncode == 1 and run.stderr.strip().startswith(f"python -m unet_seg: error: --image {tmp_path / 'cut.png'}: not a readable image")
+    assert len(run.stderr.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from unet_seg.cli import run
+from unet_seg.errors import InputError
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m unet_seg", description=__doc__)
@@ -25,7 +26,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--size must be a positive multiple of 8 (the VAE's downscale), got {args.size}")
     if not 0 <= args.t < 1000:
         p.error(f"--t must lie in 0..999, got {args.t}")
+    if args.image is not None:
+        problem = unreadable_image(args.image)
+        if problem:
+            p.error(f"--image {args.image}: {problem}")
     return args
+
+
+def unreadable_image(path: str) -> str:
+    """Why `path` is not an image (its header, read in milliseconds without torch), or ""."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        return "no such file"
+    try:
+        with Image.open(path):
+            return ""
+    except (UnidentifiedImageError, OSError) as e:
+        return f"not an image ({e})"
 
 
 if __name__ == "__main__":
@@ -49,7 +67,10 @@ def tiny_sd() -> StableDiffusion:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    try:
+        img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    except (OSError, ValueError) as e:  # a header that reads but pixels that do not (a truncated file)
+        raise InputError(f"--image {path}: not a readable image ({e})") from None
     return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
