@@ -6,6 +6,7 @@ folder and an original-layout single file of a tiny SD1 with a 64-wide-head text
 """
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -98,6 +99,49 @@ def test_a_repo_id_that_is_neither_local_nor_cached_says_both(tmp_path, monkeypa
     for call in (lambda: load_sd("someone/not-here"), lambda: UNet.from_pretrained("someone/not-here")):
         with pytest.raises(CheckpointError, match="no local folder 'someone/not-here', and hub repo .*not in the local cache"):
             call()
+
+
+@pytest.mark.parametrize("hub", ["refuses connections", "drops connections"])
+def test_an_unreachable_hub_is_reported_after_one_try_not_after_retries(hub, tmp_path):
+    """Online, no network: for a file that is not cached huggingface_hub retries five times
+    ("Retrying in 8s [Retry 5/5]", half a minute) or lets the connection error through as a
+    traceback; the loaders ask once and say the hub cannot be reached."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port, connections = server.getsockname()[1], []
+    if hub == "refuses connections":
+        server.close()
+    else:
+
+        def drop():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                connections.append(1)
+                conn.close()
+
+        threading.Thread(target=drop, daemon=True).start()
+    code = (
+        "from unet_seg import CheckpointError\nfrom unet_seg.models import UNet\n"
+        "try:\n    UNet.from_pretrained('someone/sd', subfolder='unet')\n"
+        "except CheckpointError as e:\n    print(e)"
+    )
+    env = {
+        **os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }  # fmt: skip
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.close()
+    assert "someone/sd/unet/config.json is not in the local cache and the hub cannot be reached" in run.stdout, run.stderr
+    assert "Retry" not in run.stderr and len(connections) <= 2  # one request (httpx reconnects once when dropped)
 
 
 # ---------------------------------------------------------------- single files

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -124,7 +125,7 @@ def _hub_component(
     repo_id: str, subfolder: str, weights_name: str, revision: Optional[str], variant: Optional[str]
 ) -> tuple[dict, list[Path]]:
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=revision))
+        return download(repo_id, filename, subfolder=subfolder or None, revision=revision)
 
     where = f"{repo_id}{'/' + subfolder if subfolder else ''}" + (f" @ {revision}" if revision else "")
     try:
@@ -153,6 +154,21 @@ def _hub_component(
     )
 
 
+def download(repo_id: str, filename: str, *, subfolder: Optional[str] = None, revision: Optional[str] = None) -> Path:
+    """`hf_hub_download`, except that a file neither in the cache nor reachable fails after one
+    try (LocalEntryNotFoundError, at most HF_HUB_ETAG_TIMEOUT seconds) instead of after
+    huggingface_hub's retries, which wait half a minute or more in silence before the same answer."""
+    cached = try_to_load_from_cache(repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision=revision)
+    if cached is None and not hub_constants.HF_HUB_OFFLINE:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, filename, subfolder=subfolder, revision=revision))
+        except HfHubHTTPError:
+            pass  # the hub answered: hf_hub_download says what (no such repo or file, a token needed, ...)
+        except Exception as e:  # no answer: no network, no DNS, a timeout
+            raise LocalEntryNotFoundError(f"{repo_id}: the hub did not answer ({type(e).__name__}: {e})") from e
+    return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision))
+
+
 def fetch_files(
     src: Union[str, os.PathLike], subfolder: str, required: list[str], optional: tuple[str, ...] = (), *, revision=None
 ) -> Path:
@@ -167,7 +183,7 @@ def fetch_files(
     folder = None
     for name in [*required, *optional]:
         try:
-            folder = Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision)).parent
+            folder = download(source, name, subfolder=subfolder, revision=revision).parent
         except RepositoryNotFoundError as e:
             raise _hub_error(source, f"{source!r} was not found (or is private without a token)") from e
         except LocalEntryNotFoundError as e:
