@@ -221,6 +221,16 @@ def test_resume_with_another_steps_than_the_run_says_so_in_one_line(tmp_path, ca
         assert capsys.readouterr().out.splitlines()[1:] == ["--resume: resuming at step 4 of the run's 10; training to 20 as asked (--steps)"]
         assert train.resume_latest(tmp_path / run, {"m": model}, steps=3) == 4
         assert capsys.readouterr().out.splitlines()[1:] == ["--resume: resuming at step 4 of the run's 10; --steps 3 is already reached: nothing to train"]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=10)
+    train.save_checkpoint(tmp_path / "poly", 4, {"m": model}, optimizer=opt, scheduler=sched, extra={"steps": 10})
+    capsys.readouterr()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=20)  # built for the new --steps, then restored
+    train.resume_latest(tmp_path / "poly", {"m": model}, optimizer=opt, scheduler=sched, steps=20)
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "--resume: resuming at step 4 of the run's 10; training to 20 as asked (--steps); the learning-rate schedule still ends at step 10"
+    ]
     train.save_checkpoint(tmp_path / "unknown", 4, {"m": model})  # no record of the run's steps: nothing to compare
     capsys.readouterr()
     train.resume_latest(tmp_path / "unknown", {"m": model}, steps=20)

@@ -250,7 +250,8 @@ def resume_latest(
 
     `steps`: this run's --steps. Where the checkpoint's run trained to another number (its
     `extra["steps"]`, or the `'steps'` of the `extra["args"]` the recipes store) one line says
-    so: the run continues to `steps`, as asked, but matches no uninterrupted run of either length."""
+    so: the run continues to `steps`, as asked, but matches no uninterrupted run of either length
+    (a scheduler restored with a `total_iters` of the run's length keeps it, and the line says so)."""
     found = _checkpoints(directory)[::-1]
     if not found:
         print0(f"--resume: no checkpoint in {directory}; starting from step 0")
@@ -267,9 +268,11 @@ def resume_latest(
         print0(f"resumed {path} (step {step})" + (f"; passed over {len(bad)} newer unusable checkpoint(s)" if bad else ""))
         run_steps = _run_steps(extra)
         if steps is not None and run_steps is not None and run_steps != steps:
+            schedule = getattr(scheduler, "total_iters", None)  # LinearLR, PolynomialLR, ... restored with the run's length
             print0(
                 f"--resume: resuming at step {step} of the run's {run_steps}; "
                 + (f"training to {steps} as asked (--steps)" if step < steps else f"--steps {steps} is already reached: nothing to train")
+                + (f"; the learning-rate schedule still ends at step {schedule}" if step < steps and schedule == run_steps else "")
             )
         return step
     raise CheckpointError(
