@@ -138,6 +138,19 @@ def test_run_reports_an_interrupted_training_in_one_line_with_status_130(capsys)
     )
 
 
+def test_an_error_raised_in_a_dataloader_worker_is_still_one_line():
+    """torch re-raises a worker's error with the worker's traceback in its message."""
+    code = (
+        "import torch\nfrom unet_seg.cli import run\nfrom unet_seg.errors import InputError\n"
+        "class Bad(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 2\n"
+        "    def __getitem__(self, i):\n        raise InputError('a.png is (3, 4) but its label is (3, 5)')\n"
+        "run(lambda: next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1))), prog='recipe.py')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stderr == "recipe.py: error: a.png is (3, 4) but its label is (3, 5)\n"
+
+
 def screen(text: str) -> list[str]:
     """What a terminal shows after `text`: a carriage return writes over its line from the left."""
     lines, col = [[]], 0

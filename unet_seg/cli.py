@@ -153,6 +153,15 @@ def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
     return args
 
 
+def _without_worker_traceback(message: str) -> str:
+    """The error's own message where a DataLoader worker raised it: torch re-raises it in the main
+    process as "Caught <Error> in DataLoader worker process N. Original Traceback ...: <message>"."""
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    last = message.rstrip().splitlines()[-1]  # "unet_seg.errors.InputError: <message>"
+    return last.split(": ", 1)[-1]
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -167,7 +176,7 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     try:
         main()
     except (DataLayoutError, CheckpointError, InputError) as e:
-        sys.exit(f"{prog}: error: {e}")
+        sys.exit(f"{prog}: error: {_without_worker_traceback(str(e))}")
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
             from tqdm.auto import tqdm
