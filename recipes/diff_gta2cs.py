@@ -128,7 +128,7 @@ from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, finish_run, head, maybe_compile, print0, progress,
-    rank_and_world, resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run,
+    rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -270,9 +270,9 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
     """Train a fresh fusion block + head on the source domain (IPKL, or CE alone without it),
     resuming from `out` with --resume; returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo or args.small_head else ((512, 1024, 2048), 256, 256, 32)
-    segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
+    with same_init_on_every_rank(args.seed):  # then each rank its own posterior samples and trajectory noise
+        segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)
         if rank_and_world()[1] > 1:
@@ -373,9 +373,8 @@ def main(argv=None) -> dict:
         prompts = [PROMPT_TEMPLATE.format(PROMPTS[c]) for c in prompt_ids]
 
     # ---- the frozen diffusion side (demo: pre-trained here), prompt contexts computed once
-    if args.demo:
-        torch.manual_seed(args.seed)
-    sd = demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, device=device)
+    with same_init_on_every_rank(args.seed):
+        sd = demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, device=device)
     unet, vae = sd.unet.to(device), sd.vae.to(device)
     sd.text_encoder.to(device).eval().requires_grad_(False)
     captions = lambda labels: caption_forms(labels, sd.text_encoder, sd.tokenizer)  # noqa: E731

@@ -116,7 +116,8 @@ from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoi
 from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_labels
 from unet_seg.train import (
     CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
-    resumable_loader, resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, unwrap, wrap_for_training,
+    resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches,
+    unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -246,13 +247,10 @@ def main(argv=None) -> dict:
     print0(f"fold {args.fold}: train classes {len(set(task.train.classes))}, test classes {list(test_labels)}")
 
     # ---- models: SD U-Net + an 8-channel support conv_in, frozen VAE, empty-prompt context computed once
-    if args.demo:
-        torch.manual_seed(args.seed)
-        sd = demo_sd(args.random_demo_model)
-    else:
-        sd = load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)  # frozen
-    unet, vae = sd.unet, sd.vae
-    unet.add_support_conv_in(8).to(device).train()
+    with same_init_on_every_rank(args.seed):  # then each rank its own shot counts and posterior noise
+        sd = demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, vae_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        unet, vae = sd.unet, sd.vae
+        unet.add_support_conv_in(8).to(device).train()
     vae.to(device)
     if device.type == "cuda":  # NHWC convolutions: -26% U-Net time on an H100 (benchmarks/NOTES.md)
         unet.to(memory_format=torch.channels_last)

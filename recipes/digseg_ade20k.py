@@ -136,7 +136,7 @@ from unet_seg.predict import Predictor, default_device, load_checkpoint_for_expo
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
-    resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
+    resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -375,21 +375,21 @@ def main(argv=None) -> dict:
         scored = list(range(len(names)))
 
     # ---- models: SD U-Net (conv_in 4 -> 8) + text MLP; frozen VAE, SD text encoder (empty prompt), CLIP
-    if args.demo:
-        torch.manual_seed(args.seed)
-        sd = demo_sd(args.random_demo_model, prediction_type=args.prediction_type)
-        clip_text, clip_vision = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPVisionEncoder(TINY_VIT)
-    else:
-        sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)
-        clip_text, clip_vision = load_clip(args.clip)
+    with same_init_on_every_rank(args.seed):
+        if args.demo:
+            sd = demo_sd(args.random_demo_model, prediction_type=args.prediction_type)
+            clip_text, clip_vision = CLIPTextEncoderWithProjection(TINY_SD1_TEXT, projection_dim=32), CLIPVisionEncoder(TINY_VIT)
+        else:
+            sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)
+            clip_text, clip_vision = load_clip(args.clip)
     unet, vae, schedule = sd.unet, sd.vae, sd.schedule
     sd.text_encoder.to(device).eval()
     null_context = sd.encode_prompt([""])  # [1, 77, D]
     class_embeds = class_embeddings(clip_text, names, device, args.demo)  # [C, P], cached (A.3)
     sd, clip_text = None, clip_text if args.demo else None  # the demo's random tower goes into the export
     clip_vision = clip_vision.to(device).eval() if "clip" in args.candidates else None
-    torch.manual_seed(args.seed)
-    model = DiGSeg(unet.widen_conv_in(8), class_embeds.shape[1], null_context).to(device).train()
+    with same_init_on_every_rank(args.seed):  # then each rank its own timesteps, noise and class picks
+        model = DiGSeg(unet.widen_conv_in(8), class_embeds.shape[1], null_context).to(device).train()
     vae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # NHWC convolutions (benchmarks/NOTES.md)
         model.to(memory_format=torch.channels_last)

@@ -67,7 +67,7 @@ from unet_seg.segmentation import episode_tensors, evaluate_episodes
 from unet_seg.taps import fold_timesteps, timestep_features
 from unet_seg.train import (
     backward_and_step, check_finite_everywhere, evaluation, finish_run, maybe_compile, progress, resumable_loader,
-    resume_latest, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
+    resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -102,16 +102,16 @@ def main(argv=None) -> dict:
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,
                             test_shots=EVAL_SHOTS, test_episodes=args.episodes, seed=args.seed)  # fmt: skip
 
-    torch.manual_seed(args.seed)  # ---- frozen SD (demo: U-Net pre-trained here unless resuming), empty prompt once
-    sd = demo.tiny_sd() if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
-    demo.pretrain_unless_resuming(sd, out=args.out, resume=args.resume, steps=args.pretrain_steps, size=args.size,
-                                  seed=args.seed, device=device, batch_size=8)  # fmt: skip
-    sd.vae.to(device).eval().requires_grad_(False)  # the U-Net: frozen on `device` by the call above
-    context = sd.encode_prompt([""]).to(device)
-    sd.unet.features = maybe_compile(sd.unet.features, args.compile)  # what timestep_features calls
-    # ---- the trainable embedding head
-    channels = len(TIMESTEPS) * sum(sd.unet.feature_info(n).channels for n in TAPS)
-    head = embedding_head(channels, args.dim).to(device).train()
+    with same_init_on_every_rank(args.seed):  # ---- frozen SD (demo: U-Net pre-trained here unless resuming), empty prompt once
+        sd = demo.tiny_sd() if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
+        demo.pretrain_unless_resuming(sd, out=args.out, resume=args.resume, steps=args.pretrain_steps, size=args.size,
+                                      seed=args.seed, device=device, batch_size=8)  # fmt: skip
+        sd.vae.to(device).eval().requires_grad_(False)  # the U-Net: frozen on `device` by the call above
+        context = sd.encode_prompt([""]).to(device)
+        sd.unet.features = maybe_compile(sd.unet.features, args.compile)  # what timestep_features calls
+        # ---- the trainable embedding head
+        channels = len(TIMESTEPS) * sum(sd.unet.feature_info(n).channels for n in TAPS)
+        head = embedding_head(channels, args.dim).to(device).train()
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2, fused=True)
     models = {"head": head, **({"unet": sd.unet} if args.demo else {})}  # the demo's U-Net was trained here
     step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0

@@ -142,7 +142,7 @@ from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
-    resumable_loader, resume_latest, save_checkpoint, seed_everything, should_checkpoint, start_run,
+    resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -255,9 +255,9 @@ def load_trained(run, device=None) -> Predictor:
 
 
 def build_model(args, num_classes: int, guided: bool) -> QueryDiff:
-    torch.manual_seed(args.seed)  # the same initial weights with and without DCL
-    backbone = ReinConvNet(width=64, tokens=args.queries) if args.demo else ReinDINOv2(not args.no_pretrained, args.size, args.queries, patch_resize=args.patch_resize)
-    return QueryDiff(backbone, num_classes, args, tap_channels(args) if guided else ())
+    with same_init_on_every_rank(args.seed):  # the same weights with and without DCL; then the same noise, points and data order
+        backbone = ReinConvNet(width=64, tokens=args.queries) if args.demo else ReinDINOv2(not args.no_pretrained, args.size, args.queries, patch_resize=args.patch_resize)
+        return QueryDiff(backbone, num_classes, args, tap_channels(args) if guided else ())
 
 
 def tap_channels(args) -> list[int]:
@@ -284,11 +284,8 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_de
 def build_teacher(args, device):
     """(unet, vae, context, schedule, (t_w, t_s)): frozen SD, or the demo's tiny U-Net,
     block codec and tiny text encoder. Only called for training with DCL."""
-    if args.demo:
-        torch.manual_seed(args.seed + 1)
-        sd = demo_sd(args.random_demo_model, DEMO_TEACHER)
-    else:
-        sd = load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with same_init_on_every_rank(args.seed + 1):  # a teacher unlike the student's initialisation
+        sd = demo_sd(args.random_demo_model, DEMO_TEACHER) if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     unet, vae, schedule = sd.unet, sd.vae, sd.schedule
     for frozen in (unet, vae):
         frozen.to(device).eval().requires_grad_(False)
@@ -390,7 +387,6 @@ def main(argv=None) -> dict:
             model.to(device)
             seconds = 0.0
         else:
-            seed_everything(args.seed, job.rank)  # both runs see the same noise, points and data order
             seconds = train(args, model, out, weight, teacher, train_data, num_classes, device, name)
         if name == runs[0][0]:
             export(model, args, class_names, palette)

@@ -168,6 +168,65 @@ def assert_ranks_hold_the_same_weights(probe: Path, processes: int = 2) -> list[
     return sorted({int(name.split("_step")[-1].split(".")[0]) for name in saved})
 
 
+def assert_ranks_start_from_the_same_weights(probe: Path, processes: int = 2) -> int:
+    """Every model a `run_torchrun(..., probe=...)` run handed to `wrap_for_training`, as built (before
+    DDP broadcasts rank 0's weights): each rank's state dict equals rank 0's bit for bit. Returns
+    the number of models compared (at least one)."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.name[: -len("_rank0.safetensors")] for p in probe.glob("init*_rank0.safetensors"))
+    assert names, f"no initial weights in {probe}: the recipe never called wrap_for_training"
+    for name in names:
+        ranks = [load_file(str(probe / f"{name}_rank{r}.safetensors")) for r in range(processes)]
+        for r, state in enumerate(ranks[1:], start=1):
+            assert state.keys() == ranks[0].keys(), f"{name}: rank {r} has other tensors than rank 0"
+            differ = [k for k in state if not torch.equal(state[k], ranks[0][k])]
+            assert not differ, f"{name}: rank {r} starts from other weights than rank 0 in {len(differ)} tensors, e.g. {differ[:3]}"
+    return len(names)
+
+
+def rank_draws(probe: Path, rank: int) -> dict[tuple[int, int], list[dict]]:
+    """{(training loop, step): [draw, ...]}: the global-RNG draws rank `rank` made in each training
+    step of a `run_torchrun(..., probe=...)` run, in order (tests/ddp_probe.py)."""
+    import json
+
+    steps: dict[tuple[int, int], list[dict]] = {}
+    for line in (probe / f"draws_rank{rank}.jsonl").read_text().splitlines():
+        draw = json.loads(line)
+        steps.setdefault((draw["run"], draw["step"]), []).append(draw)
+    return steps
+
+
+def compare_rank_draws(probe: Path) -> dict[str, int]:
+    """Ranks 0 and 1 of a `run_torchrun(..., probe=...)` run, step by step, draw k against draw k
+    (same function and dtype): how many pairs hold the same values, floating-point draws (noise) and
+    integer ones (timesteps, shot counts, picks) counted apart. Two draws of one shape are the same
+    when all their values are; two noise draws of different shapes (a data-dependent number of
+    prompt rows, say) when their first 8 values are, as two draws of one stream from one state."""
+    draws = [rank_draws(probe, r) for r in (0, 1)]
+    assert draws[0] and draws[0].keys() == draws[1].keys(), f"the ranks drew in steps {[sorted(d) for d in draws]}"
+    counts = dict.fromkeys(("float", "float equal", "int", "int equal"), 0)
+    for step in draws[0]:
+        for a, b in zip(draws[0][step], draws[1][step]):
+            if (a["fn"], a["dtype"]) == (b["fn"], b["dtype"]):
+                kind = "float" if a["float"] else "int"
+                same = a["sha"] == b["sha"] if a["shape"] == b["shape"] else kind == "float" and len(a["head"]) == 8 and a["head"] == b["head"]
+                counts[kind] += 1
+                counts[f"{kind} equal"] += same
+    return counts
+
+
+def assert_ranks_draw_their_own_noise(probe: Path) -> dict[str, int]:
+    """`compare_rank_draws`, asserting that each rank drew its own training noise: some draws are
+    comparable, no floating-point draw is the same on both ranks, and the integer draws (where there
+    are any) are not all the same. Returns the counts."""
+    counts = compare_rank_draws(probe)
+    assert counts["float"] + counts["int"] > 0, f"no comparable draws in training steps: {counts}"
+    assert counts["float equal"] == 0, f"{counts['float equal']} of {counts['float']} noise draws are the same on both ranks"
+    assert counts["int"] == 0 or counts["int equal"] < counts["int"], f"all {counts['int']} integer draws are the same on both ranks"
+    return counts
+
+
 def assert_rank_shares_cover_each_item_once(probe: Path, processes: int = 2) -> int:
     """Every evaluation split of a `run_torchrun(..., probe=...)` run (the k-th `rank_share` call
     of each rank): the ranks' items together are each item of the dataset exactly once. Returns the
@@ -188,6 +247,7 @@ def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: l
     step-1 checkpoint with --resume -> the tensors of both step-2 checkpoints (straight, resumed).
     `straight_only`: extra options of the straight run (e.g. a periodic evaluation that must not
     perturb training); `run_dir`: where the recipe keeps the checkpoints under --out."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from unet_seg.train import checkpoint_path
@@ -210,17 +270,42 @@ def assert_resume_is_exact(main, args: list[str], tmp_path: Path, **kwargs) -> d
     return straight
 
 
-def run_two_gloo_processes(name: str, args: list[str], tmp_path: Path, grid: str = "predictions.png", timeout: int = 300):
+def run_two_gloo_processes(name: str, args: list[str], tmp_path: Path, grid: str = "predictions.png", timeout: int = 300,
+                           run_dir: str = ""):  # fmt: skip
     """recipes/<name>.py with `args` on 2 gloo ranks (`run_torchrun` with the probe; output in
     tmp_path/run), asserting what every recipe's 2-process run must show: exit status 0, both ranks
-    holding identical weights at steps 1 and 2, every evaluated item on exactly one rank, one DEMO
-    line (rank 0 prints), "on 2 process(es)", metrics.json and the `grid` image written -> the
-    CompletedProcess."""
+    starting from identical weights and holding identical weights at steps 1 and 2, each rank
+    drawing its own training noise (`assert_ranks_draw_their_own_noise`), every evaluated item on
+    exactly one rank, one DEMO line (rank 0 prints), "on 2 process(es)", metrics.json and the `grid`
+    image written. Then again from only the step-1 checkpoint (in `run_dir` under --out) with
+    --resume: the step-2 checkpoint equals the first run's bit for bit and each rank draws in step 2
+    exactly what it drew the first time (in the first training loop, where a recipe trains several
+models). -> (the first CompletedProcess, the draw counts)."""
     run = run_torchrun(name, args + ["--out", str(tmp_path / "run")], timeout=timeout, probe=tmp_path / "probe")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert assert_ranks_start_from_the_same_weights(tmp_path / "probe") >= 1
     assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
+    counts = assert_ranks_draw_their_own_noise(tmp_path / "probe")
     assert assert_rank_shares_cover_each_item_once(tmp_path / "probe") >= 1
     assert sum(line.startswith("DEMO:") for line in run.stdout.splitlines()) == 1  # printed by rank 0 only
     assert "on 2 process(es)" in run.stdout
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / grid).is_file()
-    return run
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from unet_seg.train import checkpoint_path
+
+    straight, split = tmp_path / "run" / run_dir, tmp_path / "split" / run_dir
+    split.mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
+    shutil.copy(checkpoint_path(straight, 1), split)
+    resumed = run_torchrun(name, args + ["--out", str(tmp_path / "split"), "--resume"], timeout=timeout, probe=tmp_path / "probe_resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for r in (0, 1):
+        first, again = rank_draws(tmp_path / "probe", r), rank_draws(tmp_path / "probe_resumed", r)
+        assert next(iter(again)) == (0, 2) and again[0, 2] == first[0, 2], f"rank {r} drew other values in step 2 after --resume"
+    a, b = (load_file(str(checkpoint_path(d, 2))) for d in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed step-2 checkpoint differs"
+    rng = [json.loads(safe_open(str(checkpoint_path(d, 2)), "pt").metadata()["state"])["rng"] for d in (straight, split)]
+    assert len(rng[0]) == 2 and rng[0] == rng[1], "the ranks' RNG states after step 2 differ from the uninterrupted run's"
+    return run, counts

@@ -189,7 +189,7 @@ def test_batched_features_refuse_the_trajectory_only_options(extra, capsys):
     assert "apply to --features trajectory only" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
+def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):
     run_two_gloo_processes("diff_gta2cs", TINY + ["--no-baseline"], tmp_path)
 
 

@@ -88,8 +88,8 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
     assert "multiple of 8" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
-    run_two_gloo_processes("diffews_coco20i", TINY, tmp_path, grid="episodes.png", timeout=240)
+def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):
+    run_two_gloo_processes("diffews_coco20i", TINY + ["--shots", "3"], tmp_path, grid="episodes.png", timeout=240)
 
 
 

@@ -43,7 +43,7 @@ def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     assert_resume_is_exact(_recipe().main, TINY, tmp_path, straight_only=evaluating)
 
 
-def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
+def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):
     run_two_gloo_processes("digseg_ade20k", TINY, tmp_path, timeout=240)
 
 

@@ -34,7 +34,7 @@ def test_resume_continues_to_the_same_weights_without_pre_training_again(tmp_pat
     assert capsys.readouterr().out.count("pre-trained the tiny U-Net") == 1  # the straight run only
 
 
-def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
+def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):
     run_two_gloo_processes("fewshot_prototypes_coco20i", TINY, tmp_path, grid="episodes.png", timeout=300)
 
 

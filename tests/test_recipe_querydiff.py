@@ -191,11 +191,11 @@ def test_bad_size_is_refused_with_a_clear_message(capsys):
     assert "multiple of 64" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_hold_identical_weights_and_split_the_evaluation_exactly(tmp_path):
-    run_two_gloo_processes("querydiff_gta2cs", TINY, tmp_path)
+def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):
+    run_two_gloo_processes("querydiff_gta2cs", TINY, tmp_path, run_dir="querydiff")
     # the sharded evaluation counts every image once: one process on the same weights agrees exactly
     two = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    with pytest.warns(UserWarning, match="RNG states not restored"):  # a 2-process checkpoint read by 1 process
+    with pytest.warns(UserWarning, match="random stream restarts"):  # a 2-process checkpoint read by 1 process
         one = _recipe().main(TINY + ["--eval-only", "--out", str(tmp_path / "run")])
     scores = [(run, col) for run, row in one.items() for col in row if "mIoU" in col]
     assert len(scores) >= 4 and all(two[run][col] == one[run][col] for run, col in scores), (one, two)

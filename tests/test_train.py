@@ -513,6 +513,36 @@ def test_seed_everything_makes_all_rngs_repeat_and_ranks_differ(seed, rank):
     assert all(a != b for a, b in zip(other, first))
 
 
+def test_rank_streams_never_coincide_and_rank_0_is_the_one_process_stream():
+    seeds = {train.rank_seed(seed, rank) for seed in range(64) for rank in range(8)}
+    assert len(seeds) == 64 * 8  # `seed + rank` would give rank 1 of seed 0 the stream of seed 1
+    assert all(train.rank_seed(seed, 0) == seed for seed in (0, 7, 2**40))
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_same_init_on_every_rank_builds_the_same_then_gives_each_rank_its_own_stream(monkeypatch, fail):
+    import unet_seg.train.rng as rng
+
+    built, after = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(rng, "_rank", lambda: rank)
+        seed_everything(5, rank)
+        torch.rand(rank + 1)  # the ranks' streams were at different places before
+        try:
+            with train.same_init_on_every_rank(5):
+                built.append(tiny_net().state_dict())
+                if fail:
+                    raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        after.append(draws())
+        seed_everything(5, rank)
+        assert draws() == after[-1]  # each rank's own stream from (seed, rank), from its start
+    assert_same_tree(built[0], built[1])
+    assert all(a != b for a, b in zip(*after))
+
+
 def test_seed_everything_rejects_negative_values():
     with pytest.raises(ValueError, match="seed and rank must be >= 0"):
         seed_everything(-1)
@@ -632,6 +662,19 @@ def test_two_gloo_processes_share_one_checkpoint_and_write_once(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"rank": 0}
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000000003.safetensors"]
     assert result.stdout.count("printed by rank") == 1 and "printed by rank 0" in result.stdout
+
+    # resumed by one process: the two saved streams cannot both continue; a third one, the same each time
+    if "RANK" in os.environ:
+        return
+    resumed = []
+    for _ in range(2):
+        seed_everything(0)
+        with pytest.warns(UserWarning, match="written by 2 process.*this run has 1.*random stream restarts"):
+            load_checkpoint(tmp_path / "ckpt" / "step_000000003.safetensors", {"m": torch.nn.Linear(2, 2)})
+        resumed.append(torch.rand(4).tolist())
+    assert resumed[0] == resumed[1]
+    seed_everything(0)
+    assert resumed[0] not in (ranks[0]["draw"], ranks[1]["draw"], torch.rand(4).tolist())
 
 
 # ---------------------------------------------------------------- the recipe runtime

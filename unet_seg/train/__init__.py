@@ -4,8 +4,10 @@ The loop the four recipes run (recipes/*.py `main`):
 
     args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), argv, DEMO, REAL)  # unet_seg.cli
     run = start_run(args, demo="tiny random models, synthetic scenes", real="--model <SD 2.x> --data-root ...")
-    sd = demo.tiny_sd() if args.demo else load_sd(args.model)  # rank, world, device: run.rank, ...
-    model, opt, sched = ..., ..., ...
+    with same_init_on_every_rank(args.seed):                  # the same initial weights on every rank,
+        sd = demo.tiny_sd() if args.demo else load_sd(args.model)
+        model = ...                                           # then each rank its own noise from (seed, rank)
+    opt, sched = ..., ...                                     # rank, world, device: run.rank, ...
     models = {"head": model}                                   # what training changes
     step = resume_latest(args.out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
@@ -22,16 +24,18 @@ The loop the four recipes run (recipes/*.py `main`):
 
 Collectives (`save_checkpoint`, `check_finite_everywhere`, `barrier`) must be called by every
 rank; only rank 0 writes files. Checkpoints are safetensors only: tensors as tensors, everything
-else (optimizer hyper-parameters, scheduler state, counters, RNG states) as JSON in the header.
-Resuming is exact (bit for bit on the same hardware and world size) when the data order comes
-from `resumable_loader` and the loss draws randomness only from the global RNGs restored here.
+else (optimizer hyper-parameters, scheduler state, counters, every rank's RNG states) as JSON in
+the header. Resuming is exact (bit for bit on the same hardware and world size, each rank its own
+stream back) when the data order comes from `resumable_loader` and the loss draws randomness
+only from the global RNGs restored here.
 
 One job per module; import everything from `unet_seg.train`:
 
     distributed   init_distributed, rank_and_world, rank_share, head, is_main, barrier, print0,
                   print_demo, unwrap, cleanup_distributed, check_finite_everywhere
-    loop          seed_everything, resumable_loader (ResumableSampler), training_batches,
-                  should_checkpoint, interrupted (Ctrl-C / SIGTERM)
+    rng           same_init_on_every_rank, seed_everything, rank_seed, rng_states, set_rng_states
+    loop          resumable_loader (ResumableSampler), training_batches, should_checkpoint,
+                  interrupted (Ctrl-C / SIGTERM)
     checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
                   checkpoint_path
     compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, ddp, evaluation
@@ -50,8 +54,9 @@ from .distributed import (
     barrier, check_finite_everywhere, cleanup_distributed, head, init_distributed, is_main, print0, print_demo,
     rank_and_world, rank_share, unwrap,
 )
-from .loop import ResumableSampler, interrupted, resumable_loader, seed_everything, should_checkpoint, training_batches
+from .loop import ResumableSampler, interrupted, resumable_loader, should_checkpoint, training_batches
 from .report import LineProgress, PathLike, progress, write_metrics
+from .rng import rank_seed, rng_states, same_init_on_every_rank, seed_everything, set_rng_states
 from .run import Run, finish_run, start_run
 from .step import CudaGraphStep, backward_and_step, clip_and_step
 
@@ -61,7 +66,8 @@ __all__ = [
     "autocast", "compile_cache_dir", "ddp", "evaluation", "maybe_compile", "wrap_for_training",
     "barrier", "check_finite_everywhere", "cleanup_distributed", "head", "init_distributed", "is_main", "print0",
     "print_demo", "rank_and_world", "rank_share", "unwrap",
-    "ResumableSampler", "interrupted", "resumable_loader", "seed_everything", "should_checkpoint", "training_batches",
+    "ResumableSampler", "interrupted", "resumable_loader", "should_checkpoint", "training_batches",
+    "rank_seed", "rng_states", "same_init_on_every_rank", "seed_everything", "set_rng_states",
     "LineProgress", "PathLike", "progress", "write_metrics",
     "Run", "finish_run", "start_run",
     "CudaGraphStep", "backward_and_step", "clip_and_step",

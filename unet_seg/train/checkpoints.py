@@ -8,15 +8,12 @@ loss draws randomness only from the global RNGs restored here.
 
 from __future__ import annotations
 
-import base64
 import json
-import random
 import re
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -25,41 +22,12 @@ from torch import Tensor, nn
 from ..hub import CheckpointError, atomic_path, check_state_dict
 from .distributed import _rank, _world_size, all_gather_str, barrier, is_main, print0, unwrap
 from .loop import _INTERRUPT
+from .rng import reseed_from, rng_states, set_rng_states
 from .report import PathLike
 
 
 CHECKPOINT_FORMAT = "unet_seg.checkpoint/1"
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
-
-
-def _rng_state() -> dict:
-    """This process's global RNG states as JSON-able data."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(mt), gauss],
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "cuda": (
-            base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-            if torch.cuda.is_available()
-            else None
-        ),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_bytes_tensor(state["torch"]))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
-
-
-def _bytes_tensor(b64: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
 
 
 class Resumed(NamedTuple):
@@ -147,7 +115,7 @@ def save_checkpoint(
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    rng = [json.loads(s) for s in all_gather_str(json.dumps(_rng_state()))]
+    rng = [json.loads(s) for s in all_gather_str(json.dumps(rng_states()))]
     path = checkpoint_path(directory, step)
     if is_main():
         tensors: dict[str, Tensor] = {}
@@ -186,8 +154,9 @@ def load_checkpoint(
 
     Every rank reads the file. A missing, truncated or corrupt file, a missing model, optimizer
     or scheduler state, and a state dict that does not fit (keys listed) raise CheckpointError
-    naming the file. Resumed with a different world size, the RNG states are not restored (a
-    warning says so): training continues, but not bit for bit.
+    naming the file. Resumed with another number of processes, the saved streams cannot be handed
+    out one per rank: each rank gets a fresh one (`rng.reseed_from`: none repeats noise already
+    drawn) and rank 0 warns that the run continues, but not bit for bit.
     """
     if path is None or not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -225,12 +194,15 @@ def load_checkpoint(
                 obj.param_groups[i]["lr"] = lr.copy_(obj.param_groups[i]["lr"])
     if restore_rng:
         if len(header["rng"]) == _world_size():
-            _set_rng_state(header["rng"][_rank()])
+            set_rng_states(header["rng"][_rank()])
         else:
-            warnings.warn(
-                f"{path} was written by {len(header['rng'])} process(es), this run has {_world_size()}: "
-                "RNG states not restored, so the resumed run will not match an uninterrupted one bit for bit"
-            )
+            reseed_from(header["rng"], _rank())
+            if is_main():
+                warnings.warn(
+                    f"{path} was written by {len(header['rng'])} process(es), this run has {_world_size()}: each rank's "
+                    "random stream restarts from a hash of the saved streams and its rank (none of them repeats the "
+                    "noise already drawn), so the resumed run continues, but not bit for bit as an uninterrupted one"
+                )
     return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors))
 
 

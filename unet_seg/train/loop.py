@@ -1,6 +1,6 @@
 """The training loop's data order and its Ctrl-C / SIGTERM handling.
 
-    seed_everything(seed, rank); loader = resumable_loader(dataset, batch_size, seed)
+    loader = resumable_loader(dataset, batch_size, seed)
     for step, epoch, batch in training_batches(loader, step, steps):   # resumes mid-epoch
         ...
         if should_checkpoint(step, every, steps): save_checkpoint(...)  # also at an interrupt
@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import random
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -26,22 +24,6 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingInterrupted
 from .distributed import _rank, _world_size, is_main
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python `random`, numpy's global RNG and torch (CPU and every CUDA device) with
-    `seed + rank`.
-
-    The per-rank offset gives each process its own noise, timesteps and augmentations; the data
-    order (`resumable_loader`) and model initialisation do not depend on it (the sampler takes
-    the shared `seed`, and DDP broadcasts rank 0's weights when it wraps the model).
-    """
-    if seed < 0 or rank < 0:
-        raise ValueError(f"seed and rank must be >= 0, got seed={seed}, rank={rank}")
-    seed = seed + rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class ResumableSampler(DistributedSampler):

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .distributed import barrier, cleanup_distributed, init_distributed, print0, print_demo
-from .loop import seed_everything
+from .rng import seed_everything
 from .report import PathLike, write_metrics
 
 
@@ -26,8 +26,9 @@ class Run(NamedTuple):
 
 def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     """Join the processes (`init_distributed`), say plainly on rank 0 what a --demo run is
-    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"), seed this rank
-    (`seed_everything(args.seed, rank)`) and create `args.out`."""
+    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"), seed this rank's own
+    stream (`seed_everything(args.seed, rank)`; build models in `same_init_on_every_rank`) and
+    create `args.out`."""
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
     print_demo(args, f"{demo}, {device.type.upper()}, no download (real runs: {real})")
