@@ -128,7 +128,7 @@ from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, finish_run, head, maybe_compile, print0, progress,
-    rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run,
+    rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -266,9 +266,10 @@ class Frozen:
     level_channels: list[int]
 
 
-def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: int, device):
+def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, num_classes: int, device):
     """Train a fresh fusion block + head on the source domain (IPKL, or CE alone without it),
-    resuming from `out` with --resume; returns the trained `Segmenter`."""
+    resuming from `out` with --resume, after a sanity check (real runs: 2 steps, a checkpoint,
+    one image of every target); returns the trained `Segmenter`."""
     out.mkdir(parents=True, exist_ok=True)
     dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo or args.small_head else ((512, 1024, 2048), 256, 256, 32)
     with same_init_on_every_rank(args.seed):  # then each rank its own posterior samples and trajectory noise
@@ -287,10 +288,18 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, num_classes: in
         return segmenter.eval()
     model = wrap_for_training(segmenter, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
-    bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
-    for step, epoch, batch in training_batches(loader, step, args.steps):
+
+    def one_step(batch) -> dict:
         losses = train_step(model, frozen, opt, batch["image"].to(device), batch["label"].to(device), ipkl, args)
         sched.step()
+        return losses
+
+    predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
+    sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
+                 evaluate=lambda data: evaluate_semantic(predict, data, num_classes, device), targets=targets)  # fmt: skip
+    bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
+    for step, epoch, batch in training_batches(loader, step, args.steps):
+        losses = one_step(batch)
         bar.update()
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         if step % max(1, args.steps // 10) == 0:  # also for logs, where the bar is silent
@@ -396,7 +405,7 @@ def main(argv=None) -> dict:
         variants["baseline: DIFF without IPKL"] = False
     metrics, rows = {}, []
     for i, (variant, ipkl) in enumerate(variants.items()):
-        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, num_classes, device)
+        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, targets, num_classes, device)
         if i == 0:
             export(segmenter, frozen, sd, args, class_names, palette)
         if args.export:

@@ -116,8 +116,8 @@ from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoi
 from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_labels
 from unet_seg.train import (
     CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
-    resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches,
-    unwrap, wrap_for_training,
+    resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
+    training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -275,18 +275,25 @@ def main(argv=None) -> dict:
         vae.encoder.compile()
         vae.decoder.compile()
     train = functools.partial(train_step, forward, unet, vae, context, opt)
-    if args.cuda_graph:
-        train = CudaGraphStep(train, [forward], opt)
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
     loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
-    bar = progress(total=args.steps, initial=step, desc="DiffewS")
-    for step, epoch, batch in training_batches(loader, step, args.steps):
+
+    def one_step(batch) -> tuple[torch.Tensor, int]:
         query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
         s = int(torch.randint(1, args.shots + 1, ()))
         pick = torch.randperm(args.shots)[:s].to(device)
         loss = check_finite_everywhere(train(query, query_mask, supports[:, pick], support_masks[:, pick]), "latent MSE")
         sched.step()
+        return loss, s
+
+    sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
+                 evaluate=lambda data: evaluate(unet, data, **eval_kw), targets={f"{k}-shot": d for k, d in test_data.items()})
+    if args.cuda_graph:  # captured after the sanity check, which reloads the optimiser state a graph would hold
+        train = CudaGraphStep(train, [forward], opt)
+    bar = progress(total=args.steps, initial=step, desc="DiffewS")
+    for step, epoch, batch in training_batches(loader, step, args.steps):
+        loss, s = one_step(batch)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
         if should_checkpoint(step, args.save_every, args.steps):

@@ -136,7 +136,7 @@ from unet_seg.predict import Predictor, default_device, load_checkpoint_for_expo
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
-    resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
+    resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -416,11 +416,16 @@ def main(argv=None) -> dict:
 
     # ---- train: eq. 6 on (image, class) pairs
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+
+    def one_step(batch) -> torch.Tensor:
+        z_y, embeds = target_latents(vae, batch["label"].to(device), class_embeds, class_ids, palette)
+        return check_finite_everywhere(train_step(forward, params, vae, schedule, opt, batch["image"].to(device), z_y, embeds), "DiGSeg loss")
+
+    sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, targets={"ADE20K": test_data},
+                 evaluate=lambda data: evaluate(model, data, **eval_kw, settings=settings, modes=args.candidates))  # fmt: skip
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        z_y, embeds = target_latents(vae, labels, class_embeds, class_ids, palette)
-        loss = check_finite_everywhere(train_step(forward, params, vae, schedule, opt, images, z_y, embeds), "DiGSeg loss")
+        loss = one_step(batch)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):

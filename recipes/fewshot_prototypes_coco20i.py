@@ -67,7 +67,8 @@ from unet_seg.segmentation import episode_tensors, evaluate_episodes
 from unet_seg.taps import fold_timesteps, timestep_features
 from unet_seg.train import (
     backward_and_step, check_finite_everywhere, evaluation, finish_run, maybe_compile, progress, resumable_loader,
-    resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
+    resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches,
+    wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -119,19 +120,25 @@ def main(argv=None) -> dict:
 
     # ---- train on episodes of the fold's training classes
     loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
-    bar = progress(total=args.steps, initial=step, desc="prototypes")
-    for step, epoch, batch in training_batches(loader, step, args.steps):
+    predict = lambda *episode: episode_logits(head, sd, context, *episode).argmax(1)  # noqa: E731
+
+    def one_step(batch) -> torch.Tensor:
         query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
         logits = episode_logits(forward, sd, context, query, supports, support_masks)
         loss = cross_entropy(logits, query_mask) + dice_loss(logits[:, 1] - logits[:, 0], query_mask, ignore_index=255)
-        loss = check_finite_everywhere(backward_and_step(opt, head.parameters(), loss, max_norm=1.0), "CE + Dice")
+        return check_finite_everywhere(backward_and_step(opt, head.parameters(), loss, max_norm=1.0), "CE + Dice")
+
+    sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt,
+                 evaluate=lambda data: evaluate_episodes(predict, data, task.num_labels, device), targets={f"{k}-shot": d for k, d in task.test.items()})
+    bar = progress(total=args.steps, initial=step, desc="prototypes")
+    for step, epoch, batch in training_batches(loader, step, args.steps):
+        loss = one_step(batch)
         bar.update(), bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
     bar.close()
     train_time = time.perf_counter() - job.started
     # ---- evaluate: 1- and 5-shot on the held-out classes (demo: and the control, supports of the other class)
-    predict = lambda *episode: episode_logits(head, sd, context, *episode).argmax(1)  # noqa: E731
     metrics, rows = {}, []
     runs = {f"prototypes {k}-shot": data for k, data in task.test.items()}
     runs.update({"control: 1-shot, supports of the query's other class": task.control} if task.control else {})

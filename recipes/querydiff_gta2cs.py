@@ -142,7 +142,7 @@ from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
-    resumable_loader, resume_latest, same_init_on_every_rank, save_checkpoint, should_checkpoint, start_run,
+    resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -335,8 +335,10 @@ class ContiguousLabels(torch.utils.data.Dataset):
         return {**item, "label": self.lookup[item["label"]]}
 
 
-def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_data, num_classes: int, device, desc: str) -> float:
-    """Train `model` in place for args.steps (resuming from `out` with --resume); returns seconds."""
+def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_data, tests: dict, slide: bool, num_classes: int, device,
+          desc: str) -> float:  # fmt: skip
+    """Train `model` in place for args.steps (resuming from `out` with --resume; real runs after a
+    sanity check: 2 steps, a checkpoint, one image of every test set); returns seconds."""
     started = time.perf_counter()
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
@@ -346,11 +348,17 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     forward = wrap_for_training(model, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
     loss_cfg = SetLossConfig(points=args.points)
+
+    def one_step(batch) -> dict:
+        losses = train_step(forward, opt, batch["image"].to(device), batch["label"].to(device), num_classes, loss_cfg, dcl_weight, teacher, args.amp)
+        sched.step()
+        return losses
+
+    sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
+                 evaluate=lambda data: evaluate(model, data, num_classes, device, args.window if slide else None, args.amp), targets=tests)  # fmt: skip
     bar = progress(total=args.steps, initial=step, desc=desc)
     for step, epoch, batch in training_batches(loader, step, args.steps):
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        losses = train_step(forward, opt, images, labels, num_classes, loss_cfg, dcl_weight, teacher, args.amp)
-        sched.step()
+        losses = one_step(batch)
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         if should_checkpoint(step, args.save_every, args.steps):
@@ -387,7 +395,7 @@ def main(argv=None) -> dict:
             model.to(device)
             seconds = 0.0
         else:
-            seconds = train(args, model, out, weight, teacher, train_data, num_classes, device, name)
+            seconds = train(args, model, out, weight, teacher, train_data, tests, slide, num_classes, device, name)
         if name == runs[0][0]:
             export(model, args, class_names, palette)
         evaluated = maybe_compile(model, args.compile) if args.compile else model

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from unet_seg.train import checkpoint_path
 
@@ -194,10 +195,11 @@ def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_spli
 
 
 
-def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path, cpu_only):
+def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path, cpu_only, capsys):
     """--model/--data-root: a tiny SD2-layout v-prediction checkpoint, GTA5 and Cityscapes folders
     written here; the official GTA5 pipeline with rare-class sampling (class counts cached next to
-    the data), the trajectory, evaluation on Cityscapes."""
+    the data), the trajectory, evaluation on Cityscapes; a sanity check first, which changes
+    nothing: with --no-sanity-check the run ends with the same weights, optimiser state and mIoU."""
     import numpy as np
     from PIL import Image
 
@@ -233,3 +235,11 @@ def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path,
     assert set(metrics) == {"DIFF + IPKL (L2)"} and set(metrics["DIFF + IPKL (L2)"]) == {"cityscapes"}
     counts = json.loads((data / "gta5" / "class_counts_train.json").read_text())
     assert counts["keys"] == ["labels/00001.png", "labels/00002.png"] and counts["counts"][0][1] == 55 * 191
+    printed = capsys.readouterr().out
+    assert printed.count("sanity check passed in") == 1 and "one item of cityscapes 1024x512); 2 steps ≈" in printed
+
+    assert _recipe().main(args[:-1] + [str(tmp_path / "plain"), "--no-sanity-check"]) == metrics
+    assert "sanity check" not in capsys.readouterr().out
+    checked, plain = (load_file(str(checkpoint_path(tmp_path / d, 2))) for d in ("out", "plain"))
+    assert checked.keys() == plain.keys() and all(torch.equal(checked[k], plain[k]) for k in checked)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == []  # the check's folder is gone

@@ -742,3 +742,142 @@ def test_evaluation_is_eval_mode_on_its_own_rng_and_leaves_the_run_unchanged():
     with pytest.raises(RuntimeError), evaluation(model):
         raise RuntimeError("boom")
     assert model.training  # restored on errors too
+
+
+# ---------------------------------------------------------------- the sanity check before a real run
+
+
+def run_with_sanity_check(out, check: bool, evaluate=None, train_fails=False, steps=6):
+    """`run_training`'s loop with `sanity_check` before it -> (losses, model, optimizer and scheduler
+    states, the RNG draw after training, the sanity report)."""
+    import argparse
+
+    from unet_seg.train import sanity_check
+
+    args = argparse.Namespace(demo=False, no_sanity_check=not check, steps=steps, save_every=3)
+    seed_everything(0)
+    model = tiny_net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    loader = resumable_loader(DATA, BATCH, seed=0)
+
+    def one_step(batch):
+        x, y = batch
+        if train_fails:
+            raise FloatingPointError("loss is not finite: [nan]")
+        scale = 1 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
+        loss = F.mse_loss(model(x + 0.05 * torch.randn_like(x)) * scale, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach()
+
+    targets = {"val": TensorDataset(torch.ones(5, 3, 6, 10), torch.zeros(5)), "test": TensorDataset(torch.ones(7, 3, 4, 4))}
+    evaluate = evaluate or (lambda data: [model(torch.ones(1, 4)) for _ in data])
+    report = sanity_check(args, out=out, step=0, loader=loader, train=one_step, models={"net": model}, optimizer=opt,
+                          scheduler=sched, evaluate=evaluate, targets=targets)  # fmt: skip
+    losses = torch.stack([one_step(batch) for _, _, batch in training_batches(loader, 0, steps)])
+    return losses, model.state_dict(), opt.state_dict(), sched.state_dict(), torch.rand(3), report
+
+
+def test_sanity_check_leaves_the_run_as_it_would_have_been(tmp_path, capsys):
+    checked = run_with_sanity_check(tmp_path / "a", True)
+    printed = capsys.readouterr().out
+    plain = run_with_sanity_check(tmp_path / "b", False)
+    assert plain[-1] is None and checked[-1] is not None
+    for a, b in zip(checked[:-1], plain[:-1]):
+        assert_same_tree(a, b)  # losses, weights, optimizer, scheduler, the RNG afterwards
+    assert list((tmp_path / "a").iterdir()) == []  # its checkpoint folder is gone
+    assert printed.count("sanity check passed in") == 1
+    assert "(2 training steps, a checkpoint written and read back, one item of val 10x6, test 4x4); 6 steps ≈" in printed
+    report = checked[-1]
+    assert report.step_seconds > 0 and report.train_seconds >= 6 * report.step_seconds and report.eval_seconds > 0
+
+
+def test_sanity_check_failures_name_the_part_and_the_error(tmp_path):
+    from unet_seg.errors import SanityCheckFailed
+
+    def evaluate(data):
+        if len(data[0][0].shape) == 3 and data[0][0].shape[-1] == 4:
+            raise ValueError("latent sides must be multiples of 8")
+
+    with pytest.raises(SanityCheckFailed, match=r"^sanity check failed evaluating one item of test 4x4: ValueError: latent sides must "
+                       r"be multiples of 8 \(--no-sanity-check skips the check\)$"):  # fmt: skip
+        run_with_sanity_check(tmp_path, True, evaluate=evaluate)
+    with pytest.raises(SanityCheckFailed, match="in training step 1 or 2: FloatingPointError: loss is not finite"):
+        run_with_sanity_check(tmp_path, True, train_fails=True)
+
+
+def test_a_failed_sanity_check_ends_the_recipe_with_one_line_and_status_1(capsys):
+    from unet_seg.cli import run
+    from unet_seg.errors import SanityCheckFailed
+
+    def main():
+        raise SanityCheckFailed("sanity check failed evaluating one item of bdd100k 1280x720: ValueError: x")
+
+    with pytest.raises(SystemExit) as stop:
+        run(main, prog="diff_gta2cs.py")
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "diff_gta2cs.py: error: sanity check failed evaluating one item of bdd100k 1280x720: ValueError: x\n"
+
+
+SANITY_WORKER = textwrap.dedent(
+    """
+    import argparse, json, sys
+    from pathlib import Path
+    import torch
+    from torch.utils.data import TensorDataset
+    from unet_seg.errors import SanityCheckFailed
+    from unet_seg.train import (cleanup_distributed, init_distributed, rank_share, resumable_loader,
+                                same_init_on_every_rank, sanity_check, training_batches, wrap_for_training)
+
+    out = Path(sys.argv[1])
+    rank, world, _, _ = init_distributed()
+    with same_init_on_every_rank(0):
+        model = torch.nn.Linear(4, 1)
+    forward = wrap_for_training(model, compile=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = resumable_loader(TensorDataset(torch.randn(16, 4), torch.randn(16, 1)), 2, seed=0)
+    seen, fail_on, errors = [], -1, []
+
+    def one_step(batch):
+        loss = torch.nn.functional.mse_loss(forward(batch[0] + torch.randn(1)), batch[1])
+        opt.zero_grad(); loss.backward(); opt.step()
+
+    def evaluate(data):
+        seen.append([float(x[0].flatten()[0]) for x in rank_share(data)])  # every rank the same item
+        if rank == fail_on:
+            raise RuntimeError("out of memory")
+
+    args = argparse.Namespace(demo=False, no_sanity_check=False, steps=4, save_every=2)
+    targets = {"val": TensorDataset(torch.arange(5.0)[:, None, None, None].expand(5, 3, 8, 8))}
+    for fail_on in (-1, 1):  # passes; then fails on rank 1 alone
+        try:
+            sanity_check(args, out=out, step=0, loader=loader, train=one_step, models={"m": model}, optimizer=opt,
+                         evaluate=evaluate, targets=targets)
+            errors.append("")
+        except SanityCheckFailed as e:
+            errors.append(str(e))
+    for _, _, batch in training_batches(loader, 0, 4):
+        one_step(batch)
+    (out / f"rank{rank}.json").write_text(json.dumps({"errors": errors, "seen": seen, "weight": model.weight.tolist()}))
+    cleanup_distributed()
+    """
+)
+
+
+def test_sanity_check_on_two_gloo_processes(tmp_path):
+    """Both ranks evaluate the same item and end with the same weights; rank 0 prints; a failure
+    on rank 1 alone stops both, naming it."""
+    script = tmp_path / "worker.py"
+    script.write_text(SANITY_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["seen"] == ranks[1]["seen"] == [[0.0], [0.0]] and ranks[0]["weight"] == ranks[1]["weight"]
+    assert result.stdout.count("sanity check passed in") == 1 and "on 2 process(es)" in result.stdout
+    failed = "sanity check failed evaluating one item of val 8x8 on rank 1: RuntimeError: out of memory (--no-sanity-check skips the check)"
+    assert ranks[0]["errors"] == ranks[1]["errors"] == ["", failed]

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import CheckpointError, DataLayoutError, InputError, TrainingInterrupted
+from .errors import CheckpointError, DataLayoutError, InputError, SanityCheckFailed, TrainingInterrupted
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
@@ -85,6 +85,11 @@ def recipe_parser(
         "--random-demo-model", action="store_true",
         help="with --demo: a tiny random-weight SD (pre-trained in the run where the recipe needs a denoiser) instead "
         "of the tiny SD pre-trained on captioned synthetic scenes that ships with the package",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-sanity-check", action="store_true",
+        help="skip the check a real run makes first (two training steps, a checkpoint written and read back, one "
+        "image of every evaluation set at full size, the projected duration; the run's result is the same with it)",
     )  # fmt: skip
     g = p.add_argument_group("use a trained model")
     g.add_argument("--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="segment these images (a folder: every "
@@ -168,8 +173,8 @@ def _dest(flag: str) -> str:
 
 def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
-    one line on stderr and exit status 1 instead of a traceback; training stopped by Ctrl-C or
-    SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130.
+    one line on stderr and exit status 1 instead of a traceback, as does a failed sanity check
+    (rank 0 says it); training stopped by Ctrl-C or SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130.
     Warnings are one line each ("<prog>: warning: ..."), without the line of source that raised them."""
     prog = prog or Path(sys.argv[0]).name
     previous, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"{prog}: warning: {message}\n"
@@ -177,6 +182,10 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
         main()
     except (DataLayoutError, CheckpointError, InputError) as e:
         sys.exit(f"{prog}: error: {_without_worker_traceback(str(e))}")
+    except SanityCheckFailed as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
             from tqdm.auto import tqdm

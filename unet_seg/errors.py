@@ -13,6 +13,11 @@ class InputError(ValueError):
     """An input the user gave that cannot be used: an image that cannot be read, a mask that is not a mask."""
 
 
+class SanityCheckFailed(RuntimeError):
+    """The check before a real run (`unet_seg.train.sanity_check`) failed: its message says in
+    which part (a training step, the checkpoint, evaluating which set), on which rank, and why."""
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after writing a checkpoint (`unet_seg.train.training_batches`)."""
 

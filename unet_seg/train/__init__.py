@@ -12,6 +12,7 @@ The loop the four recipes run (recipes/*.py `main`):
     step = resume_latest(args.out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
     loader = resumable_loader(dataset, args.batch_size, args.seed)
+    sanity_check(args, out=args.out, step=step, loader=loader, train=..., models=models, evaluate=..., targets=...)
     bar = progress(total=args.steps, initial=step)
     for step, epoch, batch in training_batches(loader, step, args.steps):
         with autocast(run.device):
@@ -42,6 +43,7 @@ One job per module; import everything from `unet_seg.train`:
     step          backward_and_step, clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph)
     report        progress (LineProgress), write_metrics
     run           start_run, finish_run
+    sanity        sanity_check (a real run's first minutes: steps, checkpoint, one item per eval set)
 """
 
 from ..hub import atomic_path
@@ -58,6 +60,7 @@ from .loop import ResumableSampler, interrupted, resumable_loader, should_checkp
 from .report import LineProgress, PathLike, progress, write_metrics
 from .rng import rank_seed, rng_states, same_init_on_every_rank, seed_everything, set_rng_states
 from .run import Run, finish_run, start_run
+from .sanity import SanityReport, sanity_check
 from .step import CudaGraphStep, backward_and_step, clip_and_step
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "rank_seed", "rng_states", "same_init_on_every_rank", "seed_everything", "set_rng_states",
     "LineProgress", "PathLike", "progress", "write_metrics",
     "Run", "finish_run", "start_run",
+    "SanityReport", "sanity_check",
     "CudaGraphStep", "backward_and_step", "clip_and_step",
     "atomic_path",  # unet_seg.hub's, still importable from here
 ]  # fmt: skip

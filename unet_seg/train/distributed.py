@@ -115,7 +115,8 @@ def all_gather_str(s: str) -> list[str]:
     if world_size == 1:
         return [s]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    data = torch.frombuffer(bytearray(s.encode()), dtype=torch.uint8).to(device)
+    encoded = s.encode()
+    data = (torch.frombuffer(bytearray(encoded), dtype=torch.uint8) if encoded else torch.empty(0, dtype=torch.uint8)).to(device)
     length = torch.tensor([data.numel()], device=device)
     lengths = [torch.empty_like(length) for _ in range(world_size)]
     dist.all_gather(lengths, length)
