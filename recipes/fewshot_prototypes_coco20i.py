@@ -22,7 +22,7 @@ ICCV 2019, eq. 1-3). The README's "Compose your own method" walks through it blo
 | loss | CE + Dice on the query, bilinear logits at the mask's size; no PANet alignment loss | PANet's CE; Dice for COCO's small objects |
 | precision | frozen SD in bf16 on a GPU (fp32 on a CPU), features and head in fp32 | the frozen side is most of the FLOPs |
 | evaluation | 1000 episodes per fold, 1- and 5-shot, mIoU over the 20 test classes and FB-IoU | HSNet's protocol |
-| demo | a tiny U-Net pre-trained here (100 steps of 8 unlabelled scenes, kept in the checkpoint); two classes in every image, only the supports tell which is asked for; control: supports of the other | no download |
+| demo | the package's pre-trained tiny SD (`--random-demo-model`: a random U-Net pre-trained here, 100 denoising steps, kept in the checkpoint); two classes in every image, only the supports tell which is asked for; control: supports of the other | no download |
 """
 
 import time
@@ -30,21 +30,18 @@ import time
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 TAPS, TIMESTEPS, EVAL_SHOTS = ("up.1", "up.2"), (50, 261), (1, 5)
-DEMO = dict(size=64, steps=1000, batch_size=8, lr=1e-3, dim=64, episodes=200, pretrain_steps=100)
+DEMO = dict(size=64, steps=1000, batch_size=8, lr=1e-3, dim=64, episodes=200, pretrain_steps=100)  # pre-training: random model only
 REAL = dict(size=512, steps=20000, batch_size=4, lr=1e-4, dim=256, episodes=1000, pretrain_steps=0)
 
 
 def parse_args(argv=None):
-    p = recipe_parser("Few-shot segmentation by masked-average-pooled prototypes of frozen SD features: train "
-                      "an embedding head on a fold's training classes, evaluate 1- and 5-shot mIoU / FB-IoU on "
-                      "its held-out classes. --demo: tiny models, synthetic episodes, CPU, no download.",
-                      DEMO, REAL, out="runs/fewshot_prototypes")  # fmt: skip
+    p = recipe_parser(__doc__.split("\n\n")[0], DEMO, REAL, out="runs/fewshot_prototypes")
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="fold 0..3: its classes are held out")
     p.add_argument("--shots", type=int, default=1, help="supports per training episode")
     p.add_argument("--dim", type=int, help=f"embedding width (default {REAL['dim']}; demo {DEMO['dim']})")
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting (default {REAL['episodes']}; demo {DEMO['episodes']})")
-    p.add_argument("--pretrain-steps", type=int, help="demo: denoising steps that pre-train the tiny U-Net")
+    p.add_argument("--pretrain-steps", type=int, help="demo with --random-demo-model: denoising steps that pre-train its U-Net")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
     if args.predict or args.export:  # the recipe evaluates episodes only: no export to predict from
         p.error("--predict and --export are not available in this recipe")
@@ -65,11 +62,9 @@ from unet_seg.metrics import few_shot_scores
 from unet_seg.prototypes import cosine_logits, fg_bg_prototypes
 from unet_seg.segmentation import episode_tensors, evaluate_episodes
 from unet_seg.taps import fold_timesteps, timestep_features
-from unet_seg.train import (
-    backward_and_step, check_finite_everywhere, evaluation, finish_run, maybe_compile, progress, resumable_loader,
-    resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches,
-    wrap_for_training,
-)  # fmt: skip
+from unet_seg.train import (backward_and_step, check_finite_everywhere, evaluation, finish_run, maybe_compile, progress, resumable_loader,
+                             resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
+                             training_batches, wrap_for_training)  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
 RED = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay palette: red foreground
@@ -97,30 +92,27 @@ def episode_logits(head, sd, context, query, supports, support_masks) -> torch.T
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    job = start_run(args, demo="tiny SD-structured U-Net pre-trained here, a frozen 8x8 block codec for the VAE, "
-                    "synthetic few-shot episodes", real="--model <SD 2.x> --data-root <COCO-20i>")  # fmt: skip
-    device = job.device
+    job = start_run(args, demo=f"tiny SD-structured U-Net {'pre-trained here' if args.random_demo_model else 'and text encoder, pre-trained'}, "
+                    "a frozen 8x8 block codec for the VAE, synthetic few-shot episodes", real="--model <SD 2.x> --data-root <COCO-20i>")  # fmt: skip
+    device, random_demo = job.device, args.demo and args.random_demo_model  # the random demo U-Net is pre-trained here, saved with the head
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,
                             test_shots=EVAL_SHOTS, test_episodes=args.episodes, seed=args.seed)  # fmt: skip
 
-    with same_init_on_every_rank(args.seed):  # ---- frozen SD (demo: U-Net pre-trained here unless resuming), empty prompt once
-        sd = demo.tiny_sd() if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
-        demo.pretrain_unless_resuming(sd, out=args.out, resume=args.resume, steps=args.pretrain_steps, size=args.size,
+    with same_init_on_every_rank(args.seed):  # ---- frozen SD (demo: the package's pre-trained tiny SD), empty prompt once
+        sd = demo.demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
+        demo.pretrain_unless_resuming(sd, out=args.out, resume=args.resume, steps=args.pretrain_steps if random_demo else 0, size=args.size,
                                       seed=args.seed, device=device, batch_size=8)  # fmt: skip
         sd.vae.to(device).eval().requires_grad_(False)  # the U-Net: frozen on `device` by the call above
         context = sd.encode_prompt([""]).to(device)
         sd.unet.features = maybe_compile(sd.unet.features, args.compile)  # what timestep_features calls
-        # ---- the trainable embedding head
         channels = len(TIMESTEPS) * sum(sd.unet.feature_info(n).channels for n in TAPS)
-        head = embedding_head(channels, args.dim).to(device).train()
+        head = embedding_head(channels, args.dim).to(device).train()  # ---- the trainable embedding head
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2, fused=True)
-    models = {"head": head, **({"unet": sd.unet} if args.demo else {})}  # the demo's U-Net was trained here
+    models = {"head": head, **({"unet": sd.unet} if random_demo else {})}
     step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(head, compile=args.compile)
 
-    # ---- train on episodes of the fold's training classes
-    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
-    predict = lambda *episode: episode_logits(head, sd, context, *episode).argmax(1)  # noqa: E731
+    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)  # ---- train: the fold's training classes
 
     def one_step(batch) -> torch.Tensor:
         query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
@@ -128,8 +120,10 @@ def main(argv=None) -> dict:
         loss = cross_entropy(logits, query_mask) + dice_loss(logits[:, 1] - logits[:, 0], query_mask, ignore_index=255)
         return check_finite_everywhere(backward_and_step(opt, head.parameters(), loss, max_norm=1.0), "CE + Dice")
 
-    sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt,
-                 evaluate=lambda data: evaluate_episodes(predict, data, task.num_labels, device), targets={f"{k}-shot": d for k, d in task.test.items()})
+    predict = lambda *episode: episode_logits(head, sd, context, *episode).argmax(1)  # noqa: E731
+    evaluate = lambda data: evaluate_episodes(predict, data, task.num_labels, device)  # noqa: E731
+    sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, evaluate=evaluate,
+                 targets={f"{k}-shot": d for k, d in task.test.items()})
     bar = progress(total=args.steps, initial=step, desc="prototypes")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         loss = one_step(batch)
@@ -140,17 +134,16 @@ def main(argv=None) -> dict:
     train_time = time.perf_counter() - job.started
     # ---- evaluate: 1- and 5-shot on the held-out classes (demo: and the control, supports of the other class)
     metrics, rows = {}, []
-    runs = {f"prototypes {k}-shot": data for k, data in task.test.items()}
-    runs.update({"control: 1-shot, supports of the query's other class": task.control} if task.control else {})
+    runs = {f"prototypes {k}-shot": d for k, d in task.test.items()} | ({"control: 1-shot, supports of the query's other class": task.control} if task.control else {})
     for name, data in runs.items():
         with evaluation(head, seed=args.seed, device=device):
-            conf, shown = evaluate_episodes(predict, data, task.num_labels, device)
+            conf, shown = evaluate(data)
         metrics[name] = few_shot_scores(conf, task.test_labels)
         rows = rows or [[image_to_uint8(q), overlay(s, sm, RED, 0.7), overlay(q, m, RED, 0.7), overlay(q, qm, RED, 0.7)]
                         for q, s, sm, m, qm in shown]  # fmt: skip
     save_grid(rows, args.out / "episodes.png", titles=["query", "support", "prediction", "ground truth"], scale=2)
-    title = f"Prototypes of frozen SD features, fold {args.fold}" + (" (DEMO: synthetic)" if args.demo else "")
-    return finish_run(job, metrics, out=args.out, title=title, wrote="episodes.png", train_seconds=train_time)
+    return finish_run(job, metrics, out=args.out, title=f"Prototypes of frozen SD features, fold {args.fold}" + (" (DEMO: synthetic)" if args.demo else ""),
+                      wrote="episodes.png", train_seconds=train_time)
 
 
 if __name__ == "__main__":

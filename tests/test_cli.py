@@ -204,14 +204,3 @@ def test_run_prints_warnings_in_one_line_without_their_source():
     assert out.stderr.splitlines()[0] == "recipe.py: warning: RNG states not restored"
     assert out.stderr.splitlines()[1:] == ["<string>:4: UserWarning: after the run"]  # the formatter was put back
 
-
-@pytest.mark.parametrize("exported, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_recipes_make_openmp_threads_sleep_while_they_wait_unless_the_user_chose(exported, expected):
-    """Spinning OpenMP waits collapse a demo on a shared CPU (benchmarks/bench_threads.py); OpenMP
-    reads the policy when torch loads, so the command line sets it before the recipes import torch."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": exported} if exported else {})
-    code = "import os, sys, unet_seg.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
-    assert out.stdout.strip() == expected

@@ -690,7 +690,7 @@ def test_run_start_resume_and_finish_in_one_process(tmp_path, capsys):
     args = argparse.Namespace(demo=True, demo_reason=None, seed=3, out=tmp_path / "run")
     run = start_run(args, demo="tiny things", real="--model x")
     assert (run.rank, run.world) == (0, 1) and (tmp_path / "run").is_dir()
-    assert "DEMO: tiny things, CPU, no download (real runs: --model x)" in capsys.readouterr().out
+    assert "DEMO: tiny things, CPU (1 thread; OMP_NUM_THREADS=N for more), no download (real runs: --model x)" in capsys.readouterr().out
     drawn = torch.rand(3)
     seed_everything(3)
     assert torch.equal(drawn, torch.rand(3))  # start_run seeded rank 0 with args.seed
@@ -881,3 +881,24 @@ def test_sanity_check_on_two_gloo_processes(tmp_path):
     assert result.stdout.count("sanity check passed in") == 1 and "on 2 process(es)" in result.stdout
     failed = "sanity check failed evaluating one item of val 8x8 on rank 1: RuntimeError: out of memory (--no-sanity-check skips the check)"
     assert ranks[0]["errors"] == ranks[1]["errors"] == ["", failed]
+
+
+@pytest.mark.parametrize("exported", [None, "2"])
+def test_a_cpu_demo_runs_on_one_thread_unless_the_user_sets_omp_num_threads(tmp_path, monkeypatch, exported):
+    """Two OpenMP threads ran the demo's U-Net step 3x slower than one beside one busy process
+    (benchmarks/bench_threads.py); a user's OMP_NUM_THREADS wins."""
+    import argparse
+
+    from unet_seg.train import start_run
+
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if exported:
+        monkeypatch.setenv("OMP_NUM_THREADS", exported)
+    torch.set_num_threads(2)
+    try:
+        start_run(argparse.Namespace(demo=True, demo_reason=None, seed=0, out=tmp_path), demo="d", real="r")
+        assert torch.get_num_threads() == (2 if exported else 1)
+    finally:
+        torch.set_num_threads(1)  # conftest's setting for the rest of this worker

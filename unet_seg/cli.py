@@ -34,12 +34,6 @@ from .errors import CheckpointError, DataLayoutError, InputError, SanityCheckFai
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
-# OpenMP threads that spin while they wait collapse on a CPU that other processes share: torch's
-# two threads beside one busy process ran a demo's training step 30x slower than with sleeping
-# waits (benchmarks/bench_threads.py). OpenMP reads this when torch loads, so it is set here, before
-# a recipe imports torch; a value the user exported wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default unless it is None (filled in from the presets) or a flag's False."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -26,12 +27,19 @@ class Run(NamedTuple):
 
 def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     """Join the processes (`init_distributed`), say plainly on rank 0 what a --demo run is
-    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"), seed this rank's own
+    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"; a CPU demo runs on one
+    thread unless OMP_NUM_THREADS is set), seed this rank's own
     stream (`seed_everything(args.seed, rank)`; build models in `same_init_on_every_rank`) and
     create `args.out`."""
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
-    print_demo(args, f"{demo}, {device.type.upper()}, no download (real runs: {real})")
+    cpu = device.type.upper()
+    if args.demo and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # A demo's tiny model gains 10% from a second thread on an idle machine and loses 3x to it
+        # beside one busy process, 20x on a loaded one (benchmarks/bench_threads.py): one thread.
+        torch.set_num_threads(1)
+        cpu = "CPU (1 thread; OMP_NUM_THREADS=N for more)"
+    print_demo(args, f"{demo}, {cpu}, no download (real runs: {real})")
     seed_everything(args.seed, rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return Run(rank, world, local_rank, device, started)
