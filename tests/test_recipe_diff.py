@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from unet_seg.train import checkpoint_path
 
-from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes, write_tokenizer
+from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes, write_tiny_sd
 
 TINY = ["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
 
@@ -203,17 +203,7 @@ def test_real_data_path_runs_end_to_end_on_tiny_checkpoint_and_folders(tmp_path,
     import numpy as np
     from PIL import Image
 
-    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
-
-    torch.manual_seed(0)
-    sd = tmp_path / "sd"
-    UNet(TINY_SD2).save_pretrained(sd / "unet")
-    AutoencoderKL(TINY_VAE).save_pretrained(sd / "vae")
-    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(sd / "text_encoder")
-    write_tokenizer(sd / "tokenizer", "!")
-    (sd / "scheduler").mkdir()
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}))
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    sd = write_tiny_sd(tmp_path / "sd", prediction_type="v_prediction")
     data, rng = tmp_path / "data", np.random.default_rng(0)
 
     def write(image_path, label_path, h, w, ids):

@@ -55,22 +55,11 @@ def test_real_data_path_runs_end_to_end_on_a_tiny_checkpoint_and_coco20i_folders
     """--model/--data-root: a tiny SD 2-layout checkpoint (a real AutoencoderKL) and a COCO-20i
     folder in HSNet's layout, every class in each of 8 images (5-shot episodes need 6)."""
     import numpy as np
-    import torch
 
-    from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
-
-    from .helpers import write_tokenizer
+    from .helpers import write_tiny_sd
     from .test_coco20i import write_sample
 
-    torch.manual_seed(0)
-    sd = tmp_path / "sd"
-    UNet(TINY_SD2).save_pretrained(sd / "unet")
-    AutoencoderKL(TINY_VAE).save_pretrained(sd / "vae")
-    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(sd / "text_encoder")
-    write_tokenizer(sd / "tokenizer", "!")
-    (sd / "scheduler").mkdir()
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    sd = write_tiny_sd(tmp_path / "sd", prediction_type="epsilon")
     raw = np.zeros((40, 32), np.uint8)
     for c in range(80):  # class c: a 4x4 block, value c + 1
         raw[4 * (c // 8) : 4 * (c // 8) + 4, 4 * (c % 8) : 4 * (c % 8) + 4] = c + 1

@@ -46,6 +46,7 @@ def rehearse(recipe: str, args: list, tmp_path, run_dir: str = "", timeout: int 
     run = run_torchrun(recipe, args + ["--out", str(straight)], probe=tmp_path / "probe", timeout=timeout)
     assert run.returncode == 0, failure(run)
     assert "on 2 process(es)" in run.stdout
+    assert [line for line in run.stdout.splitlines() if "sanity check passed in" in line] == [sanity_line(run)]  # once, rank 0
     assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
     splits = assert_rank_shares_cover_each_item_once(tmp_path / "probe")
     (resumed / run_dir).mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
@@ -57,6 +58,14 @@ def rehearse(recipe: str, args: list, tmp_path, run_dir: str = "", timeout: int 
     metrics, again_metrics = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
     assert scores(again_metrics) == scores(metrics)
     return metrics, splits, run
+
+
+def sanity_line(run) -> str:
+    """The line the sanity check prints before training (one item of every evaluation set at its
+    full size, a checkpoint written and read back)."""
+    lines = [line for line in run.stdout.splitlines() if "sanity check passed in" in line]
+    assert lines, "no sanity check line:\n" + run.stdout[-2000:]
+    return lines[0]
 
 
 def scores(metrics: dict) -> dict:
@@ -74,7 +83,8 @@ def test_diff_official_run_gta5_to_five_targets(tmp_path):
     data, sd = write_driving(tmp_path / "data"), write_tiny_sd(tmp_path / "sd", "v_prediction", unet=REHEARSAL_UNET)
     args = ["--model", str(sd), "--data-root", str(data), "--source", "gta5", "--targets", *DRIVING_TARGETS,
             "--steps", "2", "--save-every", "1", "--trajectory", "7", "30", "--timesteps", "7", "0", "--small-head"]  # fmt: skip
-    metrics, splits, _ = rehearse("diff_gta2cs", args, tmp_path)
+    metrics, splits, run = rehearse("diff_gta2cs", args, tmp_path)
+    assert all(target in sanity_line(run) for target in DRIVING_TARGETS), sanity_line(run)
     (scores,) = metrics.values()
     assert set(scores) == set(DRIVING_TARGETS) and all(0 <= v <= 100 for v in scores.values())
     assert splits >= len(DRIVING_TARGETS)
