@@ -874,7 +874,13 @@ def test_sanity_check_on_two_gloo_processes(tmp_path):
     script.write_text(SANITY_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    for attempt in range(2):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        # Known flake, not diagnosed: under load (another test beside it), about 1 run in 4 aborts a
+        # rank in gloo's teardown ("terminate called without an active exception") after both ranks
+        # wrote their results. Only that abort is retried, once; every assertion below still holds.
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["seen"] == ranks[1]["seen"] == [[0.0], [0.0]] and ranks[0]["weight"] == ranks[1]["weight"]
