@@ -132,16 +132,22 @@ def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consiste
     assert set(only_uncond) == {"CE uncond"}
 
 
-def test_kl_consistency_is_the_official_clamp_of_the_weighted_kl():
-    recipe = _recipe()
-    frozen, args = frozen_tiny(recipe)
-    args.consistency = "kl"
+def recorded_segmenter(recipe, frozen):
+    """A seeded tiny Segmenter whose every output is appended to `calls`, its AdamW, and one 64² image
+    and label -> (record, calls, opt, image, label)."""
     torch.manual_seed(0)
     model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
     calls = []
     record = lambda levels: calls.append(model(levels)) or calls[-1]  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+    return record, calls, opt, torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+
+
+def test_kl_consistency_is_the_official_clamp_of_the_weighted_kl():
+    recipe = _recipe()
+    frozen, args = frozen_tiny(recipe)
+    args.consistency = "kl"
+    record, calls, opt, image, label = recorded_segmenter(recipe, frozen)
     losses = recipe.train_step(record, frozen, opt, image, label, True, args)
     student, teacher = (x.detach().double() for x in calls)  # unconditional first, then conditional
     kl = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum().item()  # batchmean, B = 1
@@ -156,12 +162,7 @@ def test_trained_parts_run_in_fp32_as_released_unless_amp(monkeypatch, amp, dtyp
     args.amp = amp
     # stand in for a GPU: autocast on (bf16) wherever the recipe leaves it to the device
     monkeypatch.setattr(recipe, "autocast", lambda device, enabled=None: torch.autocast("cpu", torch.bfloat16, enabled=enabled is not False))
-    torch.manual_seed(0)
-    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
-    calls = []
-    record = lambda levels: calls.append(model(levels)) or calls[-1]  # noqa: E731
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
+    record, calls, opt, image, label = recorded_segmenter(recipe, frozen)
     recipe.train_step(record, frozen, opt, image, label, True, args)
     recipe.predict_logits(record, frozen, image, args)
     assert [c.dtype for c in calls] == [dtype] * 3  # both training branches and inference
