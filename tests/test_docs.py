@@ -241,3 +241,23 @@ def test_a_real_run_with_absolute_data_roots_parses(tmp_path):
     (words,) = command_lines("torchrun --nproc_per_node=8 recipes/diffews_coco20i.py --model m --data-root /data/coco --fold 1")
     check_command(words, tmp_path)
     assert (tmp_path / "data" / "coco").is_dir()
+
+
+# ---------------------------------------------------------------- the site
+
+
+def test_every_docs_page_is_in_the_sites_nav_and_every_nav_entry_exists():
+    nav = re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+    pages = {str(p.relative_to(ROOT / "docs")) for p in PAGES[1:]}
+    assert sorted(set(nav)) == sorted(pages), "mkdocs.yml's nav and docs/**/*.md differ"
+
+
+def test_every_module_has_its_place_in_the_api_reference():
+    """A new module shows up in the reference (docs/reference/*.md `::: unet_seg.x` blocks)."""
+    documented = set(re.findall(r"^::: (unet_seg[\w.]*)", "\n".join(p.read_text() for p in (ROOT / "docs" / "reference").glob("*.md")), flags=re.M))
+    modules = set()
+    for path in (ROOT / "unet_seg").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    assert modules - documented == {"unet_seg", "unet_seg.__main__"}
+    assert documented <= modules

@@ -169,7 +169,7 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
     one line on stderr and exit status 1 instead of a traceback, as does a failed sanity check
     (rank 0 says it); training stopped by Ctrl-C or SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130.
-    Warnings are one line each ("<prog>: warning: ..."), without the line of source that raised them."""
+    Warnings are one line each (`"<prog>: warning: ..."`), without the line of source that raised them."""
     prog = prog or Path(sys.argv[0]).name
     previous, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:

@@ -128,7 +128,7 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
 
 def support_pairs(supports: Sequence[tuple], size: tuple[int, int]) -> tuple[list[Tensor], list[Tensor]]:
     """Few-shot supports [(image, mask), ...] (paths, or [3, H, W] in [-1, 1] and [H, W] in {0, 1})
-    -> (images [3, *size], masks [*size]) resized as COCO-20i's episodes (bilinear, nearest)."""
+    -> (images `[3, *size]`, masks `[*size]`) resized as COCO-20i's episodes (bilinear, nearest)."""
     if not supports:
         raise InputError("few-shot segmentation segments what its supports show: give at least one (image, mask) pair")
     images, masks = [], []

@@ -1,6 +1,5 @@
-"""QueryDiff's modules as the official code builds them (FanLiHub/QueryDiff; digest in
-../shared/design/fidelity/querydiff-official.md), with the smallest changes that make the
-released shapes compose (marked INFERRED; the release does not run as written).
+"""QueryDiff's modules as the official code builds them (FanLiHub/QueryDiff), with the
+smallest changes that make the released shapes compose (marked INFERRED; the release does not run as written).
 
     ProgressiveMerge        agent queries from Rein's per-layer tokens, 24 -> 12 -> 6 -> 3 layer groups, mean, MLP
     DiffusionTokens         U-Net feature maps -> M = r diffusion tokens [B, r, c] (INFERRED: not in the release)

@@ -158,12 +158,12 @@ def inversion_trajectory_features(
     feature extractor: MultiDiffusion-style fusion of each prompt's next latent, eq. 2).
 
     B trajectories start at the clean latents z0 [B, C, h, w]. Each has prompt rows: row r
-    belongs to trajectory row_image[r] ([R] long, sorted, every trajectory at least one row), with
-    text row_context[r] [L, D] and fusion weights row_mask[r] [h, w] (e.g. 1 for a global prompt,
-    a class's region mask for its prompt). Step i evaluates the U-Net at steps[i][0] on every row
+    belongs to trajectory `row_image[r]` ([R] long, sorted, every trajectory at least one row), with
+    text `row_context[r]` [L, D] and fusion weights `row_mask[r]` [h, w] (e.g. 1 for a global prompt,
+    a class's region mask for its prompt). Step i evaluates the U-Net at `steps[i][0]` on every row
     plus the negative row of each trajectory in ONE call, guides each row,
-    ε_r = ε_neg + guidance_scale·(ε_r − ε_neg), moves each row to steps[i][1] with `ddim_eta_step`
-    (η = etas[i], its own noise z), and fuses: x = Σ_r M_r·x_r / Σ_r M_r (rows of one trajectory).
+    ε_r = ε_neg + guidance_scale·(ε_r − ε_neg), moves each row to `steps[i][1]` with `ddim_eta_step`
+    (η = `etas[i]`, its own noise z), and fuses: x = Σ_r M_r·x_r / Σ_r M_r (rows of one trajectory).
     negative [B, L, D]: the negative prompt; None means the first row of each trajectory is also
     its negative (the same context: that row's guided ε is its own, and the pass is not repeated).
     A "v_prediction" schedule converts the U-Net output to ε (after guidance); an "epsilon" one

@@ -53,7 +53,7 @@ Protocol, with the source of each point:
 Split lists without pickles. HSNet lists the images of each class in data/splits/coco/
 {trn,val}/fold{0..3}.pkl; those files are never unpickled here. Instead the class maps are
 scanned once per COCO split into a JSON index, stem -> {class: pixel count}, kept at
-root/annotations/<train2014|val2014>_class_pixels.json (written on first use, reused after,
+`root/annotations/<train2014|val2014>_class_pixels.json` (written on first use, reused after,
 rebuilt when the set of PNGs changes; a few minutes for the 123k maps of COCO 2014). The index
 serves every fold and both rules: class c's images are those with at least `min_pixels` pixels
 of c. `min_pixels=1` (any pixel) is the default; PFENet keeps a class in an image only from
@@ -147,7 +147,7 @@ def class_pixels(path: Path) -> dict[int, int]:
 
 def class_pixel_index(root: Union[str, Path], coco_split: str) -> dict[str, dict[int, int]]:
     """stem -> {class: pixel count} for every class map of `coco_split` ("train2014"/"val2014"),
-    from the JSON at root/annotations/<coco_split>_class_pixels.json when it lists exactly the
+    from the JSON at `root/annotations/<coco_split>_class_pixels.json` when it lists exactly the
     PNGs there, else by scanning them and writing that JSON (a warning if it cannot be written)."""
     masks_dir = Path(root) / "annotations" / coco_split
     if not masks_dir.is_dir():

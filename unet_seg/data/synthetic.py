@@ -9,7 +9,7 @@ the class and a model has to look at shape and pattern:
     textures  striped, checkered, dotted (two colours, random period, angle and phase),
               speckled (one colour plus per-pixel grain)
 
-20 classes, ids 1..20, named "<texture> <form>" (usable as text prompts: "striped disc");
+20 classes, ids 1..20, named `"<texture> <form>"` (usable as text prompts: "striped disc");
 `CLASS_NAMES[c]` is the name of id c and `CLASS_NAMES[0]` is "background". The ids are ordered
 so that the COCO-20i rule (fold f tests ids {4k + f + 1}) gives 4 folds of 5 held-out classes
 in which every form occurs once and every texture at least once: a held-out class is an unseen
@@ -455,9 +455,9 @@ def position_name(cy: float, cx: float) -> str:
 
 
 def describe(image: Tensor, labels: Tensor) -> str:
-    """A scene's caption: its objects in reading order of their centres, each as "<colour> <class
-    name> at <position>" (the mean colour of its visible pixels, `CLASS_NAMES`, `position_name`),
-    then "on <colour> background". image [3, H, W] in [-1, 1], labels [H, W] (0 background,
+    """A scene's caption: its objects in reading order of their centres, each as `"<colour> <class
+    name> at <position>"` (the mean colour of its visible pixels, `CLASS_NAMES`, `position_name`),
+    then `"on <colour> background"`. image [3, H, W] in [-1, 1], labels [H, W] (0 background,
     1..20, 255 ignored). E.g. "red striped disc at top left, blue dotted cross at centre on grey background"."""
     h, w = labels.shape
     y = (torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5) / h

@@ -92,7 +92,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 def print_demo(args: Any, what: str) -> None:
     """For a demo run (`args.demo`), on rank 0: why it is a demo, unless --demo asked for it
-    (`args.demo_reason`, set by `unet_seg.cli.parse_recipe_args`), then "DEMO: <what>"."""
+    (`args.demo_reason`, set by `unet_seg.cli.parse_recipe_args`), then `"DEMO: <what>"`."""
     if args.demo:
         print0((f"{args.demo_reason}\n" if args.demo_reason else "") + f"DEMO: {what}")
 

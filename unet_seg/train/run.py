@@ -27,7 +27,7 @@ class Run(NamedTuple):
 
 def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     """Join the processes (`init_distributed`), say plainly on rank 0 what a --demo run is
-    (`print_demo`: "DEMO: <demo>, CPU, no download (real runs: <real>)"; a CPU demo runs on one
+    (`print_demo`: `"DEMO: <demo>, CPU, no download (real runs: <real>)"`; a CPU demo runs on one
     thread unless OMP_NUM_THREADS is set), seed this rank's own
     stream (`seed_everything(args.seed, rank)`; build models in `same_init_on_every_rank`) and
     create `args.out`."""
