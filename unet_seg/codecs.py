@@ -25,6 +25,7 @@ Probabilities become masks with an absolute threshold (`p > τ`) or DiffewS' rel
 (`p > r · max p` per image on the 8-bit decoded image, r = 0.25: `binarise` in its recipe).
 
 Label maps [B, H, W] (classes 0..C−1, `ignore_index` 255):
+
   - per class (DiGSeg): one binary mask per class, each through the VAE; back by a pixel-wise
     argmax over the class probabilities, and a background label where the best is below τ_bg.
   - colour palette (DiGSeg appendix B, LDMSeg-style): class c painted in `palette[c]`, decoded

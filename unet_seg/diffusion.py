@@ -188,9 +188,11 @@ def ddim_timesteps(
     """Descending DDIM timesteps [num_steps] (int64), as diffusers' `DDIMScheduler.set_timesteps`.
 
     spacing (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Table 2):
-      leading   t_i = i·⌊T/n⌋ + steps_offset     1 step -> t = steps_offset
-      linspace  round(linspace(0, T−1, n))       1 step -> t = 0
-      trailing  round(T − i·T/n) − 1             1 step -> t = T−1
+
+        leading   t_i = i·⌊T/n⌋ + steps_offset     1 step -> t = steps_offset
+        linspace  round(linspace(0, T−1, n))       1 step -> t = 0
+        trailing  round(T − i·T/n) − 1             1 step -> t = T−1
+
     The "DDIM leading" issue: SD checkpoints ship steps_offset=1 and diffusers defaults to leading
     spacing, so few-step inference never visits the high-noise timesteps, and 1-step inference
     evaluates the network at t = 1 on pure noise. Marigold-style dense predictors fine-tuned at (or

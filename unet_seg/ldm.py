@@ -1,6 +1,7 @@
 """Original (LDM / CompVis / Stability) single-file checkpoints <-> our parameter names.
 
 A single file holds the three networks under prefixes:
+
     model.diffusion_model.*   U-Net        first_stage_model.*   VAE
     cond_stage_model.*        text encoder (SD1: transformers CLIP under `transformer.`;
                               SD2: OpenCLIP under `model.`, attention packed as `in_proj_*`)

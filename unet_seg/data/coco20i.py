@@ -27,6 +27,7 @@ class ids 0..79, and mask conversions beside it (e.g. a `coco_cat2trainid` table
 stop sign 12, toilet 62, teddy bear 78) number the 80 categories 1..80 in that order.
 
 Protocol, with the source of each point:
+
   * episodes of `split="train"` come from train2014, of `split="val"` from val2014 (HSNet's
     'trn' / 'val' split lists; the names it joins to COCO2014/ carry that folder).
   * fold rule "interleaved": fold f tests classes {f + 4k : k = 0..19} (0-indexed). HSNet

@@ -16,14 +16,15 @@ in which every form occurs once and every texture at least once: a held-out clas
 pairing of a form and a texture that are both seen in training (`fold_split`).
 
 Conventions:
-  image   float32 [3, H, W] in [-1, 1] (SD's VAE input convention)
-  labels  int64 [H, W]: 0 background, 1..20 classes, 255 ignore (only with `ignore_border` > 0:
-          the pixels whose (2w+1)² neighbourhood holds another label, a band of 2w pixels along
-          every edge, like the VOC boundaries)
-  masks   int64 [H, W] in {0, 1} (255 where the labels are 255); per-class masks of a label map:
-          `unet_seg.codecs.label_map_to_masks(labels, NUM_CLASSES + 1)`
-  size    an int (square) or (H, W); multiples of 8, at least 32. Sizes of objects, textures and
-          lines are fractions of min(H, W), so a scene looks the same at every resolution.
+
+    image   float32 [3, H, W] in [-1, 1] (SD's VAE input convention)
+    labels  int64 [H, W]: 0 background, 1..20 classes, 255 ignore (only with `ignore_border` > 0:
+            the pixels whose (2w+1)² neighbourhood holds another label, a band of 2w pixels along
+            every edge, like the VOC boundaries)
+    masks   int64 [H, W] in {0, 1} (255 where the labels are 255); per-class masks of a label map:
+            `unet_seg.codecs.label_map_to_masks(labels, NUM_CLASSES + 1)`
+    size    an int (square) or (H, W); multiples of 8, at least 32. Sizes of objects, textures and
+            lines are fractions of min(H, W), so a scene looks the same at every resolution.
 
 Styles (`Style`) change the look of everything after the scene is painted (colour mixing,
 contrast, brightness, per-image colour jitter, blur, sensor noise) and never the label map:

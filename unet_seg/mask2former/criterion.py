@@ -2,6 +2,7 @@
 `SetCriterion` and `HungarianMatcher`, with mmdet's weights as QueryDiff's config sets them).
 
 Per prediction step (deep supervision: every step, equal weight) and image:
+
     targets    one binary mask per class present (ignore pixels belong to none)
     matching   Hungarian on  w_cls·(−p_c) + w_bce·BCE + w_dice·Dice,  mask costs on `points`
                UNIFORM random points shared by predictions and targets
@@ -9,6 +10,7 @@ Per prediction step (deep supervision: every step, equal weight) and image:
                + w_bce·BCE + w_dice·Dice of the matched masks at IMPORTANCE-SAMPLED points:
                draw oversample·points uniform candidates, keep the importance·points whose
                predicted logit is closest to 0 (most uncertain) plus uniform ones for the rest.
+
 BCE is the mean over (matched masks × points), Dice (eps 1, not squared) the mean over matched
 masks; both count the matched masks of this process's batch (the reference averages that count
 over processes). Matching reads the costs on the host.

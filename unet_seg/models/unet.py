@@ -12,6 +12,7 @@ x and context may come in any float dtype: they are cast to the parameters' dtyp
 prediction returns in x's (the dtype rule of `unet_seg.models`); features stay in the compute dtype.
 
 Hook points for primitives (nothing else in the model knows about them):
+
 - `procs={attention name: proc}` replaces the attention product of chosen layers for one call
   (see `layers.Attention`); `unet.attention_names` lists the names, e.g. `down.1.attn.0.self`,
   `mid.attn.0.cross`, `up.3.attn.2.self`.
@@ -21,19 +22,19 @@ Hook points for primitives (nothing else in the model knows about them):
   level's downsampler), `mid`, `up.0`…`up.3` (after the level's upsampler), exactly the
   tensors diffusers' blocks return. For SD at 512² (64² latents):
 
-      conv_in [320, 64, 64]   down.0 [320, 32, 32]   down.1 [640, 16, 16]   down.2 [1280, 8, 8]
-      down.3 [1280, 8, 8]     mid [1280, 8, 8]       up.0 [1280, 16, 16]    up.1 [1280, 32, 32]
-      up.2 [640, 64, 64]      up.3 [320, 64, 64]
+        conv_in [320, 64, 64]   down.0 [320, 32, 32]   down.1 [640, 16, 16]   down.2 [1280, 8, 8]
+        down.3 [1280, 8, 8]     mid [1280, 8, 8]       up.0 [1280, 16, 16]    up.1 [1280, 32, 32]
+        up.2 [640, 64, 64]      up.3 [320, 64, 64]
 
-  and the decoder's layers: `up.i.res.j`, the output of ResNet j (0..layers_per_block) of up
-  level i, before its attention and the level's upsampler (diffusers' `up_blocks[i].resnets[j]`):
-  up.0.res.* [1280, 8, 8], up.1.res.* [1280, 16, 16], up.2.res.* [640, 32, 32], up.3.res.* [320, 64, 64];
-  `up.i.res.j.branch`, that ResNet's residual branch (conv2's output, before the shortcut is
-  added); `up.i.attn.j` (levels with attention, i ≥ 1), the output of the transformer block in
-  attention j (`up_blocks[i].attentions[j].transformer_blocks[0]`, before proj_out and the
-  residual) as [B, C, h, w]. The last two are DIFF's official "resnet" and "ca" features.
-  `unet.feature_info(name)` -> (channels, stride): a feature's width and how many latent pixels
-  one of its pixels spans, from the config alone (no forward pass).
+    and the decoder's layers: `up.i.res.j`, the output of ResNet j (0..layers_per_block) of up
+    level i, before its attention and the level's upsampler (diffusers' `up_blocks[i].resnets[j]`):
+    up.0.res.* [1280, 8, 8], up.1.res.* [1280, 16, 16], up.2.res.* [640, 32, 32], up.3.res.* [320, 64, 64];
+    `up.i.res.j.branch`, that ResNet's residual branch (conv2's output, before the shortcut is
+    added); `up.i.attn.j` (levels with attention, i ≥ 1), the output of the transformer block in
+    attention j (`up_blocks[i].attentions[j].transformer_blocks[0]`, before proj_out and the
+    residual) as [B, C, h, w]. The last two are DIFF's official "resnet" and "ca" features.
+    `unet.feature_info(name)` -> (channels, stride): a feature's width and how many latent pixels
+    one of its pixels spans, from the config alone (no forward pass).
 """
 
 from __future__ import annotations
