@@ -7,7 +7,8 @@ drift from the code.
   `python recipes/x.py ...` and `torchrun ... recipes/x.py ...` parse with the recipe's own
   `parse_args` (a stale or misspelt option fails; absolute paths are replaced by empty scratch
   folders, so real data roots pass the existence check), `python -m unet_seg ...` and
-  `python -m unet_seg.demo_pretrain ...` with theirs, `pip install -e ".[x]"` must name extras of
+  `python -m unet_seg.demo_pretrain ...` with theirs (`python -m unet_seg` without `--model`, the
+  tiny demo, also runs in-process), `pip install -e ".[x]"` must name extras of
   pyproject.toml; `python -m pytest`, `git`, `cd`, `export` and `mkdocs` lines are accepted as
   they are. Any other command fails the test: give it a checker here or opt the block out.
 - Blocks without a language or in another one (output, a folder layout, a table) are not code.
@@ -137,9 +138,16 @@ def check_command(words: list[str], scratch: Path) -> None:
     if words[1].startswith("recipes/") and words[1].endswith(".py"):
         load_recipe(Path(words[1]).stem).parse_args(scratch_paths(words[2:], scratch))
     elif words[1:3] == ["-m", "unet_seg"]:
-        from unet_seg.__main__ import parse_args
+        from unet_seg import __main__ as cli
 
-        parse_args(scratch_paths(words[3:], scratch))
+        argv = scratch_paths(words[3:], scratch)
+        argv += [] if "--out" in argv else ["--out", str(scratch / "unet_seg_demo.png")]
+        args = cli.parse_args(argv)
+        if args.model is None:  # the tiny random-weight demo takes a second: run it
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(sys, "argv", ["python -m unet_seg", *argv])
+                cli.main()
+            assert Path(args.out).is_file(), f"{shlex.join(words)} wrote no {args.out}"
     elif words[1:3] == ["-m", "unet_seg.demo_pretrain"]:
         from unet_seg.demo_pretrain import parse_args
 
