@@ -130,7 +130,8 @@ from unet_seg.losses import latent_mse
 from unet_seg.metrics import all_reduce_confusion, confusion_matrix, iou_per_class, iou_table
 from unet_seg.models import TINY_SD1_TEXT, CLIPTokenizer, UNet
 from unet_seg.models.clip import CLIPTextEncoderWithProjection
-from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder, load_clip
+from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder
+from unet_seg.pretrained import load_clip
 from unet_seg.errors import InputError
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
 from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels

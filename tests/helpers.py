@@ -57,11 +57,12 @@ def write_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int
     "v_prediction" as stable-diffusion-2-1, "epsilon" as stable-diffusion-2-base; `unet`: another
     U-Net config (default TINY_SD2)."""
     from unet_seg.models import TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet
+    from unet_seg.pretrained import save_pretrained
 
     torch.manual_seed(seed)
-    UNet(unet or TINY_SD2).save_pretrained(folder / "unet")
-    AutoencoderKL(TINY_VAE).save_pretrained(folder / "vae")
-    CLIPTextEncoder(TINY_SD2_TEXT).save_pretrained(folder / "text_encoder")
+    save_pretrained(UNet(unet or TINY_SD2), folder / "unet")
+    save_pretrained(AutoencoderKL(TINY_VAE), folder / "vae")
+    save_pretrained(CLIPTextEncoder(TINY_SD2_TEXT), folder / "text_encoder")
     write_tokenizer(folder / "tokenizer", "!")  # SD 2.x pads with "!"
     scheduler = {
         "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -351,7 +351,7 @@ def eos_ids(b: int, length: int, seed: int) -> torch.Tensor:
 
 
 def test_load_clip_matches_transformers_text_and_image_features(full_clip):
-    from unet_seg.models.clip_vision import load_clip
+    from unet_seg.pretrained import load_clip
 
     ref, folder = full_clip
     text, vision = load_clip(folder)
@@ -367,7 +367,7 @@ def test_load_clip_matches_transformers_text_and_image_features(full_clip):
 
 
 def test_text_embeds_pool_at_the_first_eos_and_refuse_rows_without_one(full_clip):
-    from unet_seg.models.clip_vision import load_clip
+    from unet_seg.pretrained import load_clip
 
     text, _ = load_clip(full_clip[1])
     ids = eos_ids(1, 9, seed=1)
@@ -381,7 +381,7 @@ def test_text_embeds_pool_at_the_first_eos_and_refuse_rows_without_one(full_clip
 
 
 def test_load_clip_refuses_a_single_tower_folder(pair, tmp_path):
-    from unet_seg.models.clip_vision import load_clip
+    from unet_seg.pretrained import load_clip
 
     ref, _ = pair
     ref.save_pretrained(tmp_path)

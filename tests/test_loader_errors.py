@@ -24,6 +24,7 @@ import unet_seg.hub
 from unet_seg import ldm
 from unet_seg.hub import CheckpointError
 from unet_seg.models import TINY_SD1, TINY_VAE, AutoencoderKL, CLIPTextConfig, CLIPTextEncoder, UNet
+from unet_seg.pretrained import from_pretrained, save_pretrained
 from unet_seg.sd import load_sd
 
 from .helpers import write_tokenizer
@@ -48,9 +49,9 @@ def pristine(tmp_path_factory) -> Path:
     unet, vae = UNet(replace(TINY_SD1, context_dim=64)), AutoencoderKL(TINY_VAE)
     text = CLIPTextEncoder(TEXT)
     folder = root / "folder"
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text.save_pretrained(folder / "text_encoder")
+    save_pretrained(unet, folder / "unet")
+    save_pretrained(vae, folder / "vae")
+    save_pretrained(text, folder / "text_encoder")
     write_tokenizer(folder / "tokenizer", "<|endoftext|>")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
@@ -87,7 +88,7 @@ def test_mistyped_paths_fail_at_once_without_asking_the_hub(src, tmp_path, monke
     with pytest.raises(CheckpointError, match="no such file or folder"):
         load_sd(tmp_path / "folder_as_path_object")
     with pytest.raises(CheckpointError, match="no such file or folder"):
-        UNet.from_pretrained(src)
+        from_pretrained(UNet, src)
 
 
 def test_a_repo_id_that_is_neither_local_nor_cached_says_both(tmp_path, monkeypatch):
@@ -96,7 +97,7 @@ def test_a_repo_id_that_is_neither_local_nor_cached_says_both(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    for call in (lambda: load_sd("someone/not-here"), lambda: UNet.from_pretrained("someone/not-here")):
+    for call in (lambda: load_sd("someone/not-here"), lambda: from_pretrained(UNet, "someone/not-here")):
         with pytest.raises(CheckpointError, match="no local folder 'someone/not-here', and hub repo .*not in the local cache"):
             call()
 
@@ -128,8 +129,8 @@ def test_an_unreachable_hub_is_reported_after_one_try_not_after_retries(hub, tmp
 
         threading.Thread(target=drop, daemon=True).start()
     code = (
-        "from unet_seg import CheckpointError\nfrom unet_seg.models import UNet\n"
-        "try:\n    UNet.from_pretrained('someone/sd', subfolder='unet')\n"
+        "from unet_seg import CheckpointError\nfrom unet_seg.models import UNet\nfrom unet_seg.pretrained import from_pretrained\n"
+        "try:\n    from_pretrained(UNet, 'someone/sd', subfolder='unet')\n"
         "except CheckpointError as e:\n    print(e)"
     )
     env = {

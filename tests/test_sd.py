@@ -14,6 +14,7 @@ from unet_seg.hub_config import text_to_transformers, unet_to_diffusers, vae_to_
 from unet_seg.models.clip import SD1_TEXT, SD2_TEXT, CLIPTextConfig, CLIPTextEncoder
 from unet_seg.models.unet import SD15, SD21, TINY_SD1, TINY_SD2, UNet
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
+from unet_seg.pretrained import from_pretrained, save_pretrained
 from unet_seg.sd import load_sd
 
 from .helpers import fake_hub_cache, perturb_, rand, randn, rel_err, write_tokenizer
@@ -211,7 +212,7 @@ def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp
     sd = load_sd(root)
     sd.unet.widen_conv_in(8)  # as a fine-tuned image+mask U-Net would be saved
     for name in ("unet", "vae", "text_encoder"):
-        getattr(sd, name).save_pretrained(tmp_path / name)
+        save_pretrained(getattr(sd, name), tmp_path / name)
     ref_unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
     ref_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     ref_text = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
@@ -222,7 +223,7 @@ def test_saved_components_load_in_reference_libraries_and_round_trip(folder, tmp
         assert rel_err(ref_vae.encode(img).latent_dist.mean * TINY_VAE.scaling_factor, sd.vae.encode(img)) <= 1e-6
         assert rel_err(ref_text(ids).last_hidden_state, sd.text_encoder(ids)) <= 1e-6
     for cls, name in ((UNet, "unet"), (AutoencoderKL, "vae"), (CLIPTextEncoder, "text_encoder")):
-        back = cls.from_pretrained(tmp_path, subfolder=name)
+        back = from_pretrained(cls, tmp_path, subfolder=name)
         assert back.config == getattr(sd, name).config
         assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), getattr(sd, name).state_dict().values()))
     assert not list(tmp_path.rglob("*.tmp"))

@@ -456,7 +456,8 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
 def test_atomic_writers_give_files_the_users_umask(tmp_path, umask):
     """safetensors' save_file writes through a 0600 temporary file: checkpoints, save_pretrained
     folders and exports must still get the mode a plain open() gives, so collaborators can read them."""
-    from unet_seg.hub import atomic_folder, save_component
+    from unet_seg.files import atomic_folder
+    from unet_seg.hub import save_component
 
     previous = os.umask(umask)
     try:

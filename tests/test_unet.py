@@ -11,6 +11,7 @@ from unet_seg.hub_config import unet_from_diffusers, unet_to_diffusers
 
 from .helpers import fake_hub_cache, perturb_, randn, rel_err
 from unet_seg.models.unet import SD15, SD21, SD21_BASE, TINY_SD1, TINY_SD2, UNet, UNetConfig
+from unet_seg.pretrained import from_pretrained
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -26,7 +27,7 @@ def pair(request, tmp_path_factory):
     cfg = {"sd1": TINY_SD1, "sd2": TINY_SD2}[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     ref = diffusers_unet(cfg, folder)
-    return cfg, ref, UNet.from_pretrained(folder)
+    return cfg, ref, from_pretrained(UNet, folder)
 
 
 @pytest.mark.parametrize("t", [[0, 0], [999, 999], [1, 500], [37.5, 801.0]])
@@ -333,14 +334,14 @@ def test_support_rows_are_checked():
 def test_sharded_checkpoint_loads(tmp_path):
     ref = diffusers_unet(TINY_SD2, tmp_path, max_shard_size="1MB")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    ours = UNet.from_pretrained(tmp_path)
+    ours = from_pretrained(UNet, tmp_path)
     for name, p in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[name], p), name
 
 
 def test_dtype_argument_casts_weights(tmp_path):
     diffusers_unet(TINY_SD1, tmp_path)
-    ours = UNet.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ours = from_pretrained(UNet, tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in ours.parameters())
 
@@ -356,7 +357,7 @@ def test_mismatched_checkpoint_names_missing_unexpected_and_shapes(tmp_path):
     sd["conv_in.weight"] = torch.zeros(32, 8, 3, 3)
     save_file(sd, path)
     with pytest.raises(CheckpointError) as e:
-        UNet.from_pretrained(tmp_path)
+        from_pretrained(UNet, tmp_path)
     msg = str(e.value)
     assert "conv_out.bias" in msg and "extra.weight" in msg and "conv_in.weight: checkpoint (32, 8, 3, 3)" in msg
 
@@ -366,7 +367,7 @@ def test_truncated_file_names_the_file(tmp_path):
     path = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: corrupt or truncated"):
-        UNet.from_pretrained(tmp_path)
+        from_pretrained(UNet, tmp_path)
 
 
 def test_pickle_weights_are_refused(tmp_path):
@@ -374,12 +375,12 @@ def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "unet" / "config.json").write_text('{"cross_attention_dim": 32}')
     (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="refusing a pickle"):
-        UNet.from_pretrained(tmp_path)
+        from_pretrained(UNet, tmp_path)
 
 
 def test_missing_folder_is_not_mistaken_for_a_repo(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or folder"):
-        UNet.from_pretrained(str(tmp_path / "nope" / "deeper"))
+        from_pretrained(UNet, str(tmp_path / "nope" / "deeper"))
 
 
 def test_hub_repo_id_loads_offline_from_cache_with_pinned_revision(tmp_path, monkeypatch):
@@ -400,17 +401,17 @@ def test_hub_repo_id_loads_offline_from_cache_with_pinned_revision(tmp_path, mon
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     for revision in (None, commit):
-        ours = UNet.from_pretrained("someone/tiny-sd", revision=revision)
+        ours = from_pretrained(UNet, "someone/tiny-sd", revision=revision)
         torch.testing.assert_close(ours.state_dict()["conv_in.weight"], ref.state_dict()["conv_in.weight"])
     with pytest.raises(CheckpointError, match="not in the local cache"):
-        UNet.from_pretrained("someone/other-model")
+        from_pretrained(UNet, "someone/other-model")
 
 
 @pytest.mark.slow
 def test_full_sd21_unet_matches_diffusers(tmp_path):
     """The real SD 2.1 architecture (random weights), one 32×32-latent forward."""
     ref = diffusers_unet(SD21, tmp_path)
-    ours = UNet.from_pretrained(tmp_path)
+    ours = from_pretrained(UNet, tmp_path)
     g = torch.Generator().manual_seed(0)
     x, ctx, t = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 1024, generator=g), torch.tensor([321])
     with torch.no_grad():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from unet_seg.hub import CheckpointError
 from unet_seg.hub_config import vae_from_diffusers, vae_to_diffusers
 from unet_seg.models.vae import SD_VAE, TINY_VAE, AutoencoderKL
+from unet_seg.pretrained import from_pretrained
 
 from .helpers import perturb_, rand, randn, rel_err
 
@@ -23,7 +24,7 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     ref = perturb_(diffusers.AutoencoderKL(**vae_to_diffusers(request.param))).eval()
     ref.save_pretrained(folder / "vae")
-    return request.param, ref, AutoencoderKL.from_pretrained(folder)
+    return request.param, ref, from_pretrained(AutoencoderKL, folder)
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (24, 40), (72, 56), (8, 8), (8, 136)])
@@ -149,4 +150,4 @@ def test_vae_checkpoint_with_wrong_latent_width_names_the_shapes(tmp_path):
     config = (tmp_path / "vae" / "config.json").read_text().replace('"latent_channels": 8', '"latent_channels": 4')
     (tmp_path / "vae" / "config.json").write_text(config)
     with pytest.raises(CheckpointError, match="post_quant_conv.weight: checkpoint"):
-        AutoencoderKL.from_pretrained(tmp_path)
+        from_pretrained(AutoencoderKL, tmp_path)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .data.synthetic import CaptionedScenes
 from .demo import DEMO_TEXT, DEMO_UNET, DEMO_WEIGHTS, BlockCodec, demo_tokenizer, denoising_loss, sample
 from .diffusion import NoiseSchedule, q_sample, training_target
-from .hub import atomic_path
+from .files import atomic_path
 from .models import CLIPTextEncoder, UNet
 from .sd import StableDiffusion
 from .viz import image_to_uint8, save_grid

@@ -6,21 +6,20 @@
     vision_from_transformers(d) -> CLIPVisionConfig   vision_to_transformers(cfg) -> kwargs of transformers' CLIPVisionConfig
 
 Reading refuses settings the models here do not implement (with the key and the value SD uses);
-missing keys take the reference library's defaults. `from_hub(config_class, d)` and `to_hub(cfg)`
-(the config.json written, with the model class it names) are what `from_pretrained` and
-`save_pretrained` call. The weights' key layouts: `hub.py` (diffusers folders), `ldm.py` (single files).
+missing keys take the reference library's defaults. `to_hub(cfg)` is the config.json that
+`unet_seg.pretrained.save_pretrained` writes, naming the reference library's model class. The
+weights' key layouts: `hub.py` (diffusers folders), `ldm.py` (single files). The models import
+nothing from here: this module (and `hub`, `pretrained`, `sd`, `ldm`) depends on them, never back.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from .models.clip import CLIPTextConfig
 from .models.clip_vision import CLIPVisionConfig
 from .models.unet import UNetConfig
 from .models.vae import VAEConfig
-
-C = TypeVar("C")
 
 # ---------------------------------------------------------------- U-Net (diffusers)
 
@@ -229,13 +228,7 @@ def vision_to_transformers(cfg: CLIPVisionConfig) -> dict:
     )
 
 
-# ---------------------------------------------------------------- what from_pretrained / save_pretrained call
-
-
-def from_hub(config_class: type[C], d: dict) -> C:
-    """Our `config_class` (UNetConfig, VAEConfig or CLIPTextConfig) from a component's config.json dict."""
-    read = {UNetConfig: unet_from_diffusers, VAEConfig: vae_from_diffusers, CLIPTextConfig: text_from_transformers}
-    return read[config_class](d)
+# ---------------------------------------------------------------- what save_pretrained writes
 
 
 def to_hub(cfg: Any) -> dict:

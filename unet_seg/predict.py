@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, InputError
-from .hub import atomic_folder, refuse_pickle, write_json
+from .files import atomic_folder, write_json
+from .hub import refuse_pickle
+from .models.vae import AutoencoderKL
 from .viz import IGNORE_GREY, PALETTE
 
 PathLike = Union[str, os.PathLike]
@@ -294,7 +296,7 @@ def save_export(folder: PathLike, config: dict, tensors: dict[str, Tensor], sd=N
 def export_sd(sd, folder: PathLike, config: dict) -> Path:
     """A fine-tuned SD as a diffusers folder (`StableDiffusion.save_pretrained`) with the recipe's
     `config.json` beside model_index.json and a README.md saying how to read it."""
-    vae = "" if sd.vae is not None and hasattr(sd.vae, "save_pretrained") else (
+    vae = "" if isinstance(sd.vae, AutoencoderKL) else (
         "\nNo vae/: the demo's VAE is the weight-free block codec (`unet_seg.demo.BlockCodec`).")
     folder = sd.save_pretrained(folder, readme=SD_README.format(recipe=config["recipe"], vae=vae))
     write_json(folder / "config.json", config)

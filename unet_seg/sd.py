@@ -19,10 +19,12 @@ from torch import Tensor
 
 from . import hub, ldm
 from .diffusion import NoiseSchedule
+from .files import atomic_folder, write_json
 from .models.clip import CLIPTextEncoder
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .pretrained import HUB_LAYOUT, from_pretrained, save_pretrained
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 TOKENIZER_FILES = ["vocab.json", "merges.txt"], ("tokenizer_config.json", "special_tokens_map.json")
@@ -59,8 +61,6 @@ class StableDiffusion:
         the folder with `load_sd(folder, components=...)` then. A U-Net with a support conv_in
         writes it as `conv_in_support.*` tensors and `support_in_channels` in its config, which
         diffusers ignores (its U-Net loads without them)."""
-        from .models.pretrained import Pretrained
-
         scheduler = {**SD_SCHEDULER, "prediction_type": self.schedule.prediction_type}
         if not torch.allclose(NoiseSchedule.from_config(scheduler).alphas_cumprod, self.schedule.alphas_cumprod.cpu(), rtol=1e-6):
             raise ValueError("only SD's own noise schedule (scaled_linear, 0.00085 -> 0.012, T = 1000) can be written")
@@ -68,15 +68,17 @@ class StableDiffusion:
                    "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}  # fmt: skip
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "requires_safety_checker": False,
                  "safety_checker": [None, None], "feature_extractor": [None, None], "scheduler": ["diffusers", "DDIMScheduler"]}  # fmt: skip
-        with hub.atomic_folder(folder) as tmp:
+        with atomic_folder(folder) as tmp:
             for name in COMPONENTS:
                 part = getattr(self, name)
-                writable = isinstance(part, (Pretrained, CLIPTokenizer))
+                writable = type(part) in HUB_LAYOUT or isinstance(part, CLIPTokenizer)
                 index[name] = list(classes[name]) if writable else [None, None]
-                if writable:
+                if isinstance(part, CLIPTokenizer):
                     part.save_pretrained(tmp / name)
-            hub.write_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
-            hub.write_json(tmp / "model_index.json", index)
+                elif writable:
+                    save_pretrained(part, tmp / name)
+            write_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
+            write_json(tmp / "model_index.json", index)
             if readme:
                 (tmp / "README.md").write_text(readme)
         return Path(folder)
@@ -121,8 +123,8 @@ def _load_diffusers(src, revision, dtype, device, wanted, vae_dtype, prediction_
         name = {UNet: "unet", AutoencoderKL: "vae", CLIPTextEncoder: "text_encoder"}[model_cls]
         if name not in wanted:
             return None
-        return model_cls.from_pretrained(
-            src, subfolder=name, revision=revision, dtype=vae_dtype if name == "vae" else dtype, device=device, variant=variant
+        return from_pretrained(
+            model_cls, src, subfolder=name, revision=revision, dtype=vae_dtype if name == "vae" else dtype, device=device, variant=variant
         )
 
     def tokenizer() -> CLIPTokenizer:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .checks import describe
-from .hub import atomic_path
+from .files import atomic_path
 from .train import PathLike, is_main
 
 IGNORE_INDEX = 255

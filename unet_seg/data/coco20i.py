@@ -82,7 +82,7 @@ from tqdm import tqdm
 
 from unet_seg.data.transforms import IGNORE_INDEX, read_image, read_label_png
 from unet_seg.errors import DataLayoutError, InputError
-from unet_seg.hub import atomic_path
+from unet_seg.files import atomic_path
 
 NUM_FOLDS = 4
 FOLD_RULES = ("interleaved", "consecutive")

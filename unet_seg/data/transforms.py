@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..checks import check_multiple_of_8
 from ..errors import InputError
-from ..hub import atomic_path
+from ..files import atomic_path
 
 IGNORE_INDEX = 255
 Transform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]

@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pretrained import Pretrained
-
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -99,15 +97,7 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextEncoder(Pretrained, nn.Module):
-    hub_subfolder, hub_weights, config_class = "text_encoder", "model", CLIPTextConfig
-
-    @staticmethod
-    def hub_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        from ..hub import clip_text_keys
-
-        return clip_text_keys(sd)
-
+class CLIPTextEncoder(nn.Module):
     def __init__(self, cfg: CLIPTextConfig = SD1_TEXT):
         super().__init__()
         self.config = cfg
@@ -156,7 +146,7 @@ class CLIPTextEncoderWithProjection(CLIPTextEncoder):
         encoder.text_embeds(ids) -> [B, projection_dim]   final-norm state at the first EOS token,
                                                           projected (not L2-normalised)
     `encoder(ids)` is still the per-token state [B, L, width]. Load a full CLIP checkpoint with
-    `unet_seg.models.clip_vision.load_clip`.
+    `unet_seg.pretrained.load_clip`.
     """
 
     def __init__(self, cfg: CLIPTextConfig = SD1_TEXT, projection_dim: int = 768, eos_token_id: int = 49407):

@@ -19,9 +19,8 @@ transformers before 4.31 also hold `vision_model.embeddings.position_ids`, which
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -150,31 +149,3 @@ def clip_preprocess(img: Tensor, size: int = 224) -> Tensor:
     mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def load_clip(
-    src: Union[str, os.PathLike],
-    *,
-    revision: Optional[str] = None,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device, None] = None,
-) -> tuple[CLIPTextEncoderWithProjection, CLIPVisionEncoder]:
-    """Both towers of a full CLIP checkpoint (transformers' `CLIPModel` layout: `config.json` with
-    `text_config`, `vision_config`, `projection_dim`, and `model.safetensors`), e.g. the hub's
-    `openai/clip-vit-large-patch14` or a local folder. Safetensors only; `logit_scale` and the
-    `position_ids` buffers of old files are dropped. Returns (text, vision), in eval mode."""
-    from ..hub import TRANSFORMERS_WEIGHTS, build_with_weights, component_files, read_safetensors
-    from ..hub_config import text_from_transformers, vision_from_transformers
-
-    config, files = component_files(src, "", TRANSFORMERS_WEIGHTS, revision=revision)
-    if "text_config" not in config or "vision_config" not in config:
-        raise ValueError(f"{src}: config.json is not a full CLIP model's (needs text_config and vision_config)")
-    projection_dim = config.get("projection_dim", 512)
-    text_cfg = text_from_transformers(config["text_config"])
-    vision_cfg = vision_from_transformers({**config["vision_config"], "projection_dim": projection_dim})
-    weights = read_safetensors(files, dtype=dtype, device=device, keep=lambda k: not k.endswith("position_ids") and k != "logit_scale")
-    text = {k: v for k, v in weights.items() if k.startswith("text_model.") or k == "text_projection.weight"}
-    vision = {k: v for k, v in weights.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}
-    text_model = build_with_weights(lambda: CLIPTextEncoderWithProjection(text_cfg, projection_dim), text, f"{src} (text)")
-    vision_model = build_with_weights(lambda: CLIPVisionEncoder(vision_cfg), vision, f"{src} (vision)")
-    return text_model, vision_model

@@ -29,6 +29,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 PACKAGED_BPE = Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -128,8 +130,6 @@ class CLIPTokenizer:
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Write a `tokenizer/` folder (vocab.json, merges.txt, tokenizer_config.json,
         special_tokens_map.json) that `from_folder` and transformers' CLIPTokenizer read back."""
-        from ..hub import atomic_path
-
         folder = Path(folder)
         merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
         pad = next(t for t, i in self.vocab.items() if i == self.pad_token_id)

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, Downsample, Procs, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample, timestep_embedding
-from .pretrained import Pretrained
 
 
 class FeatureInfo(NamedTuple):
@@ -201,9 +200,7 @@ class UpBlock(nn.Module):
         return h, False
 
 
-class UNet(Pretrained, nn.Module):
-    hub_subfolder, hub_weights, config_class = "unet", "diffusion_pytorch_model", UNetConfig
-
+class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = SD15):
         super().__init__()
         self.config = cfg

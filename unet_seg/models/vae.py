@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, Downsample, ResBlock, Upsample
-from .pretrained import Pretrained
 
 
 @dataclass(frozen=True)
@@ -126,9 +125,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(Pretrained, nn.Module):
-    hub_subfolder, hub_weights, config_class = "vae", "diffusion_pytorch_model", VAEConfig
-
+class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig = SD_VAE):
         super().__init__()
         self.config = cfg

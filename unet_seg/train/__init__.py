@@ -46,7 +46,7 @@ One job per module; import everything from `unet_seg.train`:
     sanity        sanity_check (a real run's first minutes: steps, checkpoint, one item per eval set)
 """
 
-from ..hub import atomic_path
+from ..files import atomic_path
 from .checkpoints import (
     CHECKPOINT_FORMAT, Resumed, checkpoint_path, latest_checkpoint, load_checkpoint, load_latest, resume_latest,
     save_checkpoint,
@@ -75,5 +75,5 @@ __all__ = [
     "Run", "finish_run", "start_run",
     "SanityReport", "sanity_check",
     "CudaGraphStep", "backward_and_step", "clip_and_step",
-    "atomic_path",  # unet_seg.hub's, still importable from here
+    "atomic_path",  # unet_seg.files', also importable from here
 ]  # fmt: skip

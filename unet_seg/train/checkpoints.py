@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..hub import CheckpointError, atomic_path, check_state_dict
+from ..files import atomic_path
+from ..hub import CheckpointError, check_state_dict
 from .distributed import _rank, _world_size, all_gather_str, barrier, is_main, print0, unwrap
 from .loop import _INTERRUPT
 from .rng import reseed_from, rng_states, set_rng_states

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Union
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hub import atomic_path
+from ..files import atomic_path
 from .distributed import is_main
 
 
