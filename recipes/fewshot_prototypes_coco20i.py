@@ -35,17 +35,14 @@ REAL = dict(size=512, steps=20000, batch_size=4, lr=1e-4, dim=256, episodes=1000
 
 
 def parse_args(argv=None):
-    p = recipe_parser(__doc__.split("\n\n")[0], DEMO, REAL, out="runs/fewshot_prototypes")
+    p = recipe_parser(__doc__.split("\n\n")[0], DEMO, REAL, out="runs/fewshot_prototypes", predict=False)  # evaluates episodes, exports nothing
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="fold 0..3: its classes are held out")
     p.add_argument("--shots", type=int, default=1, help="supports per training episode")
     p.add_argument("--dim", type=int, help=f"embedding width (default {REAL['dim']}; demo {DEMO['dim']})")
     p.add_argument("--episodes", type=int, help=f"test episodes per shot setting (default {REAL['episodes']}; demo {DEMO['episodes']})")
     p.add_argument("--pretrain-steps", type=int, help="demo with --random-demo-model: denoising steps that pre-train its U-Net")
-    args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
-    if args.predict or args.export:  # the recipe evaluates episodes only: no export to predict from
-        p.error("--predict and --export are not available in this recipe")
-    return args
+    return parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,14 @@ def test_real_data_defaults_and_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _recipe().parse_args(["--demo", "--fold", "4"])
     assert "invalid choice: 4" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # the shared parser offers them; this recipe has nothing to export
-        _recipe().parse_args(["--predict", "x.png", "--from", str(tmp_path)])
-    assert "not available in this recipe" in capsys.readouterr().err
+    for flags in (["--predict", "x.png", "--from", str(tmp_path)], ["--export"]):  # nothing to export: not offered
+        with pytest.raises(SystemExit):
+            _recipe().parse_args(flags)
+        assert f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--fold" in help_text and not any(f in help_text for f in ("--predict", "--from", "--export", "use a trained model"))
 
 
 def test_real_data_path_runs_end_to_end_on_a_tiny_checkpoint_and_coco20i_folders(tmp_path, cpu_only):

@@ -44,13 +44,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def recipe_parser(
-    description: str, demo: dict, real: dict, out: str, size_multiple: tuple[int, str] = (8, "the VAE's downscale")
+    description: str, demo: dict, real: dict, out: str, size_multiple: tuple[int, str] = (8, "the VAE's downscale"),
+    predict: bool = True,
 ) -> argparse.ArgumentParser:
     """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
     unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
     any other key of those dicts too: `real["model"]` replaces DEFAULT_MODEL). Recipes add their
     own options to it. `size_multiple`: (n, why) --size must be a multiple of n (the U-Net takes
-    any latent size, so 8 for SD; a backbone with coarser strides asks for more)."""
+    any latent size, so 8 for SD; a backbone with coarser strides asks for more). `predict=False`
+    leaves out the "use a trained model" options (--predict, --from, --export) for a recipe that
+    exports nothing; `p.predict_group` is None then."""
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument(
         "--demo", action="store_true",
@@ -85,6 +88,9 @@ def recipe_parser(
         help="skip the check a real run makes first (two training steps, a checkpoint written and read back, one "
         "image of every evaluation set at full size, the projected duration; the run's result is the same with it)",
     )  # fmt: skip
+    p.predict_group, p.size_multiple = None, size_multiple
+    if not predict:
+        return p
     g = p.add_argument_group("use a trained model")
     g.add_argument("--predict", nargs="+", metavar="IMAGE_OR_FOLDER", help="segment these images (a folder: every "
                    "image in it) with the model exported to --from; writes <name>.png and <name>_overlay.png to --out "
@@ -93,7 +99,6 @@ def recipe_parser(
     g.add_argument("--export", nargs="?", const="latest", metavar="CHECKPOINT", help="with the training run's flags: "
                    "write --out/model from its latest checkpoint (or CHECKPOINT) and exit; training does so at its end")  # fmt: skip
     p.predict_group = g  # a recipe's own prediction flags go here (DiffewS --support, DiGSeg --classes)
-    p.size_multiple = size_multiple
     return p
 
 
@@ -113,7 +118,7 @@ def parse_recipe_args(
     (None when --demo was given); `unet_seg.train.print_demo` prints it.
     """
     args = p.parse_args(argv)
-    if args.predict is not None or args.run is not None:
+    if getattr(args, "predict", None) is not None or getattr(args, "run", None) is not None:
         return _predict_args(p, args)
     given = [flag for flag in data if getattr(args, _dest(flag)) is not None]
     args.demo_reason = None
