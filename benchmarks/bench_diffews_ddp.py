@@ -15,7 +15,7 @@ AdamW) and times the recipe's `train_step` at its per-GPU batch (`--batch-size`,
 measurement): the first step (compile), `--warmup` steps, then `--steps` timed steps between
 barriers. Episodes/s counts all ranks. Then it restores the initial weights and runs the recipe's
 `evaluate` (each rank takes episodes rank, rank + world, ...; confusion matrices all-reduced) on
-`--eval-episodes` synthetic 1-shot episodes, and rank 0 writes `world<N>.json`. `--compare` reads
+`--eval-items` synthetic 1-shot episodes, and rank 0 writes `world<N>.json`. `--compare` reads
 them: 2-GPU speed-up over one GPU, and whether the metrics and confusion matrices are identical.
 """
 
@@ -120,14 +120,14 @@ def run(args) -> None:
             print(profile_table(f"training step, {b} episodes, world {world}{tag}, rank 0", prof, tflop), flush=True)
     if args.cuda_graph:
         train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
-    if args.eval_episodes == 0:
+    if args.eval_items == 0:
         barrier()
         cleanup_distributed()
         return
 
     unet.load_state_dict(initial)  # evaluate the same weights whatever the world size
     classes = fold_split(0)[1]
-    data = FewShotEpisodes(1, args.eval_episodes, classes, shots=1, size=s)
+    data = FewShotEpisodes(1, args.eval_items, classes, shots=1, size=s)
     t0 = synced()
     conf, _ = recipe.evaluate(unet, data, vae=vae, context=context[:, :2], num_labels=len(CLASS_NAMES), device=device, seed=0)  # unpadded, as the recipe
     eval_seconds = synced() - t0
@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--eval-episodes", type=int, default=32, help="a multiple of 8 x world keeps every batch at 8")
+    p.add_argument("--eval-items", type=int, default=32, help="a multiple of 8 x world keeps every batch at 8")
     p.add_argument("--no-compile", action="store_true", help="eager U-Net and VAE")
     p.add_argument("--profile", action="store_true", help="rank 0: kernel families of a training step")
     p.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view: gradients live in the buckets (no copy)")

@@ -2,12 +2,12 @@
 
     python benchmarks/bench_digseg_demo.py --seconds 120 --out results.md          # CUDA; the recipe's demo model
     python benchmarks/bench_digseg_demo.py --pretrain 400 --seconds 60             # after a captioned pre-training
-    python benchmarks/bench_digseg_demo.py --device cpu --seconds 5 --every 2 --images 4   # smoke test
+    python benchmarks/bench_digseg_demo.py --device cpu --seconds 5 --every 2 --eval-items 4   # smoke test
 
 Trains the demo's model as the recipe does (tiny SD2-structured U-Net: random, or with --pretrained
 the packaged pre-trained one that the recipe now starts from, all parameters, lr --lr,
 batch --batch, --size (128²), the demo's scenes of 2–3 objects of distinct classes among five, ε unless
---pred) for --seconds, and every --every steps evaluates on --images held-out scenes, with each
+--pred) for --seconds, and every --every steps evaluates on --eval-items held-out scenes, with each
 class's own prompt and with the next class's (the recipe's control):
   mIoU      E×S = 1×10, τ = 0.7 floor (the demo's row)
   own/other mean p_c over the pixels of class c / of the scene's other objects (sampled runs)
@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--every", type=int, default=500)
-    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--eval-items", type=int, default=48)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="the demo's; the paper's is 1e-4")
     p.add_argument("--size", type=int, default=128, help="the demo's")
@@ -70,7 +70,7 @@ def main() -> None:
     dev, R = torch.device(a.device), load_recipe("digseg_ade20k")
     classes = fold_split(0)[1]
     kw = dict(size=a.size, classes=classes, objects=(2, 3), distinct=True)  # the recipe's demo scenes
-    train, test = SemanticScenes(0, 10**6, **kw), SemanticScenes(1, a.images, **kw)
+    train, test = SemanticScenes(0, 10**6, **kw), SemanticScenes(1, a.eval_items, **kw)
     names, class_ids = [CLASS_NAMES[c] for c in classes], torch.tensor(classes, device=dev)
     torch.manual_seed(0)
     sd = pretrained_tiny_sd(a.pred) if a.pretrained else tiny_sd(prediction_type=a.pred)
@@ -103,7 +103,7 @@ def main() -> None:
     vae, schedule = sd.vae.to(dev), sd.schedule.to(dev)
     params = R.set_trainable(model, "all")
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
-    items = [test[i] for i in range(a.images)]
+    items = [test[i] for i in range(a.eval_items)]
     images, labels = (torch.stack([x[k] for x in items]).to(dev) for k in ("image", "label"))
     gt, objects = torch.stack([labels == c for c in classes], 1), (labels > 0)[:, None]
     mean_p = lambda prob, where: round(((prob * where).sum() / where.sum().clamp(min=1)).item(), 3)  # noqa: E731

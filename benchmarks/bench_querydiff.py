@@ -98,7 +98,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe("querydiff_gta2cs")
-    real = ["--eval-only", "--no-pretrained", "--gta-root", tempfile.gettempdir()]  # an existing folder: checked, never read
+    real = ["--eval-only", "--no-pretrained", "--data-root", tempfile.gettempdir()]  # an existing folder: checked, never read
     rargs = recipe.parse_args(["--demo"] if args.tiny else real)
     if rargs.demo != args.tiny:  # without a data root the recipe falls back to its demo sizes (64² crops)
         raise SystemExit(f"bench_querydiff: the recipe parsed {'demo' if rargs.demo else 'real'} settings")

@@ -31,7 +31,7 @@ def main(run: str) -> None:
     load_checkpoint(latest_checkpoint(run), {"head": head, "unet": sd.unet})
     sd.unet.eval(), head.eval()
     context = sd.encode_prompt([""])
-    task = fewshot_episodes(0, size=args.size, test_episodes=args.episodes, seed=args.seed)
+    task = fewshot_episodes(0, size=args.size, test_episodes=args.eval_items, seed=args.seed)
     oracle = [{**ep, "supports": ep["query"][None], "support_masks": ep["query_mask"][None]} for ep in task.test[1]]
     predict = lambda *episode: r.episode_logits(head, sd, context, *episode).argmax(1)  # noqa: E731
     for name, data in (("1-shot", task.test[1]), ("control", task.control), ("oracle: the query's own mask as its support", oracle)):

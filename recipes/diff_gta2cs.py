@@ -68,15 +68,15 @@ PROMPTS = {  # official label_map: the five prompted Cityscapes train ids
     14: "truck, Larger vehicles used for cargo transport",
     16: "train, Vehicles on railway tracks",
 }
-DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, warmup=30, eval_images=96, pretrain_steps=100, timesteps=(91, 30, 7), trajectory=(7, 30, 91, 120))
-REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_images=0, pretrain_steps=0, timesteps=TIMESTEPS, trajectory=TRAJECTORY)
+DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, warmup=30, eval_items=96, pretrain_steps=100, timesteps=(91, 30, 7), trajectory=(7, 30, 91, 120))
+REAL = dict(size=512, steps=40000, batch_size=1, lr=6e-5, warmup=1500, eval_items=0, pretrain_steps=0, timesteps=TIMESTEPS, trajectory=TRAJECTORY)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "DIFF + IPKL domain-generalised segmentation: train on a source domain, report mIoU on unseen target domains. "
         "--demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic styles (no download); otherwise give --data-root.",
-        DEMO, REAL, out="runs/diff",
+        DEMO, REAL, out="runs/diff", eval_items="test images per target domain",
     )  # fmt: skip
     p.add_argument("--data-root", help="folder holding gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/")
     p.add_argument("--source", default="gta5", choices=("gta5", "cityscapes"), help="training domain")
@@ -94,7 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
     p.add_argument("--trajectory", type=int, nargs="+", help="inversion targets (default the official 37; demo 7 30 91 120; --features trajectory only)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps ({REAL['warmup']}, demo {DEMO['warmup']})")
-    p.add_argument("--eval-images", type=int, help="images per target domain (0: all; demo 96)")
     p.add_argument("--pretrain-steps", type=int, help="with --demo --random-demo-model: denoising pre-training steps of the tiny random U-Net (100)")
     given = p.parse_known_args(argv)[0]  # before the presets fill --trajectory in
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
@@ -287,7 +286,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
         load_checkpoint_for_export(out, args.export, models)
         return segmenter.eval()
     model = wrap_for_training(segmenter, compile=args.compile)
-    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
     def one_step(batch) -> dict:
         losses = train_step(model, frozen, opt, batch["image"].to(device), batch["label"].to(device), ipkl, args)
@@ -358,7 +357,7 @@ def main(argv=None) -> dict:
     if args.demo:
         num_classes, class_names, palette = len(FORM_CLASSES), FORM_CLASSES, None
         train_data = FormScenes(args.seed, 100_000, args.size, synthetic.CLEAN_STYLE)
-        targets = {f"{n} ({role} style)": FormScenes(args.seed + 1, args.eval_images, args.size, style)
+        targets = {f"{n} ({role} style)": FormScenes(args.seed + 1, args.eval_items, args.size, style)
                    for n, role, style in (("clean", "source", synthetic.CLEAN_STYLE), ("hazy", "unseen", synthetic.HAZY_STYLE))}  # fmt: skip
         prompt_ids = list(range(1, num_classes))
         prompts = list(class_names[1:])
@@ -376,8 +375,8 @@ def main(argv=None) -> dict:
         if not args.no_rcs:  # DAFormer's rare-class sampling (T = 0.01), class statistics cached beside the data
             train_data = RareClassSampling(train_data, train_data.class_counts(), temperature=0.01, seed=args.seed)
         targets = {n: DrivingScenes(n, root / n, "val", ResizeImage(LAYOUTS[n].scale)) for n in args.targets}
-        if args.eval_images:
-            targets = {n: head(d, args.eval_images) for n, d in targets.items()}
+        if args.eval_items:
+            targets = {n: head(d, args.eval_items) for n, d in targets.items()}
         prompt_ids = list(PROMPTS)
         prompts = [PROMPT_TEMPLATE.format(PROMPTS[c]) for c in prompt_ids]
 

@@ -62,14 +62,14 @@ import dataclasses
 import functools
 import time
 
-from unet_seg.cli import parse_recipe_args, recipe_parser, run
+from unet_seg.cli import add_validation, parse_recipe_args, recipe_parser, run
 
 TIMESTEP = 1  # official --train_timestep default
 THRESHOLD_RATIO = 0.25  # paper appendix Table 4
 EVAL_SHOTS = (1, 5)
 LR_END = 1e-7  # diffusers' polynomial schedule, power 1: linear to 1e-7
-DEMO = dict(size=64, steps=1500, batch_size=8, lr=1e-3, episodes=200)  # 300 steps find objects, 1500 read supports
-REAL = dict(size=512, steps=10000, batch_size=2, lr=1e-5, episodes=1000)
+DEMO = dict(size=64, steps=1500, batch_size=8, lr=1e-3, eval_items=200)  # 300 steps find objects, 1500 read supports
+REAL = dict(size=512, steps=10000, batch_size=2, lr=1e-5, eval_items=1000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "DiffewS (OI2M) few-shot segmentation: train on a fold's training classes, evaluate 1- and 5-shot mIoU / "
         "FB-IoU on its held-out classes. --demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic episodes "
         "(no download); otherwise give --model and --data-root.",
-        DEMO, REAL, out="runs/diffews",
+        DEMO, REAL, out="runs/diffews", eval_items="test episodes per shot setting", all_items=False,
     )  # fmt: skip
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="fold 0..3: its 20 (demo: 5) classes are held out")
@@ -85,9 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "7 DiffewS-n (paper Table 2)")
     p.add_argument("--support-sampling", action="store_true", help="K-shot test: keep L random support tokens of "
                    "K·L per layer (paper App. Table 6 'sample'); default all, as the official evaluation")
-    p.add_argument("--episodes", type=int, help=f"test episodes per shot setting ({REAL['episodes']}, demo {DEMO['episodes']})")
-    p.add_argument("--eval-every", type=int, default=0, help="1-shot mIoU on --eval-episodes test episodes every N steps (0: off)")
-    p.add_argument("--eval-episodes", type=int, default=100, help="test episodes of the periodic evaluation")
+    add_validation(p, "1-shot test episodes", 100)
     p.add_argument("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (GPU only; "
                    "one graph per support count): the host no longer paces the GPU")
     p.predict_group.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
@@ -242,7 +240,7 @@ def main(argv=None) -> dict:
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation (demo: note 4)
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,
-                            test_shots=EVAL_SHOTS, test_episodes=args.episodes, seed=args.seed)  # fmt: skip
+                            test_shots=EVAL_SHOTS, test_episodes=args.eval_items, seed=args.seed)  # fmt: skip
     test_data, test_labels = task.test, task.test_labels
     print0(f"fold {args.fold}: train classes {len(set(task.train.classes))}, test classes {list(test_labels)}")
 
@@ -277,7 +275,7 @@ def main(argv=None) -> dict:
     train = functools.partial(train_step, forward, unet, vae, context, opt)
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
-    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=args.workers)
 
     def one_step(batch) -> tuple[torch.Tensor, int]:
         query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
@@ -298,8 +296,8 @@ def main(argv=None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
         if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            quick = head(test_data[1], args.eval_episodes)
+        if args.val_every and step % args.val_every == 0 and step < args.steps:
+            quick = head(test_data[1], args.val_items)
             conf, _ = evaluate(unet, quick, **eval_kw)
             miou = few_shot_scores(conf["DiffewS"], test_labels)["mIoU"]
             print0(f"step {step}: 1-shot mIoU {miou:.2f} on {len(quick)} held-out episodes")

@@ -67,7 +67,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from unet_seg.cli import parse_recipe_args, recipe_parser, run
+from unet_seg.cli import add_validation, parse_recipe_args, recipe_parser, run
 
 PROMPT = "A photo of a {}"  # A.3
 THRESHOLD = 0.7  # τ, also the background threshold (§4 "Hyperparameter τ", A.3)
@@ -75,8 +75,8 @@ CLIP_THRESHOLD = 0.25  # A.3, global image-text cosine
 PATCH_THRESHOLD = 0.25  # A.3 τ_patch: value not given; the global threshold's
 CLASS_TOKENS = 4  # note 2
 ABSENT_PROB = 0.25  # note 4
-DEMO = dict(size=128, steps=150, batch_size=8, lr=1e-3, ensemble=1, ddim_steps=10, images=100, trainable="all", threshold=0.7)
-REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps=2, images=2000, trainable="paper", threshold=THRESHOLD, model="stabilityai/stable-diffusion-2-base")
+DEMO = dict(size=128, steps=150, batch_size=8, lr=1e-3, ensemble=1, ddim_steps=10, eval_items=100, trainable="all", threshold=0.7)
+REAL = dict(size=512, steps=30000, batch_size=2, lr=1e-4, ensemble=8, ddim_steps=2, eval_items=0, trainable="paper", threshold=THRESHOLD, model="stabilityai/stable-diffusion-2-base")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "DiGSeg: fine-tune SD 2.x to denoise per-class mask latents conditioned on the image latent and the class "
         "text; evaluate mIoU with E×S test-time settings. --demo runs on CPU with tiny models (a pre-trained SD, else random) and synthetic "
         "scenes (no download); otherwise give --model, --clip and --data-root.",
-        DEMO, REAL, out="runs/digseg",
+        DEMO, REAL, out="runs/digseg", eval_items="test images",
     )  # fmt: skip
     p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="full CLIP ViT-L/14 (hub id or folder)")
     p.add_argument("--data-root", help="ADEChallengeData2016 folder (see unet_seg.data.ade20k)")
@@ -99,17 +99,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", type=int, help=f"E, seeds averaged in latent space ({REAL['ensemble']}, demo {DEMO['ensemble']})")
     p.add_argument("--ddim-steps", type=int, help=f"S, DDIM-trailing steps ({REAL['ddim_steps']}, demo {DEMO['ddim_steps']})")
     p.add_argument("--threshold", type=float, help=f"τ, mask and background threshold ({REAL['threshold']}, demo {DEMO['threshold']})")
-    p.add_argument("--images", type=int, help=f"test images ({REAL['images']}: all of ADE20K val; demo {DEMO['images']})")
-    p.add_argument("--eval-every", type=int, default=0, help="mIoU on --eval-images test images every N steps (0: off)")
-    p.add_argument("--eval-images", type=int, default=20, help="test images of the periodic evaluation")
+    add_validation(p, "test images", 20)
     p.predict_group.add_argument("--classes", help='your own class names, comma-separated ("cat,grass,sky"): the model is '
                                  "open-vocabulary; 0 in the output where none reaches τ")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="ADE20K")
     if args.predict:
         return args
     args.candidates = ["all"] if args.target == "label-map" else list(dict.fromkeys(args.candidates or ["all" if args.demo else "clip"]))
-    if min(args.ensemble, args.ddim_steps, args.images) < 1:
-        p.error("--ensemble, --ddim-steps and --images must be >= 1")
+    for flag, value in (("--ensemble", args.ensemble), ("--ddim-steps", args.ddim_steps)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     if args.ddim_steps > 1000:
         p.error(f"--ddim-steps must be <= 1000 (T), got {args.ddim_steps}")
     return args
@@ -361,7 +360,7 @@ def main(argv=None) -> dict:
         names, class_ids = [CLASS_NAMES[c] for c in classes], torch.tensor(classes)
         vocab, label_names = (len(CLASS_NAMES), 0, 0), CLASS_NAMES  # background 0 (the majority)
         kw = dict(size=args.size, classes=classes, objects=(2, 3), distinct=True)  # note 7: masks depend on the prompt
-        train_data, test_data = SemanticScenes(args.seed, 100_000, **kw), SemanticScenes(args.seed + 1, args.images, **kw)
+        train_data, test_data = SemanticScenes(args.seed, 100_000, **kw), SemanticScenes(args.seed + 1, args.eval_items, **kw)
         scored = [0, *classes]
     else:
         from unet_seg.data.ade20k import ADE20K, ADE20K_CLASSES
@@ -372,7 +371,7 @@ def main(argv=None) -> dict:
         augment = RandomResizeCropFlip((args.size,) * 2, (args.size,) * 2, ratio_range=(0.8, 1.2), keep_ratio=False)  # §4.1
         train_data = ADE20K(args.data_root, "training", transform=augment, seed=args.seed)
         test_data = ADE20K(args.data_root, "validation")
-        test_data = head(test_data, args.images)
+        test_data = head(test_data, args.eval_items) if args.eval_items else test_data
         scored = list(range(len(names)))
 
     # ---- models: SD U-Net (conv_in 4 -> 8) + text MLP; frozen VAE, SD text encoder (empty prompt), CLIP
@@ -416,7 +415,7 @@ def main(argv=None) -> dict:
                    device=device, seed=args.seed, clip_vision=clip_vision, threshold=args.threshold, palette=palette)  # fmt: skip
 
     # ---- train: eq. 6 on (image, class) pairs
-    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
     def one_step(batch) -> torch.Tensor:
         z_y, embeds = target_latents(vae, batch["label"].to(device), class_embeds, class_ids, palette)
@@ -431,8 +430,8 @@ def main(argv=None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            quick = head(test_data, args.eval_images)
+        if args.val_every and step % args.val_every == 0 and step < args.steps:
+            quick = head(test_data, args.val_items)
             conf, _, _ = evaluate(model, quick, **eval_kw, settings=settings[:1], modes=args.candidates[:1])
             miou = summarise(next(iter(conf.values())), scored)["mIoU"]
             print0(f"step {step}: mIoU {miou:.2f} on {len(quick)} test images ({settings[0][0]}x{settings[0][1]})")

@@ -30,17 +30,17 @@ import time
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 TAPS, TIMESTEPS, EVAL_SHOTS = ("up.1", "up.2"), (50, 261), (1, 5)
-DEMO = dict(size=64, steps=1000, batch_size=8, lr=1e-3, dim=64, episodes=200, pretrain_steps=100)  # pre-training: random model only
-REAL = dict(size=512, steps=20000, batch_size=4, lr=1e-4, dim=256, episodes=1000, pretrain_steps=0)
+DEMO = dict(size=64, steps=1000, batch_size=8, lr=1e-3, dim=64, eval_items=200, pretrain_steps=100)  # pre-training: random model only
+REAL = dict(size=512, steps=20000, batch_size=4, lr=1e-4, dim=256, eval_items=1000, pretrain_steps=0)
 
 
 def parse_args(argv=None):
-    p = recipe_parser(__doc__.split("\n\n")[0], DEMO, REAL, out="runs/fewshot_prototypes", predict=False)  # evaluates episodes, exports nothing
+    p = recipe_parser(__doc__.split("\n\n")[0], DEMO, REAL, out="runs/fewshot_prototypes", eval_items="test episodes per shot setting",
+                      all_items=False, predict=False)  # evaluates episodes, exports nothing
     p.add_argument("--data-root", help="COCO-20i root in the HSNet layout (see unet_seg.data.coco20i)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="fold 0..3: its classes are held out")
     p.add_argument("--shots", type=int, default=1, help="supports per training episode")
     p.add_argument("--dim", type=int, help=f"embedding width (default {REAL['dim']}; demo {DEMO['dim']})")
-    p.add_argument("--episodes", type=int, help=f"test episodes per shot setting (default {REAL['episodes']}; demo {DEMO['episodes']})")
     p.add_argument("--pretrain-steps", type=int, help="demo with --random-demo-model: denoising steps that pre-train its U-Net")
     return parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
 
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
                     "a frozen 8x8 block codec for the VAE, synthetic few-shot episodes", real="--model <SD 2.x> --data-root <COCO-20i>")  # fmt: skip
     device, random_demo = job.device, args.demo and args.random_demo_model  # the random demo U-Net is pre-trained here, saved with the head
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,
-                            test_shots=EVAL_SHOTS, test_episodes=args.episodes, seed=args.seed)  # fmt: skip
+                            test_shots=EVAL_SHOTS, test_episodes=args.eval_items, seed=args.seed)  # fmt: skip
 
     with same_init_on_every_rank(args.seed):  # ---- frozen SD (demo: the package's pre-trained tiny SD), empty prompt once
         sd = demo.demo_sd(args.random_demo_model) if args.demo else load_sd(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(head, compile=args.compile)
 
-    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=0 if args.demo else 4)  # ---- train: the fold's training classes
+    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=args.workers)  # ---- train: the fold's training classes
 
     def one_step(batch) -> torch.Tensor:
         query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)

@@ -7,8 +7,8 @@ built as the official code FanLiHub/QueryDiff does (digest ../shared/design/fide
 
     python recipes/querydiff_gta2cs.py --demo                       # CPU, minutes, no download, no timm
     pip install -e ".[recipes]"                                     # timm, for DINOv2
-    python recipes/querydiff_gta2cs.py --model stabilityai/stable-diffusion-2-1 --gta-root /data/gta \\
-        --cityscapes-root /data/cityscapes --bdd-root /data/bdd100k --mapillary-root /data/mapillary
+    python recipes/querydiff_gta2cs.py --model stabilityai/stable-diffusion-2-1 --data-root /data \\
+        --targets cityscapes bdd100k mapillary              # /data holds gta5/, cityscapes/, bdd100k/, mapillary/
 
 Method (one training step; the diffusion branch is skipped at inference and never built for it):
 
@@ -75,8 +75,8 @@ from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 T_WEAK, T_STRONG = 0, 100  # official feature_extraction(x, 0) and (x, 100)
 SCHEDULES = {"paper": dict(steps=60000, batch_size=4, backbone_lr_mult=0.1), "release": dict(steps=40000, batch_size=2, backbone_lr_mult=1.0)}
-DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, dim=64, heads=4, pixel_layers=2, decoder_layers=3, ffn=128, merge_dim=64, queries=16, points=1024, eval_images=100, teacher_steps=200)
-REAL = dict(size=512, steps=60000, batch_size=4, lr=1e-4, dim=256, heads=8, pixel_layers=6, decoder_layers=9, ffn=2048, merge_dim=512, queries=100, points=12544, eval_images=0, teacher_steps=0)
+DEMO = dict(size=64, steps=300, batch_size=8, lr=1e-3, dim=64, heads=4, pixel_layers=2, decoder_layers=3, ffn=128, merge_dim=64, queries=16, points=1024, eval_items=100, teacher_steps=200)
+REAL = dict(size=512, steps=60000, batch_size=4, lr=1e-4, dim=256, heads=8, pixel_layers=6, decoder_layers=9, ffn=2048, merge_dim=512, queries=100, points=12544, eval_items=0, teacher_steps=0)
 
 
 def slide_window(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -90,36 +90,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         "QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion model during "
         "training only (--model is loaded for training alone). --demo runs on CPU with tiny models and "
         "synthetic data, no timm (train CLEAN, test HAZY), and also trains the same model without DCL.",
-        DEMO, REAL, out="runs/querydiff", size_multiple=(64, "QueryDiff's backbones and pixel decoder run at multiples of 64 only"),
+        DEMO, REAL, out="runs/querydiff", eval_items="test images per target domain", size_multiple=(64, "QueryDiff's backbones and pixel decoder run at multiples of 64 only"),
     )  # fmt: skip
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: 60k iterations, batch 4, backbone (Rein) lr x0.1; release: the config's 40k, batch 2, one lr")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
     p.add_argument("--patch-resize", default="bicubic", choices=("bicubic", "pinv"), help="DINOv2 /14 -> /16: the release's bicubic kernel resize, or timm's pseudo-inverse (FlexiViT)")
-    p.add_argument("--gta-root", help="GTA5 root (unet_seg.data.driving layout), the training set")
-    p.add_argument("--cityscapes-root", help="Cityscapes root, evaluated on val")
-    p.add_argument("--bdd-root", help="BDD100K root, evaluated on val")
-    p.add_argument("--mapillary-root", help="Mapillary Vistas root, evaluated on validation at half resolution")
+    p.add_argument("--data-root", help="folder holding gta5/ (trained on), cityscapes/, bdd100k/, mapillary/ (see unet_seg.data.driving)")
+    p.add_argument("--targets", nargs="+", default=["cityscapes", "bdd100k", "mapillary"], choices=("cityscapes", "bdd100k", "mapillary"),
+                   help="unseen test domains (val splits; Mapillary at half resolution)")  # fmt: skip
     p.add_argument("--dcl-weight", type=float, default=1.0, help="weight of L_dist + L_sup (0: no diffusion branch)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the segmentation model on a GPU (faster; the release trains in fp32)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, help="also train the model without DCL (default: on with --demo)")
     p.add_argument("--t-weak", type=int, default=T_WEAK, help="weak-noise timestep t_w (of 1000)")
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
     p.add_argument("--queries", type=int, help="agent queries r = Rein tokens = decoder queries (100; demo 16)")
-    p.add_argument("--eval-images", type=int, help="demo: test images per style (real: 0 = whole val sets)")
     p.add_argument("--teacher-steps", type=int, help="with --demo --random-demo-model: denoising pre-training steps of the tiny random U-Net teacher (200)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoints in --out (SD is never loaded)")
     schedule = SCHEDULES[p.parse_known_args(argv)[0].schedule]
-    roots = ["--gta-root", "--cityscapes-root", "--bdd-root", "--mapillary-root"]
-    args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, data=roots, dataset="GTA5")
+    args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, dataset="GTA5")
     if args.predict:
         return args
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
     args.window = slide_window(args.size)  # evaluation windows follow the training crop
-    if not args.demo and not args.eval_only and not args.gta_root:
-        p.error("--gta-root is required to train without --demo")
-    if args.queries < 1 or args.dcl_weight < 0:
-        p.error("--queries must be >= 1 and --dcl-weight >= 0")
+    if args.queries < 1:
+        p.error(f"--queries must be >= 1, got {args.queries}")
+    if args.dcl_weight < 0:
+        p.error(f"--dcl-weight must be >= 0, got {args.dcl_weight}")
     return args
 
 
@@ -302,19 +299,20 @@ def datasets(args):
     """(train set, {name: test set}, class names, slide-window evaluation?, palette: None = viz's)."""
     if args.demo:
         scenes = lambda seed, n, style: ContiguousLabels(SemanticScenes(seed, n, args.size, DEMO_CLASSES, style=style), DEMO_CLASSES)  # noqa: E731
-        tests = {"hazy (held-out)": scenes(args.seed + 1, args.eval_images, HAZY_STYLE), "clean (source)": scenes(args.seed + 1, args.eval_images, CLEAN_STYLE)}
+        tests = {"hazy (held-out)": scenes(args.seed + 1, args.eval_items, HAZY_STYLE), "clean (source)": scenes(args.seed + 1, args.eval_items, CLEAN_STYLE)}
         return scenes(args.seed, 100_000, CLEAN_STYLE), tests, ("background",) + tuple(CLASS_NAMES[c] for c in DEMO_CLASSES), False, None
     from unet_seg.data.driving import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, LAYOUTS, DrivingScenes
     from unet_seg.data.transforms import IMAGENET_MEAN, Compose, Pad, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomShortEdgeResize, Rescale, ResizeImage, short_edges_for
     side = (args.size,) * 2  # padded last with the ImageNet mean: 0 after the release's normalisation
     crop = Compose((RandomShortEdgeResize(short_edges_for(args.size), 4 * args.size), RandomCrop(side, 0.75, pad=False), RandomFlip(), PhotoMetricDistortion(), Pad(side, IMAGENET_MEAN)))
-    train = DrivingScenes("gta5", args.gta_root, "train", transform=crop, seed=args.seed) if args.gta_root else None
-    roots = {"cityscapes": args.cityscapes_root, "bdd100k": args.bdd_root, "mapillary": args.mapillary_root}
-    resize = {n: ResizeImage(LAYOUTS[n].scale) for n in roots}
-    resize["mapillary"] = Compose((Rescale(0.5), resize["mapillary"]))  # scored on halved labels, as the release
-    tests = {n: DrivingScenes(n, r, "val", transform=resize[n]) for n, r in roots.items() if r}
-    if args.eval_images:
-        tests = {n: head(d, args.eval_images) for n, d in tests.items()}
+    root = Path(args.data_root)
+    train = None if args.eval_only else DrivingScenes("gta5", root / "gta5", "train", transform=crop, seed=args.seed)
+    resize = {n: ResizeImage(LAYOUTS[n].scale) for n in args.targets}
+    if "mapillary" in resize:  # scored on halved labels, as the release
+        resize["mapillary"] = Compose((Rescale(0.5), resize["mapillary"]))
+    tests = {n: DrivingScenes(n, root / n, "val", transform=resize[n]) for n in args.targets}
+    if args.eval_items:
+        tests = {n: head(d, args.eval_items) for n, d in tests.items()}
     return train, tests, CITYSCAPES_CLASSES, True, CITYSCAPES_PALETTE
 
 
@@ -346,7 +344,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     models = {"model": model}
     step = resume_latest(out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)
-    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=0 if args.demo else 4)
+    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
     loss_cfg = SetLossConfig(points=args.points)
 
     def one_step(batch) -> dict:
@@ -376,7 +374,7 @@ def main(argv=None) -> dict:
         args,
         demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net " + ("pre-trained here as a denoiser on "
         "random looks" if args.random_demo_model else "pre-trained on captioned synthetic scenes") + ", a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY)",
-        real="--model <SD 2.x> --gta-root ... with the `recipes` extra for timm",
+        real="--model <SD 2.x> --data-root ... with the `recipes` extra for timm",
     )
     device = job.device
     train_data, tests, class_names, slide, palette = datasets(args)

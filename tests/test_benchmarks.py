@@ -39,7 +39,7 @@ def test_benchmark_smoke_run_writes_its_table(script, tmp_path):
 def test_ddp_benchmark_runs_on_one_and_two_processes_and_compares_them(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     script = str(BENCHMARKS / "bench_diffews_ddp.py")
-    tiny = ["--tiny", "--steps", "1", "--warmup", "0", "--eval-episodes", "4", "--size", "64", "--out", str(tmp_path)]
+    tiny = ["--tiny", "--steps", "1", "--warmup", "0", "--eval-items", "4", "--size", "64", "--out", str(tmp_path)]
     for world in (1, 2):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", script, *tiny],
                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -12,12 +12,12 @@ from unet_seg.cli import parse_recipe_args, recipe_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["diffews_coco20i", "diff_gta2cs", "querydiff_gta2cs", "digseg_ade20k", "fewshot_prototypes_coco20i"]
-DEMO = dict(steps=300, batch_size=2, lr=1e-3, size=64, extra="d")
-REAL = dict(steps=9, batch_size=1, lr=1e-5, size=512, extra="r")
+DEMO = dict(steps=300, batch_size=2, lr=1e-3, size=64, eval_items=20, extra="d")
+REAL = dict(steps=9, batch_size=1, lr=1e-5, size=512, eval_items=0, extra="r")
 
 
-def parser():
-    p = recipe_parser("test", DEMO, REAL, out="runs/x")
+def parser(all_items=True):
+    p = recipe_parser("test", DEMO, REAL, out="runs/x", eval_items="test images", all_items=all_items)
     p.add_argument("--data-root")
     return p
 
@@ -73,6 +73,50 @@ def test_recipe_args_refuse_bad_shared_options(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("old", ["--episodes", "--images", "--eval-images", "--eval-every", "--eval-episodes", "--gta-root",
+                                 "--cityscapes-root", "--bdd-root", "--mapillary-root"])  # fmt: skip
+def test_renamed_options_are_refused_with_one_line_naming_the_new_one(old, capsys):
+    from unet_seg.cli import RENAMED
+
+    with pytest.raises(SystemExit) as e:
+        parse(["--demo", f"{old}=3"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and last == f"{parser().prog}: error: {old} was renamed: use {RENAMED[old]}"
+    assert RENAMED[old].split()[0] in {"--eval-items", "--val-every", "--val-items", "--data-root"}
+
+
+def test_eval_items_take_the_preset_and_zero_means_all_only_of_a_real_test_set(tmp_path, capsys):
+    real = ["--model", "m", "--data-root", str(tmp_path)]
+    assert (parse(["--demo"]).eval_items, parse(real).eval_items, parse(real + ["--eval-items", "5"]).eval_items) == (20, 0, 5)
+    for argv, p, message in [
+        (["--demo", "--eval-items", "0"], parser(), "--eval-items must be >= 1 (0 = all is for real test sets), got 0"),
+        (real + ["--eval-items", "-1"], parser(), "--eval-items must be >= 0, got -1"),
+        (real + ["--eval-items", "0"], parser(all_items=False), "--eval-items must be >= 1 (test episodes are drawn: give a count)"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"])
+        assert message in capsys.readouterr().err
+
+
+def test_workers_default_to_zero_in_the_demo_and_four_in_a_real_run(tmp_path):
+    real = ["--model", "m", "--data-root", str(tmp_path)]
+    assert (parse(["--demo"]).workers, parse(real).workers, parse(real + ["--workers", "2"]).workers) == (0, 4, 2)
+
+
+def test_validation_options_are_checked(capsys):
+    from unet_seg.cli import add_validation
+
+    p = parser()
+    add_validation(p, "test images", 7)
+    args = parse_recipe_args(p, ["--demo", "--val-every", "5"], DEMO, REAL)
+    assert (args.val_every, args.val_items) == (5, 7)
+    for argv, message in [(["--val-every", "-1"], "--val-every must be >= 0 (0: off), got -1"),
+                          (["--val-every", "2", "--val-items", "0"], "--val-items must be >= 1, got 0")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_recipe_args(p, ["--demo"] + argv, DEMO, REAL)
+        assert message in capsys.readouterr().err
+
+
 def test_import_unet_seg_and_its_cli_do_not_import_torch():
     code = "import sys, unet_seg, unet_seg.cli; from unet_seg import CheckpointError; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -101,6 +145,18 @@ def test_usage_errors_come_before_importing_torch(name):
     assert run.returncode == 2
     assert "--size must be a positive multiple of" in run.stderr and "torch imported: False" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("name, old, new", [
+    ("diffews_coco20i", "--eval-episodes", "--val-items"), ("diff_gta2cs", "--eval-images", "--eval-items"),
+    ("querydiff_gta2cs", "--gta-root", "--data-root"), ("digseg_ade20k", "--images", "--eval-items"),
+    ("fewshot_prototypes_coco20i", "--episodes", "--eval-items"),
+])  # fmt: skip
+def test_each_recipe_refuses_its_former_option_names_before_importing_torch(name, old, new):
+    path = ROOT / "recipes" / f"{name}.py"
+    run = subprocess.run([sys.executable, "-c", RUN_AS_MAIN, str(path), json.dumps([old, "3"])], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and f"error: {old} was renamed: use {new} (" in run.stderr
+    assert "torch imported: False" in run.stderr
 
 
 def test_fold_out_of_range_is_a_usage_error():

@@ -136,7 +136,7 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     from unet_seg.demo import BlockCodec, tiny_sd
 
     recipe, run = load_recipe("diffews_coco20i"), tmp_path / "run"
-    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--episodes", "2", "--save-every", "1", "--out", str(run)])
+    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "2", "--save-every", "1", "--out", str(run)])
     model = run / "model"
     assert "conv_in_support" in (model / "README.md").read_text()
     assert json.loads((model / "config.json").read_text())["recipe"] == "diffews"
@@ -225,7 +225,7 @@ def predict_one(recipe, run, image, capsys, extra=()):
 
 def test_diff_exports_the_trained_head_and_predicts_what_its_evaluation_computes(tmp_path, capsys, cpu_only):
     recipe, run = load_recipe("diff_gta2cs"), tmp_path / "run"
-    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "2", "--no-baseline", "--out", str(run)])
+    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-items", "2", "--no-baseline", "--out", str(run)])
     image = scene(tmp_path / "street.jpg", mode="L")
     labels, line = predict_one(recipe, run, image, capsys)
 
@@ -250,7 +250,7 @@ def test_querydiff_exports_the_model_without_its_training_branch_and_predicts_wh
     from unet_seg.predict import resize_image
 
     recipe, run = load_recipe("querydiff_gta2cs"), tmp_path / "run"
-    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--teacher-steps", "2", "--batch-size", "2", "--eval-images", "2", "--no-compare", "--out", str(run)])
+    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--teacher-steps", "2", "--batch-size", "2", "--eval-items", "2", "--no-compare", "--out", str(run)])
     image = scene(tmp_path / "photo.png", mode="RGBA")
     labels, line = predict_one(recipe, run, image, capsys)
 
@@ -287,7 +287,7 @@ def test_digseg_exports_predicts_what_its_evaluation_computes_and_takes_your_own
     from unet_seg.data.synthetic import CLASS_NAMES
 
     recipe, run = load_recipe("digseg_ade20k"), tmp_path / "run"
-    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--images", "2", "--size", "64", "--ddim-steps", "3", "--out", str(run)])
+    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "2", "--size", "64", "--ddim-steps", "3", "--out", str(run)])
     image = scene(tmp_path / "garden.jpg")
     labels, line = predict_one(recipe, run, image, capsys)
 

@@ -13,7 +13,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes, write_tiny_sd
 
-TINY = ["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--pretrain-steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1"]
 
 
 def _recipe():

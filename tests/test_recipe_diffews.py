@@ -10,7 +10,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, run_two_gloo_processes
 
-TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1"]
 
 
 def _recipe():
@@ -18,7 +18,7 @@ def _recipe():
 
 
 def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
-    metrics = _recipe().main(TINY + ["--shots", "2", "--eval-every", "1", "--out", str(tmp_path)])
+    metrics = _recipe().main(TINY + ["--shots", "2", "--val-every", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("DEMO:")
     assert "step 1: 1-shot mIoU" in out and "step 2: 1-shot" not in out  # periodic, and not twice at the end
@@ -36,7 +36,7 @@ def test_demo_writes_metrics_and_episode_grid(tmp_path, capsys):
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
     tiny = TINY + ["--shots", "3"]  # draws a shot count and supports from the global RNG each step
-    evaluating = ["--eval-every", "1", "--eval-episodes", "2"]  # periodic evaluation must not perturb the run
+    evaluating = ["--val-every", "1", "--val-items", "2"]  # periodic evaluation must not perturb the run
     assert_resume_is_exact(_recipe().main, tiny, tmp_path, straight_only=evaluating)
 
 
@@ -50,7 +50,7 @@ def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_r
     from unet_seg.errors import TrainingInterrupted
 
     recipe = _recipe()
-    args = ["--demo", "--random-demo-model", "--steps", "4", "--batch-size", "2", "--episodes", "4", "--save-every", "100", "--shots", "3"]
+    args = ["--demo", "--random-demo-model", "--steps", "4", "--batch-size", "2", "--eval-items", "4", "--save-every", "100", "--shots", "3"]
     recipe.main(args + ["--out", str(tmp_path / "straight")])
     train_step, calls = recipe.train_step, []
 
@@ -73,7 +73,7 @@ def test_ctrl_c_checkpoints_and_resume_reaches_the_weights_of_an_uninterrupted_r
 
 @pytest.mark.slow
 def test_shortened_demo_beats_both_baselines_on_held_out_classes(tmp_path):
-    metrics = _recipe().main(["--demo", "--random-demo-model", "--steps", "150", "--episodes", "40", "--out", str(tmp_path)])
+    metrics = _recipe().main(["--demo", "--random-demo-model", "--steps", "150", "--eval-items", "40", "--out", str(tmp_path)])
     ours = metrics["DiffewS 1-shot"]
     baselines = [metrics["baseline: support mask"], metrics["baseline: all foreground"]]
     assert ours["mIoU"] > 2 * max(b["mIoU"] for b in baselines), metrics

@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, randn, run_two_gloo_processes
 
-TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--images", "3", "--save-every", "1", "--size", "64",
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "3", "--save-every", "1", "--size", "64",
         "--ensemble", "2", "--ddim-steps", "2"]
 
 
@@ -21,7 +21,7 @@ def _recipe():
 
 
 def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
-    metrics = _recipe().main(TINY + ["--eval-every", "1", "--eval-images", "2", "--out", str(tmp_path)])
+    metrics = _recipe().main(TINY + ["--val-every", "1", "--val-items", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("DEMO:")
     assert "step 1: mIoU" in out and "step 2: mIoU" not in out  # periodic, and not twice at the end
@@ -39,7 +39,7 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
-    evaluating = ["--eval-every", "1", "--eval-images", "2"]  # periodic evaluation must not perturb the run
+    evaluating = ["--val-every", "1", "--val-items", "2"]  # periodic evaluation must not perturb the run
     assert_resume_is_exact(_recipe().main, TINY, tmp_path, straight_only=evaluating)
 
 
@@ -51,7 +51,7 @@ def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_spli
 def test_shortened_demo_beats_the_majority_baseline_on_held_out_images(tmp_path):
     """What the demo learns in minutes: mIoU above predicting the majority label everywhere."""
     recipe = _recipe()
-    metrics = recipe.main(["--demo", "--random-demo-model", "--images", "24", "--out", str(tmp_path)])
+    metrics = recipe.main(["--demo", "--random-demo-model", "--eval-items", "24", "--out", str(tmp_path)])
     ours = metrics[f"DiGSeg {recipe.DEMO['ensemble']}x{recipe.DEMO['ddim_steps']}, τ 0.7"]
     baseline = metrics["baseline: majority label"]
     assert ours["mIoU"] > baseline["mIoU"] + 1.0, metrics
@@ -153,7 +153,7 @@ def test_training_squashes_to_512_with_scale_jitter_as_the_evaluation_squashes(t
     monkeypatch.setattr("unet_seg.data.ade20k.ADE20K", lambda root, split, transform=None, seed=0: (seen.setdefault(split, transform), [])[1])
     monkeypatch.setattr(recipe, "load_sd", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop after the data")))
     with pytest.raises(RuntimeError, match="stop after the data"):
-        recipe.main(["--data-root", str(tmp_path), "--images", "1"])
+        recipe.main(["--data-root", str(tmp_path), "--eval-items", "1"])
     assert seen["training"] == RandomResizeCropFlip((512, 512), (512, 512), (0.8, 1.2), keep_ratio=False)
     assert seen["validation"] is None  # the whole image, squashed to 512² in `evaluate`
 

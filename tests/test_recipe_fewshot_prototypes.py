@@ -9,7 +9,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, run_two_gloo_processes
 
-TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--episodes", "4", "--save-every", "1", "--pretrain-steps", "1", "--random-demo-model"]
+TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1", "--pretrain-steps", "1", "--random-demo-model"]
 CONTROL = "control: 1-shot, supports of the query's other class"
 
 
@@ -42,7 +42,7 @@ def test_real_data_defaults_and_usage_errors(tmp_path, capsys):
     import pytest
 
     args = _recipe().parse_args(["--model", "m", "--data-root", str(tmp_path)])
-    assert (args.steps, args.size, args.dim, args.episodes, args.pretrain_steps) == (20000, 512, 256, 1000, 0)
+    assert (args.steps, args.size, args.dim, args.eval_items, args.pretrain_steps) == (20000, 512, 256, 1000, 0)
     with pytest.raises(SystemExit):
         _recipe().parse_args(["--demo", "--fold", "4"])
     assert "invalid choice: 4" in capsys.readouterr().err
@@ -73,7 +73,7 @@ def test_real_data_path_runs_end_to_end_on_a_tiny_checkpoint_and_coco20i_folders
             write_sample(tmp_path / "coco", split, f"COCO_{split}_{j:012d}", raw, (20 * j, 200 - 20 * j, 90))
     out = tmp_path / "run"
     metrics = _recipe().main(["--model", str(sd), "--data-root", str(tmp_path / "coco"), "--size", "64", "--steps", "2",
-                              "--batch-size", "2", "--episodes", "4", "--dim", "32", "--out", str(out)])  # fmt: skip
+                              "--batch-size", "2", "--eval-items", "4", "--dim", "32", "--out", str(out)])  # fmt: skip
     assert set(metrics) == {"prototypes 1-shot", "prototypes 5-shot"}  # no control on real data
     assert all(0 <= r["mIoU"] <= 100 for r in metrics.values()) and (out / "episodes.png").is_file()
     from safetensors.torch import load_file

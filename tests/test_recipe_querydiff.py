@@ -12,7 +12,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, rand, run_two_gloo_processes
 
-TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-images", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
+TINY = ["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1", "--queries", "8", "--teacher-steps", "1"]
 
 
 def _recipe():
@@ -87,18 +87,18 @@ def test_model_forward_compiles_without_graph_breaks():
 
 def test_real_run_defaults_follow_the_paper_and_the_release_schedule_is_one_flag_away(tmp_path):
     recipe, x = _recipe(), str(tmp_path)
-    paper = recipe.parse_args(["--gta-root", x])
+    paper = recipe.parse_args(["--data-root", x])
     assert (paper.steps, paper.batch_size, paper.lr, paper.backbone_lr_mult) == (60000, 4, 1e-4, 0.1)
     assert (paper.pixel_layers, paper.decoder_layers, paper.dim, paper.queries, paper.points) == (6, 9, 256, 100, 12544)
-    release = recipe.parse_args(["--gta-root", x, "--schedule", "release"])
+    release = recipe.parse_args(["--data-root", x, "--schedule", "release"])
     assert (release.steps, release.batch_size, release.backbone_lr_mult) == (40000, 2, 1.0)
-    assert recipe.parse_args(["--gta-root", x, "--schedule", "release", "--steps", "7"]).steps == 7
+    assert recipe.parse_args(["--data-root", x, "--schedule", "release", "--steps", "7"]).steps == 7
 
 
 @pytest.mark.parametrize("size, window", [(512, ((512, 512), (341, 341))), (1024, ((1024, 1024), (683, 683))), (768, ((768, 768), (512, 512)))])
 def test_evaluation_window_follows_size_with_the_release_stride_ratio(tmp_path, size, window):
     # the release's test_cfg: slide 512 / 341, and 1024 / 683 in its 1024 configs
-    assert _recipe().parse_args(["--gta-root", str(tmp_path), "--size", str(size)]).window == window
+    assert _recipe().parse_args(["--data-root", str(tmp_path), "--size", str(size)]).window == window
 
 
 def test_evaluate_slides_the_given_window(monkeypatch):
@@ -147,7 +147,7 @@ def test_short_gta_crops_are_padded_with_the_imagenet_mean_after_the_photometric
 
     recipe, made = _recipe(), {}
     monkeypatch.setattr("unet_seg.data.driving.DrivingScenes", lambda name, root, split, transform=None, seed=0: made.setdefault(name, transform))
-    recipe.datasets(recipe.parse_args(["--gta-root", str(tmp_path)]))
+    recipe.datasets(recipe.parse_args(["--data-root", str(tmp_path)]))
     image, label = rand(3, 1052, 1914, seed=8) * 2 - 1, torch.zeros(1052, 1914, dtype=torch.long)
     padded = 0
     for seed in range(12):  # short sides 256..460 leave the 512 crop short of the frame
@@ -179,7 +179,7 @@ def test_shortened_demo_learns_the_held_out_style(tmp_path):
     # Not "beats the model without DCL": measured over 2 seeds x 3 teachers at 300 steps, it does
     # not (README, recipe docstring). What the shortened demo does show: QueryDiff, trained on the
     # clean style only, segments the unseen hazy style well above predicting background everywhere.
-    argv = ["--demo", "--random-demo-model", "--steps", "150", "--teacher-steps", "50", "--eval-images", "100", "--no-compare"]
+    argv = ["--demo", "--random-demo-model", "--steps", "150", "--teacher-steps", "50", "--eval-items", "100", "--no-compare"]
     metrics = _recipe().main(argv + ["--out", str(tmp_path)])
     hazy = "hazy (held-out) mIoU"
     assert metrics["QueryDiff"][hazy] > metrics["baseline: background everywhere"][hazy] + 3, metrics

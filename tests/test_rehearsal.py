@@ -96,7 +96,7 @@ def test_diffews_coco20i_fold_run_with_one_and_five_shot_evaluation(tmp_path):
     (4 training images: a batch of 2 episodes on each of the 2 ranks)."""
     data, sd = write_coco20i(tmp_path / "COCO2014", train_images=4), write_tiny_sd(tmp_path / "sd", "v_prediction", unet=REHEARSAL_UNET)
     args = ["--model", str(sd), "--data-root", str(data), "--fold", "0", "--shots", "1", "--steps", "2", "--save-every", "1",
-            "--episodes", "2"]  # fmt: skip
+            "--eval-items", "2"]  # fmt: skip
     metrics, splits, _ = rehearse("diffews_coco20i", args, tmp_path)
     assert {"DiffewS 1-shot", "DiffewS 5-shot"} <= set(metrics) and splits >= 2
     assert all(0 <= v <= 100 for row in metrics.values() for v in row.values())
@@ -109,7 +109,7 @@ def test_digseg_ade20k_run_with_clip_candidates(tmp_path):
     data, sd = write_ade20k(tmp_path / "ADEChallengeData2016"), write_tiny_sd(tmp_path / "sd", "epsilon", unet=REHEARSAL_UNET)
     clip = write_tiny_clip(tmp_path / "clip", projection_dim=128)  # random towers: CLIP picks few of the 150 classes
     args = ["--model", str(sd), "--clip", str(clip), "--data-root", str(data), "--candidates", "clip", "--steps", "2",
-            "--save-every", "1", "--images", "2"]  # fmt: skip
+            "--save-every", "1", "--eval-items", "2"]  # fmt: skip
     metrics, splits, _ = rehearse("digseg_ade20k", args, tmp_path)
     assert splits >= 1 and {"DiGSeg 8x2, argmax", "DiGSeg 8x2, τ 0.7"} <= set(metrics)
     assert all(0 <= row["mIoU"] <= 100 for row in metrics.values()) and metrics["DiGSeg 8x2, argmax"]["class runs/s"] > 0

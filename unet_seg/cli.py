@@ -34,6 +34,19 @@ from .errors import CheckpointError, DataLayoutError, InputError, SanityCheckFai
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
+# Options that were renamed: the old name is refused with the new one and what it means.
+RENAMED = {
+    "--episodes": "--eval-items (test episodes per shot setting)",
+    "--images": "--eval-items (test images; 0 = all)",
+    "--eval-images": "--eval-items (test images per target; 0 = all) or, during training, --val-items",
+    "--eval-every": "--val-every (evaluate every N training steps; 0 = off)",
+    "--eval-episodes": "--val-items (test episodes of the evaluation during training)",
+    "--gta-root": "--data-root (the folder holding gta5/, cityscapes/, bdd100k/, mapillary/)",
+    "--cityscapes-root": "--data-root with cityscapes/ in it, and --targets",
+    "--bdd-root": "--data-root with bdd100k/ in it, and --targets",
+    "--mapillary-root": "--data-root with mapillary/ in it, and --targets",
+}
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default unless it is None (filled in from the presets) or a flag's False."""
@@ -44,16 +57,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def recipe_parser(
-    description: str, demo: dict, real: dict, out: str, size_multiple: tuple[int, str] = (8, "the VAE's downscale"),
+    description: str,
+    demo: dict,
+    real: dict,
+    out: str,
+    eval_items: str,
+    size_multiple: tuple[int, str] = (8, "the VAE's downscale"),
+    all_items: bool = True,
     predict: bool = True,
 ) -> argparse.ArgumentParser:
-    """A parser with the options every recipe shares. --steps, --batch-size, --lr and --size left
-    unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args` fills them in, and
-    any other key of those dicts too: `real["model"]` replaces DEFAULT_MODEL). Recipes add their
-    own options to it. `size_multiple`: (n, why) --size must be a multiple of n (the U-Net takes
-    any latent size, so 8 for SD; a backbone with coarser strides asks for more). `predict=False`
-    leaves out the "use a trained model" options (--predict, --from, --export) for a recipe that
-    exports nothing; `p.predict_group` is None then."""
+    """A parser with the options every recipe shares. --steps, --batch-size, --lr, --size and
+    --eval-items left unset take `real`'s value, or `demo`'s with --demo (`parse_recipe_args`
+    fills them in, and any other key of those dicts too: `real["model"]` replaces DEFAULT_MODEL).
+    Recipes add their own options to it. `eval_items`: what --eval-items counts ("test images per
+    target"); `all_items`: whether 0 means all of a real test set (not for drawn episodes).
+    `size_multiple`: (n, why) --size must be a multiple of n (the U-Net takes any latent size, so
+    8 for SD; a backbone with coarser strides asks for more). `predict=False` leaves out the "use
+    a trained model" options (--predict, --from, --export) for a recipe that exports nothing;
+    `p.predict_group` is None then."""
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument(
         "--demo", action="store_true",
@@ -69,6 +90,10 @@ def recipe_parser(
     ):
         key = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {real[key]}; demo {demo[key]})")
+    zero = "; 0: all" if all_items else ""
+    p.add_argument("--eval-items", type=int, help=f"{eval_items} evaluated at the end (default {real['eval_items']}{zero}; "
+                   f"demo {demo['eval_items']})")  # fmt: skip
+    p.add_argument("--workers", type=int, help="DataLoader worker processes per training process (default 4; demo 0)")
     p.add_argument(
         "--save-every", type=int,
         help="checkpoint every N steps and at the end (default 1000; demo: a third of --steps, so an interrupted "
@@ -88,7 +113,7 @@ def recipe_parser(
         help="skip the check a real run makes first (two training steps, a checkpoint written and read back, one "
         "image of every evaluation set at full size, the projected duration; the run's result is the same with it)",
     )  # fmt: skip
-    p.predict_group, p.size_multiple = None, size_multiple
+    p.predict_group, p.size_multiple, p.all_items = None, size_multiple, all_items
     if not predict:
         return p
     g = p.add_argument_group("use a trained model")
@@ -100,6 +125,12 @@ def recipe_parser(
                    "write --out/model from its latest checkpoint (or CHECKPOINT) and exit; training does so at its end")  # fmt: skip
     p.predict_group = g  # a recipe's own prediction flags go here (DiffewS --support, DiGSeg --classes)
     return p
+
+
+def add_validation(p: argparse.ArgumentParser, items: str, default: int) -> None:
+    """--val-every N and --val-items M: a quick evaluation on M of `items` every N training steps."""
+    p.add_argument("--val-every", type=int, default=0, help=f"evaluate on --val-items {items} every N training steps (0: off)")
+    p.add_argument("--val-items", type=int, default=default, help=f"{items} of the evaluation during training")
 
 
 def parse_recipe_args(
@@ -117,6 +148,7 @@ def parse_recipe_args(
     them and no --model, the run is the demo: `args.demo` is set and `args.demo_reason` says why
     (None when --demo was given); `unet_seg.train.print_demo` prints it.
     """
+    _refuse_renamed(p, sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if getattr(args, "predict", None) is not None or getattr(args, "run", None) is not None:
         return _predict_args(p, args)
@@ -143,8 +175,28 @@ def parse_recipe_args(
     for flag in ("--steps", "--batch-size", "--save-every"):
         if getattr(args, _dest(flag)) < 1:
             p.error(f"{flag} must be >= 1, got {getattr(args, _dest(flag))}")
+    lowest = 0 if p.all_items and not args.demo else 1
+    if args.eval_items < lowest:
+        why = "" if lowest == 0 else " (0 = all is for real test sets)" if p.all_items else " (test episodes are drawn: give a count)"
+        p.error(f"--eval-items must be >= {lowest}{why}, got {args.eval_items}")
+    if args.workers is None:
+        args.workers = 0 if args.demo else 4
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "val_every", 0) < 0:
+        p.error(f"--val-every must be >= 0 (0: off), got {args.val_every}")
+    if getattr(args, "val_every", 0) and args.val_items < 1:
+        p.error(f"--val-items must be >= 1, got {args.val_items}")
     args.out = Path(args.out)
     return args
+
+
+def _refuse_renamed(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A usage error naming the new option for an old one (`RENAMED`) that this parser lacks."""
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in RENAMED and old not in p._option_string_actions:
+            p.error(f"{old} was renamed: use {RENAMED[old]}")
 
 
 def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

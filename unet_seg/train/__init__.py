@@ -2,7 +2,7 @@
 
 The loop the four recipes run (recipes/*.py `main`):
 
-    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x"), argv, DEMO, REAL)  # unet_seg.cli
+    args = parse_recipe_args(recipe_parser(__doc__, DEMO, REAL, out="runs/x", eval_items="test images"), argv, DEMO, REAL)  # unet_seg.cli
     run = start_run(args, demo="tiny random models, synthetic scenes", real="--model <SD 2.x> --data-root ...")
     with same_init_on_every_rank(args.seed):                  # the same initial weights on every rank,
         sd = demo.tiny_sd() if args.demo else load_sd(args.model)
@@ -11,7 +11,7 @@ The loop the four recipes run (recipes/*.py `main`):
     models = {"head": model}                                   # what training changes
     step = resume_latest(args.out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     forward = wrap_for_training(model, compile=args.compile)   # DDP with several processes, then compile
-    loader = resumable_loader(dataset, args.batch_size, args.seed)
+    loader = resumable_loader(dataset, args.batch_size, args.seed, num_workers=args.workers)
     sanity_check(args, out=args.out, step=step, loader=loader, train=..., models=models, evaluate=..., targets=...)
     bar = progress(total=args.steps, initial=step)
     for step, epoch, batch in training_batches(loader, step, args.steps):
