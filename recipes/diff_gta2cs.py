@@ -24,7 +24,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 |---|---|---|---|---|
 | model | SD 2.1, frozen | stabilityai 2-1 (768, v-pred), fp16 | same, bf16 autocast on GPU | |
 | trained precision | – | fusion block and head in fp32 (no AMP in the mmseg config) | same | `--amp`: bf16 autocast (faster) |
-| trajectory | "multi-step diffusion trajectory", inversion | 37-step stochastic DDIM inversion (t ≤ 160), η = 1 for 10 < t < 250, CFG 5, U-Net evaluated at 0 … 139, features at steps 33 … 3 (t = 91, 52, 30, 22, 18, 14, 11, 7, 3) | same; the 3 steps after the last saved one are skipped (they cannot change the features) | `--features batched`: the 9 noisy latents forward-sampled in ONE U-Net call, eq. 2 on features (faster approximation, see README) |
+| trajectory | "multi-step diffusion trajectory", inversion | 37-step stochastic DDIM inversion (t ≤ 160), η = 1 for 10 < t < 250, CFG 5, U-Net evaluated at 0 … 139, features at steps 33 … 3 (t = 91, 52, 30, 22, 18, 14, 11, 7, 3) | same; the 3 steps after the last saved one are skipped (they cannot change the features) | `--features batched`: the 9 noisy latents forward-sampled in ONE U-Net call, eq. 2 on features (faster approximation, docs/recipes/diff.md) |
 | v-prediction | not discussed | SD 2.1's v output used as ε | same | `--prediction-type model` converts v to ε |
 | eq. 2 fusion | masks fuse the predicted latents Φ(I, C_i) | per step, next latents of each prompt path | same (`inversion_trajectory_features`) | |
 | prompts | all categories | "" + 5 classes (sidewalk, wall, rider, truck, train), template below | same | |
@@ -37,13 +37,13 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | KL variant | Table IV 57.81, no equation | `kl_loss` commented out: min(0.1 · KL, 0.5) (KL cut at 5), T 1, batchmean | same | `--consistency kl` |
 | data | "as DAFormer" | GTA5 resized to 1280 × 720 (cv2 bilinear, labels nearest), 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`); labels sampled at pixel centres (cv2: top-left, ≤ ½ px off the image) | demo: its synthetic scenes as they are |
 | optimiser | as DAFormer | AdamW 6e-5, head × 10, wd 0.01, poly + 1500 warm-up, 40k iterations, grad-norm clip 5 | same | |
-| batch | – | 1 GPU, batch 1 | same | torchrun: batch N, see README |
+| batch | – | 1 GPU, batch 1 | same | torchrun: batch N, docs/recipes/diff.md |
 | evaluation | mIoU, 19 classes | whole image, Cityscapes 1024 × 512, unseeded noise | same, noise seeded (`--seed`): one draw, the same for every image | reproducible predictions |
 
 Demo: no pretrained weights here, so the tiny U-Net is pre-trained for 100 steps as a text-conditioned denoiser
 on *unlabelled* synthetic scenes of random looks (captions: the forms present), with the weight-free `BlockCodec`
 as VAE and a 4-step trajectory; then DIFF trains on the labelled clean style (five forms) and is tested on the hazy
-style, beside the same model without IPKL and an all-background floor: the pipeline, not the paper's gain (README).
+style, beside the same model without IPKL and an all-background floor: the pipeline, not the paper's gain (docs/recipes/diff.md).
 """
 
 from __future__ import annotations

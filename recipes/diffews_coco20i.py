@@ -41,18 +41,18 @@ Notes. (1) The official loop takes the supports of the first episode of each bat
 its attention bank splits supports across queries when the query batch is above 1; here every
 episode has its own supports. (2) The official script regresses the U-Net output on −z directly,
 with no noise and no schedule algebra (its β ≡ 1 v-prediction scheduler makes x̂0 = −v), so
-`unet_seg.diffusion`'s parameterisations are not involved. (3) `--demo` cannot use pretrained
-weights (no download): the tiny U-Net starts from random weights with lr 1e-3, and SD's frozen
-VAE is replaced by the frozen, weight-free `BlockCodec` (8×8 block colour means + texture
+`unet_seg.diffusion`'s parameterisations are not involved. (3) `--demo` cannot download SD:
+it fine-tunes the package's pre-trained tiny SD (`--random-demo-model`: random weights) at lr
+1e-3, and SD's frozen VAE is replaced by the frozen, weight-free `BlockCodec` (8×8 block colour means + texture
 energy; bilinear decoding): a tiny AutoencoderKL trained for 300 CPU steps reconstructed the
 synthetic images as a grey blur, and on its latents nothing beat a constant prediction.
 (4) The demo's episodes are built so that the answer depends on the support: every query holds
 two objects of two classes of the split, painted in random order, and only the support's class
 is the target; the control pairs each query with supports of its *other* class. A model that
 finds objects without reading its supports scores the same on both rows. Measured (200
-episodes, 2 CPU cores): 300 steps (90 s) 1-shot 25.5 mIoU, control 25.5, baselines 6.9 / 4.8 (it
-does not read them); 1500 steps, the demo's default (6.8 min), 1-shot 33.5, 5-shot 34.3, control
-22.0 (it does).
+episodes, one CPU thread): 1500 steps, the default (267 s), 1-shot 38.2 mIoU, 5-shot 37.5,
+control 17.4, baselines 6.9 / 4.8 (it reads them); 600 steps 30.0, control 29.1 (not yet).
+docs/recipes/diffews.md has the random-start rows.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A method of our own, composed from the library: Stable Diffusion stays frozen; its U-Net features,
 tapped at K timesteps in one call, go through a small trainable embedding head, and the query is
 scored against prototypes pooled from the supports (PANet's masked average pooling, Wang et al.,
-ICCV 2019, eq. 1-3). The README's "Compose your own method" walks through it block by block.
+ICCV 2019, eq. 1-3). docs/compose.md walks through it block by block.
 
     python recipes/fewshot_prototypes_coco20i.py --demo                     # CPU, minutes, no download
     torchrun --nproc_per_node=8 recipes/fewshot_prototypes_coco20i.py --data-root /data/COCO2014 --fold 0
