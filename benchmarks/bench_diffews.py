@@ -3,6 +3,7 @@
     python benchmarks/bench_diffews.py                                  # CUDA, SD2.1 + SD VAE, 512²
     python benchmarks/bench_diffews.py --compile-only                   # first-call (compile) times only
     python benchmarks/bench_diffews.py --tiny --device cpu --iters 1 --rounds 2   # smoke test
+    python benchmarks/bench_diffews.py --shots 1,5 --train-batches 2 --no-baseline --eager  # GPU hours, one call
 
 The timed functions are the recipe's own (`predict_masks`, `train_step`), on random weights, beside
 the episode as issue 8 measured it ("issue 8": support images and support masks in two VAE calls,
@@ -10,8 +11,12 @@ the masks' value check a host sync, the training target a third VAE call; unfuse
 interleaved rounds (A B B A ...; `--rounds` segments of `--iters` calls each). "CUDA graph"
 captures the recipe's compiled inference episode once and replays it (possible only because the
 episode has no host sync); in training it is the recipe's `--cuda-graph` (`CudaGraphStep`: the
-whole step, optimiser included, one graph). Training steps read the loss after each step, as the
-recipe's loop does. One inference episode: one VAE call encodes query, supports and
+whole step, optimiser included, one graph). "latent cache" is the recipe's `--cache-dir` step
+(`cached_train_step`): the VAE posteriors of the step's images and masks computed once before
+timing (as the cache stores them: bf16 on a GPU) and z = μ + σ·ε drawn in the step, so the frozen
+VAE's encodes leave it; its inputs are on the device already, as the uncached step's images are
+(the loader's copy of either is not timed; posteriors are 1/12 of the images' bytes at 512²).
+Training steps read the loss after each step, as the recipe's loop does. One inference episode: one VAE call encodes query, supports and
 support masks, one U-Net call on [query, supports] with KV fusion, the VAE decodes the query's
 mask latent, relative threshold. One training step: the same encodes (posterior samples, and the
 query mask), U-Net forward and backward, latent MSE, grad clip, AdamW. U-Net fp32 weights under
@@ -20,12 +25,19 @@ and decoder compiled (static shapes), channels_last. "FLOP limit": the throughpu
 (torch.utils.flop_counter) allow at the bf16 matmul rate measured in the same run. "first call":
 seconds of the first call, which compiles (cold on a fresh machine; rerun with --compile-only for
 the warm on-disk cache). Profiles (kernel families, GPU idle time) of the recipe's paths follow.
+
+Then GPU hours: each training variant's rate projected onto the paper's strict schedule (10 000
+iterations × 16 episodes = 160 000 episodes per run, 1-shot steps: DiffewS-n's 1..7-shot steps
+cost more) and onto its Table 2 (4 folds × {DiffewS, DiffewS-n} = 8 runs), one GPU, plus each
+run's evaluation (1000 1-shot and 1000 5-shot episodes) at the measured inference rates where
+they were measured in the same call.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import functools
 import statistics
 import sys
@@ -84,6 +96,39 @@ def issue8_train_step(recipe, model, unet, vae, context, opt, query, query_mask,
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
     return loss
+
+
+@torch.no_grad()
+def cached_posteriors(vae, query, query_mask, supports, support_masks) -> list[torch.Tensor]:
+    """The posteriors [.., 2, 4, h, w] `cached_train_step` reads, as the latent cache stores them
+    (one per image and mask, in the VAE's dtype): (query, query mask, supports, support masks)."""
+    g, k = supports.shape[:2]
+    images = torch.cat([query, supports.flatten(0, 1), mask_to_image(support_masks.flatten(0, 1)), mask_to_image(query_mask)])
+    post = vae.posterior(images)
+    q, s, m, qm = post.split([g, g * k, g * k, g])
+    return [q, qm, s.unflatten(0, (g, k)), m.unflatten(0, (g, k))]
+
+
+PAPER_EPISODES = 10_000 * 16  # strict COCO-20i setting: 10 000 iterations, total batch 16
+TABLE_RUNS = 8  # Table 2: 4 folds x {DiffewS, DiffewS-n}
+EVAL_EPISODES = 1000  # per fold and shot setting
+
+
+def gpu_hours(rows, gpu: str) -> str:
+    """Projected hours of the paper's schedule for each training variant in `rows`."""
+    rate = {(what, k, n, name): 1e3 * n / statistics.median(seg) for what, k, n, name, seg, *_ in rows}
+    inference = {k: r for (what, k, n, name), r in rate.items() if what == "inference" and name == "recipe"}
+    eval_h = sum(EVAL_EPISODES / inference[k] for k in (1, 5)) / 3600 if {1, 5} <= inference.keys() else math.nan
+    lines = [
+        f"| {name} | {n} | {r:.1f} | {PAPER_EPISODES / r / 3600:.2f} | {eval_h:.2f} | {TABLE_RUNS * (PAPER_EPISODES / r / 3600 + eval_h):.1f} |"
+        for (what, k, n, name), r in rate.items() if what == "training"
+    ]
+    return (
+        f"### GPU hours on one {gpu}, projected (DiffewS strict COCO-20i schedule: 10 000 iterations × 16 episodes)\n\n"
+        "| training variant | episodes/step | episodes/s | training h per run | evaluation h per run (1000 1-shot + 1000 5-shot) | "
+        f"Table 2 h ({TABLE_RUNS} runs) |\n|---|---|---|---|---|---|\n" + "\n".join(lines)
+        + "\n\n1-shot training steps: DiffewS-n's 1..7-shot steps cost more; evaluation nan where --shots did not hold 1 and 5."
+    )
 
 
 def cuda_graph(fn, *inputs):
@@ -163,16 +208,22 @@ def main() -> None:
         if cuda and not counting:
             graphed = CudaGraphStep(functools.partial(recipe.train_step, unet_call, unet, vae, context, opt_graph), [unet_call], opt_graph)
             fns["recipe, CUDA graph"] = lambda: check_finite_everywhere(graphed(q, qm, s, m), "loss")
+        post = cached_posteriors(vae, q, qm, s, m)
+        fns["latent cache"] = lambda: check_finite_everywhere(recipe.cached_train_step(unet_call, unet, context, opt, *post), "loss")
+        if cuda and not counting:
+            graphed_cache = CudaGraphStep(functools.partial(recipe.cached_train_step, unet_call, unet, context, opt_graph), [unet_call], opt_graph)
+            fns["latent cache, CUDA graph"] = lambda: check_finite_everywhere(graphed_cache(*post), "loss")
         if not args.no_baseline:
             fns["issue 8"] = lambda: issue8_train_step(recipe, unet_call, unet, vae, context, opt_issue8, q, qm, s, m)
         return fns
 
     configs = [("inference", args.batch, k) for k in shots_list] + [("training", n, 1) for n in train_batches]
-    counted = {}  # TFLOP per call of the recipe's path, counted in eager mode
+    counted = {}  # TFLOP per call of each variant, counted in eager mode
     if not args.compile_only:
         for what, n, k in configs:
             unet.train(what == "training")
-            counted[what, n, k] = flops_of(variants(what, n, k, counting=True)["recipe"]) / 1e12
+            for name, fn in variants(what, n, k, counting=True).items():
+                counted[what, n, k, name] = flops_of(fn) / 1e12
 
     if cuda and not args.eager:  # as the recipe's --compile (static shapes here: each shape compiled once, no dynamic graphs)
         unet_call = torch.compile(unet, dynamic=False)
@@ -197,13 +248,13 @@ def main() -> None:
                 print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         segments = interleaved(fns, args.rounds, args.iters, 2, device)
         for name, seg in segments.items():
-            rows.append((what, k, n, name, seg, counted[what, n, k], firsts.get((what, n, k, name))))
+            rows.append((what, k, n, name, seg, counted.get((what, n, k, name), counted[what, n, k, "recipe"]), firsts.get((what, n, k, name))))
             print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
-        profiled = ["recipe"] + (["recipe, CUDA graph"] if what == "training" else [])  # inference: GPU-bound already
+        profiled = ["recipe"] + (["recipe, CUDA graph", "latent cache, CUDA graph"] if what == "training" else [])  # inference: GPU-bound
         for name in profiled if cuda and k == 1 else []:
             try:
                 prof = profile_kernels(fns[name], 3)
-                profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, {name}", prof, counted[what, n, k]))
+                profiles.append(profile_table(f"{what}, {k}-shot, {n} episodes/call, {name}", prof, counted[what, n, k, name.replace(", CUDA graph", "")]))
                 print(profiles[-1], flush=True)
             except Exception as e:
                 print(f"profile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -235,7 +286,7 @@ def main() -> None:
         limit = peak / (tflop / n)
         first = "" if first is None else f"{first:.1f}"
         lines.append(f"| {what} | {k} | {n} | {name} | {spread(seg)} | {eps:.1f} | {tflop / n:.2f} | {limit:.1f} | {eps / limit:.0%} | {first} |")
-    table = header + "\n".join(lines) + "\n\n" + "\n".join(profiles)
+    table = header + "\n".join(lines) + "\n\n" + gpu_hours(rows, gpu) + "\n\n" + "\n".join(profiles)
     write_table(table, args.out, f"diffews_{file_tag(gpu)}{'_eager' if args.eager else ''}", args.tiny)
 
 

@@ -27,6 +27,7 @@ Method (one episode = a query and K supports of one class, all through the U-Net
 | N-shot inference | all supports; "sample" trick in App. Table 6 | all K·L support tokens (`*_nosample.sh`) | all; `--support-sampling` keeps L of K·L | official scripts |
 | generation, timestep | one step image to mask (OI2M) | t = 1 in training and test, no noise | same | |
 | target | −E(query mask) | posterior **sample** in training, mean at test | same | |
+| VAE in training | – | encodes all four every step (no augmentation: 512² squash) | same; `--cache-dir` encodes each image and (image, class) mask once and draws μ + σ·ε | the same distribution (note 5) |
 | text context | empty prompt | "" padded to 77 tokens in training, unpadded (2 tokens) at test | same (the causal encoder's first 2 rows) | official code |
 | precision | – | fp16 autocast training, fp32 evaluation | bf16 autocast training, fp32 U-Net at test; frozen VAE bf16 on a GPU | bf16: fp16's speed with fp32's range |
 | optimiser | – | AdamW (0.9, 0.999), wd 1e-2, ε 1e-8, clip 1.0 | same | |
@@ -53,6 +54,14 @@ finds objects without reading its supports scores the same on both rows. Measure
 episodes, one CPU thread): 1500 steps, the default (267 s), 1-shot 38.2 mIoU, 5-shot 37.5,
 control 17.4, baselines 6.9 / 4.8 (it reads them); 600 steps 30.0, control 29.1 (not yet).
 docs/recipes/diffews.md has the random-start rows.
+(5) Training never augments (512² squash, no crop or flip), so each image's and
+each (image, class) mask's VAE posterior N(μ, σ²) is fixed: `--cache-dir DIR` encodes them once
+(`unet_seg.latent_cache`, reusable across runs with the same VAE and size) and draws z = μ + σ·ε
+each step, the same numbers as the uncached step under the same ε; four of an episode's VAE
+passes go. Off by default, though as faithful: a default run writes nothing outside --out, and
+the cache is ≈ 20 GB at 512² (64 KiB per image or mask; one folder serves every fold and shot
+setting). Evaluation still encodes (posterior means): the same argument holds there, but each
+test episode is encoded once per evaluation, so a cache would only save --val-every's repeats.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ import argparse
 import dataclasses
 import functools
 import time
+from pathlib import Path
 
 from unet_seg.cli import add_validation, parse_recipe_args, recipe_parser, run
 
@@ -86,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--support-sampling", action="store_true", help="K-shot test: keep L random support tokens of "
                    "K·L per layer (paper App. Table 6 'sample'); default all, as the official evaluation")
     add_validation(p, "1-shot test episodes", 100)
+    p.add_argument("--cache-dir", type=Path, help="encode each training image's and mask's VAE posterior once into DIR "
+                   "(reused by later runs with the same VAE and --size) and sample training latents from it; default: "
+                   "encode every step")
     p.add_argument("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (GPU only; "
                    "one graph per support count): the host no longer paces the GPU")
     p.predict_group.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
@@ -95,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--predict segments what the supports show: give --support IMAGE MASK (repeat for K shots)")
     if args.shots < 1:
         p.error("--shots must be >= 1")
+    if args.cache_dir and args.demo:
+        p.error("--cache-dir caches COCO-20i's VAE posteriors; the demo's synthetic episodes are each drawn once")
     return args
 
 
@@ -106,8 +121,9 @@ import torch
 from unet_seg import load_sd
 from unet_seg.attention import kv_fusion_procs, self_attention_layers
 from unet_seg.codecs import mask_to_image
-from unet_seg.data.fewshot import fewshot_episodes
+from unet_seg.data.fewshot import cached_episodes, fewshot_episodes
 from unet_seg.demo import BlockCodec, demo_sd
+from unet_seg.latent_cache import sample_latent
 from unet_seg.losses import latent_mse
 from unet_seg.metrics import few_shot_scores, iou_table
 from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
@@ -124,17 +140,21 @@ MASK_COLOUR = np.array([[0, 0, 0], [255, 32, 32]], dtype=np.uint8)  # overlay pa
 
 def unet_input(vae, query, supports, support_masks, sample: bool, query_mask=None):
     """query [G, 3, H, W], supports [G, S, 3, H, W], support_masks [G, S, H, W] (checked already:
-    `episode_tensors`) -> (grouped batch [G·(1+S), 8, H/8, W/8]: per episode cat(z_q, 0), whose zeros
-    the query's 4-channel conv_in never reads, then cat(z_s, E(mask_s)); with `query_mask` [G, H, W] its latent E(query mask) [G, 4, H/8, W/8],
-    else None). One VAE call encodes all images and masks (no host sync)."""
-    g, s = supports.shape[:2]
+    `episode_tensors`) -> `episode_latents` of one VAE call (no host sync) on [queries, supports,
+    support masks, query masks (with `query_mask` [G, H, W])] as white-on-black images."""
     masks = support_masks.flatten(0, 1) if query_mask is None else torch.cat([support_masks.flatten(0, 1), query_mask])
     images = torch.cat([query, supports.flatten(0, 1), mask_to_image(masks, check=False).to(query.dtype)])
-    z = vae.encode(images, sample=sample)
+    return episode_latents(vae.encode(images, sample=sample), *supports.shape[:2])
+
+
+def episode_latents(z, g: int, s: int):
+    """Latents [G + 2·G·S (+ G), 4, h, w] in `unet_input`'s order -> (grouped batch [G·(1+S), 8, h, w]:
+    per episode cat(z_q, 0), whose zeros the query's 4-channel conv_in never reads, then
+    cat(z_s, E(mask_s)); the query masks' latents [G, 4, h, w] where z holds them, else None)."""
     z_q, z_s, m = z[:g, None], z[g : g * (1 + s)].unflatten(0, (g, s)), z[g * (1 + s) :]
     m_s = m[: g * s].unflatten(0, (g, s))
     x = torch.cat([torch.cat([z_q, torch.zeros_like(z_q)], dim=2), torch.cat([z_s, m_s], dim=2)], dim=1)
-    return x.flatten(0, 1), (None if query_mask is None else m[g * s :])
+    return x.flatten(0, 1), (m[g * s :] if len(m) > g * s else None)
 
 
 def query_prediction(unet, x, context, num_supports: int, subsample: bool) -> torch.Tensor:
@@ -173,9 +193,21 @@ def train_step(model, unet, vae, context, opt, query, query_mask, supports, supp
     reads the loss (`check_finite_everywhere`) to stop the run."""
     with torch.no_grad():  # the frozen VAE: posterior samples of all four, as the official script
         x, z_query_mask = unet_input(vae, query, supports, support_masks, sample=True, query_mask=query_mask)
-        target = -z_query_mask
-    with autocast(query.device):
-        pred = query_prediction(model, x, context, supports.shape[1], subsample=False)
+    return regression_step(model, unet, context, opt, x, -z_query_mask, supports.shape[1])
+
+
+def cached_train_step(model, unet, context, opt, query, query_mask, supports, support_masks) -> torch.Tensor:
+    """`train_step` on the episodes' posteriors [..., 2, 4, h, w] (μ, σ) from the latent cache:
+    z = μ + σ·ε in the order and dtype of train_step's VAE call, so that under the same ε the
+    two steps are the same step."""
+    post = torch.cat([query, supports.flatten(0, 1), support_masks.flatten(0, 1), query_mask])
+    x, z_query_mask = episode_latents(sample_latent(post).float(), *supports.shape[:2])
+    return regression_step(model, unet, context, opt, x, -z_query_mask, supports.shape[1])
+
+
+def regression_step(model, unet, context, opt, x, target, num_supports: int) -> torch.Tensor:
+    with autocast(x.device):
+        pred = query_prediction(model, x, context, num_supports, subsample=False)
     loss = latent_mse(pred.float(), target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -268,17 +300,21 @@ def main(argv=None) -> dict:
         load_checkpoint_for_export(args.out, args.export, models)
         return export(sd, args)
     vae.eval().requires_grad_(False)
+    train_data = cached_episodes(task.train, vae, args.cache_dir, num_workers=args.workers) if args.cache_dir else task.train
     forward = wrap_for_training(unet, compile=args.compile)
     if args.compile and not args.demo:  # the VAE is most of an episode's FLOPs (3 encodes + 1 decode at 512²)
         vae.encoder.compile()
         vae.decoder.compile()
-    train = functools.partial(train_step, forward, unet, vae, context, opt)
+    if args.cache_dir:  # note 5: each posterior encoded once, sampled every step
+        train = functools.partial(cached_train_step, forward, unet, context, opt)
+    else:
+        train = functools.partial(train_step, forward, unet, vae, context, opt)
 
     # ---- train: one-step query-mask latent regression, 1..shots supports per step
-    loader = resumable_loader(task.train, args.batch_size, args.seed, num_workers=args.workers)
+    loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
     def one_step(batch) -> tuple[torch.Tensor, int]:
-        query, query_mask, supports, support_masks, _ = episode_tensors(batch, device)
+        query, query_mask, supports, support_masks, _ = episode_tensors(batch, device, check=not args.cache_dir)
         s = int(torch.randint(1, args.shots + 1, ()))
         pick = torch.randperm(args.shots)[:s].to(device)
         loss = check_finite_everywhere(train(query, query_mask, supports[:, pick], support_masks[:, pick]), "latent MSE")

@@ -117,12 +117,14 @@ def evaluate_semantic(
     return all_reduce_confusion(conf), shown
 
 
-def episode_tensors(batch: dict, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def episode_tensors(batch: dict, device, check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A collated batch of episodes -> (query [G, 3, H, W], query_mask [G, H, W], supports
     [G, K, 3, H, W], support_masks [G, K, H, W], class_id [G]) on `device`; the masks are checked
-    ({0, 1, 255}) first, on the loader's CPU tensors, so that the device need not wait for it."""
-    check_mask(batch["query_mask"], "query_mask")
-    check_mask(batch["support_masks"].flatten(0, 1), "support_masks")
+    ({0, 1, 255}) first, on the loader's CPU tensors, so that the device need not wait for it
+    (`check=False`: episodes of something else than masks, e.g. `fewshot.CachedEpisodes`' posteriors)."""
+    if check:
+        check_mask(batch["query_mask"], "query_mask")
+        check_mask(batch["support_masks"].flatten(0, 1), "support_masks")
     return tuple(batch[k].to(device) for k in ("query", "query_mask", "supports", "support_masks", "class_id"))
 
 

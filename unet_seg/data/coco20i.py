@@ -173,9 +173,16 @@ def class_pixel_index(root: Union[str, Path], coco_split: str) -> dict[str, dict
 
 def _resize(image: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """image [3, H, W] bilinear (antialiased), mask [H, W] nearest -> [3, size, size], [size, size]."""
+    return _resize_image(image, size), _resize_mask(mask, size)
+
+
+def _resize_image(image: Tensor, size: int) -> Tensor:
     image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
-    return image.clamp(-1, 1), mask
+    return image.clamp(-1, 1)
+
+
+def _resize_mask(mask: Tensor, size: int) -> Tensor:
+    return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
 
 
 class COCO20i(Dataset):
@@ -251,10 +258,19 @@ class COCO20i(Dataset):
         raw = torch.from_numpy(read_class_map(self.masks_dir / f"{stem}.png")[0].astype(np.int64))
         if image.shape[1:] != raw.shape:
             raise InputError(f"{stem}: the image is {tuple(image.shape[1:])} but its class map is {tuple(raw.shape)}")
-        mask = torch.where(raw == IGNORE_INDEX, IGNORE_INDEX, (raw == class_id + 1).long())
-        return _resize(image, mask, self.size)
+        return _resize(image, _class_mask(raw, class_id), self.size)
 
-    def __getitem__(self, index: int) -> dict:
+    def image(self, stem: str) -> Tensor:
+        """The image `stem` as episodes show it: [3, S, S] in [-1, 1]."""
+        return _resize_image(read_image(self.images_dir / f"{stem}.jpg"), self.size)
+
+    def mask(self, stem: str, class_id: int) -> Tensor:
+        """The mask of class `class_id` (0..79) in image `stem` as episodes show it: [S, S] in {0, 1, 255}."""
+        raw = torch.from_numpy(read_class_map(self.masks_dir / f"{stem}.png")[0].astype(np.int64))
+        return _resize_mask(_class_mask(raw, class_id), self.size)
+
+    def episode_ids(self, index: int) -> tuple[int, str, list[str]]:
+        """Episode `index`'s draws without reading a file: (class 0..79, query stem, support stems)."""
         if not 0 <= index < self.length:
             raise IndexError(f"episode index {index} out of range for {self.length} episodes")
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -262,8 +278,11 @@ class COCO20i(Dataset):
         stems = self.class_images[class_id]
         q = int(rng.integers(len(stems)))
         others = rng.choice(len(stems) - 1, size=self.shots, replace=False)
-        support_ids = [stems[j + (j >= q)] for j in others.tolist()]  # skip the query's position
-        query, query_mask = self._load(stems[q], class_id)
+        return class_id, stems[q], [stems[j + (j >= q)] for j in others.tolist()]  # skip the query's position
+
+    def __getitem__(self, index: int) -> dict:
+        class_id, query_id, support_ids = self.episode_ids(index)
+        query, query_mask = self._load(query_id, class_id)
         supports, support_masks = zip(*(self._load(stem, class_id) for stem in support_ids))
         return dict(
             query=query,
@@ -271,6 +290,11 @@ class COCO20i(Dataset):
             supports=torch.stack(supports),
             support_masks=torch.stack(support_masks),
             class_id=torch.tensor(class_id + 1),  # the label: 0 is background
-            query_id=stems[q],
+            query_id=query_id,
             support_ids=support_ids,
         )
+
+
+def _class_mask(raw: Tensor, class_id: int) -> Tensor:
+    """A class map [H, W] -> the mask of class `class_id` (0..79): 1 on it, 255 where ignored, else 0."""
+    return torch.where(raw == IGNORE_INDEX, IGNORE_INDEX, (raw == class_id + 1).long())

@@ -12,6 +12,8 @@ Every episode's "class_id" is a label: 0 is background, classes count from 1 (sy
 COCO-20i 1..80), so that `mask * class_id` is a label map that `metrics.confusion_matrix` and
 `metrics.few_shot_scores` read for either source. Episode keys: see `synthetic.FewShotEpisodes`.
 
+    cached = cached_episodes(task.train, vae, "cache/")   # COCO-20i: the same episodes as VAE posteriors
+
 The synthetic episodes hold two objects of two classes of the split in every image, the query's
 painted in random order: only the supports say which of the two is asked for.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
 from torch.utils.data import Dataset
 
 from . import synthetic
@@ -77,3 +80,67 @@ def fewshot_episodes(
         class_names=COCO20I_LABELS,
         test_labels=tuple(c + 1 for c in fold_classes(fold)),
     )
+
+
+class CachedEpisodes(Dataset):
+    """COCO-20i episodes as VAE posteriors: item i is the episode `episodes[i]` (the same draws,
+    `COCO20i.episode_ids`) with every image and mask replaced by its posterior [2, 4, h, w]
+    (μ, σ: `latent_cache.sample_latent` draws the latent) from `cache`, read, not encoded:
+    {"query", "query_mask": [2, 4, h, w], "supports", "support_masks": [K, 2, 4, h, w], "class_id"}."""
+
+    def __init__(self, episodes, cache):
+        self.episodes, self.cache = episodes, cache
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.episodes.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        class_id, query, supports = self.episodes.episode_ids(index)
+        get = self.cache.get
+        return {
+            "query": get(image_key(query)),
+            "query_mask": get(mask_key(query, class_id)),
+            "supports": torch.stack([get(image_key(s)) for s in supports]),
+            "support_masks": torch.stack([get(mask_key(s, class_id)) for s in supports]),
+            "class_id": torch.tensor(class_id + 1),
+        }
+
+
+def image_key(stem: str) -> str:
+    return f"image/{stem}"
+
+
+def mask_key(stem: str, class_id: int) -> str:
+    """The key of the mask of class `class_id` (0..79) in image `stem`: "mask/<stem>/<label 1..80>"."""
+    return f"mask/{stem}/{class_id + 1}"
+
+
+def cached_episodes(episodes, vae, directory: Union[str, Path], **kwargs) -> CachedEpisodes:
+    """`episodes` (a `coco20i.COCO20i`) over posteriors in the latent cache `directory`, encoding
+    (`latent_cache.build_latent_cache`, `kwargs` to it; every rank calls this) the posteriors of
+    every image and every (image, class) mask that its episodes can draw, once: white-on-black
+    mask images (`codecs.mask_to_image`, ignore pixels as background), as the uncached step."""
+    from ..latent_cache import build_latent_cache
+
+    keys = [k for c, stems in episodes.class_images.items() for s in stems for k in (image_key(s), mask_key(s, c))]
+    size = (episodes.size, episodes.size)
+    return CachedEpisodes(episodes, build_latent_cache(directory, vae, keys, _Render(episodes), size=size, **kwargs))
+
+
+class _Render:
+    """key -> the image the uncached step encodes: "image/<stem>" the image, "mask/<stem>/<label>"
+    the white-on-black mask image (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+
+    def __call__(self, key: str):
+        from ..codecs import mask_to_image
+
+        kind, stem, *label = key.split("/")
+        if kind == "image":
+            return self.episodes.image(stem)
+        return mask_to_image(self.episodes.mask(stem, int(label[0]) - 1)[None])[0]

@@ -2,6 +2,7 @@
 
     vae.encode(img) -> z       img [B, 3, H, W] in [-1, 1]  ->  z [B, 4, H/8, W/8] = mean · scaling_factor
     vae.decode(z)   -> img     the inverse direction; output ≈ [-1, 1] (not clamped)
+    vae.posterior(img) -> p    [B, 2, 4, H/8, W/8]: μ, σ of z;  sample_latent(p) draws z = μ + σ·ε
 
 The VAE computes in its own parameter dtype: keep it in float32 (`vae.float()`) beside a bf16
 U-Net and it casts inputs in and outputs back, with autocast switched off inside.
@@ -125,6 +126,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+def sample_latent(posterior: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """posterior [..., 2, C, h, w] (μ, σ) -> z = μ + σ·ε [..., C, h, w], ε ~ N(0, 1) in the
+    posterior's dtype and device, from `generator` (default: the global RNG)."""
+    mean, std = posterior.unbind(-4)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig = SD_VAE):
         super().__init__()
@@ -141,16 +149,20 @@ class AutoencoderKL(nn.Module):
     def encode(self, img: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
         """img [B, C, H, W] in [-1, 1], H and W multiples of 8 -> scaled latent [B, 4, H/8, W/8].
 
-        The posterior mean by default; `sample=True` draws z = μ + σ·ε (ε from `generator`).
+        The posterior mean by default; `sample=True` draws z = μ + σ·ε (ε from `generator`),
+        `latent_cache.sample_latent` of `posterior(img)`.
         """
+        post = self.posterior(img)
+        return (sample_latent(post, generator) if sample else post[:, 0]).to(img.dtype)
+
+    def posterior(self, img: Tensor) -> Tensor:
+        """img [B, C, H, W] in [-1, 1] -> the latent posterior N(μ, σ²) in scaled latent units,
+        [B, 2, 4, H/8, W/8] (μ, σ), in the VAE's dtype."""
         self._check(img, self.config.in_channels, "img", self.downscale)
         with self._own_precision(img):
             mean, logvar = self.quant_conv(self.encoder(img.to(self._dtype))).chunk(2, dim=1)
-            z = mean
-            if sample:
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            return (z * self.config.scaling_factor).to(img.dtype)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            return torch.stack([mean, std], dim=1) * self.config.scaling_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latent [B, 4, h, w] -> image [B, C, h·8, w·8] in ≈[-1, 1]."""
