@@ -194,6 +194,26 @@ def test_run_reports_an_interrupted_training_in_one_line_with_status_130(capsys)
     )
 
 
+@pytest.mark.parametrize("world, rank", [(None, None), ("2", "1")])
+def test_run_reports_a_non_finite_loss_in_one_line_naming_the_rank(world, rank, monkeypatch):
+    import torch
+
+    from unet_seg.cli import NON_FINITE_ADVICE, run
+    from unet_seg.losses import check_finite
+
+    for name, value in (("WORLD_SIZE", world), ("RANK", rank)):
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+
+    def main():
+        check_finite(torch.tensor([0.5, float("nan")]), "CE + Dice")
+
+    with pytest.raises(SystemExit) as e:
+        run(main, prog="recipe.py")
+    where = "rank 1: " if rank else ""
+    assert e.value.code == f"recipe.py: error: {where}CE + Dice is not finite: [0.5, nan]; {NON_FINITE_ADVICE}"
+    assert "\n" not in e.value.code
+
+
 def test_an_error_raised_in_a_dataloader_worker_is_still_one_line():
     """torch re-raises a worker's error with the worker's traceback in its message."""
     code = (

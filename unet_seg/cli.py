@@ -32,6 +32,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from .errors import CheckpointError, DataLayoutError, InputError, SanityCheckFailed, TrainingInterrupted
 
+NON_FINITE_ADVICE = (
+    "training stopped before that step's update; the checkpoints written so far are kept "
+    "(try a lower --lr in a new --out, or check that batch's files)"
+)
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 
 # Options that were renamed: the old name is refused with the new one and what it means.
@@ -225,7 +229,9 @@ def _dest(flag: str) -> str:
 def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     """Call a recipe's `main`; a dataset layout or checkpoint the user must fix ends the run with
     one line on stderr and exit status 1 instead of a traceback, as does a failed sanity check
-    (rank 0 says it); training stopped by Ctrl-C or SIGTERM (after its checkpoint) with "interrupted at step N; ... --resume" and status 130.
+    (rank 0 says it), and a non-finite loss (each rank that raised it: the loss and its values, what
+    was kept, what to try); training stopped by Ctrl-C or SIGTERM (after its checkpoint) with
+    "interrupted at step N; ... --resume" and status 130.
     Warnings are one line each (`"<prog>: warning: ..."`), without the line of source that raised them."""
     prog = prog or Path(sys.argv[0]).name
     previous, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"{prog}: warning: {message}\n"
@@ -237,6 +243,9 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except FloatingPointError as e:
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        sys.exit(f"{prog}: error: {rank}{e}; {NON_FINITE_ADVICE}")
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
             from tqdm.auto import tqdm
