@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from unet_seg.data.synthetic import CaptionedScenes
@@ -97,3 +99,37 @@ def test_the_training_script_writes_weights_that_load_with_their_settings(tmp_pa
     meta = json.loads(sd.notes)
     assert meta["commit"] == "abc1234" and json.loads(meta["settings"])["steps"] == 2
     assert len(json.loads(meta["curve"])) == 2
+
+
+def test_reuse_renders_a_fresh_batch_every_r_steps_and_trains_on_the_buffer_between(tmp_path, monkeypatch):
+    """--reuse 3 with two sizes: fresh batches at steps 0, 1 (64², 128²), 6, 7, ... and the steps
+    between draw from the buffer of their size; the host renders a third of the scenes."""
+    from unet_seg import demo_pretrain
+
+    assert [demo_pretrain.fresh_step(s, 2, 3) for s in range(8)] == [True, True, False, False, False, False, True, True]
+    assert all(demo_pretrain.fresh_step(s, 2, 1) for s in range(8))
+    rendered, sampled = [], []
+    get, sample = demo_pretrain.MixedSizes.__getitem__, demo_pretrain.SceneBuffer.sample
+    monkeypatch.setattr(demo_pretrain.MixedSizes, "__getitem__", lambda self, i: rendered.append(i) or get(self, i))
+    monkeypatch.setattr(demo_pretrain.SceneBuffer, "sample", lambda self, n, g: sampled.append(self.z.shape[-1]) or sample(self, n, g))
+    demo_pretrain.main(["--steps", "8", "--batch-size", "2", "--workers", "0", "--log-every", "8", "--check-scenes", "2",
+                        "--device", "cpu", "--reuse", "3", "--buffer", "4", "--out", str(tmp_path / "w.safetensors")])  # fmt: skip
+    assert sorted(rendered) == list(range(8))  # 4 fresh batches of 2 scenes
+    assert sampled == [8, 16, 8, 16]  # steps 2..5 from the 64² (latent 8²) and 128² (16²) buffers in turn
+
+
+@given(capacity=st.integers(1, 6), adds=st.lists(st.integers(1, 4), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1))
+def test_scene_buffer_keeps_the_last_capacity_scenes_and_samples_only_them(capacity, adds, seed):
+    from unet_seg.demo_pretrain import SceneBuffer
+
+    buffer, added = SceneBuffer(capacity), []
+    for n in adds:
+        z = torch.arange(len(added), len(added) + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 4, 2, 2)
+        ids = torch.arange(len(added), len(added) + n).view(n, 1).expand(n, 77)
+        buffer.add(z, ids)
+        added += range(len(added), len(added) + n)
+    kept = set(added[-capacity:])
+    assert buffer.count == len(kept) and {int(v) for v in buffer.z[: buffer.count, 0, 0, 0]} == kept
+    z, ids = buffer.sample(64, torch.Generator().manual_seed(seed))
+    assert z.shape == (64, 4, 2, 2) and ids.shape == (64, 77) and ids.dtype == torch.int64
+    assert {int(v) for v in z[:, 0, 0, 0]} <= kept and torch.equal(z[:, 0, 0, 0].long(), ids[:, 0])

@@ -2,12 +2,18 @@
 
     python -m unet_seg.demo_pretrain                                   # one GPU, about 8 minutes
     python -m unet_seg.demo_pretrain --steps 20 --device cpu --out /tmp/x.safetensors   # a smoke run
+    python -m unet_seg.demo_pretrain --steps 40000 --reuse 4 --max-seconds 1080          # host-bound GPU: reuse scenes
 
 A `DEMO_UNET` U-Net and a `DEMO_TEXT` text encoder, both from scratch, trained together as a
 latent text-to-image model: ε-MSE (SD's schedule, t ~ U{0..999}) on `BlockCodec` latents of
 `synthetic.CaptionedScenes` (1–4 objects of the 20 classes in random looks, captions naming each
 object's colour, class and position and the background's colour; 10% of captions dropped to ""
 for classifier-free guidance). Batches alternate between 64² and 128² scenes (the demos' sizes).
+Rendering a scene costs the host ≈ 20 ms (the scene ≈ 70%, its caption ≈ 20%, tokenising 5%), so
+a GPU waits for the DataLoader: with `--reuse R` a fresh batch enters a buffer of the last
+`--buffer` scenes of its size (codec latents and token ids, on the device) every R steps and is
+trained on; the other steps train on a batch drawn from that buffer, so the host renders R times
+fewer scenes per step. `--reuse 1` (the default) trains on every scene once.
 AdamW, linear warm-up then a constant rate, bf16 autocast on a GPU, gradient-norm clip 1; the
 shipped weights are an exponential moving average (fp16). Every random number comes from
 `--seed`: the scenes are pure functions of (seed, index) and read in order, the initialisation
@@ -53,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="scene sides, alternating batch by batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=14, help="DataLoader processes rendering scenes")
+    p.add_argument("--reuse", type=int, default=1, help="a fresh batch every R steps, the others drawn from the buffer "
+                   "of recent scenes: the host renders R times fewer scenes per step")
+    p.add_argument("--buffer", type=int, default=32768, help="recent scenes kept per size for --reuse (latents and ids on the device)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=0, help="stop training after this many seconds (0: never); "
                    "the metadata records the steps done")
@@ -82,6 +91,33 @@ class MixedSizes(torch.utils.data.Dataset):
         item = self.sets[(i // self.batch) % len(self.sets)][i]
         dropped = float(torch.rand((), generator=torch.Generator().manual_seed(self.seed * 10**9 + i))) < self.drop
         return {"image": item["image"], "ids": self.tokenizer("" if dropped else item["caption"])[0]}
+
+
+class SceneBuffer:
+    """The last `capacity` scenes of one size as (codec latents [N, 4, h, w], token ids [N, 77]) on
+    their device: `add` a fresh batch (oldest overwritten), `sample` a batch uniformly. No host sync."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.count, self.next = capacity, 0, 0
+        self.z = self.ids = None
+
+    def add(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.z is None:
+            self.z = z.new_empty(self.capacity, *z.shape[1:])
+            self.ids = ids.new_empty(self.capacity, *ids.shape[1:])
+        slots = (self.next + torch.arange(len(z), device=z.device)) % self.capacity
+        self.z[slots], self.ids[slots] = z, ids
+        self.next, self.count = (self.next + len(z)) % self.capacity, min(self.count + len(z), self.capacity)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.randint(self.count, (n,), generator=generator, device=self.z.device)
+        return self.z[i], self.ids[i]
+
+
+def fresh_step(step: int, sizes: int, reuse: int) -> bool:
+    """Whether `step` trains on a fresh batch: the first `sizes` steps (one batch of each size) of
+    every `reuse` × `sizes`, so the fresh batches keep alternating sizes as the loader yields them."""
+    return (step // sizes) % reuse == 0
 
 
 def lr_factor(step: int, warmup: int) -> float:
@@ -138,19 +174,33 @@ def main(argv=None) -> dict:
           f"{args.batch_size} scenes at {args.sizes} on {device}; commit {commit}", flush=True)  # fmt: skip
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
-    data = MixedSizes(args.seed, args.steps * args.batch_size, args.sizes, args.batch_size, args.drop_caption)
+    if args.reuse < 1 or args.buffer < args.batch_size:
+        raise SystemExit(f"demo_pretrain: --reuse must be >= 1 and --buffer >= --batch-size, got {args.reuse} and {args.buffer}")
+    fresh = sum(fresh_step(s, len(args.sizes), args.reuse) for s in range(args.steps))
+    data = MixedSizes(args.seed, fresh * args.batch_size, args.sizes, args.batch_size, args.drop_caption)
     loader = torch.utils.data.DataLoader(
         data, args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None,
     )  # fmt: skip
     g = torch.Generator(device).manual_seed(args.seed + 1)
+    picks = torch.Generator(device).manual_seed(args.seed + 2)  # --reuse's draws: g's stream stays --reuse 1's
+    buffers = {size: SceneBuffer(args.buffer) for size in args.sizes}
     unet.train()
     text_encoder.train()
-    start, window, curve = time.perf_counter(), [], []
-    for step, batch in enumerate(loader):
-        images, ids = batch["image"].to(device, non_blocking=True), batch["ids"].to(device, non_blocking=True)
-        with torch.no_grad():
-            z0 = codec.encode(images)
+    start, window, curve, batches, waited = time.perf_counter(), [], [], iter(loader), 0.0
+    for step in range(args.steps):
+        buffer = buffers[args.sizes[step % len(args.sizes)]]
+        if fresh_step(step, len(args.sizes), args.reuse):
+            asked = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - asked  # the host waiting for rendered scenes
+            ids = batch["ids"].to(device, non_blocking=True)
+            with torch.no_grad():
+                z0 = codec.encode(batch["image"].to(device, non_blocking=True))
+            if args.reuse > 1:
+                buffer.add(z0, ids)
+        else:
+            z0, ids = buffer.sample(args.batch_size, picks)
         t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g, device=device)
         noise = torch.randn(z0.shape, generator=g, device=device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -172,7 +222,7 @@ def main(argv=None) -> dict:
             seconds = time.perf_counter() - start
             curve.append((step + 1, round(mean, 5)))
             print(f"step {step + 1:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {seconds:7.1f} s  "
-                  f"{(step + 1) / seconds:5.1f} steps/s", flush=True)  # fmt: skip
+                  f"{(step + 1) / seconds:5.1f} steps/s  waiting for scenes {waited / seconds:4.0%}", flush=True)  # fmt: skip
             window = []
         if out_of_time:
             print(f"stopped by --max-seconds after {step + 1} steps", flush=True)
