@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Union
 
 import torch
 from safetensors import SafetensorError, safe_open

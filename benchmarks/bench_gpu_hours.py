@@ -1,0 +1,264 @@
+"""GPU hours per paper schedule: each recipe's training step on one GPU, timed in interleaved
+rounds, projected onto the schedule its paper trained with.
+
+    python benchmarks/bench_gpu_hours.py                                   # CUDA, eager, 512², bf16
+    python benchmarks/bench_gpu_hours.py --recipes diffews --compile       # the recipes' --compile (minutes first)
+    python benchmarks/bench_gpu_hours.py --tiny --device cpu --iters 1 --rounds 2   # smoke test
+
+Each recipe's own `train_step` on random weights (SD 2.1-sized U-Net, SD VAE) at its per-GPU
+batch, the frozen parts in bf16 and training under bf16 autocast as the recipes run on a GPU:
+- DiffewS: 2 episodes, 1-shot; encoding every step (the default) and from the latent cache
+  (`--cache-dir`: posteriors computed once before timing, `cached_train_step` draws z = μ + σ·ε),
+  each plain and as one CUDA graph (`--cuda-graph`). Schedule: 10 000 iterations × 16 episodes.
+- DIFF: one 512² crop, IPKL, the official trajectory features. Schedule: 40 000 × 1.
+- QueryDiff: 4 crops of 512², DCL on (DINOv2-L + Rein through timm; a stand-in backbone without
+  timm, said so). Schedule: 60 000 × 4.
+- DiGSeg: 2 images of 512², the paper's trainable subset. Schedule: the recipe's 30 000 × 2.
+For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
+after its plain rows are timed (not interleaved with them; a failed capture cannot spoil them);
+where capture fails (a host sync in the step) the table says so instead of a time. The table is
+written after every recipe, so a call cut short keeps what it measured.
+A recipe's variants are interleaved (A B B A ...; `--rounds` segments of `--iters` steps each),
+recipe after recipe (one set of models in memory at a time). Hours on one GPU = schedule samples
+/ measured samples per second; several GPUs divide it by their measured scaling (DiffewS: 1.86×
+on 2, benchmarks/NOTES.md). Evaluation is not included (bench_diffews.py adds DiffewS's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_diffews import cached_posteriors  # noqa: E402
+from bench_models import device_name, file_tag, interleaved, load_recipe, spread, write_table  # noqa: E402
+
+from unet_seg.diffusion import NoiseSchedule  # noqa: E402
+from unet_seg.models import SD2_TEXT, SD21, SD_VAE, TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
+from unet_seg.train import CudaGraphStep  # noqa: E402
+
+# (iterations, samples per iteration, what a sample is) of each paper's schedule
+SCHEDULES = {"DiffewS": (10_000, 16, "episodes"), "DIFF": (40_000, 1, "crops"), "QueryDiff": (60_000, 4, "crops"), "DiGSeg": (30_000, 2, "images")}
+
+
+def adamw(params, device, graph: bool, lr: float = 1e-5, **kw):
+    """The recipes' fused AdamW; for a CUDA graph capturable with the lr a GPU tensor."""
+    if graph:
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), fused=True, capturable=True, **kw)
+    return torch.optim.AdamW(params, lr=lr, fused=True, **kw)
+
+
+def graphed(make):
+    """make() -> (step, modules, optimizer, inputs); a `CudaGraphStep` of the step captured now ->
+    a zero-argument replay, or why building or capturing it failed."""
+    try:
+        step, modules, opt, inputs = make()
+        g = CudaGraphStep(step, modules, opt)
+        g(*inputs)
+        return lambda: g(*inputs)
+    except Exception as e:  # a host sync in the step: capture is refused
+        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def diffews(args, device, cuda: bool) -> dict:
+    recipe = load_recipe("diffews_coco20i")
+    unet = UNet(TINY_SD2 if args.tiny else SD21).add_support_conv_in(8).to(device).train()
+    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    if cuda:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    forward = torch.compile(unet) if args.compile else unet
+    context = torch.randn(1, 77, unet.config.context_dim, device=device)
+    n, s = 2, args.size
+    q, qm = torch.rand(n, 3, s, s, device=device) * 2 - 1, (torch.rand(n, s, s, device=device) > 0.5).long()
+    sp, sm = torch.rand(n, 1, 3, s, s, device=device) * 2 - 1, (torch.rand(n, 1, s, s, device=device) > 0.5).long()
+    post = cached_posteriors(vae, q, qm, sp, sm)
+    opt = adamw(unet.parameters(), device, False, weight_decay=1e-2)
+    fns = {
+        "encode every step": lambda: recipe.train_step(forward, unet, vae, context, opt, q, qm, sp, sm),
+        "latent cache": lambda: recipe.cached_train_step(forward, unet, context, opt, *post),
+    }
+    if cuda:
+        opt_g = adamw(unet.parameters(), device, True, weight_decay=1e-2)
+        fns["encode every step, CUDA graph"] = graphed(lambda: (functools.partial(recipe.train_step, forward, unet, vae, context, opt_g), [forward], opt_g, (q, qm, sp, sm)))
+        fns["latent cache, CUDA graph"] = graphed(lambda: (functools.partial(recipe.cached_train_step, forward, unet, context, opt_g), [forward], opt_g, post))
+    return {"fns": fns, "batch": n}
+
+
+def diff(args, device, cuda: bool) -> dict:
+    recipe = load_recipe("diff_gta2cs")
+    tiny = ["--timesteps", "91", "30", "7", "--trajectory", "7", "30", "91", "120"] if args.tiny else []
+    run = recipe.parse_args(["--data-root", tempfile.gettempdir(), "--amp"] + tiny)  # an existing folder, never read
+    unet = UNet(TINY_SD2 if args.tiny else SD21).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device).eval().requires_grad_(False)
+    text = CLIPTextEncoder(TINY_SD2_TEXT if args.tiny else SD2_TEXT).to(device).eval()
+    if cuda:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    prompt_ids = list(recipe.PROMPTS)
+    with torch.no_grad():
+        contexts = text(torch.randint(0, 49407, (1 + len(prompt_ids), 77), device=device))
+    rev = unet.config.channels[::-1]
+    channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
+    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
+    dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
+    segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups).to(device).train()
+    image = torch.rand(1, 3, args.size, args.size, device=device) * 2 - 1
+    label = torch.zeros(1, args.size, args.size, dtype=torch.long, device=device)
+    label[:, : args.size // 2] = prompt_ids[0]
+    label[:, args.size // 2 :, : args.size // 2] = prompt_ids[1]
+    opt = adamw(segmenter.parameters(), device, False, lr=6e-5, weight_decay=0.01)
+    fns = {"recipe": lambda: recipe.train_step(segmenter, frozen, opt, image, label, True, run)}
+    if cuda:
+        opt_g = adamw(segmenter.parameters(), device, True, lr=6e-5, weight_decay=0.01)
+        later = {"CUDA graph": lambda: (lambda i, l: recipe.train_step(segmenter, frozen, opt_g, i, l, True, run), [segmenter], opt_g, (image, label))}
+    return {"fns": fns, "batch": 1, "later": later if cuda else {}}
+
+
+def querydiff(args, device, cuda: bool) -> dict:
+    from bench_querydiff import StandInBackbone
+
+    from unet_seg.demo import BlockCodec
+    from unet_seg.mask2former import SetLossConfig
+
+    recipe = load_recipe("querydiff_gta2cs")
+    rargs = recipe.parse_args(["--demo"] if args.tiny else ["--eval-only", "--no-pretrained", "--data-root", tempfile.gettempdir()])
+    backbone = "demo's" if args.tiny else "DINOv2-L + Rein"
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        if not args.tiny:
+            backbone = "STAND-IN (no timm)"
+            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens, **kw: StandInBackbone(tokens)  # noqa: E731
+    num_classes, size, b = (6 if args.tiny else 19), rargs.size, 4
+    if args.tiny:
+        unet, vae = UNet(recipe.DEMO_TEACHER).to(device).eval(), BlockCodec().to(device)
+    else:
+        unet, vae = UNet(SD21).to(device, torch.bfloat16).eval(), AutoencoderKL(SD_VAE).to(device, torch.bfloat16).eval()
+    unet.requires_grad_(False), vae.requires_grad_(False)
+    context = torch.zeros(1, 2, unet.config.context_dim, device=device)
+    teacher = (unet, vae, context, NoiseSchedule.sd().to(device), (recipe.T_WEAK, recipe.T_STRONG))
+    x = torch.rand(b, 3, size, size, device=device) * 2 - 1
+    labels = torch.randint(0, num_classes, (b, size // 32, size // 32), device=device).repeat_interleave(32, 1).repeat_interleave(32, 2)
+    loss_cfg = SetLossConfig(points=rargs.points)
+    model = recipe.build_model(rargs, num_classes, True).to(device).train()
+    opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4, fused=True)
+    fns = {f"recipe ({backbone})": lambda: recipe.train_step(model, opt, x, labels, num_classes, loss_cfg, 1.0, teacher, amp=True)}
+    if cuda:
+
+        def make():
+            groups = [{**g, "lr": torch.tensor(g.get("lr", 1e-4), device=device)} for g in recipe.param_groups(model, 1e-4, 0.1)]
+            opt_g = torch.optim.AdamW(groups, lr=torch.tensor(1e-4, device=device), fused=True, capturable=True)
+            step = lambda xs, ys: recipe.train_step(model, opt_g, xs, ys, num_classes, loss_cfg, 1.0, teacher, amp=True)  # noqa: E731
+            return step, [model], opt_g, (x, labels)
+
+    return {"fns": fns, "batch": b, "later": {"CUDA graph": make} if cuda else {}}
+
+
+def digseg(args, device, cuda: bool) -> dict:
+    recipe = load_recipe("digseg_ade20k")
+    unet = UNet(TINY_SD2 if args.tiny else SD21)  # SD 2-base: SD 2.1's architecture, ε objective
+    vae = AutoencoderKL(TINY_VAE if args.tiny else SD_VAE).to(device).eval().requires_grad_(False)
+    null = torch.randn(1, 77, unet.config.context_dim, device=device)
+    p = 32 if args.tiny else 1024  # CLIP projection width of the class embeddings
+    model = recipe.DiGSeg(unet.widen_conv_in(8), p, null).to(device).train()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    params = recipe.set_trainable(model, "all" if args.tiny else "paper")
+    schedule = NoiseSchedule.sd("epsilon").to(device)
+    b, s = 2, args.size
+    images = torch.rand(b, 3, s, s, device=device) * 2 - 1
+    with torch.no_grad():
+        z_y = vae.encode(torch.rand(b, 3, s, s, device=device) * 2 - 1)
+    embeds = torch.randn(b, p, device=device)
+    forward = torch.compile(model) if args.compile else model
+    opt = adamw(params, device, False, lr=1e-4, weight_decay=1e-2)
+    fns = {"recipe": lambda: recipe.train_step(forward, params, vae, schedule, opt, images, z_y, embeds)}
+    if cuda:
+        opt_g = adamw(params, device, True, lr=1e-4, weight_decay=1e-2)
+        later = {"CUDA graph": lambda: (functools.partial(recipe.train_step, forward, params, vae, schedule, opt_g), [forward], opt_g, (images, z_y, embeds))}
+    return {"fns": fns, "batch": b, "later": later if cuda else {}}
+
+
+BUILDERS = {"DiffewS": diffews, "DIFF": diff, "QueryDiff": querydiff, "DiGSeg": digseg}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default="diffews,diff,querydiff,digseg")
+    p.add_argument("--size", type=int, default=512, help="DiffewS, DIFF and DiGSeg image side (QueryDiff: its recipe's crop)")
+    p.add_argument("--iters", type=int, default=5, help="steps per timed segment")
+    p.add_argument("--rounds", type=int, default=4, help="segments per variant, interleaved")
+    p.add_argument("--compile", action="store_true", help="DiffewS's and DiGSeg's U-Net compiled, as the recipes' --compile")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    wanted = {name.lower(): name for name in BUILDERS}
+    rows = []
+    for key in args.recipes.split(","):
+        name = wanted[key.strip().lower()]
+        torch.manual_seed(0)
+        with torch.device(device):  # weights initialised where they run: seconds instead of a minute at SD's size
+            built = BUILDERS[name](args, device, cuda)
+        batch = built["batch"]
+        fns = {k: f for k, f in built["fns"].items() if callable(f)}
+        rows += measure(name, fns, batch, args)
+        rows += [(name, variant, batch, why) for variant, why in built["fns"].items() if not callable(why)]
+        write(rows, args, cuda)
+        for variant, make in built.get("later", {}).items():  # after the plain rows: a failed capture cannot spoil them
+            run = graphed(make)
+            rows += measure(name, {variant: run}, batch, args) if callable(run) else [(name, variant, batch, run)]
+            write(rows, args, cuda)
+        del built, fns
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def measure(name: str, fns: dict, batch: int, args) -> list:
+    """`fns` timed in interleaved rounds -> table rows (recipe, variant, batch, segment ms)."""
+    rows = []
+    for variant, ms in interleaved(fns, args.rounds, args.iters, 2, args.device).items():
+        rows.append((name, variant, batch, ms))
+        print(f"{name} {variant}: {spread(ms)} ms per step of {batch}", flush=True)
+    return rows
+
+
+def write(rows, args, cuda: bool) -> None:
+    gpu = device_name(args.device)
+    lines = []
+    for name, variant, batch, ms in rows:
+        iters, per_iter, unit = SCHEDULES[name]
+        if isinstance(ms, str):
+            lines.append(f"| {name} | {variant} | {batch} | {ms} | | {iters:,} × {per_iter} {unit} | |")
+            continue
+        rate = 1e3 * batch / statistics.median(ms)
+        lines.append(f"| {name} | {variant} | {batch} | {spread(ms)} | {rate:.2f} | {iters:,} × {per_iter} {unit} | {iters * per_iter / rate / 3600:.1f} |")
+    table = (
+        f"# GPU hours per paper schedule — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
+        f"{'tiny configs' if args.tiny else 'SD 2.1-sized U-Net, SD VAE'}, random weights · {args.size}² · "
+        f"{'bf16 autocast, frozen parts as the recipes keep them' if cuda else 'fp32 (CPU)'} · "
+        f"{'U-Nets compiled' if args.compile else 'eager'} · each recipe's variants interleaved in {args.rounds} segments of "
+        f"{args.iters} steps · ms: median of segment medians (min–max)\n\n"
+        "| recipe | variant | samples/step | ms per step (min–max) | samples/s | paper schedule | hours, one GPU |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+    write_table(table, args.out, f"gpu_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
+
+
+if __name__ == "__main__":
+    main()
