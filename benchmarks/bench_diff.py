@@ -74,11 +74,11 @@ def main() -> None:
     channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
     frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
     dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
-    segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups).to(device).train()
+    crop = (64, 64) if args.tiny else (512, 512)
+    segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups, recipe.scaled_dilations(crop[0] // 4)).to(device).train()
     if device == "cuda":
         segmenter.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(segmenter.parameters(), lr=6e-5, weight_decay=0.01, fused=True)  # as the recipe
-    crop = (64, 64) if args.tiny else (512, 512)
     image = torch.rand(1, 3, *crop, device=device) * 2 - 1
     label = torch.zeros(1, *crop, dtype=torch.long, device=device)
     label[:, : crop[0] // 2] = prompt_ids[0]

@@ -32,7 +32,7 @@ Method (frozen SD 2.1; trainable: the fusion block and the decode head, shared b
 | ResNet feature | F_inter of the decoder | residual branch after conv2, "" row | `up.i.res.j.branch` | |
 | attention feature | cross-attention maps | transformer-block output, summed over all rows | `up.i.attn.j`, summed | |
 | branches | two | independent VAE samples and noise | same | |
-| fusion, head | F_conv, DAFormer head | GN bottleneck 2048/1024/512 + finecoder 256; sep-ASPP head | same | |
+| fusion, head | F_conv, DAFormer head | GN bottleneck 2048/1024/512 + finecoder 256; sep-ASPP head, dilations 1/6/12/18 | same | crops other than 512² scale the dilations (`scaled_dilations`) |
 | losses | eq. 5: CE(cond) + L2 | CE(cond) + CE(uncond) + L2 on stride-4 logits, nothing detached; CE averaged over all pixels (mmseg 0.16) | same | `--loss paper`: eq. 5, teacher detached |
 | KL variant | Table IV 57.81, no equation | `kl_loss` commented out: min(0.1 · KL, 0.5) (KL cut at 5), T 1, batchmean | same | `--consistency kl` |
 | data | "as DAFormer" | GTA5 resized to 1280 × 720 (cv2 bilinear, labels nearest), 512² crop (cat_max_ratio 0.75), flip, PhotoMetricDistortion, rare-class sampling T 0.01 | same (`unet_seg.data.transforms`); labels sampled at pixel centres (cv2: top-left, ≤ ½ px off the image) | demo: its synthetic scenes as they are |
@@ -118,7 +118,7 @@ from unet_seg import load_sd
 from unet_seg.data import synthetic
 from unet_seg.demo import FORM_CLASSES, BlockCodec, FormScenes, caption_forms, demo_sd, pretrain_unless_resuming
 from unet_seg.diffusion import NoiseSchedule
-from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
+from unet_seg.heads import DAFORMER_DILATIONS, DAFormerHead, DiffusionFeatureFusion, scaled_dilations
 from unet_seg.losses import consistency_kl, consistency_l2, cross_entropy
 from unet_seg.metrics import iou_table, mean_iou
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
@@ -191,11 +191,11 @@ def diffusion_levels(frozen: Frozen, z0, labels, args, generator=None) -> list[t
 class Segmenter(nn.Module):
     """The trainable part shared by both branches: D(F_conv(levels)) -> logits at stride 4."""
 
-    def __init__(self, level_channels, num_classes: int, dims, fine_dim: int, embed_dim: int, groups: int):
+    def __init__(self, level_channels, num_classes: int, dims, fine_dim: int, embed_dim: int, groups: int, dilations=DAFORMER_DILATIONS):
         super().__init__()
-        self.config = dict(level_channels=list(level_channels), num_classes=num_classes, dims=list(dims), fine_dim=fine_dim, embed_dim=embed_dim, groups=groups)
+        self.config = dict(level_channels=list(level_channels), num_classes=num_classes, dims=list(dims), fine_dim=fine_dim, embed_dim=embed_dim, groups=groups, dilations=list(dilations))
         self.fusion = DiffusionFeatureFusion(level_channels, dims, fine_dim, bottleneck_groups=groups // 2, groups=groups)
-        self.head = DAFormerHead(self.fusion.out_channels, num_classes, embed_dim)
+        self.head = DAFormerHead(self.fusion.out_channels, num_classes, embed_dim, dilations)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return self.head(self.fusion(levels))
@@ -272,7 +272,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
     out.mkdir(parents=True, exist_ok=True)
     dims, fine_dim, embed_dim, groups = ((32, 64, 128), 32, 32, 8) if args.demo or args.small_head else ((512, 1024, 2048), 256, 256, 32)
     with same_init_on_every_rank(args.seed):  # then each rank its own posterior samples and trajectory noise
-        segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups).to(device).train()
+        segmenter = Segmenter(frozen.level_channels, num_classes, dims, fine_dim, embed_dim, groups, scaled_dilations(args.size // 4)).to(device).train()
     if device.type == "cuda":
         segmenter.to(memory_format=torch.channels_last)
         if rank_and_world()[1] > 1:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from unet_seg.heads import DAFormerHead, DiffusionFeatureFusion
+from unet_seg.heads import DAFORMER_DILATIONS, DAFormerHead, DiffusionFeatureFusion, scaled_dilations
 
 from .helpers import randn, randomise_
 
@@ -24,9 +24,9 @@ def test_fusion_then_head_give_logits_at_twice_the_finest_level(b, coarse, n, cl
     channels = [11, 7, 5][:n]
     dims = [32, 16, 8][:n]
     fusion = DiffusionFeatureFusion(channels, dims, fine_dim=8, bottleneck_groups=2, groups=4)
-    head = DAFormerHead(fusion.out_channels, classes, embed_dim=8, dilations=(1, 2))
-    out = fusion(levels(b, channels, coarse))
     finest = coarse * 2 ** (n - 1)
+    head = DAFormerHead(fusion.out_channels, classes, embed_dim=8, dilations=(1, 2) if 2 * finest > 2 else (1,))  # d < the map's side
+    out = fusion(levels(b, channels, coarse))
     assert [tuple(o.shape) for o in out] == [(b, 8, 2 * finest, 2 * finest)] + [
         (b, d, finest // 2**i, finest // 2**i) for i, d in enumerate(dims)
     ]
@@ -37,7 +37,7 @@ def test_fusion_then_head_give_logits_at_twice_the_finest_level(b, coarse, n, cl
 
 def test_gradients_reach_every_trainable_weight_and_dtype_follows_the_module():
     fusion = DiffusionFeatureFusion([6, 4], [16, 8], fine_dim=8, bottleneck_groups=2, groups=4)
-    head = DAFormerHead(fusion.out_channels, 3, embed_dim=8)
+    head = DAFormerHead(fusion.out_channels, 3, embed_dim=8, dilations=(1, 2, 3))  # an 8² finest level
     head(fusion(levels(2, [6, 4], 2))).square().mean().backward()
     for name, p in [*fusion.named_parameters(), *head.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -64,6 +64,53 @@ def test_wrong_level_channels_or_count_are_refused_naming_the_expected_shapes():
         fusion(levels(1, [6], 2))
     with pytest.raises(ValueError, match="one entry per level"):
         DiffusionFeatureFusion([6, 4], [16])
+
+
+# ------------------------------------------------------------------------ dilations and the training map
+
+
+def test_scaled_dilations_keep_daformers_at_its_map_and_scale_with_the_map():
+    assert scaled_dilations(128) == DAFORMER_DILATIONS == (1, 6, 12, 18)  # 512² crops, stride 4
+    assert scaled_dilations(64) == (1, 3, 6, 9)  # 512² crops, stride 8
+    assert scaled_dilations(16) == (1, 2, 2, 2)  # the 64² demo crops, stride 4
+    assert scaled_dilations(256) == (1, 12, 24, 36)
+    count = lambda head: sum(p.numel() for p in head.parameters())  # noqa: E731
+    assert count(DAFormerHead([8, 4], 3, 8, scaled_dilations(16))) == count(DAFormerHead([8, 4], 3, 8))  # same layers
+    with pytest.raises(ValueError, match="must be >= 1"):
+        scaled_dilations(0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=st.integers(1, 600), b=st.integers(1, 600), ds=st.lists(st.integers(1, 40), min_size=1, max_size=5))
+def test_scaled_dilations_are_positive_monotone_and_proportional(a, b, ds):
+    small, large = sorted((a, b))
+    lo, hi = scaled_dilations(small, ds), scaled_dilations(large, ds)
+    assert len(lo) == len(ds) and all(1 <= x <= y for x, y in zip(lo, hi))
+    assert all(x == 1 if d == 1 else abs(x - max(2, d * small / 128)) <= 0.5 for x, d in zip(lo, ds))
+
+
+def test_training_refuses_dilations_that_reach_past_the_map_evaluation_keeps_them():
+    head = DAFormerHead([4, 3], 2, embed_dim=4)  # DAFormer's (1, 6, 12, 18)
+    x = [randn(2, 4, 18, 18, seed=1), randn(2, 3, 9, 9, seed=2)]
+    with pytest.raises(ValueError, match=r"dilation 18 >= the 18×18 finest level.*scaled_dilations\(crop // stride\)"):
+        head(x)
+    head([randn(2, 4, 19, 19, seed=1), randn(2, 3, 10, 10, seed=2)])  # 19² > 18: trains
+    assert head.eval()(x).shape == (2, 2, 18, 18)  # a trained head reads any size
+    small = DAFormerHead([4, 3], 2, embed_dim=4, dilations=scaled_dilations(18))
+    assert small.dilations == (1, 2, 2, 3) and small(x).shape == (2, 2, 18, 18)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        DAFormerHead([4, 3], 2, dilations=(1, 0))
+
+
+def test_a_dilation_at_least_the_map_side_is_the_centre_tap_alone():
+    """Why training refuses them: every off-centre tap of a 3×3 kernel at dilation d >= n lands in
+    the zero padding of an n×n map, so the branch is a 1×1 convolution with extra weights."""
+    x, w = randn(1, 3, 6, 6, seed=3), randn(3, 1, 3, 3, seed=4)
+    centre = torch.zeros_like(w)
+    centre[..., 1, 1] = w[..., 1, 1]
+    for d, alone in ((6, True), (9, True), (5, False)):
+        dilated = F.conv2d(x, w, padding=d, dilation=d, groups=3)
+        assert torch.allclose(dilated, F.conv2d(x, centre, padding=d, dilation=d, groups=3)) == alone
 
 
 # ------------------------------------------------------------------------ independent references

@@ -94,7 +94,7 @@ def test_prediction_on_images_whose_latents_have_odd_sides(features):
     frozen, args = frozen_tiny(recipe, features)
     args.seed = 0
     torch.manual_seed(0)
-    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4).eval()
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).eval()
     logits = recipe.predict_logits(model, frozen, torch.rand(1, 3, 72, 40) * 2 - 1, args)
     assert logits.shape == (1, 6, 18, 10) and torch.isfinite(logits).all()
 
@@ -121,7 +121,7 @@ def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consiste
     frozen, args = frozen_tiny(recipe)
     args.loss, args.consistency = loss, consistency
     torch.manual_seed(0)
-    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
     before = [p.detach().clone() for p in model.parameters()]
@@ -136,7 +136,7 @@ def recorded_segmenter(recipe, frozen):
     """A seeded tiny Segmenter whose every output is appended to `calls`, its AdamW, and one 64² image
     and label -> (record, calls, opt, image, label)."""
     torch.manual_seed(0)
-    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4)
+    model = recipe.Segmenter(frozen.level_channels, 6, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2))
     calls = []
     record = lambda levels: calls.append(model(levels)) or calls[-1]  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)

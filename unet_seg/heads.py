@@ -2,8 +2,9 @@
 DAFormer's decode head.
 
     fusion = DiffusionFeatureFusion(in_channels=(c8, c16, c32), dims=(512, 1024, 2048), fine_dim=256)
-    head = DAFormerHead(fusion.out_channels, num_classes=19)
+    head = DAFormerHead(fusion.out_channels, num_classes=19)   # dilations for 512² training crops
     logits = head(fusion([f8, f16, f32]))          # [B, 19, H/4, W/4]
+    small = DAFormerHead(fusion.out_channels, 19, dilations=scaled_dilations(64 // 4))  # 64² crops: (1, 2, 2, 2)
 
 Both take their levels in one order, **fine to coarse** (level i + 1 half the size of level i),
 as timm's and mmseg's feature pyramids list them, and as `UNet.feature_info` reports up levels.
@@ -18,7 +19,11 @@ Sizes and norms follow the official code (Yux1angJi/DIFF `direct_aggregation` + 
 `DAFormerHead` is DAFormer's context-aware fusion head (Hoyer et al., CVPR 2022, its `sepaspp`
 variant): a 1×1 embedding of every level to `embed_dim`, bilinear upsampling to the finest level,
 concatenation, a depthwise-separable ASPP (dilations 1, 6, 12, 18, no image pooling), a 3×3
-bottleneck, dropout 0.1 and a 1×1 classifier.
+bottleneck, dropout 0.1 and a 1×1 classifier. Those dilations are in pixels of the finest level
+and were set for DAFormer's training maps: stride 4 of 512² crops, 128² (the largest reaches 72
+image pixels). On smaller training maps the largest ones read nothing but padding (dilation ≥
+the map's side), so training refuses them; `scaled_dilations(crop // stride)` scales them to the
+same fraction of the crop. Evaluation keeps the trained dilations at any image size.
 """
 
 from __future__ import annotations
@@ -114,6 +119,21 @@ class DiffusionFeatureFusion(nn.Module):
         return [x, *proj]
 
 
+DAFORMER_DILATIONS = (1, 6, 12, 18)  # DAFormer's sepaspp ASPP ...
+DAFORMER_MAP = 128  # ... for its finest level on a 512² training crop (stride 4)
+
+
+def scaled_dilations(map_size: int, dilations: Sequence[int] = DAFORMER_DILATIONS, reference: int = DAFORMER_MAP) -> tuple[int, ...]:
+    """`dilations` set for `reference`-pixel training maps, scaled to maps of `map_size` pixels (the
+    finest level's shorter side on a training crop, crop // stride) so that each branch spans about
+    the same fraction of the crop: round(d · map_size / reference), at least 2, and 1 (the 1×1 branch)
+    stays 1, so the head's layers and parameters do not change. 512² crops at stride 4 keep
+    (1, 6, 12, 18); stride 8 gives (1, 3, 6, 9); 64² crops at stride 4 give (1, 2, 2, 2)."""
+    if map_size < 1 or reference < 1 or any(d < 1 for d in dilations):
+        raise ValueError(f"map_size {map_size}, reference {reference} and dilations {tuple(dilations)} must be >= 1")
+    return tuple(1 if d == 1 else max(2, round(d * map_size / reference)) for d in dilations)
+
+
 def _conv_bn_relu(c_in: int, c_out: int, k: int, dilation: int = 1, groups: int = 1) -> nn.Sequential:
     pad = dilation * (k // 2)
     return nn.Sequential(
@@ -124,18 +144,21 @@ def _conv_bn_relu(c_in: int, c_out: int, k: int, dilation: int = 1, groups: int 
 
 
 class DAFormerHead(nn.Module):
-    """levels fine to coarse [B, in_channels[i], h_i, w_i] -> logits [B, num_classes, h_0, w_0]."""
+    """levels fine to coarse [B, in_channels[i], h_i, w_i] -> logits [B, num_classes, h_0, w_0].
+    `dilations` are the ASPP branches', in pixels of level 0, for the maps it trains on (module doc)."""
 
     def __init__(
         self,
         in_channels: Sequence[int],
         num_classes: int,
         embed_dim: int = 256,
-        dilations: Sequence[int] = (1, 6, 12, 18),
+        dilations: Sequence[int] = DAFORMER_DILATIONS,
         dropout: float = 0.1,
     ):
         super().__init__()
-        self.in_channels = tuple(in_channels)
+        if not dilations or any(d < 1 for d in dilations):
+            raise ValueError(f"dilations must be one or more integers >= 1, got {tuple(dilations)}")
+        self.in_channels, self.dilations = tuple(in_channels), tuple(dilations)
         self.embed = nn.ModuleList([nn.Conv2d(c, embed_dim, 1) for c in in_channels])
         c = embed_dim * len(in_channels)
         self.aspp = nn.ModuleList(
@@ -153,6 +176,13 @@ class DAFormerHead(nn.Module):
     def forward(self, levels: Sequence[Tensor]) -> Tensor:
         _check_levels(levels, self.in_channels, "DAFormerHead")
         size = levels[0].shape[-2:]
+        if self.training and max(self.dilations) >= min(size):
+            raise ValueError(
+                f"DAFormerHead: dilation {max(self.dilations)} >= the {size[0]}×{size[1]} finest level: that ASPP branch "
+                f"reads only padding. Dilations {self.dilations} need training maps larger than {max(self.dilations)}² "
+                f"(DAFormer's (1, 6, 12, 18) are for {DAFORMER_MAP}², stride 4 of 512² crops); scale them to "
+                f"the crop, dilations=scaled_dilations(crop // stride), on maps of 3 pixels or more"
+            )
         x = torch.cat(
             [F.interpolate(e(f), size=size, mode="bilinear", align_corners=False) for e, f in zip(self.embed, levels)],
             dim=1,
