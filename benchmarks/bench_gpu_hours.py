@@ -112,7 +112,7 @@ def diff(args, device, cuda: bool) -> dict:
     channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
     frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
     dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
-    segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups).to(device).train()
+    segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups, recipe.scaled_dilations(args.size // 4)).to(device).train()
     image = torch.rand(1, 3, args.size, args.size, device=device) * 2 - 1
     label = torch.zeros(1, args.size, args.size, dtype=torch.long, device=device)
     label[:, : args.size // 2] = prompt_ids[0]
