@@ -277,7 +277,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
         segmenter.to(memory_format=torch.channels_last)
         if rank_and_world()[1] > 1:
             segmenter = nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
-    models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo else {})  # the demo's U-Net is trained here
+    models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo and args.random_demo_model else {})  # pre-trained here
     groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
@@ -304,7 +304,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
         if step % max(1, args.steps // 10) == 0:  # also for logs, where the bar is silent
             print0(f"step {step}/{args.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2, final=args.demo and step == args.steps)
     bar.close()
     return segmenter.eval()
 

@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", shots=s)
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2, final=args.demo and step == args.steps)
         if args.val_every and step % args.val_every == 0 and step < args.steps:
             quick = head(test_data[1], args.val_items)
             conf, _ = evaluate(unet, quick, **eval_kw)

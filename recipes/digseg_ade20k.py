@@ -133,7 +133,7 @@ from unet_seg.models.clip_vision import TINY_VIT, CLIPVisionEncoder
 from unet_seg.pretrained import load_clip
 from unet_seg.errors import InputError
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
-from unet_seg.segmentation import candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
+from unet_seg.segmentation import PROGRESS_DELAY, candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
@@ -260,6 +260,7 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
         conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
         seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
         square = data[0]["label"].shape == (size, size)  # synthetic scenes: all size², batched
+        bar = progress(total=len(subset), desc="evaluating", unit="image", delay=PROGRESS_DELAY, leave=False)
         for batch in torch.utils.data.DataLoader(subset, batch_size=8 if square and "clip" not in modes else 1):
             images, labels = batch["image"].to(device), batch["label"].to(device)
             inputs = images if images.shape[-2:] == (size, size) else F.interpolate(images, (size, size), mode="bilinear").clamp(-1, 1)  # as training
@@ -285,6 +286,8 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
                 if name == next(iter(runs)) and len(shown) < 4:
                     shown += list(zip(images, preds[next(iter(rules))], labels))[: 4 - len(shown)]
             conf["baseline: majority label"] += confusion_matrix(torch.full_like(labels, majority), labels, num_labels)
+            bar.update(len(images))
+        bar.close()
         speed = {f"{n}, {r}": {"images/s": round(len(subset) / max(t, 1e-9), 2), "class runs/s": round(class_runs[n] / max(t, 1e-9), 2)}
                  for n, t in seconds.items() for r in rules}  # fmt: skip
         return {n: all_reduce_confusion(c) for n, c in conf.items()}, speed, shown
@@ -429,7 +432,7 @@ def main(argv=None) -> dict:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2, final=args.demo and step == args.steps)
         if args.val_every and step % args.val_every == 0 and step < args.steps:
             quick = head(test_data, args.val_items)
             conf, _, _ = evaluate(model, quick, **eval_kw, settings=settings[:1], modes=args.candidates[:1])

@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         loss = one_step(batch)
         bar.update(), bar.set_postfix(loss=f"{loss.item():.4f}")
         if should_checkpoint(step, args.save_every, args.steps):
-            save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2)
+            save_checkpoint(args.out, step, models, optimizer=opt, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2, final=args.demo and step == args.steps)
     bar.close()
     train_time = time.perf_counter() - job.started
     # ---- evaluate: 1- and 5-shot on the held-out classes (demo: and the control, supports of the other class)

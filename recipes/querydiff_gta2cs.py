@@ -361,7 +361,7 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         if should_checkpoint(step, args.save_every, args.steps):
             extra = {"args": str(vars(args)), "dcl_weight": dcl_weight}
-            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra=extra, keep_last=2)
+            save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra=extra, keep_last=2, final=args.demo and step == args.steps)
     bar.close()
     return time.perf_counter() - started
 

@@ -1,11 +1,14 @@
+import argparse
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -237,6 +240,32 @@ def test_resume_with_another_steps_than_the_run_says_so_in_one_line(tmp_path, ca
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+def test_a_final_checkpoint_holds_the_weights_alone_and_resuming_it_further_says_so(tmp_path, capsys):
+    model, opt = stepped(OPTIMIZERS["adamw"], 3)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=10)
+    full = save_checkpoint(tmp_path / "full", 10, {"m": model}, optimizer=opt, scheduler=sched, extra={"steps": 10})
+    final = save_checkpoint(tmp_path / "final", 10, {"m": model}, optimizer=opt, scheduler=sched, extra={"steps": 10}, final=True)
+    tensor_bytes = lambda path: sum(t.numel() * t.element_size() for t in load_file(str(path)).values())  # noqa: E731
+    assert set(load_file(str(final))) == {k for k in load_file(str(full)) if k.startswith("model/")}
+    assert 3 * tensor_bytes(final) <= tensor_bytes(full)  # AdamW: two moments per weight (amsgrad: three)
+    fresh_model, fresh_opt = stepped(OPTIMIZERS["adamw"], 0)
+    untouched = fresh_opt.state_dict()
+    resumed = load_checkpoint(final, {"m": fresh_model}, optimizer=fresh_opt)
+    assert resumed.final and not load_checkpoint(full, {"m": tiny_net()}).final and resumed.step == 10
+    assert_same_tree(fresh_model.state_dict(), model.state_dict())
+    assert_same_tree(fresh_opt.state_dict(), untouched)  # left as it was
+    capsys.readouterr()
+    assert train.resume_latest(tmp_path / "final", {"m": fresh_model}, optimizer=fresh_opt, steps=10) == 10  # re-evaluate: no line
+    assert capsys.readouterr().out.splitlines()[1:] == []
+    train.resume_latest(tmp_path / "final", {"m": fresh_model}, optimizer=fresh_opt, steps=20)
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "--resume: step_000000010.safetensors ended a finished demo and holds its weights alone: training goes on from them "
+        "with a fresh optimizer and learning-rate schedule, not as one uninterrupted run would"
+    )
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):  # a checkpoint saved without one, not final
+        load_checkpoint(save_checkpoint(tmp_path / "bare", 1, {"m": model}), {"m": model}, optimizer=opt)
+
+
 class SignalDispositions(torch.utils.data.Dataset):
     """Items: (SIGINT ignored, SIGTERM ignored, the user's worker_init_fn ran) in this process."""
 
@@ -275,6 +304,40 @@ def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
     assert lines[-1].startswith("Demo: step 40/40 | loss=0.025 | ") and lines[-1].endswith("steps/s | ETA 0:00")
     assert list(train.progress(range(6), every=3)) == list(range(6))
     assert capsys.readouterr().err.count("step ") == 2
+
+
+def test_progress_counts_in_its_unit_and_stays_silent_for_a_phase_shorter_than_its_delay(capsys, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    bar = train.progress(total=8, desc="evaluating", unit="image", delay=5.0, every=2)
+    bar.update(4)  # 0 s in: nothing yet
+    assert capsys.readouterr().err == ""
+    clock[0] += 6.0
+    bar.update(4)
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["evaluating: image 8/8 | 1.33 images/s | ETA 0:00"]
+    quick = train.progress(total=8, unit="image", delay=5.0)
+    quick.update(8)
+    quick.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluation_shows_progress_once_it_lasts_longer_than_a_few_seconds(capsys, monkeypatch):
+    from unet_seg import segmentation
+
+    clock = [0.0]
+
+    def predict(x):  # each image "takes" 2 s
+        clock[0] += 2.0
+        return torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    data = [{"image": torch.zeros(3, 4, 4), "label": torch.zeros(4, 4, dtype=torch.long)}] * 20
+    segmentation.evaluate_semantic(predict, data, 2, torch.device("cpu"), desc="evaluating hazy")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("evaluating hazy: image ") for line in lines) and lines[-1].startswith("evaluating hazy: image 20/20")
+    segmentation.evaluate_semantic(predict, data[:2], 2, torch.device("cpu"))  # 4 s: silent
+    assert capsys.readouterr().err == ""
 
 
 def test_starting_a_loader_iterator_leaves_the_global_rng_alone():
@@ -713,8 +776,22 @@ def test_run_start_resume_and_finish_in_one_process(tmp_path, capsys):
     metrics = {"ours": {"mIoU": 51.5}, "baseline": {"mIoU": 12.0}}
     assert finish_run(run, metrics, out=args.out, title="T", wrote="x.png", train_seconds=2.0) is metrics
     printed = capsys.readouterr().out
-    assert "| ours | 51.5 |" in printed and "train 2 s, total" in printed and "x.png" in printed
+    assert "| ours | 51.5 |" in printed and "train 2 s, total" in printed and "x.png" in printed and "note:" not in printed
     assert json.loads((args.out / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("demo, steps, noted", [(True, 20, True), (True, 149, True), (True, 150, False), (False, 20, False)])
+def test_a_demo_far_shorter_than_its_default_says_at_its_end_what_it_cannot_show(tmp_path, capsys, demo, steps, noted):
+    import argparse
+
+    from unet_seg.train import finish_run, start_run
+
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    args = argparse.Namespace(demo=demo, demo_reason=None, seed=0, out=tmp_path, steps=steps, demo_steps=300)
+    finish_run(start_run(args, demo="d", real="r"), {"x": {"mIoU": 1.0}}, out=tmp_path, title="T")
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"note: {steps} steps is a short demo (its default is 300): too short to show the method yet") == noted
 
 
 def test_rank_share_and_head_of_one_process():
@@ -794,6 +871,32 @@ def test_sanity_check_leaves_the_run_as_it_would_have_been(tmp_path, capsys):
     assert "(2 training steps, a checkpoint written and read back, one item of val 10x6, test 4x4); 6 steps ≈" in printed
     report = checked[-1]
     assert report.step_seconds > 0 and report.train_seconds >= 6 * report.step_seconds and report.eval_seconds > 0
+
+
+def test_a_demo_prints_the_sanity_checks_projection_as_its_time_on_this_machine_unless_short(tmp_path, capsys):
+    from unet_seg.train import sanity_check
+
+    model = tiny_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def one_step(batch):
+        loss = F.mse_loss(model(batch[0]), batch[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    targets = {"val": TensorDataset(torch.ones(5, 3, 6, 10))}
+    kw = dict(out=tmp_path, step=0, loader=resumable_loader(DATA, BATCH, seed=0), train=one_step, models={"m": model}, optimizer=opt,
+              evaluate=lambda data: [model(torch.ones(1, 4)) for _ in data], targets=targets)  # fmt: skip
+    report = sanity_check(argparse.Namespace(demo=True, steps=40, save_every=10), **kw)
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"demo: about \d+ s on this machine \(40 steps ≈ \d+ s, evaluation ≈ \d+ s\)\n", out), out
+    assert report.train_seconds >= 40 * report.step_seconds and report.eval_seconds > 0
+    assert_same_tree(dict(model.state_dict()), before)  # put back as it was
+    assert sanity_check(argparse.Namespace(demo=True, steps=9, save_every=3), **kw) is None  # too short to time
+    assert sanity_check(argparse.Namespace(demo=True, steps=40, save_every=10, no_sanity_check=True), **kw) is None
+    assert capsys.readouterr().out == ""
 
 
 def test_sanity_check_failures_name_the_part_and_the_error(tmp_path):

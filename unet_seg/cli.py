@@ -114,8 +114,9 @@ def recipe_parser(
     )  # fmt: skip
     p.add_argument(
         "--no-sanity-check", action="store_true",
-        help="skip the check a real run makes first (two training steps, a checkpoint written and read back, one "
-        "image of every evaluation set at full size, the projected duration; the run's result is the same with it)",
+        help="skip the check a run makes first (two training steps, a checkpoint written and read back, one "
+        "image of every evaluation set at full size, the projected duration; a demo's time estimate; the run's result "
+        "is the same with it)",
     )  # fmt: skip
     p.predict_group, p.size_multiple, p.all_items = None, size_multiple, all_items
     if not predict:
@@ -161,6 +162,7 @@ def parse_recipe_args(
     if not args.demo and not given and args.model is None:
         args.demo = True
         args.demo_reason = f"no {data[0]}: running the synthetic demo; see --help for {dataset}"
+    args.demo_steps = demo["steps"]  # a demo far shorter says so at its end (unet_seg.train.finish_run)
     for key, value in (demo if args.demo else real).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

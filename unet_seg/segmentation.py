@@ -40,7 +40,9 @@ from .diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, ensemble_mean
 from .metrics import all_reduce_confusion, confusion_matrix
 from .models.clip_vision import clip_preprocess
 from .train import autocast
-from .train import rank_and_world, rank_share
+from .train import progress, rank_and_world, rank_share
+
+PROGRESS_DELAY = 5.0  # seconds: an evaluation shorter than this shows no progress
 
 Predict = Callable[[Tensor], Tensor]
 
@@ -90,6 +92,7 @@ def evaluate_semantic(
     batch_size: int = 1,
     keep: int = 4,
     ignore_index: int = 255,
+    desc: str = "evaluating",
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """This rank's share of `data` (items rank, rank + world, ...) -> (confusion [K, K] summed over
     all ranks, up to `keep` (image, prediction, label) triples of this rank, on the CPU, prediction
@@ -97,11 +100,13 @@ def evaluate_semantic(
 
     `predict(images [N, 3, H, W]) -> labels [N, H, W] or logits [N, K, h, w]`; logits are resized
     bilinearly to the label's size and arg-maxed, labels resized with nearest. Items of a batch
-    must share image and label sizes (batch_size 1 for datasets of mixed sizes).
+    must share image and label sizes (batch_size 1 for datasets of mixed sizes). Rank 0 shows
+    progress (`desc`: images) once the evaluation takes more than a few seconds.
     """
     shard = rank_share(data)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     shown = []
+    bar = progress(total=len(shard), desc=desc, unit="image", delay=PROGRESS_DELAY, leave=False)
     for batch in DataLoader(shard, batch_size=batch_size, collate_fn=_collate):
         image, label = batch[0].to(device), batch[1].to(device)
         pred = predict(image)
@@ -114,6 +119,8 @@ def evaluate_semantic(
         if n > 0:
             size = image.shape[-2:]
             shown += zip(image[:n].cpu(), resize_labels(pred[:n], size).cpu(), resize_labels(label[:n], size).cpu())
+        bar.update(len(image))
+    bar.close()
     return all_reduce_confusion(conf), shown
 
 
@@ -137,6 +144,7 @@ def evaluate_episodes(
     batch_size: int = 8,
     keep: int = 4,
     ignore_index: int = 255,
+    desc: str = "evaluating",
 ):
     """This rank's share of the episodes `data` -> (confusion [L, L] summed over all ranks, up to
     `keep` (query, support 0, its mask, prediction, query mask) tuples of this rank).
@@ -145,14 +153,17 @@ def evaluate_episodes(
     {name: masks} to score several predictors in one pass (then the confusion is a dict too and
     the first predictor is shown). Each episode is scored as a label map: prediction and query
     mask times the episode's class label, so that the matrix keeps every class apart for
-    `metrics.few_shot_scores`; `ignore_index` pixels of the query mask are not counted.
+    `metrics.few_shot_scores`; `ignore_index` pixels of the query mask are not counted. Rank 0
+    shows progress (`desc`: episodes) once the evaluation takes more than a few seconds.
     """
     world = rank_and_world()[1]
     if len(data) < world:  # every rank must see an episode to know the predictors' names
         raise ValueError(f"{len(data)} episodes cannot be shared by {world} processes")
     conf: dict[str, Tensor] = {}
     shown = []
-    for batch in DataLoader(rank_share(data), batch_size=batch_size):
+    shard = rank_share(data)
+    bar = progress(total=len(shard), desc=desc, unit="episode", delay=PROGRESS_DELAY, leave=False)
+    for batch in DataLoader(shard, batch_size=batch_size):
         query, query_mask, supports, support_masks, class_id = episode_tensors(batch, device)
         out = predict(query, supports, support_masks)
         masks = out if isinstance(out, dict) else {"": out}
@@ -167,6 +178,8 @@ def evaluate_episodes(
         if n > 0:
             first = next(iter(masks.values()))
             shown += zip(*(t[:n].cpu() for t in (query, supports[:, 0], support_masks[:, 0], first, query_mask)))
+        bar.update(len(query))
+    bar.close()
     conf = {n: all_reduce_confusion(c) for n, c in conf.items()}
     return (conf[""] if list(conf) == [""] else conf), shown
 

@@ -35,6 +35,7 @@ class Resumed(NamedTuple):
     step: int
     epoch: int
     extra: dict
+    final: bool = False  # a run's last checkpoint, written without optimizer and scheduler state
 
 
 def _pack(obj: Any, key: str, tensors: dict[str, Tensor]) -> Any:
@@ -104,6 +105,7 @@ def save_checkpoint(
     epoch: int = 0,
     extra: Optional[dict] = None,
     keep_last: Optional[int] = None,
+    final: bool = False,
 ) -> Path:
     """Write `checkpoint_path(directory, step)` atomically (rank 0) and return its path.
 
@@ -113,6 +115,11 @@ def save_checkpoint(
     `step`, `epoch`, `extra` (JSON-able values and tensors, e.g. the run's arguments or the best
     metric so far) and the RNG states. Pass only the modules that training changes. With
     `keep_last=N`, older `step_*.safetensors` files in `directory` beyond the newest N are deleted.
+
+    `final=True` (a demo's last step: the run will not go on): the weights without the optimizer
+    and scheduler state, with AdamW a third of the size.
+    It re-evaluates and exports as any other; resumed to more steps (`load_checkpoint`), training
+    goes on from its weights with a fresh optimizer and scheduler, and `resume_latest` says so.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
@@ -127,8 +134,9 @@ def save_checkpoint(
             "step": step,
             "epoch": epoch,
             "models": list(models),
-            "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
-            "scheduler": _pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None else None,
+            "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None and not final else None,
+            "scheduler": _pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None and not final else None,
+            "final": final,
             "extra": _pack(extra or {}, "extra", tensors),
             "rng": rng,
         }
@@ -151,7 +159,9 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> Resumed:
     """Restore what `save_checkpoint` stored into `models` (same names), the optimizer and the
-    scheduler (when given), and this rank's RNG states; return (step, epoch, extra).
+    scheduler (when given), and this rank's RNG states; return (step, epoch, extra, final). A
+    `final` checkpoint (`save_checkpoint`) has no optimizer or scheduler state: they are left as
+    they are.
 
     Every rank reads the file. A missing, truncated or corrupt file, a missing model, optimizer
     or scheduler state, and a state dict that does not fit (keys listed) raise CheckpointError
@@ -184,6 +194,8 @@ def load_checkpoint(
         if obj is None:
             continue
         if header[what] is None:
+            if header.get("final"):
+                continue
             raise CheckpointError(f"{path}: holds no {what} state")
         lrs = [group["lr"] for group in obj.param_groups] if what == "optimizer" else []
         try:
@@ -204,7 +216,7 @@ def load_checkpoint(
                     "random stream restarts from a hash of the saved streams and its rank (none of them repeats the "
                     "noise already drawn), so the resumed run continues, but not bit for bit as an uninterrupted one"
                 )
-    return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors))
+    return Resumed(header["step"], header["epoch"], _unpack(header["extra"], tensors), bool(header.get("final")))
 
 
 def resume_latest(
@@ -232,13 +244,16 @@ def resume_latest(
     bad = []
     for path in found:
         try:
-            step, _, extra = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler)
+            step, _, extra, final = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler)
         except CheckpointError as e:
             bad.append(path)
             if is_main():
                 warnings.warn(f"--resume: passing over {path}, which cannot be used: {e}", stacklevel=2)
             continue
         print0(f"resumed {path} (step {step})" + (f"; passed over {len(bad)} newer unusable checkpoint(s)" if bad else ""))
+        if final and steps is not None and step < steps and (optimizer is not None or scheduler is not None):
+            print0(f"--resume: {path.name} ended a finished demo and holds its weights alone: training goes on from them with a "
+                   "fresh optimizer and learning-rate schedule, not as one uninterrupted run would")  # fmt: skip
         run_steps = _run_steps(extra)
         if steps is not None and run_steps is not None and run_steps != steps:
             schedule = getattr(scheduler, "total_iters", None)  # LinearLR, PolynomialLR, ... restored with the run's length

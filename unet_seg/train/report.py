@@ -30,7 +30,7 @@ def progress(iterable: Any = None, **kwargs: Any) -> Union[tqdm, "LineProgress"]
     """A tqdm bar on rank 0 when stderr is a terminal; where it is not (a log file, a pipe, a
     cluster job), a `LineProgress` that prints a plain line every `every` steps (default: a
     twentieth of `total`) or minute instead. Silent on other ranks. Keyword arguments go to tqdm
-    (`total`, `initial`, `desc`, ...)."""
+    (`total`, `initial`, `desc`, `unit`, `delay`: nothing shown for a phase shorter than that, ...)."""
     if not is_main() or kwargs.get("disable"):
         return tqdm(iterable, **{**kwargs, "disable": True})
     if not sys.stderr.isatty():
@@ -43,13 +43,16 @@ class LineProgress:
     """tqdm's `update`, `set_postfix`, `close` and iteration, written as plain lines for logs:
 
         DiffewS: step 100/300 | loss=0.0812 shots=1 | 2.41 steps/s | ETA 1:23
+        evaluating hazy: image 40/100 | 3.1 images/s | ETA 0:19          (unit="image")
 
-    A line is due every `every` steps (default total // 20), after `seconds` without one, and at
-    the last step; it is printed once that step's postfix is set (or at the next update/close)."""
+    A line is due every `every` updates (default total // 20), after `seconds` without one, and at
+    the last; it is printed once that step's postfix is set (or at the next update/close), and
+    none before `delay` seconds have passed since the start."""
 
     def __init__(self, iterable: Any = None, total: Optional[int] = None, initial: int = 0, desc: str = "",
-                 every: Optional[int] = None, seconds: float = 60.0, file: Any = None, **_: Any):  # fmt: skip
-        self.iterable, self.desc, self.n, self.initial = iterable, desc, initial, initial
+                 every: Optional[int] = None, seconds: float = 60.0, file: Any = None, unit: str = "step", delay: float = 0.0,
+                 **_: Any):  # fmt: skip
+        self.iterable, self.desc, self.n, self.initial, self.unit, self.delay = iterable, desc, initial, initial, unit, delay
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.every = every or max(1, (self.total or 20) // 20)
         self.seconds, self.file = seconds, file
@@ -68,6 +71,7 @@ class LineProgress:
         self.n += n
         now = time.perf_counter()
         self.due = self.n % self.every == 0 or self.n == self.total or now - self.last_line >= self.seconds
+        self.due = self.due and now - self.started >= self.delay  # a phase shorter than `delay` shows nothing
 
     def set_postfix(self, ordered_dict: Optional[dict] = None, **kwargs: Any) -> None:
         items = {**(ordered_dict or {}), **kwargs}
@@ -83,9 +87,9 @@ class LineProgress:
         self.due, self.last_line = False, time.perf_counter()
         done = self.n - self.initial
         rate = done / max(self.last_line - self.started, 1e-9)
-        parts = [f"{self.desc + ': ' if self.desc else ''}step {self.n}" + (f"/{self.total}" if self.total else "")]
+        parts = [f"{self.desc + ': ' if self.desc else ''}{self.unit} {self.n}" + (f"/{self.total}" if self.total else "")]
         parts += [self.postfix] if self.postfix else []
-        parts.append(f"{rate:.3g} steps/s")
+        parts.append(f"{rate:.3g} {self.unit}s/s")
         if self.total and rate > 0:
             eta = int((self.total - self.n) / rate)
             parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if eta >= 3600 else f"ETA {eta // 60}:{eta % 60:02d}")

@@ -23,6 +23,7 @@ class Run(NamedTuple):
     local_rank: int
     device: torch.device
     started: float  # time.perf_counter() at the start
+    note: str = ""  # printed by finish_run after the metrics: what a short demo cannot show yet
 
 
 def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
@@ -30,7 +31,8 @@ def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     (`print_demo`: `"DEMO: <demo>, CPU, no download (real runs: <real>)"`; a CPU demo runs on one
     thread unless OMP_NUM_THREADS is set), seed this rank's own
     stream (`seed_everything(args.seed, rank)`; build models in `same_init_on_every_rank`) and
-    create `args.out`."""
+    create `args.out`. A demo of less than half its default steps (`args.demo_steps`, set by
+    `parse_recipe_args`) ends with a line saying that it is too short to show the method."""
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
     cpu = device.type.upper()
@@ -42,7 +44,15 @@ def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     print_demo(args, f"{demo}, {cpu}, no download (real runs: {real})")
     seed_everything(args.seed, rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    return Run(rank, world, local_rank, device, started)
+    return Run(rank, world, local_rank, device, started, _short_demo_note(args))
+
+
+def _short_demo_note(args: argparse.Namespace) -> str:
+    default = getattr(args, "demo_steps", None)
+    if not args.demo or default is None or 2 * args.steps >= default:
+        return ""
+    return (f"note: {args.steps} steps is a short demo (its default is {default}): too short to show the method yet, its scores "
+            "can sit at or below the baselines; run the default --steps for the comparison the demo is made for")  # fmt: skip
 
 
 def finish_run(run: Run, metrics: dict, *, out: PathLike, title: str, wrote: str = "", train_seconds: Optional[float] = None) -> dict:
@@ -53,6 +63,8 @@ def finish_run(run: Run, metrics: dict, *, out: PathLike, title: str, wrote: str
     print0("\n" + table)
     times = (f"train {train_seconds:.0f} s, " if train_seconds is not None else "") + f"total {time.perf_counter() - run.started:.0f} s"
     print0(f"{times} on {run.world} process(es); wrote {out}/metrics.md, .json" + (f", {wrote}" if wrote else ""))
+    if run.note:
+        print0(run.note)
     barrier()
     cleanup_distributed()
     return metrics
