@@ -327,3 +327,25 @@ def test_a_real_run_with_cache_dir_trains_as_the_uncached_run_and_reuses_its_cac
     apart = sum(int(((plain[k] - cached[k]).abs() > 1e-7).sum()) for k in unet) / sum(plain[k].numel() for k in unet)
     assert max((plain[k] - cached[k]).abs().max().item() for k in unet) <= 2 * 2 * 1e-5 + 1e-7
     assert apart < 0.01  # measured 9.2e-5; 0.57 with the cached supports and their masks swapped
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_build_one_cache_together_and_train_from_it(tmp_path, capsys):
+    """Under torchrun each rank encodes its own shards (rank 0 prints the one build line), both
+    ranks train from the whole cache with the same weights, and a later one-process run finds
+    every posterior there (it encodes nothing)."""
+    from .fake_datasets import write_coco20i
+    from .helpers import assert_ranks_hold_the_same_weights, run_torchrun, write_tiny_sd
+
+    data, sd = write_coco20i(tmp_path / "COCO2014", train_images=4), write_tiny_sd(tmp_path / "sd")
+    args = ["--model", str(sd), "--data-root", str(data), "--size", "32", "--steps", "2", "--batch-size", "1", "--save-every", "1",
+            "--eval-items", "2", "--workers", "0", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    run = run_torchrun("diffews_coco20i", args + ["--out", str(tmp_path / "run")], probe=tmp_path / "probe", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sum("latent cache" in line and "encoding" in line for line in run.stdout.splitlines()) == 1
+    assert assert_ranks_hold_the_same_weights(tmp_path / "probe") == [1, 2]
+    shards = {int(p.stem.split("_")[1]) for p in (tmp_path / "cache").glob("shard_*.safetensors")}
+    assert {s % 2 for s in shards} == {0, 1}  # both ranks' shards
+    capsys.readouterr()
+    _recipe().main(args + ["--out", str(tmp_path / "one")])  # in this process
+    assert "encoding" not in capsys.readouterr().out and (tmp_path / "one" / "metrics.json").is_file()
