@@ -265,7 +265,7 @@ class Frozen:
     level_channels: list[int]
 
 
-def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, num_classes: int, device):
+def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, num_classes: int, device, trainings: int = 1):
     """Train a fresh fusion block + head on the source domain (IPKL, or CE alone without it),
     resuming from `out` with --resume, after a sanity check (real runs: 2 steps, a checkpoint,
     one image of every target); returns the trained `Segmenter`."""
@@ -295,7 +295,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
 
     predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
     sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
-                 evaluate=lambda data: evaluate_semantic(predict, data, num_classes, device), targets=targets)  # fmt: skip
+                 evaluate=lambda data: evaluate_semantic(predict, data, num_classes, device), targets=targets, trainings=trainings)  # fmt: skip
     bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         losses = one_step(batch)
@@ -404,7 +404,7 @@ def main(argv=None) -> dict:
         variants["baseline: DIFF without IPKL"] = False
     metrics, rows = {}, []
     for i, (variant, ipkl) in enumerate(variants.items()):
-        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, targets, num_classes, device)
+        segmenter = fit(args, ipkl, args.out if i == 0 else args.out / "baseline", frozen, train_data, targets, num_classes, device, len(variants) - i)
         if i == 0:
             export(segmenter, frozen, sd, args, class_names, palette)
         if args.export:

@@ -334,7 +334,7 @@ class ContiguousLabels(torch.utils.data.Dataset):
 
 
 def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_data, tests: dict, slide: bool, num_classes: int, device,
-          desc: str) -> float:  # fmt: skip
+          desc: str, trainings: int = 1) -> float:  # fmt: skip
     """Train `model` in place for args.steps (resuming from `out` with --resume; real runs after a
     sanity check: 2 steps, a checkpoint, one image of every test set); returns seconds."""
     started = time.perf_counter()
@@ -353,7 +353,8 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
         return losses
 
     sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
-                 evaluate=lambda data: evaluate(model, data, num_classes, device, args.window if slide else None, args.amp), targets=tests)  # fmt: skip
+                 evaluate=lambda data: evaluate(model, data, num_classes, device, args.window if slide else None, args.amp), targets=tests,
+                 trainings=trainings)  # fmt: skip
     bar = progress(total=args.steps, initial=step, desc=desc)
     for step, epoch, batch in training_batches(loader, step, args.steps):
         losses = one_step(batch)
@@ -382,7 +383,7 @@ def main(argv=None) -> dict:
     runs = [("QueryDiff", args.dcl_weight)] + ([("no DCL", 0.0)] if args.compare else [])
     teacher = build_teacher(args, device) if not (args.eval_only or args.export) and any(w > 0 for _, w in runs) else None
     metrics, shown = {}, {}
-    for name, weight in runs:
+    for i, (name, weight) in enumerate(runs):
         out = args.out / ("querydiff" if weight > 0 else "no_dcl")
         model = build_model(args, num_classes, weight > 0)
         if args.export:
@@ -393,7 +394,7 @@ def main(argv=None) -> dict:
             model.to(device)
             seconds = 0.0
         else:
-            seconds = train(args, model, out, weight, teacher, train_data, tests, slide, num_classes, device, name)
+            seconds = train(args, model, out, weight, teacher, train_data, tests, slide, num_classes, device, name, len(runs) - i)
         if name == runs[0][0]:
             export(model, args, class_names, palette)
         evaluated = maybe_compile(model, args.compile) if args.compile else model

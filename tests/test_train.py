@@ -894,6 +894,10 @@ def test_a_demo_prints_the_sanity_checks_projection_as_its_time_on_this_machine_
     assert re.fullmatch(r"demo: about \d+ s on this machine \(40 steps ≈ \d+ s, evaluation ≈ \d+ s\)\n", out), out
     assert report.train_seconds >= 40 * report.step_seconds and report.eval_seconds > 0
     assert_same_tree(dict(model.state_dict()), before)  # put back as it was
+    sanity_check(argparse.Namespace(demo=True, steps=40, save_every=10), **kw, trainings=2)  # and its control model
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"demo: about \d+ s on this machine \(this training: 40 steps ≈ \d+ s, evaluation ≈ \d+ s; "
+                        r"2 trainings in all\)\n", out), out  # fmt: skip
     assert sanity_check(argparse.Namespace(demo=True, steps=9, save_every=3), **kw) is None  # too short to time
     assert sanity_check(argparse.Namespace(demo=True, steps=40, save_every=10, no_sanity_check=True), **kw) is None
     assert capsys.readouterr().out == ""

@@ -60,6 +60,7 @@ def sanity_check(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
     steps: int = 2,
+    trainings: int = 1,
 ) -> Optional[SanityReport]:
     """Before a real run's training loop (after resuming, DDP and compiling), on every rank: write
     `models`, `optimizer`, `scheduler` and the RNG states to `out`/sanity-check (the real atomic
@@ -75,6 +76,9 @@ def sanity_check(
     A demo (`args.demo`) prints the projection as its time on this machine instead:
 
         demo: about 4.2 min on this machine (300 steps ≈ 3.9 min, evaluation ≈ 18 s)
+
+    `trainings`: the trainings of this size the demo has still to run, this one included (a
+    recipe that also trains its control model: 2); the estimate counts them all alike.
 
     Skipped (None) with `args.no_sanity_check`, when no step is left (`step >= args.steps`) and for
     a demo of fewer than DEMO_MIN_STEPS steps. A failure in any part raises SanityCheckFailed on
@@ -123,8 +127,9 @@ def sanity_check(
     train_seconds = left * times[-1] + (left // args.save_every + 1) * save_seconds
     report = SanityReport(time.perf_counter() - started, times[-1], train_seconds, eval_seconds)
     if args.demo:
-        print0(f"demo: about {_duration(train_seconds + eval_seconds)} on this machine ({left} steps ≈ {_duration(train_seconds)}, "
-               f"evaluation ≈ {_duration(eval_seconds)})")  # fmt: skip
+        this = f"{left} steps ≈ {_duration(train_seconds)}, evaluation ≈ {_duration(eval_seconds)}"
+        this = f"this training: {this}; {trainings} trainings in all" if trainings > 1 else this
+        print0(f"demo: about {_duration(trainings * (train_seconds + eval_seconds))} on this machine ({this})")
         return report
     print0(
         f"sanity check passed in {_duration(report.seconds)} ({len(times)} training step{'s' * (len(times) > 1)}, "
