@@ -109,13 +109,13 @@ def separability(protos, classes, scenes, test_classes) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="a `--demo` run's --out (its latest checkpoint's head)")
-    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--eval-items", type=int, default=200, help="test episodes (the recipes' --eval-items)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "prototypes_demo_probe.md"))
     args = ap.parse_args()
-    lines = [f"# Prototype recipe's demo: task and features (fold 0, {args.episodes} test episodes, seed 0)", "",
+    lines = [f"# Prototype recipe's demo: task and features (fold 0, {args.eval_items} test episodes, seed 0)", "",
              f"`python benchmarks/probe_prototypes_demo.py{' --run RUN' if args.run else ''}`, torch {torch.__version__}, CPU, "
              f"{torch.get_num_threads()} thread(s), fp32.", ""]  # fmt: skip
-    task = fewshot_episodes(0, size=64, test_episodes=args.episodes, seed=0)
+    task = fewshot_episodes(0, size=64, test_episodes=args.eval_items, seed=0)
     test_classes = list(task.test_labels)
     lines += ["## 1. The task, from ground truth", "", *task_table(task.test[1], task.num_labels, test_classes), ""]
     print("\n".join(lines), flush=True)
@@ -130,7 +130,7 @@ def main() -> None:
         head.eval()
     rows = ["| size | features | C × h × w | objects | pair % | pair % (centred) | 5-way % | 5-way % (centred) |", "|---|---|---|---|---|---|---|---|"]
     for size in (64, 128):
-        ds = fewshot_episodes(0, size=size, test_episodes=args.episodes, seed=0).test[1]
+        ds = fewshot_episodes(0, size=size, test_episodes=args.eval_items, seed=0).test[1]
         images = torch.stack([ds[i]["query"] for i in range(len(ds))])
         labels = torch.stack([query_labels(ds, i)[0] for i in range(len(ds))])
         with torch.no_grad():
