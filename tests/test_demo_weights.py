@@ -133,3 +133,10 @@ def test_scene_buffer_keeps_the_last_capacity_scenes_and_samples_only_them(capac
     z, ids = buffer.sample(64, torch.Generator().manual_seed(seed))
     assert z.shape == (64, 4, 2, 2) and ids.shape == (64, 77) and ids.dtype == torch.int64
     assert {int(v) for v in z[:, 0, 0, 0]} <= kept and torch.equal(z[:, 0, 0, 0].long(), ids[:, 0])
+
+
+def test_cuda_graph_needs_a_gpu(tmp_path):
+    from unet_seg.demo_pretrain import main
+
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        main(["--steps", "1", "--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "w.safetensors")])

@@ -2,7 +2,7 @@
 
     python -m unet_seg.demo_pretrain                                   # one GPU, about 8 minutes
     python -m unet_seg.demo_pretrain --steps 20 --device cpu --out /tmp/x.safetensors   # a smoke run
-    python -m unet_seg.demo_pretrain --steps 40000 --reuse 4 --max-seconds 1080          # host-bound GPU: reuse scenes
+    python -m unet_seg.demo_pretrain --steps 100000 --reuse 12 --cuda-graph --max-seconds 1080   # GPU, 18 minutes
 
 A `DEMO_UNET` U-Net and a `DEMO_TEXT` text encoder, both from scratch, trained together as a
 latent text-to-image model: ε-MSE (SD's schedule, t ~ U{0..999}) on `BlockCodec` latents of
@@ -13,7 +13,9 @@ Rendering a scene costs the host ≈ 20 ms (the scene ≈ 70%, its caption ≈ 2
 a GPU waits for the DataLoader: with `--reuse R` a fresh batch enters a buffer of the last
 `--buffer` scenes of its size (codec latents and token ids, on the device) every R steps and is
 trained on; the other steps train on a batch drawn from that buffer, so the host renders R times
-fewer scenes per step. `--reuse 1` (the default) trains on every scene once.
+fewer scenes per step. `--reuse 1` (the default) trains on every scene once. `--cuda-graph`
+replays the step (forward, backward, AdamW, moving average) as one CUDA graph per scene size, so
+the host no longer launches its ~2600 operations either.
 AdamW, linear warm-up then a constant rate, bf16 autocast on a GPU, gradient-norm clip 1; the
 shipped weights are an exponential moving average (fp16). Every random number comes from
 `--seed`: the scenes are pure functions of (seed, index) and read in order, the initialisation
@@ -26,6 +28,7 @@ settings in the file's metadata.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from .data.synthetic import CaptionedScenes
 from .demo import DEMO_TEXT, DEMO_UNET, DEMO_WEIGHTS, BlockCodec, demo_tokenizer, denoising_loss, sample
@@ -42,6 +46,7 @@ from .diffusion import NoiseSchedule, q_sample, training_target
 from .files import atomic_path
 from .models import CLIPTextEncoder, UNet
 from .sd import StableDiffusion
+from .train.step import CudaGraphStep, backward_and_step
 from .viz import image_to_uint8, save_grid
 
 HELD_OUT_SEED = 10**6  # scenes of the text-use check (and the test): never trained on
@@ -61,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=14, help="DataLoader processes rendering scenes")
     p.add_argument("--reuse", type=int, default=1, help="a fresh batch every R steps, the others drawn from the buffer "
                    "of recent scenes: the host renders R times fewer scenes per step")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each training step (forward, backward, AdamW, "
+                   "moving average) as one CUDA graph: the host no longer launches its ~2600 operations")
     p.add_argument("--buffer", type=int, default=32768, help="recent scenes kept per size for --reuse (latents and ids on the device)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=0, help="stop training after this many seconds (0: never); "
@@ -120,6 +127,34 @@ def fresh_step(step: int, sizes: int, reuse: int) -> bool:
     return (step // sizes) % reuse == 0
 
 
+class MovingAverage(nn.Module):
+    """An exponential moving average of `params` as buffers (so `CudaGraphStep` restores it after
+    its warm-up steps, as it does the weights)."""
+
+    def __init__(self, params, decay: float):
+        super().__init__()
+        self.decay = decay
+        for i, p in enumerate(params):
+            self.register_buffer(f"p{i}", p.detach().clone())
+
+    @torch.no_grad()
+    def update(self, params) -> None:
+        torch._foreach_lerp_(list(self.buffers()), [p.detach() for p in params], 1 - self.decay)
+
+
+def train_step(unet, text_encoder, ema: MovingAverage, opt, schedule, z0, ids, t, noise) -> torch.Tensor:
+    """One step of the ε objective on latents z0 [B, 4, h, w] with captions `ids` [B, 77] at
+    timesteps t [B] with `noise` -> the loss. No host sync: a CUDA graph can hold it, and a
+    non-finite loss skips the update on the device (the loop raises when it reads the loss)."""
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    with torch.autocast(z0.device.type, torch.bfloat16, enabled=z0.device.type == "cuda"):
+        pred = unet(q_sample(z0, noise, t, schedule), t, text_encoder(ids))
+    loss = F.mse_loss(pred.float(), training_target(z0, noise, t, schedule))
+    backward_and_step(opt, params, loss, max_norm=1.0)
+    ema.update(params)
+    return loss
+
+
 def lr_factor(step: int, warmup: int) -> float:
     """Linear warm-up to 1, then constant (the moving average smooths): a run stopped by
     --max-seconds at step N is the run of --steps N."""
@@ -167,12 +202,15 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     unet, text_encoder = UNet(DEMO_UNET).to(device), CLIPTextEncoder(DEMO_TEXT).to(device)
     codec, schedule = BlockCodec(), NoiseSchedule.sd("epsilon").to(device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"demo_pretrain: --cuda-graph needs a CUDA device, this run has {device}")
     params = [*unet.parameters(), *text_encoder.parameters()]
-    ema = [p.detach().clone() for p in params]
+    ema = MovingAverage(params, args.ema)
     print(f"demo SD: U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
           f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters; {args.steps} steps of "
           f"{args.batch_size} scenes at {args.sizes} on {device}; commit {commit}", flush=True)  # fmt: skip
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
+    lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr  # a graph reads the schedule's lr from the GPU
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True, capturable=args.cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
     if args.reuse < 1 or args.buffer < args.batch_size:
         raise SystemExit(f"demo_pretrain: --reuse must be >= 1 and --buffer >= --batch-size, got {args.reuse} and {args.buffer}")
@@ -187,6 +225,9 @@ def main(argv=None) -> dict:
     buffers = {size: SceneBuffer(args.buffer) for size in args.sizes}
     unet.train()
     text_encoder.train()
+    step_fn = functools.partial(train_step, unet, text_encoder, ema, opt, schedule)
+    if args.cuda_graph:  # one graph per scene size
+        step_fn = CudaGraphStep(step_fn, [unet, text_encoder, ema], opt)
     start, window, curve, batches, waited = time.perf_counter(), [], [], iter(loader), 0.0
     for step in range(args.steps):
         buffer = buffers[args.sizes[step % len(args.sizes)]]
@@ -203,17 +244,8 @@ def main(argv=None) -> dict:
             z0, ids = buffer.sample(args.batch_size, picks)
         t = torch.randint(0, schedule.num_train_timesteps, (len(z0),), generator=g, device=device)
         noise = torch.randn(z0.shape, generator=g, device=device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(q_sample(z0, noise, t, schedule), t, text_encoder(ids))
-        loss = F.mse_loss(pred.float(), training_target(z0, noise, t, schedule))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        window.append(step_fn(z0, ids, t, noise).detach().clone())  # a graph's output is overwritten by its next replay
         sched.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema)
-        window.append(loss.detach())
         out_of_time = args.max_seconds and time.perf_counter() - start > args.max_seconds
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps or out_of_time:
             mean = torch.stack(window).mean().item()
@@ -221,7 +253,7 @@ def main(argv=None) -> dict:
                 raise FloatingPointError(f"non-finite training loss at step {step + 1}")
             seconds = time.perf_counter() - start
             curve.append((step + 1, round(mean, 5)))
-            print(f"step {step + 1:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {seconds:7.1f} s  "
+            print(f"step {step + 1:6d}  loss {mean:.4f}  lr {float(sched.get_last_lr()[0]):.2e}  {seconds:7.1f} s  "
                   f"{(step + 1) / seconds:5.1f} steps/s  waiting for scenes {waited / seconds:4.0%}", flush=True)  # fmt: skip
             window = []
         if out_of_time:
@@ -230,8 +262,10 @@ def main(argv=None) -> dict:
     args.steps = step + 1
     train_seconds = time.perf_counter() - start
 
+    if args.cuda_graph:
+        step_fn.close()
     with torch.no_grad():
-        for p, e in zip(params, ema):
+        for p, e in zip(params, ema.buffers()):
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
@@ -245,7 +279,7 @@ def main(argv=None) -> dict:
         for i, caption in enumerate(picture(sd, args.picture), 1):
             print(f"picture row {i}: {caption}", flush=True)
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "commit", "device", "workers", "picture", "max_seconds")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "commit", "device", "workers", "picture", "max_seconds", "cuda_graph")}
     metadata = {
         "commit": commit,
         "settings": json.dumps(settings),

@@ -132,8 +132,10 @@ class CLIPTextEncoder(nn.Module):
             raise TypeError(f"ids must be int64 or int32 token ids, got {ids.dtype}")
         if ids.ndim != 2 or not 1 <= ids.shape[1] <= cfg.max_positions:
             raise ValueError(f"ids must be [B, L] with 1 <= L <= {cfg.max_positions}, got shape {tuple(ids.shape)}")
-        # A value check needs the ids on the host; under torch.compile it is left to the embedding.
-        if not torch.compiler.is_compiling() and ids.numel():
+        # A value check needs the ids on the host; under torch.compile and while a CUDA graph is
+        # captured (which a host sync would break; its warm-up calls check) it is left to the embedding.
+        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and ids.numel():
             lo, hi = (int(v) for v in ids.aminmax())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
