@@ -236,6 +236,17 @@ def target_latents(vae, labels, class_embeds, class_ids, palette=None) -> tuple[
 # Evaluation
 
 
+def segment_batch(model, vae, schedule, inputs, embeds, keep, ensemble_steps, out_size, class_ids, background, rules: dict, palette=None) -> dict:
+    """Inputs at the training size -> {rule: class ids [B, *out_size]}: the class masks of candidates `keep`
+    denoised (E×S), at `out_size`, each rule's τ floor (None: argmax); with `palette` (note 8) one label map."""
+    if palette is not None:
+        index = denoise_label_maps(model, vae, schedule, inputs, embeds.new_zeros(1, embeds.shape[1]), palette, *ensemble_steps)
+        return dict.fromkeys(rules, torch.cat([class_ids, class_ids.new_tensor([background])]).to(index.device)[resize_labels(index, out_size)])
+    prob = denoise_class_masks(model, vae, schedule, inputs, embeds[keep], *ensemble_steps)
+    prob = prob if prob.shape[-2:] == out_size else F.interpolate(prob, out_size, mode="bilinear")
+    return {r: candidates_to_labels(prob, keep, class_ids, background, tau) for r, tau in rules.items()}
+
+
 @torch.no_grad()
 def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, settings, size: int, device, seed: int,
              modes=("all",), clip_vision=None, control: bool = False, threshold: float = THRESHOLD, palette=None):
@@ -255,7 +266,6 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
         if palette is not None:  # note 8
             runs = {f"DiGSeg label map {e}x{s}": (e, s, None, class_embeds.new_zeros(1, class_embeds.shape[1])) for e, s in settings}
             rules = {"nearest colour": None}
-            table = torch.cat([class_ids.to(device), torch.tensor([background], device=device)])
         names = [f"{n}, {r}" for n in runs for r in rules] + ["baseline: majority label"]
         conf = {n: torch.zeros(num_labels, num_labels, dtype=torch.long, device=device) for n in names}
         seconds, class_runs, shown = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0), []
@@ -269,14 +279,7 @@ def evaluate(model, data, *, vae, schedule, class_embeds, class_ids, vocab, sett
                 candidates["clip"] = clip_candidates(clip_vision, images, class_embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0]
             for name, (e, s, mode, embeds) in runs.items():
                 start = time.perf_counter()
-                if palette is not None:
-                    index = denoise_label_maps(model, vae, schedule, inputs, embeds, palette, e, s)
-                    preds = {r: table[resize_labels(index, labels.shape[-2:])] for r in rules}
-                else:
-                    prob = denoise_class_masks(model, vae, schedule, inputs, embeds[candidates[mode]], e, s)
-                    if prob.shape[-2:] != labels.shape[-2:]:
-                        prob = F.interpolate(prob, labels.shape[-2:], mode="bilinear")
-                    preds = {r: candidates_to_labels(prob, candidates[mode], class_ids, background, tau) for r, tau in rules.items()}
+                preds = segment_batch(model, vae, schedule, inputs, embeds, candidates.get(mode), (e, s), labels.shape[-2:], class_ids, background, rules, palette)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[name] += time.perf_counter() - start
@@ -333,12 +336,8 @@ def load_trained(run, device=None, classes=None) -> Predictor:
         with evaluation(model, seed=args.seed, device=device):
             x = next(iter(torch.utils.data.DataLoader([image]))).to(device)  # the loader draws from the RNG stream first
             inputs = x if x.shape[-2:] == size else F.interpolate(x, size, mode="bilinear").clamp(-1, 1)
-            if palette is not None:
-                index = denoise_label_maps(model, vae, schedule, inputs, embeds.new_zeros(1, embeds.shape[1]), palette, e, s)
-                return torch.cat([class_ids, class_ids.new_tensor([background])])[resize_labels(index, x.shape[-2:])][0].cpu()
             keep = clip_candidates(clip_vision, x, embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0] if clip_vision else torch.arange(len(class_ids), device=device)
-            prob = F.interpolate(denoise_class_masks(model, vae, schedule, inputs, embeds[keep], e, s), x.shape[-2:], mode="bilinear")
-            return candidates_to_labels(prob, keep, class_ids, background, tau)[0].cpu()
+            return segment_batch(model, vae, schedule, inputs, embeds, keep, (e, s), x.shape[-2:], class_ids, background, {"": tau}, palette)[""][0].cpu()
 
     return Predictor(segment, names, palette_for(len(names), background=bool(args.demo or classes)), untinted=0 if args.demo or classes else None, config=config, modules={"digseg": model, "class_embeds": embeds})
 
