@@ -336,7 +336,7 @@ def load_trained(run, device=None, classes=None) -> Predictor:
         with evaluation(model, seed=args.seed, device=device):
             x = next(iter(torch.utils.data.DataLoader([image]))).to(device)  # the loader draws from the RNG stream first
             inputs = x if x.shape[-2:] == size else F.interpolate(x, size, mode="bilinear").clamp(-1, 1)
-            keep = clip_candidates(clip_vision, x, embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0] if clip_vision else torch.arange(len(class_ids), device=device)
+            keep = clip_candidates(clip_vision, x, embeds, CLIP_THRESHOLD, PATCH_THRESHOLD)[0].nonzero()[:, 0] if clip_vision and palette is None else torch.arange(len(class_ids), device=device)
             return segment_batch(model, vae, schedule, inputs, embeds, keep, (e, s), x.shape[-2:], class_ids, background, {"": tau}, palette)[""][0].cpu()
 
     return Predictor(segment, names, palette_for(len(names), background=bool(args.demo or classes)), untinted=0 if args.demo or classes else None, config=config, modules={"digseg": model, "class_embeds": embeds})
