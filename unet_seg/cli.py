@@ -94,9 +94,9 @@ def recipe_parser(
     ):
         key = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {real[key]}; demo {demo[key]})")
-    zero = "; 0: all" if all_items else ""
-    p.add_argument("--eval-items", type=int, help=f"{eval_items} evaluated at the end (default {real['eval_items']}{zero}; "
-                   f"demo {demo['eval_items']})")  # fmt: skip
+    n = real["eval_items"]
+    every = ": all" if n == 0 else "; 0: all" if all_items else ""
+    p.add_argument("--eval-items", type=int, help=f"{eval_items} evaluated at the end (default {n}{every}; demo {demo['eval_items']})")
     p.add_argument("--workers", type=int, help="DataLoader worker processes per training process (default 4; demo 0)")
     p.add_argument(
         "--save-every", type=int,
