@@ -126,7 +126,7 @@ from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    autocast, check_finite_everywhere, clip_and_step, finish_run, head, maybe_compile, print0, progress,
+    autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -228,10 +228,7 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
         else:
             # official kl_loss: min(0.1 · KL, 0.5), i.e. the KL cut at 5
             losses["consistency"] = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", weight=0.1, max_value=0.5)
-    loss = sum(losses.values())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(opt, [p for g in opt.param_groups for p in g["params"]], loss, max_norm=5.0)
+    loss = backward_and_step(opt, [p for g in opt.param_groups for p in g["params"]], sum(losses.values()), max_norm=5.0)
     check_finite_everywhere(loss, "DIFF loss")  # after the step, which a non-finite loss skipped
     return {k: v.item() for k, v in losses.items()}
 

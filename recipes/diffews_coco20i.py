@@ -129,7 +129,7 @@ from unet_seg.metrics import few_shot_scores, iou_table
 from unet_seg.predict import Predictor, default_device, export_sd, load_checkpoint_for_export, predict_files, read_export, resize_image, support_pairs
 from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_labels
 from unet_seg.train import (
-    CudaGraphStep, autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, is_main, print0, progress,
+    CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, is_main, print0, progress,
     resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, unwrap, wrap_for_training,
 )  # fmt: skip
@@ -208,11 +208,7 @@ def cached_train_step(model, unet, context, opt, query, query_mask, supports, su
 def regression_step(model, unet, context, opt, x, target, num_supports: int) -> torch.Tensor:
     with autocast(x.device):
         pred = query_prediction(model, x, context, num_supports, subsample=False)
-    loss = latent_mse(pred.float(), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(opt, unet.parameters(), loss, max_norm=1.0)
-    return loss
+    return backward_and_step(opt, unet.parameters(), latent_mse(pred.float(), target), max_norm=1.0)
 
 
 def evaluate(unet, data, *, vae, context, num_labels: int, device, seed: int, subsample: bool = False):

@@ -135,7 +135,7 @@ from unet_seg.errors import InputError
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
 from unet_seg.segmentation import PROGRESS_DELAY, candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
-    autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -212,11 +212,7 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, cl
         target = training_target(z_y, noise, t, schedule)
     with autocast(images.device):
         pred = model(y_t, z_x, t, class_embeds)
-    loss = latent_mse(pred.float(), target.float())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(opt, params, loss, max_norm=1.0)  # no host sync: a non-finite loss skips the update on the device
-    return loss
+    return backward_and_step(opt, params, latent_mse(pred.float(), target.float()), max_norm=1.0)  # no host sync: a non-finite loss skips the update on the device
 
 
 @torch.no_grad()

@@ -138,7 +138,7 @@ from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, Progressiv
 from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
-    autocast, check_finite_everywhere, clip_and_step, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
+    autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
     resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -210,10 +210,7 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
         cls, masks, dcl = forward(images, weak, strong)
     seg = set_loss(cls, masks, *semantic_targets(labels), num_classes, loss_cfg)
     loss = seg if dcl is None else seg + dcl_weight * (dcl[0] + dcl[1])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(opt, (), loss, max_norm=None)  # no clipping (the release's); a non-finite loss skips the update
-    check_finite_everywhere(loss, "QueryDiff loss")
+    check_finite_everywhere(backward_and_step(opt, (), loss, max_norm=None), "QueryDiff loss")  # no clipping (the release's); a non-finite loss skips the update
     return {"seg": seg.detach()} | ({} if dcl is None else {"dist": dcl[0].detach(), "sup": dcl[1].detach()})
 
 
