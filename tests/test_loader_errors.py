@@ -287,3 +287,16 @@ def test_fuzz_pickles_anywhere_are_refused_and_never_run(pristine, place):
             _load(root, rel)
         _check_error(e.value, path)
     assert not MARKER.exists(), "a loader unpickled the payload"
+
+
+def test_a_network_without_a_hub_layout_is_refused_by_name(tmp_path):
+    """`HUB_LAYOUT` lists the networks with a hub folder layout; others (a CLIP tower with its own
+    loader, any module) get a TypeError naming the ones that have one, before any file is touched."""
+    from torch import nn
+
+    from unet_seg.models.clip import CLIPTextEncoderWithProjection
+
+    for call in (lambda: from_pretrained(CLIPTextEncoderWithProjection, tmp_path / "nowhere"), lambda: save_pretrained(nn.Linear(2, 2), tmp_path / "x")):
+        with pytest.raises(TypeError, match="has no hub layout; these do: UNet, AutoencoderKL, CLIPTextEncoder"):
+            call()
+    assert not (tmp_path / "x").exists()

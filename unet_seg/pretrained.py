@@ -72,7 +72,8 @@ def from_pretrained(
 def save_pretrained(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     """Write `folder/config.json` + weights in the hub layout (each atomically) -> the folder;
     `from_pretrained` and the reference library (diffusers / transformers) load it."""
-    return save_component(model.state_dict(), to_hub(model.config), folder, _layout(type(model)).weights)
+    weights = _layout(type(model)).weights
+    return save_component(model.state_dict(), to_hub(model.config), folder, weights)
 
 
 def load_clip(
