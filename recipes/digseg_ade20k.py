@@ -420,7 +420,7 @@ def main(argv=None) -> dict:
         return check_finite_everywhere(train_step(forward, params, vae, schedule, opt, batch["image"].to(device), z_y, embeds), "DiGSeg loss")
 
     sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, targets={"ADE20K": test_data},
-                 evaluate=lambda data: evaluate(model, data, **eval_kw, settings=settings, modes=args.candidates))  # fmt: skip
+                 evaluate=lambda data: evaluate(model, data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo and palette is None))  # fmt: skip
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         loss = one_step(batch)
