@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .hub import atomic_path
+from .files import atomic_path
 from .models.vae import sample_latent
 from .train.distributed import barrier, print0, rank_and_world
 from .train.report import progress
