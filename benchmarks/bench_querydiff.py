@@ -6,9 +6,7 @@ lives only here), eager and compiled; and the training step time with and withou
     python benchmarks/bench_querydiff.py --tiny --device cpu --iters 2 --rounds 1   # smoke test (demo sizes)
 
 Inference runs the recipe's `predict_scores` (backbone -> agent queries -> pixel decoder ->
-refinement -> 9-layer decoder -> scores) on random weights. The backbone is timm's DINOv2-L + Rein
-when timm is installed; otherwise a stand-in with the same outputs and the same Rein tokens (one
-stride-16 patch conv, no ViT blocks: it times the head, and says so in the table). The training
+refinement -> 9-layer decoder -> scores) on random weights, the backbone DINOv2-L + Rein. The training
 step is the recipe's `train_step` (AdamW, set loss with 12544 importance-sampled points, batch 4
 as the paper) with the frozen SD 2.1 U-Net + VAE (random weights) feeding the DCL. Variants are
 timed in interleaved rounds (A B B A ...), each round the median of --iters calls.
@@ -32,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench_models import device_name, file_tag, first_call, load_recipe, timed, write_table  # noqa: E402
 
-from unet_seg.backbones import Reins, imagenet_normalise  # noqa: E402
 from unet_seg.demo import BlockCodec  # noqa: E402
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.mask2former import SetLossConfig  # noqa: E402
@@ -55,22 +52,6 @@ class FPNPixelDecoder(nn.Module):
             x = lat if x is None else lat + F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False)
             outs.append(self.output[i](x))
         return outs[-1], outs[:3]
-
-
-class StandInBackbone(nn.Module):
-    """Without timm: DINOv2-L's output shapes (1024 ch at strides 4..32 from a stride-16 grid) and
-    its Rein tokens [24, r, 1024], from one patch conv; no ViT blocks."""
-
-    def __init__(self, tokens: int):
-        super().__init__()
-        self.channels = (1024,) * 4
-        self.patch = nn.Conv2d(3, 1024, 16, 16)
-        self.reins = Reins(24, 1024, tokens)
-
-    def forward(self, x):
-        f = self.reins(self.patch(imagenet_normalise(x)).flatten(2).transpose(1, 2), 23)
-        f = f.transpose(1, 2).reshape(x.shape[0], 1024, x.shape[2] // 16, x.shape[3] // 16)
-        return [F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else f for s in (4, 2, 1, 0.5)]
 
 
 def interleaved(variants: dict, iters: int, rounds: int, device: str) -> dict:
@@ -103,18 +84,11 @@ def main() -> None:
     if rargs.demo != args.tiny:  # without a data root the recipe falls back to its demo sizes (64² crops)
         raise SystemExit(f"bench_querydiff: the recipe parsed {'demo' if rargs.demo else 'real'} settings")
     num_classes = 6 if args.tiny else 19
-    try:
-        import timm  # noqa: F401
-
-        backbone_name = "tiny conv + Rein (demo)" if args.tiny else "DINOv2 ViT-L/16 + Rein (timm, random weights)"
-    except ImportError:
-        backbone_name = "tiny conv + Rein (demo)" if args.tiny else "STAND-IN backbone (no timm: patch conv + Rein, no ViT blocks)"
-        if not args.tiny:
-            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens, **kw: StandInBackbone(tokens)  # noqa: E731
+    backbone_name = "tiny conv + Rein (demo)" if args.tiny else "DINOv2 ViT-L/16 + Rein (random weights)"
     size, rows = rargs.size, []
 
-    def build(guided: bool, fpn: bool = False):
-        model = recipe.build_model(rargs, num_classes, guided)
+    def build(guided: bool, fpn: bool = False, unet=None):
+        model = recipe.build_model(rargs, num_classes, guided, unet)
         if fpn:
             model.pixel_decoder = FPNPixelDecoder(model.backbone.channels, rargs.dim)
         return model.to(device)
@@ -160,7 +134,7 @@ def main() -> None:
     loss_cfg = SetLossConfig(points=rargs.points)
     steps = {}
     for name, weight in (("with DCL", 1.0), ("without DCL", 0.0)):
-        model = build(weight > 0).train()
+        model = build(weight > 0, unet=unet).train()
         opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4, fused=True)
         steps[name] = (lambda m=model, o=opt, w=weight: recipe.train_step(m, o, xb, labels, num_classes, loss_cfg, w, teacher if w else None, amp=True))
         params[f"train {name}"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6

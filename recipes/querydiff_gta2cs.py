@@ -5,8 +5,7 @@ Li et al., "Better to Teach than to Give: Domain Generalized Semantic Segmentati
 Queries with Diffusion Model Guidance", ICML 2025 (overview ../shared/design/papers/querydiff-blog.txt),
 built as the official code FanLiHub/QueryDiff does (digest ../shared/design/fidelity/querydiff-official.md).
 
-    python recipes/querydiff_gta2cs.py --demo                       # CPU, minutes, no download, no timm
-    pip install -e ".[recipes]"                                     # timm, for DINOv2
+    python recipes/querydiff_gta2cs.py --demo                       # CPU, minutes, no download
     python recipes/querydiff_gta2cs.py --model stabilityai/stable-diffusion-2-1 --data-root /data \\
         --targets cityscapes bdd100k mapillary              # /data holds gta5/, cityscapes/, bdd100k/, mapillary/
 
@@ -26,7 +25,7 @@ Method (one training step; the diffusion branch is skipped at inference and neve
 
 | setting | blog / paper | official code | here |
 |---|---|---|---|
-| backbone | DINOv2 (also ResNet, MiT) | DINOv2-L/16 frozen + LoRA Rein (r 16, 100 tokens), blocks 7/11/15/23 ×4/×2/×1/×½; /14 kernel and position embedding resized bicubically (`convert_dinov2`) | same (`backbones.release_patch16`); `--patch-resize pinv`: timm's FlexiViT resize |
+| backbone | DINOv2 (also ResNet, MiT) | DINOv2-L/16 frozen + LoRA Rein (r 16, 100 tokens), blocks 7/11/15/23 ×4/×2/×1/×½; /14 kernel and position embedding resized bicubically (`convert_dinov2`) | same (`backbones.release_patch16`; DINOv2 in plain PyTorch, timm's hub weights, `--dinov2`); `--patch-resize pinv`: timm's FlexiViT resize |
 | agent queries | q_init attend each backbone stage, progressive merge | `PMerge` over Rein's tokens: 24→12→6→3 groups (cross-attn, embed 512), mean, MLP; 1024-d | same, trained (¹) |
 | queries to head | Linear, positions | `querys2feat` Linear(256, 256), `query_pos` = agents; 256-d | Linear(1024 → 256) first (²) |
 | pixel decoder | Mask2Former | mmdet MSDeformAttn: 6 layers, 3 levels, 256, 8 heads, 4 points | same (`unet_seg.mask2former`) |
@@ -69,7 +68,7 @@ import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
@@ -89,15 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = recipe_parser(
         "QueryDiff: domain-generalised segmentation with agent queries taught by a frozen diffusion model during "
         "training only (--model is loaded for training alone). --demo runs on CPU with tiny models and "
-        "synthetic data, no timm (train CLEAN, test HAZY), and also trains the same model without DCL.",
+        "synthetic data (train CLEAN, test HAZY), and also trains the same model without DCL.",
         DEMO, REAL, out="runs/querydiff", eval_items="test images per target domain", size_multiple=(64, "QueryDiff's backbones and pixel decoder run at multiples of 64 only"),
     )  # fmt: skip
     p.add_argument("--schedule", default="paper", choices=tuple(SCHEDULES), help="paper: 60k iterations, batch 4, backbone (Rein) lr x0.1; release: the config's 40k, batch 2, one lr")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
+    p.add_argument("--dinov2", help="DINOv2 weights: a timm hub repo id or a local folder in its layout (config.json, model.safetensors); default timm's ViT-L/14 (lvd142m)")
     p.add_argument("--patch-resize", default="bicubic", choices=("bicubic", "pinv"), help="DINOv2 /14 -> /16: the release's bicubic kernel resize, or timm's pseudo-inverse (FlexiViT)")
     p.add_argument("--data-root", help="folder holding gta5/ (trained on), cityscapes/, bdd100k/, mapillary/ (see unet_seg.data.driving)")
     p.add_argument("--targets", nargs="+", default=["cityscapes", "bdd100k", "mapillary"], choices=("cityscapes", "bdd100k", "mapillary"),
                    help="unseen test domains (val splits; Mapillary at half resolution)")  # fmt: skip
+    p.add_argument("--small-head", action="store_true", help="the demo's decoder sizes (width 64, 4 heads, 2 pixel-decoder and 3 decoder layers, FFN 128, merge 64) instead of the release's (tests, smoke runs)")
     p.add_argument("--dcl-weight", type=float, default=1.0, help="weight of L_dist + L_sup (0: no diffusion branch)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the segmentation model on a GPU (faster; the release trains in fp32)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, help="also train the model without DCL (default: on with --demo)")
@@ -110,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_recipe_args(p, argv, DEMO, {**REAL, "steps": schedule["steps"], "batch_size": schedule["batch_size"]}, dataset="GTA5")
     if args.predict:
         return args
+    if args.small_head:
+        vars(args).update({k: DEMO[k] for k in ("dim", "heads", "pixel_layers", "decoder_layers", "ffn", "merge_dim")})
     args.backbone_lr_mult = 1.0 if args.demo else schedule["backbone_lr_mult"]
     args.compare = args.demo if args.compare is None else args.compare
     args.window = slide_window(args.size)  # evaluation windows follow the training crop
@@ -126,7 +129,7 @@ import torch
 from torch import Tensor, nn
 
 from unet_seg import load_sd
-from unet_seg.backbones import ReinConvNet, ReinDINOv2
+from unet_seg.backbones import DINOV2_HUB, ReinConvNet, ReinDINOv2
 from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
 from unet_seg.demo import demo_sd, pretrain_denoiser
 from unet_seg.diffusion import NoiseSchedule
@@ -156,7 +159,7 @@ class QueryDiff(nn.Module):
     """images -> (class logits per prediction, mask logits per prediction, (L_dist, L_sup) or None);
     the DCL is computed when the frozen U-Net's weak and strong feature maps are passed."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, args, tap_channels: Sequence[int] = ()):
+    def __init__(self, backbone: nn.Module, num_classes: int, args, guided: bool = False, tap_channels: Sequence[int] = ()):
         super().__init__()
         layers, tokens, width = backbone.reins.tokens_a.shape[0], backbone.reins.tokens_a.shape[1], backbone.reins.tokens_b.shape[2]
         d = args.dim
@@ -167,8 +170,8 @@ class QueryDiff(nn.Module):
         self.refine = QueryRefinement(d, args.heads)
         self.query_feat = nn.Linear(d, d)  # the release's `querys2feat`
         self.decoder = MaskedAttentionDecoder(num_classes, d, args.heads, args.decoder_layers, args.ffn)
-        self.tokens = DiffusionTokens(tap_channels, width, tokens, args.seed) if tap_channels else None
-        self.dcl = DiffusionConsistency(width) if tap_channels else None
+        self.tokens = DiffusionTokens(tap_channels, width, tokens, args.seed) if tap_channels else None  # no state: rebuilt from the seed
+        self.dcl = DiffusionConsistency(width) if guided else None
 
     def forward(self, images: Tensor, weak: Sequence[Tensor] = (), strong: Sequence[Tensor] = ()):
         stages = self.backbone(images)
@@ -230,7 +233,7 @@ def scores(model: nn.Module, num_classes: int, window=None, amp: bool = False):
 
 
 def export(model: QueryDiff, args, class_names, palette) -> None:
-    """RUN/model: the trained weights but the DCL's (training only), what rebuilds the model (frozen DINOv2: timm's)."""
+    """RUN/model: the trained weights but the DCL's (training only), what rebuilds the model (frozen DINOv2: --dinov2's)."""
     config = dict(recipe="querydiff", class_names=list(class_names), resize={"square": args.size} if args.demo else {"scale": (1024, 512)},
                   palette=palette, window=None if args.demo else args.window)  # fmt: skip
     save_export(args.out / "model", config, {k: v for k, v in trained_tensors(model).items() if not k.startswith(("tokens.", "dcl."))}, args=args)
@@ -248,16 +251,20 @@ def load_trained(run, device=None) -> Predictor:
 # Assembly, data, training
 
 
-def build_model(args, num_classes: int, guided: bool) -> QueryDiff:
+def build_model(args, num_classes: int, guided: bool, unet: Optional[UNet] = None) -> QueryDiff:
+    """QueryDiff with the DCL's layers if `guided`; its diffusion tokens (no weights) need the
+    teacher `unet`'s tap widths, so only training passes it."""
     with same_init_on_every_rank(args.seed):  # the same weights with and without DCL; then the same noise, points and data order
-        backbone = ReinConvNet(width=64, tokens=args.queries) if args.demo else ReinDINOv2(not args.no_pretrained, args.size, args.queries, patch_resize=args.patch_resize)
-        return QueryDiff(backbone, num_classes, args, tap_channels(args) if guided else ())
+        if args.demo:
+            backbone = ReinConvNet(width=64, tokens=args.queries)
+        else:
+            backbone = ReinDINOv2(None if args.no_pretrained else getattr(args, "dinov2", None) or DINOV2_HUB, args.size, args.queries, patch_resize=args.patch_resize)
+        return QueryDiff(backbone, num_classes, args, guided, tap_channels(unet) if guided and unet is not None else ())
 
 
-def tap_channels(args) -> list[int]:
-    """Channels of `TAPS` (`up.i.res.j.branch` has the width of level n−1−i); SD 1.x/2.x widths for real runs."""
-    widths = DEMO_TEACHER.channels if args.demo else (320, 640, 1280, 1280)
-    return [widths[len(widths) - 1 - int(name.split(".")[1])] for name in TAPS]
+def tap_channels(unet: UNet) -> list[int]:
+    """Channels of `TAPS` in `unet` (SD: 1280 ×3, 640 ×3, 320 ×3)."""
+    return [unet.feature_info(name).channels for name in TAPS]
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float = 0.05) -> list[dict]:
@@ -372,7 +379,7 @@ def main(argv=None) -> dict:
         args,
         demo="small conv backbone with Rein tokens; teacher: a tiny SD2-structured U-Net " + ("pre-trained here as a denoiser on "
         "random looks" if args.random_demo_model else "pre-trained on captioned synthetic scenes") + ", a frozen 8x8 block codec in place of SD's VAE; synthetic scenes (train CLEAN, test HAZY)",
-        real="--model <SD 2.x> --data-root ... with the `recipes` extra for timm",
+        real="--model <SD 2.x> --data-root ...",
     )
     device = job.device
     train_data, tests, class_names, slide, palette = datasets(args)
@@ -382,7 +389,7 @@ def main(argv=None) -> dict:
     metrics, shown = {}, {}
     for i, (name, weight) in enumerate(runs):
         out = args.out / ("querydiff" if weight > 0 else "no_dcl")
-        model = build_model(args, num_classes, weight > 0)
+        model = build_model(args, num_classes, weight > 0, teacher[0] if teacher else None)
         if args.export:
             load_checkpoint_for_export(out, args.export, {"model": model})
             return export(model, args, class_names, palette)
@@ -411,10 +418,10 @@ def main(argv=None) -> dict:
         metrics["baseline: background everywhere"] = {
             f"{n} mIoU": round(100 * iou_per_class(evaluate_semantic(background, d, num_classes, device)[0]).nanmean().item(), 2) for n, d in tests.items()
         }
-    if shown:
-        names = list(shown)
-        rows = [[image_to_uint8(shown[names[0]][i][0])] + [overlay(shown[names[0]][i][0], shown[n][i][1]) for n in names] + [overlay(shown[names[0]][i][0], shown[names[0]][i][2])]
-                for i in range(len(shown[names[0]]))]  # fmt: skip
+    names = list(shown)
+    rows = [[image_to_uint8(shown[names[0]][i][0])] + [overlay(shown[names[0]][i][0], shown[n][i][1]) for n in names] + [overlay(shown[names[0]][i][0], shown[names[0]][i][2])]
+            for i in range(len(shown[names[0]]))] if names else []  # fmt: skip
+    if rows:  # none on a rank whose share of the first test set is empty (rank 0 writes the picture)
         save_grid(rows, args.out / "predictions.png", titles=[next(iter(tests))] + names + ["ground truth"], scale=3 if args.demo else 1)
     title = "QueryDiff " + ("(DEMO: synthetic CLEAN -> HAZY)" if args.demo else "GTA5 -> " + ", ".join(tests))
     return finish_run(job, metrics, out=args.out, title=title, wrote="predictions.png")

@@ -140,7 +140,7 @@ def write_darkzurich(root: Path, seed: int = 0) -> Path:
 
 def write_driving(root: Path, seed: int = 0) -> Path:
     """All six driving datasets under root/{gta5, cityscapes, bdd100k, mapillary, acdc, darkzurich}
-    (DIFF's --data-root; QueryDiff takes the sub-folders as its roots) -> root."""
+    (DIFF's and QueryDiff's --data-root) -> root."""
     write_gta5(root / "gta5", seed)
     write_cityscapes(root / "cityscapes", seed=seed)
     write_bdd100k(root / "bdd100k", seed)

@@ -95,6 +95,33 @@ def write_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24) -> Pa
     return folder
 
 
+def write_tiny_dinov2(folder: Path, width: int = 32, heads: int = 2, layers: int = 24, grid: int = 37, seed: int = 0) -> Path:
+    """A DINOv2 checkpoint folder as timm's hub repo `timm/vit_large_patch14_dinov2.lvd142m` ships
+    it (config.json with `architecture` and, as timm writes for changed sizes, `model_args`;
+    model.safetensors with timm's names, the key list written out here), random and `width` wide,
+    at ViT-L's depth and 37 × 37 position grid by default -> folder."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, std=0.02: torch.randn(*shape, generator=g) * std  # noqa: E731
+    c = width
+    tensors = {"cls_token": r(1, 1, c, std=1.0), "pos_embed": r(1, 1 + grid * grid, c, std=0.5), "patch_embed.proj.weight": r(c, 3, 14, 14, std=0.05),
+               "patch_embed.proj.bias": r(c), "norm.weight": 1 + r(c, std=0.2), "norm.bias": r(c, std=0.2)}  # fmt: skip
+    for i in range(layers):
+        b = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            tensors |= {b + norm + ".weight": 1 + r(c, std=0.2), b + norm + ".bias": r(c, std=0.2)}
+        tensors |= {b + "attn.qkv.weight": r(3 * c, c, std=c**-0.5), b + "attn.qkv.bias": r(3 * c, std=0.2), b + "attn.proj.weight": r(c, c, std=c**-0.5),
+                    b + "attn.proj.bias": r(c), b + "ls1.gamma": r(c, std=0.3), b + "mlp.fc1.weight": r(4 * c, c, std=c**-0.5), b + "mlp.fc1.bias": r(4 * c),
+                    b + "mlp.fc2.weight": r(c, 4 * c, std=(4 * c) ** -0.5), b + "mlp.fc2.bias": r(c), b + "ls2.gamma": r(c, std=0.3)}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {"architecture": "vit_large_patch14_dinov2", "num_classes": 0, "num_features": c, "global_pool": "token",
+              "model_args": {"embed_dim": c, "num_heads": heads, "depth": layers, "img_size": grid * 14}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str = "a" * 40) -> None:
     """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

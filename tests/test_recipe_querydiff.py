@@ -59,12 +59,12 @@ def test_evaluation_never_builds_the_diffusion_model(tmp_path, monkeypatch):
 def test_dcl_is_computed_inside_the_model_forward_and_reaches_the_agent_queries():
     recipe = _recipe()
     args = recipe.parse_args(["--demo", "--random-demo-model", "--queries", "8", "--teacher-steps", "0"])  # a random teacher routes gradients too
-    model = recipe.build_model(args, 6, True)
     teacher = recipe.build_teacher(args, torch.device("cpu"))
+    model = recipe.build_model(args, 6, True, teacher[0])
     images = rand(2, 3, 64, 64, seed=31) * 2 - 1
     unet, vae, context, schedule, timesteps = teacher
     weak, strong = recipe.diffusion_features(unet, vae, context, images, schedule, timesteps)
-    assert [f.shape[1] for f in weak] == recipe.tap_channels(args)
+    assert [f.shape[1] for f in weak] == recipe.tap_channels(unet) == [64] * 6 + [32] * 3  # DEMO_TEACHER's up levels 1-3
     _, _, (l_dist, l_sup) = model(images, weak, strong)
     (l_dist + l_sup).backward()
     # the DCL teaches the agent queries: PMerge and, through it, Rein's tokens (which refine the backbone)
@@ -129,8 +129,8 @@ def test_model_trains_and_predicts_in_fp32_as_released_unless_amp(monkeypatch, a
     # stand in for a GPU: autocast on (bf16) wherever the recipe leaves it to the device
     monkeypatch.setattr(recipe, "autocast", lambda device, enabled=None: torch.autocast("cpu", torch.bfloat16, enabled=enabled is not False))
     args = recipe.parse_args(TINY + (["--amp"] if amp else []))
-    model = recipe.build_model(args, 3, guided=True)
     teacher = recipe.build_teacher(args, torch.device("cpu"))
+    model = recipe.build_model(args, 3, guided=True, unet=teacher[0])
     calls = []
     record = lambda *a: calls.append(model(*a)) or calls[-1]  # noqa: E731
     opt = torch.optim.AdamW(recipe.param_groups(model, 1e-3, 1.0), lr=1e-3, fused=True)
@@ -200,11 +200,3 @@ def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_spli
     scores = [(run, col) for run, row in one.items() for col in row if "mIoU" in col]
     assert len(scores) >= 4 and all(two[run][col] == one[run][col] for run, col in scores), (one, two)
 
-
-def test_rein_dinov2_backbone_gives_four_strided_maps():
-    pytest.importorskip("timm")  # the `recipes` extra; CI installs `.[test]` only
-    recipe = _recipe()
-    backbone = recipe.ReinDINOv2(pretrained=False, img_size=64)
-    assert all(not p.requires_grad for p in backbone.vit.parameters())
-    maps = backbone(rand(1, 3, 64, 64, seed=32) * 2 - 1)
-    assert [tuple(m.shape[2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]

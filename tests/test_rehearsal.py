@@ -3,7 +3,8 @@ two gloo processes under torchrun, with `--model` a tiny random SD 2.x checkpoin
 layout and the data roots fake datasets in the real on-disk layouts at the native image sizes
 (`tests/fake_datasets.py`), evaluating every target of the official run (DiffewS: fold 0 of the
 four), then `--resume`s from its step-1 checkpoint. Only model size and step counts differ from
-the real settings (DIFF's 106M-parameter head: `--small-head`). What they cannot rehearse: a
+the real settings (DIFF's 106M-parameter head and QueryDiff's decoder: `--small-head`; QueryDiff's
+DINOv2-L: a 32-wide one in timm's hub layout; batch sizes where the fake sets are small). What they cannot rehearse: a
 GPU, the real weights, the real data (its content and size), the length of a real run.
 
 Each takes minutes of CPU (two processes, DataLoader workers, native-size images): marked `slow`
@@ -20,14 +21,17 @@ from safetensors.torch import load_file
 from unet_seg.models import TINY_SD2
 from unet_seg.train import checkpoint_path
 
-from .fake_datasets import write_ade20k, write_coco20i, write_driving
-from .helpers import assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, run_torchrun, write_tiny_clip, write_tiny_sd
+from .fake_datasets import write_ade20k, write_bdd100k, write_cityscapes, write_coco20i, write_driving, write_gta5, write_mapillary
+from .helpers import (
+    assert_rank_shares_cover_each_item_once, assert_ranks_hold_the_same_weights, run_torchrun, write_tiny_clip, write_tiny_dinov2, write_tiny_sd,
+)  # fmt: skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
 
 # TINY_SD2 narrowed to 32 channels and one ResNet per block: at native sizes (Cityscapes evaluated at
 # 1024×512: a 128×64 latent) its full-resolution attention sees 8192 tokens.
 REHEARSAL_UNET = replace(TINY_SD2, channels=(32, 32, 32, 32), heads=(1, 1, 1, 1), layers_per_block=1)
+QUERYDIFF_UNET = replace(REHEARSAL_UNET, layers_per_block=2)  # QueryDiff taps all three ResNets of up blocks 1-3, as SD has them
 
 
 def failure(run) -> str:
@@ -75,6 +79,7 @@ def scores(metrics: dict) -> dict:
 
 
 DRIVING_TARGETS = ["cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich"]
+QUERYDIFF_TARGETS = ["cityscapes", "bdd100k", "mapillary"]
 
 
 def test_diff_official_run_gta5_to_five_targets(tmp_path):
@@ -113,3 +118,20 @@ def test_digseg_ade20k_run_with_clip_candidates(tmp_path):
     metrics, splits, _ = rehearse("digseg_ade20k", args, tmp_path)
     assert splits >= 1 and {"DiGSeg 8x2, argmax", "DiGSeg 8x2, τ 0.7"} <= set(metrics)
     assert all(0 <= row["mIoU"] <= 100 for row in metrics.values()) and metrics["DiGSeg 8x2, argmax"]["class runs/s"] > 0
+
+
+def test_querydiff_gta5_to_cityscapes_bdd100k_mapillary(tmp_path):
+    """The README's QueryDiff command: GTA5 (1914×1052) -> Cityscapes (2048×1024), BDD100K (1280×720),
+    Mapillary (4032×3024 and 1920×1080, halved) slid over in 512² windows at stride 341, with the
+    release's /14 -> /16 conversion of a DINOv2 checkpoint in timm's hub layout (ViT-L's 24 blocks
+    and 37 × 37 position grid, 32 wide) and the DCL fed by a tiny SD 2.x U-Net's up-block ResNets."""
+    data = tmp_path / "data"  # DIFF's layout, without ACDC and Dark Zurich
+    write_gta5(data / "gta5"), write_cityscapes(data / "cityscapes"), write_bdd100k(data / "bdd100k"), write_mapillary(data / "mapillary")
+    sd = write_tiny_sd(tmp_path / "sd", "epsilon", unet=QUERYDIFF_UNET)  # the release's "stable-diffusion-2" (ε)
+    args = ["--model", str(sd), "--dinov2", str(write_tiny_dinov2(tmp_path / "dinov2")), "--data-root", str(data), "--targets", *QUERYDIFF_TARGETS,
+            "--steps", "2", "--save-every", "1", "--batch-size", "1", "--small-head"]  # fmt: skip
+    metrics, splits, run = rehearse("querydiff_gta2cs", args, tmp_path, run_dir="querydiff")
+    assert all(f"{t} " in sanity_line(run) for t in QUERYDIFF_TARGETS), sanity_line(run)
+    (scores,) = metrics.values()
+    assert {k for k in scores if "mIoU" in k} == {f"{t} mIoU" for t in QUERYDIFF_TARGETS}
+    assert all(0 <= v <= 100 for k, v in scores.items() if "mIoU" in k) and splits >= 3

@@ -88,7 +88,7 @@ class DiffusionTokens(nn.Module):
     The release's DCL takes F_w, F_s as [B, M, 1024] and only type-checks with M = r, but the
     step from its tapped maps (1280/640/320 channels) to such tokens is not in the code. Here:
     each map is average-pooled to the `token_grid(tokens)` grid, projected to `dim` by a FROZEN
-    random Gaussian matrix (seeded buffer, variance 1/C: training cannot move the KL target),
+    random Gaussian matrix (seeded buffer, not saved; variance 1/C: training cannot move the KL target),
     and the maps are averaged. Weak and strong features use the same projection.
     """
 
@@ -97,7 +97,7 @@ class DiffusionTokens(nn.Module):
         self.grid = token_grid(tokens)
         g = torch.Generator().manual_seed(seed)
         for i, c in enumerate(channels):
-            self.register_buffer(f"proj_{i}", torch.randn(c, dim, generator=g) / math.sqrt(c))
+            self.register_buffer(f"proj_{i}", torch.randn(c, dim, generator=g) / math.sqrt(c), persistent=False)  # rebuilt from the seed
         self.count = len(channels)
 
     def forward(self, maps: Sequence[Tensor]) -> Tensor:
