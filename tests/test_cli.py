@@ -280,3 +280,34 @@ def test_run_prints_warnings_in_one_line_without_their_source():
     assert out.stderr.splitlines()[0] == "recipe.py: warning: RNG states not restored"
     assert out.stderr.splitlines()[1:] == ["<string>:4: UserWarning: after the run"]  # the formatter was put back
 
+
+
+def test_run_ends_a_gloo_process_with_its_status_and_without_interpreter_teardown(monkeypatch, capsys):
+    """Under a gloo group a recipe's process leaves through os._exit with the status `run` would
+    have exited with (a message on stderr is status 1, a traceback too), after leaving the group."""
+    from unet_seg.cli import run
+    from unet_seg.errors import InputError
+    from unet_seg.train import distributed
+
+    exits, left = [], []
+    monkeypatch.setattr(distributed, "_joined_gloo", True)
+    monkeypatch.setattr(distributed, "cleanup_distributed", lambda: left.append(True))
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)  # returns here: run goes on as without it
+
+    def fails(error):
+        def main():
+            raise error
+
+        return main
+
+    run(lambda: None, prog="x.py")
+    with pytest.raises(SystemExit):
+        run(fails(InputError("no such folder")), prog="x.py")
+    with pytest.raises(RuntimeError):
+        run(fails(RuntimeError("boom")), prog="x.py")
+    assert exits == [0, 1, 1] and len(left) == 3
+    err = capsys.readouterr().err
+    assert "x.py: error: no such folder" in err and "Traceback" in err and "RuntimeError: boom" in err
+    monkeypatch.setattr(distributed, "_joined_gloo", False)  # no group: run returns, os._exit untouched
+    run(lambda: None, prog="x.py")
+    assert exits == [0, 1, 1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -234,7 +235,34 @@ def run(main: Callable[[], Any], prog: Optional[str] = None) -> None:
     (rank 0 says it), and a non-finite loss (each rank that raised it: the loss and its values, what
     was kept, what to try); training stopped by Ctrl-C or SIGTERM (after its checkpoint) with
     "interrupted at step N; ... --resume" and status 130.
-    Warnings are one line each (`"<prog>: warning: ..."`), without the line of source that raised them."""
+    Under torchrun on CPUs (gloo) the process then ends without the interpreter's teardown
+    (`unet_seg.train.exit_gloo_process` says why). Warnings are one line each (`"<prog>: warning: ..."`), without the line of source that raised them."""
+    try:
+        _run(main, prog)
+    except SystemExit as e:
+        _exit_if_gloo(e.code)
+        raise
+    except BaseException:
+        if _gloo():
+            traceback.print_exc()
+            _exit_if_gloo(1)
+        raise
+    _exit_if_gloo(0)
+
+
+def _gloo():
+    """unet_seg.train.distributed when this process joined a gloo group (never imports torch)."""
+    distributed = sys.modules.get("unet_seg.train.distributed")
+    return distributed if distributed is not None and distributed.joined_gloo() else None
+
+
+def _exit_if_gloo(status) -> None:
+    distributed = _gloo()
+    if distributed is not None:
+        distributed.exit_gloo_process(status)
+
+
+def _run(main: Callable[[], Any], prog: Optional[str]) -> None:
     prog = prog or Path(sys.argv[0]).name
     previous, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:

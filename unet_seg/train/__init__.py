@@ -33,7 +33,7 @@ only from the global RNGs restored here.
 One job per module; import everything from `unet_seg.train`:
 
     distributed   init_distributed, rank_and_world, rank_share, head, is_main, barrier, print0,
-                  print_demo, unwrap, cleanup_distributed, check_finite_everywhere
+                  print_demo, unwrap, cleanup_distributed, exit_gloo_process, check_finite_everywhere
     rng           same_init_on_every_rank, seed_everything, rank_seed, rng_states, set_rng_states
     loop          resumable_loader (ResumableSampler), training_batches, should_checkpoint,
                   interrupted (Ctrl-C / SIGTERM)
@@ -53,8 +53,8 @@ from .checkpoints import (
 )
 from .compute import autocast, compile_cache_dir, ddp, evaluation, maybe_compile, wrap_for_training
 from .distributed import (
-    barrier, check_finite_everywhere, cleanup_distributed, head, init_distributed, is_main, print0, print_demo,
-    rank_and_world, rank_share, unwrap,
+    barrier, check_finite_everywhere, cleanup_distributed, exit_gloo_process, head, init_distributed, is_main, print0,
+    print_demo, rank_and_world, rank_share, unwrap,
 )
 from .loop import ResumableSampler, interrupted, resumable_loader, should_checkpoint, training_batches
 from .report import LineProgress, PathLike, progress, write_metrics
@@ -67,7 +67,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "Resumed", "checkpoint_path", "latest_checkpoint", "load_checkpoint", "load_latest",
     "resume_latest", "save_checkpoint",
     "autocast", "compile_cache_dir", "ddp", "evaluation", "maybe_compile", "wrap_for_training",
-    "barrier", "check_finite_everywhere", "cleanup_distributed", "head", "init_distributed", "is_main", "print0",
+    "barrier", "check_finite_everywhere", "cleanup_distributed", "exit_gloo_process", "head", "init_distributed", "is_main", "print0",
     "print_demo", "rank_and_world", "rank_share", "unwrap",
     "ResumableSampler", "interrupted", "resumable_loader", "should_checkpoint", "training_batches",
     "rank_seed", "rng_states", "same_init_on_every_rank", "seed_everything", "set_rng_states",

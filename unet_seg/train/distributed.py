@@ -6,8 +6,10 @@ Collectives (`barrier`, `all_gather_str`, `check_finite_everywhere`) must be cal
 
 from __future__ import annotations
 
+import gc
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn, Union
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,17 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         device = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group("gloo")
+            global _joined_gloo
+            _joined_gloo = True
     return rank, world_size, local_rank, device
+
+
+_joined_gloo = False  # see exit_gloo_process
+
+
+def joined_gloo() -> bool:
+    """Whether `init_distributed` joined a gloo process group in this process."""
+    return _joined_gloo
 
 
 def _rank() -> int:
@@ -82,6 +94,29 @@ def cleanup_distributed() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_gloo_process(status: Union[int, str, None] = 0) -> NoReturn:
+    """End a process that joined a gloo group: leave the group, flush stdout and stderr, exit with
+    `status` (as `sys.exit` takes it: a string is printed to stderr, status 1) and skip the
+    interpreter's teardown. `unet_seg.cli.run` ends the recipes' gloo processes so.
+
+    Why: DDP keeps a gloo process group alive past `destroy_process_group` (torch 2.13: its two
+    worker threads are never joined), and a worker thread drops each all-reduce only after marking
+    it done. The all-reduces DDP starts inside `backward()` hold Python objects (the `contextvars`
+    context that `torch.autograd` keeps in thread-local state for a backward, tensors with a Python
+    side). When a process ends right after a backward (a loop's last step, an error raised after
+    it) on a busy machine, that drop can come while the interpreter is finalizing: taking the GIL
+    then ends the worker thread inside a C++ destructor, and the process aborts ("terminate called
+    without an active exception", SIGABRT) instead of exiting with its status."""
+    cleanup_distributed()
+    gc.collect()  # DataLoader iterators in reference cycles shut their workers down now
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
