@@ -1,7 +1,9 @@
 """Launcher for the multi-process recipe tests (not a test module): runs a recipe's `main` under
 torchrun with two additions. At every `unet_seg.train.save_checkpoint`, each rank also writes the
 parameters of the models it checkpoints to `<probe>/rank<r>_<run folder>_step<s>.safetensors` (only
-rank 0 writes the real checkpoint, so a rank that drifted from the others would go unseen). Every
+rank 0 writes the real checkpoint, so a rank that drifted from the others would go unseen), and
+rank 0 copies the checkpoint to `<probe>/checkpoints/<run folder>/` as it is written (a finished
+demo deletes its earlier checkpoints; the resume tests start from one). Every
 `unet_seg.train.rank_share` (the evaluation's split of a dataset) appends the dataset's length and
 this rank's item indices to `<probe>/shares_rank<r>.jsonl`. Every `unet_seg.train.wrap_for_training`
 (the model as built, before DDP broadcasts rank 0's weights) writes its state dict to
@@ -17,6 +19,7 @@ first `training_batches` loop, 1 for the next, ...), step, function, shape, dtyp
 import functools
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +41,10 @@ def main(recipe: str, probe: Path, args: list[str]) -> None:
         if Path(directory).name == "sanity-check":  # `train.sanity_check`'s, read back at once: not a training step
             return path
         rank = _rank()
+        if rank == 0:
+            kept = probe / "checkpoints" / Path(directory).name
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, kept)
         params = {
             f"{name}/{key}": p.detach().cpu().contiguous()
             for name, model in models.items()

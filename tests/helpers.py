@@ -1,5 +1,6 @@
 """Shared test utilities: random weights, error measures, hub layouts written by hand."""
 
+import contextlib
 import functools
 import json
 import math
@@ -270,20 +271,44 @@ def assert_rank_shares_cover_each_item_once(probe: Path, processes: int = 2) -> 
     return len(calls[0])
 
 
+@contextlib.contextmanager
+def keeping_checkpoints(main, out: Path, kept: Path):
+    """While it lasts, each checkpoint that the recipe of `main` writes under `out` is copied, as
+    soon as it is written, to the same place under `kept`: a finished demo deletes its earlier
+    checkpoints, and a test that resumes from one of them (as an interrupted run would) keeps it."""
+    module = main.__globals__  # the recipe's namespace: it imports save_checkpoint by name
+    real = module["save_checkpoint"]
+
+    def save_checkpoint(directory, step, *args, **kwargs):
+        path = real(directory, step, *args, **kwargs)
+        copy = kept / Path(path).resolve().relative_to(Path(out).resolve())
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
+        return path
+
+    module["save_checkpoint"] = save_checkpoint
+    try:
+        yield kept
+    finally:
+        module["save_checkpoint"] = real
+
+
 def straight_and_resumed(main, args: list[str], tmp_path: Path, straight_only: list[str] = (), run_dir: str = ""):
     """Run a recipe's `main` for 2 steps (`args` must save every step), then again from only its
-    step-1 checkpoint with --resume -> the tensors of both step-2 checkpoints (straight, resumed).
-    `straight_only`: extra options of the straight run (e.g. a periodic evaluation that must not
-    perturb training); `run_dir`: where the recipe keeps the checkpoints under --out."""
+    step-1 checkpoint (kept as it was written: a finished demo deletes it) with --resume -> the
+    tensors of both step-2 checkpoints (straight, resumed). `straight_only`: extra options of the
+    straight run (e.g. a periodic evaluation that must not perturb training); `run_dir`: where the
+    recipe keeps the checkpoints under --out."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from unet_seg.train import checkpoint_path
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    main(args + list(straight_only) + ["--out", str(straight)])
+    with keeping_checkpoints(main, straight, tmp_path / "kept") as kept:
+        main(args + list(straight_only) + ["--out", str(straight)])
     (split / run_dir).mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(straight / run_dir, 1), split / run_dir)
+    shutil.copy(checkpoint_path(kept / run_dir, 1), split / run_dir)
     main(args + ["--out", str(split), "--resume"])
     return tuple(load_file(str(checkpoint_path(d / run_dir, 2))) for d in (straight, split))
 
@@ -305,7 +330,8 @@ def run_two_gloo_processes(name: str, args: list[str], tmp_path: Path, grid: str
     starting from identical weights and holding identical weights at steps 1 and 2, each rank
     drawing its own training noise (`assert_ranks_draw_their_own_noise`), every evaluated item on
     exactly one rank, one DEMO line (rank 0 prints), "on 2 process(es)", metrics.json and the `grid`
-    image written. Then again from only the step-1 checkpoint (in `run_dir` under --out) with
+    image written. Then again from only the step-1 checkpoint (in `run_dir` under --out; the
+    probe keeps a copy: the finished demo deletes it) with
     --resume: the step-2 checkpoint equals the first run's bit for bit and each rank draws in step 2
     exactly what it drew the first time (in the first training loop, where a recipe trains several
 models). -> (the first CompletedProcess, the draw counts)."""
@@ -325,8 +351,8 @@ models). -> (the first CompletedProcess, the draw counts)."""
     from unet_seg.train import checkpoint_path
 
     straight, split = tmp_path / "run" / run_dir, tmp_path / "split" / run_dir
-    split.mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists
-    shutil.copy(checkpoint_path(straight, 1), split)
+    split.mkdir(parents=True)  # an interrupted run: only its step-1 checkpoint exists (the probe kept it)
+    shutil.copy(checkpoint_path(tmp_path / "probe" / "checkpoints" / straight.name, 1), split)
     resumed = run_torchrun(name, args + ["--out", str(tmp_path / "split"), "--resume"], timeout=timeout, probe=tmp_path / "probe_resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for r in (0, 1):

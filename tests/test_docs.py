@@ -12,6 +12,9 @@ drift from the code.
   pyproject.toml; `python -m pytest`, `git`, `cd`, `export` and `mkdocs` lines are accepted as
   they are. Any other command fails the test: give it a checker here or opt the block out.
 - Blocks without a language or in another one (output, a folder layout, a table) are not code.
+- Inline code outside the blocks (a table's cells, prose) that is a recipe command,
+  `python recipes/x.py ...` or `torchrun ... recipes/x.py ...`, parses as the bash blocks' do
+  (a `...` standing for more options is dropped).
 
 **Opting out.** A block that needs what a test machine lacks (real weights, a dataset, a GPU,
 a trained run) says so in its fence, visibly on the rendered site, with a title that starts with
@@ -167,25 +170,60 @@ def scratch_paths(argv: list[str], scratch: Path) -> list[str]:
     return out
 
 
+def failures(commands: list[tuple[str, list[str]]], scratch: Path, capsys) -> list[str]:
+    """`check_command` on each (where, words) -> one message per command that does not work."""
+    found = []
+    for where, words in commands:
+        try:
+            check_command(words, scratch)
+        except SystemExit as e:
+            found.append(f"{where}: {shlex.join(words)}\n    exit {e.code}: {capsys.readouterr().err.strip()}")
+        except AssertionError as e:
+            found.append(f"{where}: {e}")
+    return found
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.language in ("bash", "sh", "shell") for b in blocks(p.read_text(), p))], ids=page_id)
 def test_bash_blocks_name_commands_and_options_that_exist(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    failures = []
+    commands = []
     for block in blocks(page.read_text(), page):
         if block.language not in ("bash", "sh", "shell"):
             continue
         lines = command_lines(block.code)
-        if block.opted_out:
-            continue
-        for words in lines:
-            try:
-                check_command(words, tmp_path / "scratch")
-            except SystemExit as e:
-                failures.append(f"{block.where}: {shlex.join(words)}\n    exit {e.code}: {capsys.readouterr().err.strip()}")
-            except AssertionError as e:
-                failures.append(f"{block.where}: {e}")
-    assert not failures, "\n".join(failures)
+        if not block.opted_out:
+            commands += [(block.where, words) for words in lines]
+    found = failures(commands, tmp_path / "scratch", capsys)
+    assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------- inline code
+
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", flags=re.S)
+RECIPE_COMMAND = re.compile(r"(?:python|torchrun)\s(?:\S+\s)*?recipes/\w+\.py(?:\s|$)")
+
+
+def inline_commands(text: str, page: Path = ROOT / "README.md") -> list[tuple[str, list[str]]]:
+    """The recipe commands written as inline code outside the fenced blocks (a table's cells,
+    prose, a span wrapped over lines) -> (page:line, words), a `...` for more options dropped."""
+    prose = FENCE.sub(lambda m: "\n" * m[0].count("\n"), text)  # the blocks' lines kept blank: line numbers stay
+    found = []
+    for paragraph in re.finditer(r"(?:[^\n]*\S[^\n]*(?:\n|$))+", prose):  # a span does not cross a blank line
+        for m in CODE_SPAN.finditer(paragraph[0]):
+            span = " ".join(m[2].split())
+            if RECIPE_COMMAND.match(span):
+                line = prose.count("\n", 0, paragraph.start() + m.start()) + 1
+                found.append((f"{page.relative_to(ROOT)}:{line}", [w for w in shlex.split(span) if w not in ("...", "…")]))
+    return found
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if inline_commands(p.read_text(), p)], ids=page_id)
+def test_inline_recipe_commands_name_options_that_exist(page, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    found = failures(inline_commands(page.read_text(), page), tmp_path / "scratch", capsys)
+    assert not found, "\n".join(found)
 
 
 # ---------------------------------------------------------------- the harness itself
@@ -243,6 +281,34 @@ def test_a_command_that_does_not_work_is_caught(line, tmp_path, capsys):
     with pytest.raises((SystemExit, AssertionError)):
         for words in command_lines(line):
             check_command(words, tmp_path)
+
+
+def test_inline_commands_are_found_in_tables_and_prose_and_a_stale_option_is_caught(tmp_path, monkeypatch, capsys):
+    text = textwrap.dedent(
+        """\
+        | method | command |
+        |---|---|
+        | DiffewS | `torchrun --nproc_per_node=8 recipes/diffews_coco20i.py --data-root /data/coco --no-such-option 1` |
+        | DIFF | `python recipes/diff_gta2cs.py --model m --data-root /data ...` |
+
+        Run `python recipes/<recipe>.py` or `python
+        recipes/digseg_ade20k.py --steps 4`; ``pip install unet_seg`` is no recipe command.
+
+        ```bash
+        python recipes/diffews_coco20i.py --also-stale
+        ```
+        """
+    )
+    found = inline_commands(text)
+    assert found == [
+        ("README.md:3", ["torchrun", "--nproc_per_node=8", "recipes/diffews_coco20i.py", "--data-root", "/data/coco", "--no-such-option", "1"]),
+        ("README.md:4", ["python", "recipes/diff_gta2cs.py", "--model", "m", "--data-root", "/data"]),
+        ("README.md:6", ["python", "recipes/digseg_ade20k.py", "--steps", "4"]),
+    ]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    messages = failures(found, tmp_path / "scratch", capsys)
+    assert len(messages) == 1 and messages[0].startswith("README.md:3: ") and "unrecognized arguments: --no-such-option 1" in messages[0]
 
 
 def test_a_real_run_with_absolute_data_roots_parses(tmp_path):

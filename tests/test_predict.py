@@ -19,7 +19,7 @@ from unet_seg.predict import image_files, read_image, read_mask
 from unet_seg.segmentation import resize_labels
 from unet_seg.train import latest_checkpoint, load_checkpoint
 
-from .helpers import load_recipe, randomise_, rel_err
+from .helpers import keeping_checkpoints, load_recipe, randomise_, rel_err
 
 ODD = (45, 70)  # H, W: neither a multiple of 8 nor square
 
@@ -136,7 +136,9 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
     from unet_seg.demo import BlockCodec, tiny_sd
 
     recipe, run = load_recipe("diffews_coco20i"), tmp_path / "run"
-    recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "2", "--save-every", "1", "--out", str(run)])
+    with keeping_checkpoints(recipe.main, run, tmp_path / "kept") as kept:  # the finished demo deletes its step-1 checkpoint
+        recipe.main(["--demo", "--random-demo-model", "--steps", "2", "--batch-size", "2", "--eval-items", "2", "--save-every", "1", "--out", str(run)])
+    assert sorted(p.name for p in run.glob("step_*")) == [latest_checkpoint(run).name]
     model = run / "model"
     assert "conv_in_support" in (model / "README.md").read_text()
     assert json.loads((model / "config.json").read_text())["recipe"] == "diffews"
@@ -188,8 +190,8 @@ def test_diffews_exports_a_diffusers_folder_and_predicts_what_its_evaluation_com
 
     from unet_seg.train import checkpoint_path
 
-    recipe.main(["--demo", "--random-demo-model", "--out", str(run), "--export", str(checkpoint_path(run, 1))])
-    step1 = {k.removeprefix("model/unet/"): v for k, v in load_file(str(checkpoint_path(run, 1))).items() if k.startswith("model/unet/")}
+    recipe.main(["--demo", "--random-demo-model", "--out", str(run), "--export", str(checkpoint_path(kept, 1))])
+    step1 = {k.removeprefix("model/unet/"): v for k, v in load_file(str(checkpoint_path(kept, 1))).items() if k.startswith("model/unet/")}
     exported = load_sd(model, components=["unet"]).unet.state_dict()
     assert set(exported) == set(step1) and all(torch.equal(exported[k], v) for k, v in step1.items())
     assert not all(torch.equal(sd.unet.state_dict()[k], v) for k, v in step1.items())  # step 2 differs: the export did change

@@ -266,6 +266,32 @@ def test_a_final_checkpoint_holds_the_weights_alone_and_resuming_it_further_says
         load_checkpoint(save_checkpoint(tmp_path / "bare", 1, {"m": model}), {"m": model}, optimizer=opt)
 
 
+def test_a_final_checkpoint_deletes_the_runs_earlier_ones_only_once_it_is_written(tmp_path, monkeypatch):
+    import importlib
+
+    model, opt = stepped(OPTIMIZERS["adamw"], 1)
+    names = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"m": model}, optimizer=opt)  # no keep_last: all kept
+    written = names()
+    assert written == [checkpoint_path(tmp_path, s).name for s in (1, 2, 3)]
+
+    def disk_full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    checkpoints = importlib.import_module("unet_seg.train.checkpoints")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "save_file", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(tmp_path, 4, {"m": model}, optimizer=opt, final=True)
+    assert names() == written  # the final one failed: the resumable ones stay
+    save_checkpoint(tmp_path, 4, {"m": model}, optimizer=opt, final=True)
+    assert names() == [checkpoint_path(tmp_path, 4).name]
+    save_checkpoint(tmp_path, 5, {"m": model}, optimizer=opt, keep_last=2)  # a finished demo resumed to more steps
+    save_checkpoint(tmp_path, 6, {"m": model}, optimizer=opt, final=True)
+    assert names() == [checkpoint_path(tmp_path, 6).name]
+
+
 class SignalDispositions(torch.utils.data.Dataset):
     """Items: (SIGINT ignored, SIGTERM ignored, the user's worker_init_fn ran) in this process."""
 

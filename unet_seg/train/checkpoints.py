@@ -117,7 +117,8 @@ def save_checkpoint(
     `keep_last=N`, older `step_*.safetensors` files in `directory` beyond the newest N are deleted.
 
     `final=True` (a demo's last step: the run will not go on): the weights without the optimizer
-    and scheduler state, with AdamW a third of the size.
+    and scheduler state, with AdamW a third of the size; once it is in place, the earlier
+    `step_*.safetensors` files in `directory` are deleted (a finished demo keeps one checkpoint).
     It re-evaluates and exports as any other; resumed to more steps (`load_checkpoint`), training
     goes on from its weights with a fresh optimizer and scheduler, and `resume_latest` says so.
     """
@@ -142,9 +143,13 @@ def save_checkpoint(
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(header)})
-        if keep_last is not None:
-            for old in _checkpoints(directory)[:-keep_last]:
-                old.unlink()
+        found = _checkpoints(directory)
+        if final:  # the run will not go on: its earlier checkpoints (and their optimizer state) are not needed
+            stale = found[: found.index(path)]
+        else:
+            stale = found[:-keep_last] if keep_last is not None else []
+        for old in stale:
+            old.unlink()
     barrier()
     _INTERRUPT.saved[step] = path
     return path
