@@ -11,8 +11,7 @@ batch, the frozen parts in bf16 and training under bf16 autocast as the recipes 
   (`--cache-dir`: posteriors computed once before timing, `cached_train_step` draws z = μ + σ·ε),
   each plain and as one CUDA graph (`--cuda-graph`). Schedule: 10 000 iterations × 16 episodes.
 - DIFF: one 512² crop, IPKL, the official trajectory features. Schedule: 40 000 × 1.
-- QueryDiff: 4 crops of 512², DCL on (DINOv2-L + Rein through timm; a stand-in backbone without
-  timm, said so). Schedule: 60 000 × 4.
+- QueryDiff: 4 crops of 512², DCL on (DINOv2-L + Rein, random weights). Schedule: 60 000 × 4.
 - DiGSeg: 2 images of 512², the paper's trainable subset. Schedule: the recipe's 30 000 × 2.
 For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
 after its plain rows are timed (not interleaved with them; a failed capture cannot spoil them);
@@ -126,20 +125,12 @@ def diff(args, device, cuda: bool) -> dict:
 
 
 def querydiff(args, device, cuda: bool) -> dict:
-    from bench_querydiff import StandInBackbone
-
     from unet_seg.demo import BlockCodec
     from unet_seg.mask2former import SetLossConfig
 
     recipe = load_recipe("querydiff_gta2cs")
     rargs = recipe.parse_args(["--demo"] if args.tiny else ["--eval-only", "--no-pretrained", "--data-root", tempfile.gettempdir()])
     backbone = "demo's" if args.tiny else "DINOv2-L + Rein"
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        if not args.tiny:
-            backbone = "STAND-IN (no timm)"
-            recipe.ReinDINOv2 = lambda pretrained, img_size, tokens, **kw: StandInBackbone(tokens)  # noqa: E731
     num_classes, size, b = (6 if args.tiny else 19), rargs.size, 4
     if args.tiny:
         unet, vae = UNet(recipe.DEMO_TEACHER).to(device).eval(), BlockCodec().to(device)
@@ -151,7 +142,7 @@ def querydiff(args, device, cuda: bool) -> dict:
     x = torch.rand(b, 3, size, size, device=device) * 2 - 1
     labels = torch.randint(0, num_classes, (b, size // 32, size // 32), device=device).repeat_interleave(32, 1).repeat_interleave(32, 2)
     loss_cfg = SetLossConfig(points=rargs.points)
-    model = recipe.build_model(rargs, num_classes, True).to(device).train()
+    model = recipe.build_model(rargs, num_classes, True, unet).to(device).train()
     opt = torch.optim.AdamW(recipe.param_groups(model, 1e-4, 0.1), lr=1e-4, fused=True)
     fns = {f"recipe ({backbone})": lambda: recipe.train_step(model, opt, x, labels, num_classes, loss_cfg, 1.0, teacher, amp=True)}
     if cuda:

@@ -16,7 +16,7 @@ CPU = ["--tiny", "--device", "cpu"]
 SMOKE = {
     "bench_diff.py": CPU + ["--modes", "eager", "--iters", "1", "--rounds", "1"],
     "bench_digseg.py": CPU + ["--no-compile", "--iters", "1", "--rounds", "1", "--classes", "1,2", "--settings", "1x1", "--size", "64"],
-    "bench_models.py": CPU + ["--modes", "eager", "--batches", "1", "--iters", "1", "--rounds", "2", "--models", "unet-sd21,vae-encode"],
+    "bench_models.py": CPU + ["--modes", "eager", "--batches", "1", "--iters", "1", "--rounds", "2", "--models", "unet-sd21,vae-encode", "--size", "64"],
     "bench_diffews.py": CPU + ["--eager", "--shots", "1", "--train-batches", "1", "--iters", "1", "--rounds", "2", "--batch", "2", "--size", "64"],
     "bench_querydiff.py": CPU + ["--modes", "eager", "--iters", "1", "--rounds", "1"],
     "bench_gpu_hours.py": CPU + ["--iters", "1", "--rounds", "1", "--size", "64"],

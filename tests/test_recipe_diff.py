@@ -30,8 +30,8 @@ def test_demo_writes_metrics_and_prediction_grid(tmp_path, capsys):
         assert set(row) == {"clean (source style)", "hazy (unseen style)"}
         assert all(0 <= v <= 100 for v in row.values())
     assert (tmp_path / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    names = sorted(p.name for p in tmp_path.rglob("step_*.safetensors"))
-    assert checkpoint_path(tmp_path, 2).name in names
+    runs = {p.parent for p in tmp_path.rglob("step_*.safetensors")}
+    assert tmp_path in runs and all([p.name for p in run.glob("step_*")] == [checkpoint_path(run, 2).name] for run in runs)  # a finished demo keeps its last
 
 
 def test_resume_continues_to_the_same_weights(tmp_path, cpu_only):
