@@ -10,7 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unet_seg.latent_cache import LatentCacheError, build_latent_cache, open_latent_cache, sample_latent, shard_of, vae_fingerprint
+from unet_seg.hub import weights_fingerprint
+from unet_seg.latent_cache import LatentCacheError, build_latent_cache, open_latent_cache, sample_latent, shard_of
 from unet_seg.models import TINY_VAE, AutoencoderKL
 
 SIZE = (16, 24)
@@ -93,7 +94,7 @@ def test_a_cache_of_other_vae_weights_another_size_or_a_corrupt_shard_is_refused
     vae = tiny_vae()
     build_latent_cache(tmp_path, vae, KEYS, image, size=SIZE, shards=4)
     other = tiny_vae(seed=1)
-    with pytest.raises(LatentCacheError, match=f"VAE weights sha256 {vae_fingerprint(vae)}, this run has {vae_fingerprint(other)}"):
+    with pytest.raises(LatentCacheError, match=f"VAE weights sha256 {weights_fingerprint(vae.state_dict(), type(vae).__name__)}, this run has {weights_fingerprint(other.state_dict(), type(other).__name__)}"):
         build_latent_cache(tmp_path, other, KEYS, image, size=SIZE, shards=4)
     with pytest.raises(LatentCacheError, match="VAE weights sha256"):  # the same weights in bf16 encode otherwise
         open_latent_cache(tmp_path, tiny_vae(dtype=torch.bfloat16), SIZE, shards=4)

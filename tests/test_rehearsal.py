@@ -131,6 +131,8 @@ def test_querydiff_gta5_to_cityscapes_bdd100k_mapillary(tmp_path):
     args = ["--model", str(sd), "--dinov2", str(write_tiny_dinov2(tmp_path / "dinov2")), "--data-root", str(data), "--targets", *QUERYDIFF_TARGETS,
             "--steps", "2", "--save-every", "1", "--batch-size", "1", "--small-head"]  # fmt: skip
     metrics, splits, run = rehearse("querydiff_gta2cs", args, tmp_path, run_dir="querydiff")
+    stored = load_file(str(checkpoint_path(tmp_path / "straight" / "querydiff", 2)))  # the frozen DINOv2: a fingerprint, not stored
+    assert not any(k.startswith("model/model/backbone.vit.") for k in stored) and any(k.startswith("model/model/backbone.reins.") for k in stored)
     assert all(f"{t} " in sanity_line(run) for t in QUERYDIFF_TARGETS), sanity_line(run)
     (scores,) = metrics.values()
     assert {k for k in scores if "mIoU" in k} == {f"{t} mIoU" for t in QUERYDIFF_TARGETS}

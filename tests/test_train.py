@@ -74,14 +74,14 @@ DATA = TensorDataset(torch.linspace(-1, 1, 24 * 4).reshape(24, 4), torch.linspac
 BATCH = 4  # 6 steps per epoch
 
 
-def run_training(out, stop, resume=False, restore_rng=True):
+def run_training(out, stop, resume=False, restore_rng=True, make_model=tiny_net):
     """Train to global step `stop` (optionally resuming from `out`), save, and return the losses
     of the steps run here plus the final model and optimizer state. Randomness from all four
     RNGs enters every step (dropout, torch noise, numpy, python random) and the data order
     comes from the seeded sampler."""
     seed_everything(0)
-    model = tiny_net()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    model = make_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     loader = resumable_loader(DATA, BATCH, seed=0)
     step = 0
@@ -122,6 +122,105 @@ def test_resume_without_restoring_rng_diverges(tmp_path):
     run_training(tmp_path / "split", 4)
     second = run_training(tmp_path / "split", 10, resume=True, restore_rng=False)
     assert not torch.equal(second[0], straight[0][4:])
+
+
+# ---------------------------------------------------------------- frozen weights: a fingerprint, not stored
+
+
+def frozen_base_net(base_seed=0, dtype=torch.float32, width=4):
+    """A frozen "pre-trained" Linear (its own seed: another base checkpoint) before a trainable
+    part with a BatchNorm, whose running statistics are buffers that training changes."""
+    base = nn.Linear(4, width).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(randn(width, 4, seed=100 + base_seed))
+        base.bias.copy_(randn(width, seed=200 + base_seed))
+    return nn.Sequential(base, nn.Linear(width, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
+
+
+class Float32(nn.Module):
+    """The frozen base of `frozen_base_net` cast back to float32 on the way, whatever its dtype."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net[1:](self.net[0](x.to(self.net[0].weight.dtype)).float())
+
+
+def test_a_checkpoint_holds_no_tensor_of_a_frozen_part_but_a_frozen_model_passed_alone_whole(tmp_path):
+    model, pretrained_here = frozen_base_net(), nn.Linear(3, 3).requires_grad_(False)  # the latter: e.g. a demo's pre-trained U-Net
+    assert set(train.frozen_weights(model)) == {"0.weight", "0.bias"} and train.frozen_weights(pretrained_here) == {}
+    path = save_checkpoint(tmp_path, 1, {"net": model, "pre": pretrained_here})
+    stored = load_file(str(path))
+    assert not any(k.startswith("model/net/0.") for k in stored)
+    assert {k for k in stored if k.startswith("model/net/")} == {f"model/net/{k}" for k in model.state_dict() if not k.startswith("0.")}
+    assert {"model/net/2.running_mean", "model/net/2.running_var", "model/pre/weight", "model/pre/bias"} <= set(stored)
+    whole = save_checkpoint(tmp_path / "whole", 1, {"net": model.requires_grad_(True)})  # nothing frozen: all stored
+    assert set(load_file(str(whole))) == {f"model/net/{k}" for k in model.state_dict()}
+
+
+def test_resume_with_a_frozen_part_equals_a_straight_run_bit_for_bit(tmp_path):
+    straight = run_training(tmp_path / "straight", 10, make_model=frozen_base_net)
+    first = run_training(tmp_path / "split", 4, make_model=frozen_base_net)
+    second = run_training(tmp_path / "split", 10, resume=True, make_model=frozen_base_net)
+    assert torch.equal(torch.cat([first[0], second[0]]), straight[0])
+    assert_same_tree(second[1], straight[1])
+    assert_same_tree(second[2], straight[2])
+
+
+@pytest.mark.parametrize(
+    "other, differs",
+    [
+        (lambda: frozen_base_net(base_seed=1), r"the same 2 names, dtypes and shapes with other values: another checkpoint of the same model"),
+        (lambda: frozen_base_net(dtype=torch.bfloat16), r"other dtypes: net\.0\.weight \(float32 there, bfloat16 here\), net\.0\.bias \(float32 there, bfloat16 here\)"),
+    ],
+)
+def test_resume_on_other_frozen_weights_is_refused_in_one_line_naming_the_difference(tmp_path, capsys, other, differs):
+    run_training(tmp_path, 3, make_model=lambda: Float32(frozen_base_net()))
+    model = Float32(other())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(train.FrozenWeightsDiffer, match=differs) as e:
+        train.resume_latest(tmp_path, {"net": model})  # refused at once: not passed over for an older checkpoint
+    assert "\n" not in str(e.value) and "model 'net' was trained on other frozen weights" in str(e.value)
+    assert_same_tree(dict(model.state_dict()), before)  # nothing half-loaded
+    assert "passing over" not in capsys.readouterr().err
+
+
+def test_a_frozen_tensor_of_another_shape_is_named(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"net": frozen_base_net()})
+    other = frozen_base_net()
+    other[0].weight = nn.Parameter(torch.zeros(4, 5), requires_grad=False)
+    with pytest.raises(train.FrozenWeightsDiffer, match=r"other shapes: 0\.weight \(\[4, 4\] there, \[4, 5\] here\)"):
+        load_checkpoint(path, {"net": other})
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]),
+    shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    where=st.integers(0, 2**31), bit=st.integers(0, 7), seed=st.integers(0, 2**16),
+)
+def test_weights_fingerprint_changes_with_any_byte_dtype_or_name_and_ignores_layout(dtype, shape, where, bit, seed):
+    from unet_seg.hub import weights_fingerprint
+
+    t = (randn(*shape, 2, seed=seed) * 100).to(dtype)
+    other = {"a.weight": randn(3, seed=seed + 1)}
+    fp = weights_fingerprint({"b.weight": t, **other})
+    assert fp == weights_fingerprint({**other, "b.weight": t.clone()})  # insertion order: none
+    wide = torch.zeros(*shape, 4, dtype=dtype)
+    wide[..., 1:3] = t
+    assert not wide[..., 1:3].is_contiguous() or math.prod(shape) == 1
+    assert fp == weights_fingerprint({"b.weight": wide[..., 1:3], **other})  # the same values in another memory layout
+    raw = t.reshape(-1).view(torch.uint8).clone()
+    raw[where % raw.numel()] ^= 1 << bit  # one bit of one byte
+    assert weights_fingerprint({"b.weight": raw.view(dtype).reshape(t.shape), **other}) != fp
+    cast = torch.float64 if dtype != torch.float64 else torch.float32
+    assert weights_fingerprint({"b.weight": t.to(cast), **other}) != fp  # the same values in another dtype
+    assert weights_fingerprint({"b.bias": t, **other}) != fp
+    assert weights_fingerprint({"b.weight": t, **other}, label="UNet") != fp
+    if torch.cuda.is_available():
+        assert weights_fingerprint({"b.weight": t.cuda(), **other}) == fp
 
 
 def test_sampler_start_skips_exactly_the_consumed_samples():

@@ -7,10 +7,11 @@ tensors by assignment, so a checkpoint is held in memory once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, TypeVar, Union
+from typing import Callable, Mapping, Optional, TypeVar, Union
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -305,6 +306,18 @@ def build_with_weights(
     check_state_dict(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def weights_fingerprint(tensors: Mapping[str, Tensor], label: str = "") -> str:
+    """sha256 of `label`, then of each tensor in name order: its name, dtype, shape and bytes.
+    Another checkpoint, or the same one cast to another dtype, has another one; the device and
+    the memory layout (contiguous or not) do not change it. `label` tells kinds apart (a class name)."""
+    h = hashlib.sha256(label.encode())
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def check_state_dict(expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str) -> None:

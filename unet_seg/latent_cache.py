@@ -31,11 +31,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_path
+from .hub import weights_fingerprint
 from .models.vae import sample_latent
 from .train.distributed import barrier, print0, rank_and_world
 from .train.report import progress
 
-__all__ = ["LatentCache", "LatentCacheError", "build_latent_cache", "open_latent_cache", "sample_latent", "vae_fingerprint"]
+__all__ = ["LatentCache", "LatentCacheError", "build_latent_cache", "open_latent_cache", "sample_latent"]
 
 FORMAT = "unet_seg.latent_cache/1"
 SHARD_GLOB = "shard_*.safetensors"
@@ -43,17 +44,6 @@ SHARD_GLOB = "shard_*.safetensors"
 
 class LatentCacheError(ValueError):
     """A latent cache that this run cannot use: built by another VAE, at another size, or corrupt."""
-
-
-def vae_fingerprint(vae: nn.Module) -> str:
-    """sha256 of the VAE's class, parameter and buffer names, dtypes, shapes and bytes: another
-    checkpoint, or the same one cast to another dtype (other posteriors), has another one."""
-    h = hashlib.sha256(type(vae).__name__.encode())
-    for name, t in sorted(vae.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -118,7 +108,7 @@ def open_latent_cache(directory: Union[str, Path], vae: nn.Module, size: tuple[i
     (`LatentCacheError` if built otherwise or corrupt); `keys` must all be in it."""
     directory = Path(directory)
     index = {}
-    for path, names in _read_shards(directory, _metadata(vae_fingerprint(vae), size, shards)).items():
+    for path, names in _read_shards(directory, _metadata(weights_fingerprint(vae.state_dict(), type(vae).__name__), size, shards)).items():
         index.update(dict.fromkeys(names, path))
     missing = [k for k in keys if k not in index]
     if missing:
@@ -158,7 +148,7 @@ def build_latent_cache(
     all. Existing shards are checked first (`open_latent_cache`'s errors); a shard that gains
     entries is rewritten whole, atomically. A non-finite posterior raises, naming its keys."""
     directory, keys = Path(directory), sorted(set(keys))
-    meta = _metadata(vae_fingerprint(vae), size, shards)
+    meta = _metadata(weights_fingerprint(vae.state_dict(), type(vae).__name__), size, shards)
     held = {k for names in _read_shards(directory, meta).values() for k in names}
     rank, world = rank_and_world()
     missing = [k for k in keys if k not in held]

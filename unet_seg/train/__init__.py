@@ -24,7 +24,9 @@ The loop the four recipes run (recipes/*.py `main`):
     return finish_run(run, {"mIoU": miou}, out=args.out, title="...")  # table, times, barrier, cleanup
 
 Collectives (`save_checkpoint`, `check_finite_everywhere`, `barrier`) must be called by every
-rank; only rank 0 writes files. Checkpoints are safetensors only: tensors as tensors, everything
+rank; only rank 0 writes files. A checkpoint stores what training changes: frozen parameters
+(requires_grad False) only as a fingerprint, which --resume checks against the ones rebuilt from
+--model. Checkpoints are safetensors only: tensors as tensors, everything
 else (optimizer hyper-parameters, scheduler state, counters, every rank's RNG states) as JSON in
 the header. Resuming is exact (bit for bit on the same hardware and world size, each rank its own
 stream back) when the data order comes from `resumable_loader` and the loss draws randomness
@@ -38,7 +40,7 @@ One job per module; import everything from `unet_seg.train`:
     loop          resumable_loader (ResumableSampler), training_batches, should_checkpoint,
                   interrupted (Ctrl-C / SIGTERM)
     checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
-                  checkpoint_path
+                  checkpoint_path, frozen_weights, FrozenWeightsDiffer
     compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, ddp, evaluation
     step          backward_and_step, clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph)
     report        progress (LineProgress), write_metrics
@@ -48,8 +50,8 @@ One job per module; import everything from `unet_seg.train`:
 
 from ..files import atomic_path
 from .checkpoints import (
-    CHECKPOINT_FORMAT, Resumed, checkpoint_path, latest_checkpoint, load_checkpoint, load_latest, resume_latest,
-    save_checkpoint,
+    CHECKPOINT_FORMAT, FrozenWeightsDiffer, Resumed, checkpoint_path, frozen_weights, latest_checkpoint, load_checkpoint, load_latest,
+    resume_latest, save_checkpoint,
 )
 from .compute import autocast, compile_cache_dir, ddp, evaluation, maybe_compile, wrap_for_training
 from .distributed import (
@@ -64,8 +66,8 @@ from .sanity import SanityReport, sanity_check
 from .step import CudaGraphStep, backward_and_step, clip_and_step
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "Resumed", "checkpoint_path", "latest_checkpoint", "load_checkpoint", "load_latest",
-    "resume_latest", "save_checkpoint",
+    "CHECKPOINT_FORMAT", "FrozenWeightsDiffer", "Resumed", "checkpoint_path", "frozen_weights", "latest_checkpoint", "load_checkpoint",
+    "load_latest", "resume_latest", "save_checkpoint",
     "autocast", "compile_cache_dir", "ddp", "evaluation", "maybe_compile", "wrap_for_training",
     "barrier", "check_finite_everywhere", "cleanup_distributed", "exit_gloo_process", "head", "init_distributed", "is_main", "print0",
     "print_demo", "rank_and_world", "rank_share", "unwrap",

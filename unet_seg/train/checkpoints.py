@@ -1,9 +1,11 @@
 """Training checkpoints: safetensors only, written atomically by rank 0, resumed exactly.
 
-Tensors are stored as tensors; everything else (optimizer hyper-parameters, scheduler state,
-counters, every rank's RNG states) as JSON in the header. Resuming is exact (bit for bit on the
-same hardware and world size) when the data order comes from `loop.resumable_loader` and the
-loss draws randomness only from the global RNGs restored here.
+A checkpoint holds what training changes: each model's trainable parameters and buffers; its
+frozen parameters (`frozen_weights`) only as a fingerprint that resuming checks against the ones
+the run rebuilt. Tensors are stored as tensors; everything else (optimizer hyper-parameters,
+scheduler state, counters, every rank's RNG states) as JSON in the header. Resuming is exact
+(bit for bit on the same hardware and world size) when the data order comes from
+`loop.resumable_loader` and the loss draws randomness only from the global RNGs restored here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..files import atomic_path
-from ..hub import CheckpointError, check_state_dict
+from ..hub import CheckpointError, check_state_dict, weights_fingerprint
 from .distributed import _rank, _world_size, all_gather_str, barrier, is_main, print0, unwrap
 from .loop import _INTERRUPT
 from .rng import reseed_from, rng_states, set_rng_states
@@ -29,6 +31,12 @@ from .report import PathLike
 
 CHECKPOINT_FORMAT = "unet_seg.checkpoint/1"
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+class FrozenWeightsDiffer(CheckpointError):
+    """A checkpoint trained on other frozen weights than the model it is loaded into: another base
+    checkpoint (`--model`), or the same one in another dtype. Every checkpoint of the run differs
+    alike, so `resume_latest` refuses at once rather than passing over them."""
 
 
 class Resumed(NamedTuple):
@@ -75,6 +83,42 @@ def _unpack(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return tuple(items) if tag == "tuple" else items
 
 
+def frozen_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The entries of `model`'s state dict that a checkpoint fingerprints rather than stores: its
+    frozen parameters (requires_grad False), the ones rebuilt from the run's base checkpoint. A
+    model with no trainable parameter at all is stored whole (passed to be kept: e.g. a demo's
+    U-Net pre-trained in the run, which nothing could rebuild); buffers are always stored."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if not any(p.requires_grad for p in params.values()):
+        return {}
+    return {k: v for k, v in model.state_dict().items() if k in params and not params[k].requires_grad}
+
+
+def _frozen_header(frozen: dict[str, Tensor]) -> dict:
+    return {"sha256": weights_fingerprint(frozen), "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in frozen.items()}}
+
+
+def _check_frozen(path: PathLike, name: str, stored: dict, own: dict[str, Tensor]) -> None:
+    """FrozenWeightsDiffer, in one line naming what differs, unless `model`'s weights under the
+    names `stored` (`_frozen_header`) fingerprinted are the same ones."""
+    names = stored["tensors"]
+    absent = sorted(set(names) - set(own))
+    if absent:
+        raise CheckpointError(f"{path} (model {name!r}): frozen tensors this model does not have: {absent[:5]}")
+    here = _frozen_header({k: own[k] for k in names})
+    if here["sha256"] == stored["sha256"]:
+        return
+    dtypes = [f"{k} ({names[k][0]} there, {here['tensors'][k][0]} here)" for k in names if names[k][0] != here["tensors"][k][0]]
+    shapes = [f"{k} ({names[k][1]} there, {here['tensors'][k][1]} here)" for k in names if names[k][1] != here["tensors"][k][1]]
+    differs = (f"other dtypes: {', '.join(dtypes[:3])}" + (f" and {len(dtypes) - 3} more" if len(dtypes) > 3 else "") if dtypes
+               else f"other shapes: {', '.join(shapes[:3])}" + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "") if shapes
+               else f"the same {len(names)} names, dtypes and shapes with other values: another checkpoint of the same model")  # fmt: skip
+    raise FrozenWeightsDiffer(
+        f"{path}: model {name!r} was trained on other frozen weights than this run built ({differs}; sha256 {stored['sha256'][:12]} there, "
+        f"{here['sha256'][:12]} here): resume with the base weights the run started from (the same --model and weight options)"
+    )
+
+
 def checkpoint_path(directory: PathLike, step: int) -> Path:
     """`directory/step_000001000.safetensors`: the name `save_checkpoint` gives step 1000."""
     return Path(directory) / f"step_{step:09d}.safetensors"
@@ -113,7 +157,9 @@ def save_checkpoint(
     exactly; the ranks wait for the file before returning. Stored: each model's state dict
     (unwrapped from DDP/compile, under `model/<name>/`), the optimizer and scheduler state dicts,
     `step`, `epoch`, `extra` (JSON-able values and tensors, e.g. the run's arguments or the best
-    metric so far) and the RNG states. Pass only the modules that training changes. With
+    metric so far) and the RNG states. Pass only the modules that training changes. Of each model
+    its frozen parameters (`frozen_weights`) are not stored: their names, dtypes, shapes and sha256
+    (`hub.weights_fingerprint`) are, and `load_checkpoint` checks them. With
     `keep_last=N`, older `step_*.safetensors` files in `directory` beyond the newest N are deleted.
 
     `final=True` (a demo's last step: the run will not go on): the weights without the optimizer
@@ -128,13 +174,20 @@ def save_checkpoint(
     path = checkpoint_path(directory, step)
     if is_main():
         tensors: dict[str, Tensor] = {}
+        frozen: dict[str, dict] = {}
         for name, model in models.items():
-            for key, value in unwrap(model).state_dict().items():
-                tensors[f"model/{name}/{key}"] = value.detach().cpu().contiguous()
+            model = unwrap(model)
+            skipped = frozen_weights(model)
+            if skipped:
+                frozen[name] = _frozen_header(skipped)
+            for key, value in model.state_dict().items():
+                if key not in skipped:
+                    tensors[f"model/{name}/{key}"] = value.detach().cpu().contiguous()
         header = {
             "step": step,
             "epoch": epoch,
             "models": list(models),
+            "frozen": frozen,
             "optimizer": _pack(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None and not final else None,
             "scheduler": _pack(scheduler.state_dict(), "scheduler", tensors) if scheduler is not None and not final else None,
             "final": final,
@@ -166,7 +219,8 @@ def load_checkpoint(
     """Restore what `save_checkpoint` stored into `models` (same names), the optimizer and the
     scheduler (when given), and this rank's RNG states; return (step, epoch, extra, final). A
     `final` checkpoint (`save_checkpoint`) has no optimizer or scheduler state: they are left as
-    they are.
+    they are. A model's frozen parameters, which the file holds as a fingerprint only, must be
+    the ones the model already has: else FrozenWeightsDiffer names what differs.
 
     Every rank reads the file. A missing, truncated or corrupt file, a missing model, optimizer
     or scheduler state, and a state dict that does not fit (keys listed) raise CheckpointError
@@ -189,12 +243,15 @@ def load_checkpoint(
     missing = sorted(models.keys() - set(header["models"]))
     if missing:
         raise CheckpointError(f"{path}: no state for model(s) {missing}; it holds {header['models']}")
+    states = {}
+    for name, model in models.items():  # every model checked before any is loaded
+        prefix, own, frozen = f"model/{name}/", unwrap(model).state_dict(), header.get("frozen", {}).get(name)
+        states[name] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        check_state_dict({k: v for k, v in own.items() if not (frozen and k in frozen["tensors"])}, states[name], f"{path} (model {name!r})")
+        if frozen:
+            _check_frozen(path, name, frozen, own)
     for name, model in models.items():
-        model = unwrap(model)
-        prefix = f"model/{name}/"
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        check_state_dict(model.state_dict(), state, f"{path} (model {name!r})")
-        model.load_state_dict(state)
+        unwrap(model).load_state_dict(states[name], strict=name not in header.get("frozen", {}))
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
             continue
@@ -250,6 +307,8 @@ def resume_latest(
     for path in found:
         try:
             step, _, extra, final = load_checkpoint(path, models, optimizer=optimizer, scheduler=scheduler)
+        except FrozenWeightsDiffer:
+            raise
         except CheckpointError as e:
             bad.append(path)
             if is_main():
