@@ -22,7 +22,7 @@ ICCV 2019, eq. 1-3). docs/compose.md walks through it block by block.
 | loss | CE + Dice on the query, bilinear logits at the mask's size; no PANet alignment loss | PANet's CE; Dice for COCO's small objects |
 | precision | frozen SD in bf16 on a GPU (fp32 on a CPU), features and head in fp32 | the frozen side is most of the FLOPs |
 | evaluation | 1000 episodes per fold, 1- and 5-shot, mIoU over the 20 test classes and FB-IoU | HSNet's protocol |
-| demo | the package's pre-trained tiny SD (`--random-demo-model`: a random U-Net pre-trained here, 100 denoising steps, kept in the checkpoint); two classes in every image, only the supports tell which is asked for; control: supports of the other | no download |
+| demo | the package's pre-trained tiny SD (`--random-demo-model`: a random U-Net pre-trained here, 100 denoising steps, kept in the checkpoint); 128² images (taps 8² and 16²); two classes in every image, only the supports tell which is asked for; control: supports of the other | no download; at 64² the taps are 4² and 8² |
 """
 
 import time
@@ -30,7 +30,7 @@ import time
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
 TAPS, TIMESTEPS, EVAL_SHOTS = ("up.1", "up.2"), (50, 261), (1, 5)
-DEMO = dict(size=64, steps=1000, batch_size=8, lr=1e-3, dim=64, eval_items=200, pretrain_steps=100)  # pre-training: random model only
+DEMO = dict(size=128, steps=1000, batch_size=8, lr=1e-3, dim=64, eval_items=200, pretrain_steps=100)  # pre-training: random model only
 REAL = dict(size=512, steps=20000, batch_size=4, lr=1e-4, dim=256, eval_items=1000, pretrain_steps=0)
 
 

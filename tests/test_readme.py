@@ -24,11 +24,12 @@ def test_cpu_torch_comes_before_the_commands_that_install_torch():
 
 
 def test_the_quick_start_runs_recipes_with_no_arguments_as_their_demos():
-    """The first, the short demo (about 90 s on 2 cores), then the longer DiffewS demo."""
+    """The first, a short demo (the prototype demo's first 250 steps: about 2 min on 2 cores), then
+    the longer DiffewS demo."""
     first, second = bash_lines(QUICK_START)[:2]
-    assert (first, second) == ("python recipes/fewshot_prototypes_coco20i.py", "python recipes/diffews_coco20i.py")
-    for recipe in ("fewshot_prototypes_coco20i", "diffews_coco20i"):
-        args = load_recipe(recipe).parse_args([])
+    assert (first, second) == ("python recipes/fewshot_prototypes_coco20i.py --steps 250", "python recipes/diffews_coco20i.py")
+    for recipe, argv in (("fewshot_prototypes_coco20i", ["--steps", "250"]), ("diffews_coco20i", [])):
+        args = load_recipe(recipe).parse_args(argv)
         assert args.demo and args.demo_reason.startswith("no --data-root: running the synthetic demo")
 
 

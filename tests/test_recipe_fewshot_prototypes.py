@@ -9,7 +9,7 @@ from unet_seg.train import checkpoint_path
 
 from .helpers import assert_resume_is_exact, load_recipe, run_two_gloo_processes
 
-TINY = ["--demo", "--steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1", "--pretrain-steps", "1", "--random-demo-model"]
+TINY = ["--demo", "--size", "64", "--steps", "2", "--batch-size", "2", "--eval-items", "4", "--save-every", "1", "--pretrain-steps", "1", "--random-demo-model"]
 CONTROL = "control: 1-shot, supports of the query's other class"
 
 

@@ -916,7 +916,7 @@ def test_a_demo_far_shorter_than_its_default_says_at_its_end_what_it_cannot_show
     args = argparse.Namespace(demo=demo, demo_reason=None, seed=0, out=tmp_path, steps=steps, demo_steps=300)
     finish_run(start_run(args, demo="d", real="r"), {"x": {"mIoU": 1.0}}, out=tmp_path, title="T")
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith(f"note: {steps} steps is a short demo (its default is 300): too short to show the method yet:") == noted
+    assert last.startswith(f"note: {steps} steps is a short demo (its default is 300): possibly too short to show the method:") == noted
 
 
 def test_rank_share_and_head_of_one_process():

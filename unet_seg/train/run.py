@@ -51,7 +51,7 @@ def _short_demo_note(args: argparse.Namespace) -> str:
     default = getattr(args, "demo_steps", None)
     if not args.demo or default is None or 2 * args.steps >= default:
         return ""
-    return (f"note: {args.steps} steps is a short demo (its default is {default}): too short to show the method yet: its scores "
+    return (f"note: {args.steps} steps is a short demo (its default is {default}): possibly too short to show the method: its scores "
             "can sit at or below the baseline and control rows; run the default --steps for the comparison the demo is made for")  # fmt: skip
 
 
