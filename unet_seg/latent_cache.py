@@ -77,7 +77,9 @@ class LatentCache:
         return {"directory": self.directory, "index": self.index, "_open": {}}
 
 
-def _metadata(fingerprint: str, size: tuple[int, int], shards: int) -> dict[str, str]:
+def _metadata(vae: nn.Module, size: tuple[int, int], shards: int) -> dict[str, str]:
+    """What every shard of this cache records: the VAE's weights (`hub.weights_fingerprint`), the size, the shard count."""
+    fingerprint = weights_fingerprint(vae.state_dict(), type(vae).__name__)
     return {"format": FORMAT, "vae_sha256": fingerprint, "image_size": f"{size[0]}x{size[1]}", "shards": str(shards)}
 
 
@@ -106,9 +108,12 @@ def open_latent_cache(directory: Union[str, Path], vae: nn.Module, size: tuple[i
                       keys: Iterable[str] = ()) -> LatentCache:  # fmt: skip
     """The cache in `directory` for this `vae` at image `size` (H, W), every shard checked
     (`LatentCacheError` if built otherwise or corrupt); `keys` must all be in it."""
-    directory = Path(directory)
+    return _open(Path(directory), _metadata(vae, size, shards), keys)
+
+
+def _open(directory: Path, meta: dict[str, str], keys: Iterable[str]) -> LatentCache:
     index = {}
-    for path, names in _read_shards(directory, _metadata(weights_fingerprint(vae.state_dict(), type(vae).__name__), size, shards)).items():
+    for path, names in _read_shards(directory, meta).items():
         index.update(dict.fromkeys(names, path))
     missing = [k for k in keys if k not in index]
     if missing:
@@ -148,7 +153,7 @@ def build_latent_cache(
     all. Existing shards are checked first (`open_latent_cache`'s errors); a shard that gains
     entries is rewritten whole, atomically. A non-finite posterior raises, naming its keys."""
     directory, keys = Path(directory), sorted(set(keys))
-    meta = _metadata(weights_fingerprint(vae.state_dict(), type(vae).__name__), size, shards)
+    meta = _metadata(vae, size, shards)  # the VAE hashed once per call
     held = {k for names in _read_shards(directory, meta).values() for k in names}
     rank, world = rank_and_world()
     missing = [k for k in keys if k not in held]
@@ -175,7 +180,7 @@ def build_latent_cache(
         bar.update(len(batch))
     bar.close()
     barrier()
-    return open_latent_cache(directory, vae, size, shards, keys)
+    return _open(directory, meta, keys)
 
 
 def _write_shard(path: Path, new: dict[str, Tensor], meta: dict[str, str]) -> None:

@@ -108,15 +108,20 @@ def _check_frozen(path: PathLike, name: str, stored: dict, own: dict[str, Tensor
     here = _frozen_header({k: own[k] for k in names})
     if here["sha256"] == stored["sha256"]:
         return
-    dtypes = [f"{k} ({names[k][0]} there, {here['tensors'][k][0]} here)" for k in names if names[k][0] != here["tensors"][k][0]]
-    shapes = [f"{k} ({names[k][1]} there, {here['tensors'][k][1]} here)" for k in names if names[k][1] != here["tensors"][k][1]]
-    differs = (f"other dtypes: {', '.join(dtypes[:3])}" + (f" and {len(dtypes) - 3} more" if len(dtypes) > 3 else "") if dtypes
-               else f"other shapes: {', '.join(shapes[:3])}" + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "") if shapes
-               else f"the same {len(names)} names, dtypes and shapes with other values: another checkpoint of the same model")  # fmt: skip
+    differs = (_differing("dtypes", names, here["tensors"], 0) or _differing("shapes", names, here["tensors"], 1)
+               or f"the same {len(names)} names, dtypes and shapes with other values: another checkpoint of the same model")
     raise FrozenWeightsDiffer(
         f"{path}: model {name!r} was trained on other frozen weights than this run built ({differs}; sha256 {stored['sha256'][:12]} there, "
         f"{here['sha256'][:12]} here): resume with the base weights the run started from (the same --model and weight options)"
     )
+
+
+def _differing(what: str, there: dict, here: dict, field: int) -> str:
+    """"other <what>: name (a there, b here), ..." for the tensors whose `field` of `_frozen_header`'s
+    [dtype, shape] differs (three named, the rest counted); "" when none does."""
+    items = [f"{k} ({there[k][field]} there, {here[k][field]} here)" for k in there if there[k][field] != here[k][field]]
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return f"other {what}: {', '.join(items[:3])}{more}" if items else ""
 
 
 def checkpoint_path(directory: PathLike, step: int) -> Path:
@@ -243,15 +248,15 @@ def load_checkpoint(
     missing = sorted(models.keys() - set(header["models"]))
     if missing:
         raise CheckpointError(f"{path}: no state for model(s) {missing}; it holds {header['models']}")
-    states = {}
+    states, frozen = {}, header.get("frozen", {})  # checkpoints before frozen fingerprints: none
     for name, model in models.items():  # every model checked before any is loaded
-        prefix, own, frozen = f"model/{name}/", unwrap(model).state_dict(), header.get("frozen", {}).get(name)
+        prefix, own, fingerprinted = f"model/{name}/", unwrap(model).state_dict(), frozen.get(name, {}).get("tensors", {})
         states[name] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        check_state_dict({k: v for k, v in own.items() if not (frozen and k in frozen["tensors"])}, states[name], f"{path} (model {name!r})")
-        if frozen:
-            _check_frozen(path, name, frozen, own)
+        check_state_dict({k: v for k, v in own.items() if k not in fingerprinted}, states[name], f"{path} (model {name!r})")
+        if name in frozen:
+            _check_frozen(path, name, frozen[name], own)
     for name, model in models.items():
-        unwrap(model).load_state_dict(states[name], strict=name not in header.get("frozen", {}))
+        unwrap(model).load_state_dict(states[name], strict=name not in frozen)
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
             continue
