@@ -129,7 +129,8 @@ class CudaGraphStep:
                     else:
                         t.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a DataLoader's pin-memory thread allocating pinned memory meanwhile is legal
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = self.step(*static_inputs)
         self.pool = graph.pool()
         return graph, static_inputs, outputs
