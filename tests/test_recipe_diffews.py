@@ -2,6 +2,7 @@
 resumes from its checkpoint, runs under 2 gloo processes, and (a shortened demo, ~2 minutes on
 2 cores) learns to beat both trivial baselines on held-out classes."""
 
+import functools
 import json
 
 import pytest
@@ -349,3 +350,50 @@ def test_two_gloo_processes_build_one_cache_together_and_train_from_it(tmp_path,
     capsys.readouterr()
     _recipe().main(args + ["--out", str(tmp_path / "one")])  # in this process
     assert "encoding" not in capsys.readouterr().out and (tmp_path / "one" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["encode every step", "latent cache"])
+def test_graphed_training_steps_train_as_eager_steps_do(cached):
+    """--cuda-graph: the recipe's training step replayed as one CUDA graph follows the eager step
+    from the first step on (bf16 autocast, as on a GPU): the loss and every weight after each of 4
+    steps that alternate 1 and 2 supports (two graphs), encoding every step or from cached posteriors.
+    Runs where a GPU is (CI has none)."""
+    import copy
+
+    import torch
+
+    from unet_seg.models import TINY_SD2, TINY_VAE, AutoencoderKL, UNet
+    from unet_seg.train import CudaGraphStep
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    r, dev = _recipe(), torch.device("cuda")
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD2).add_support_conv_in(8).to(dev).train()
+    vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
+    context = torch.randn(1, 77, TINY_SD2.context_dim, device=dev)
+    g = torch.Generator(dev).manual_seed(1)
+    query, supports = torch.rand(2, 3, 32, 32, device=dev, generator=g), torch.rand(2, 2, 3, 32, 32, device=dev, generator=g)
+    query_mask, support_masks = (torch.rand(2, 32, 32, device=dev, generator=g) > 0.5).long(), (torch.rand(2, 2, 32, 32, device=dev, generator=g) > 0.5).long()
+    if cached:  # posteriors (μ, σ) [..., 2, 4, 4, 4]
+        post = lambda *shape: torch.stack([torch.randn(*shape, 4, 4, 4, device=dev, generator=g), torch.rand(*shape, 4, 4, 4, device=dev, generator=g)], -4)  # noqa: E731
+        episode = (post(2), post(2), post(2, 2), post(2, 2))
+    else:
+        episode = (query, query_mask, supports, support_masks)
+    eager, graphed = unet, copy.deepcopy(unet)
+    opts = [torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3, device=dev), weight_decay=1e-2, fused=True, capturable=True) for m in (eager, graphed)]
+    steps = [functools.partial(r.cached_train_step, m, m, context, o) if cached else functools.partial(r.train_step, m, m, vae, context, o) for m, o in zip((eager, graphed), opts)]
+    graph_step = CudaGraphStep(steps[1], [graphed], opts[1])
+    for i in range(4):
+        s = 1 + i % 2
+        inputs = (*episode[:2], episode[2][:, :s].contiguous(), episode[3][:, :s].contiguous())
+        torch.cuda.manual_seed(100 + i)
+        loss_e = steps[0](*inputs)
+        torch.cuda.manual_seed(100 + i)
+        loss_g = graph_step(*inputs)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=0)
+        for p, q in zip(graphed.parameters(), eager.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(graph_step.graphs) == 2
+    graph_step.close()
