@@ -54,16 +54,16 @@ def test_it_was_trained_a_random_model_of_its_shape_denoises_far_worse(sd, held_
 
 
 def test_it_reads_its_captions(sd, held_out):
-    """Measured on 256 held-out scenes on the H200 that trained it: loss 0.0862 with their own
-    captions, 0.0868 with the next scene's (64²; margin 0.7%, 0.4% at 128²); on these 64 scenes on a
-    CPU: 0.68%, own < other for 78–83% of the scenes at t = 100–300. A small margin, but paired (the
-    same noise; only the text differs) and one-sided: tested at about a third of it."""
+    """Measured on 256 held-out scenes on the H100 that trained it (20 808 steps): loss 0.0450 with
+    their own captions, 0.0663 with the next scene's (64²; margin 32.1%, 24.9% at 128²); on these 64
+    scenes on a CPU: 0.0495 vs 0.0738, margin 32.9%, own < other for all 64 scenes. Paired (the same
+    noise; only the text differs): tested at about a third of the margin and 90% of the scenes."""
     images, captions = held_out
     own = denoising_loss(sd, images, captions, CHECK_TIMESTEPS)
     other = denoising_loss(sd, images, captions[1:] + captions[:1], CHECK_TIMESTEPS)
     margin = (other.mean() - own.mean()) / other.mean()
-    assert margin > 0.0025, (own.mean(), other.mean())
-    assert (own < other).float().mean() > 0.6, (own < other).float().mean()
+    assert margin > 0.1, (own.mean(), other.mean())
+    assert (own < other).float().mean() > 0.9, (own < other).float().mean()
 
 
 def test_a_file_that_does_not_fit_is_refused_with_its_keys(tmp_path):
