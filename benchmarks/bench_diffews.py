@@ -248,7 +248,7 @@ def main() -> None:
                 print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         segments = interleaved(fns, args.rounds, args.iters, 2, device)
         for name, seg in segments.items():
-            rows.append((what, k, n, name, seg, counted.get((what, n, k, name), counted[what, n, k, "recipe"]), firsts.get((what, n, k, name))))
+            rows.append((what, k, n, name, seg, counted[what, n, k, name.replace(", CUDA graph", "")], firsts.get((what, n, k, name))))
             print(f"{what} {k}-shot x{n} {name}: {spread(seg)} ms", flush=True)
         profiled = ["recipe"] + (["recipe, CUDA graph", "latent cache, CUDA graph"] if what == "training" else [])  # inference: GPU-bound
         for name in profiled if cuda and k == 1 else []:

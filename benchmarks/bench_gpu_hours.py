@@ -15,8 +15,9 @@ batch, the frozen parts in bf16 and training under bf16 autocast as the recipes 
 - DiGSeg: 2 images of 512², the paper's trainable subset. Schedule: the recipe's 30 000 × 2.
 For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
 after its plain rows are timed (not interleaved with them; a failed capture cannot spoil them);
-where capture fails (a host sync in the step) the table says so instead of a time. The table is
-written after every recipe, so a call cut short keeps what it measured.
+where capture fails (a host sync in the step) the table says so instead of a time. Each recipe
+runs in its own process (a failed capture leaves the CUDA RNG unusable for the rest of its
+process); the table is written after every recipe, so a call cut short keeps what it measured.
 A recipe's variants are interleaved (A B B A ...; `--rounds` segments of `--iters` steps each),
 recipe after recipe (one set of models in memory at a time). Hours on one GPU = schedule samples
 / measured samples per second; several GPUs divide it by their measured scaling (DiffewS: 1.86×
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -195,14 +198,23 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--rows", type=Path, help=argparse.SUPPRESS)  # one recipe's rows as JSON, for the parent process
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     wanted = {name.lower(): name for name in BUILDERS}
+    names = [wanted[key.strip().lower()] for key in args.recipes.split(",")]
+    if len(names) > 1:  # one process per recipe: a failed CUDA-graph capture leaves the CUDA RNG unusable in its process
+        rows = []
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--recipes", name, "--rows", f"{tmp}/rows.json"], check=True)
+                rows += [tuple(r) for r in json.loads(Path(tmp, "rows.json").read_text())]
+            write(rows, args, cuda)
+        return
     rows = []
-    for key in args.recipes.split(","):
-        name = wanted[key.strip().lower()]
+    for name in names:
         torch.manual_seed(0)
         with torch.device(device):  # weights initialised where they run: seconds instead of a minute at SD's size
             built = BUILDERS[name](args, device, cuda)
@@ -249,6 +261,8 @@ def write(rows, args, cuda: bool) -> None:
         "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"gpu_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
+    if args.rows:
+        args.rows.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

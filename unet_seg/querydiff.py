@@ -97,7 +97,7 @@ class DiffusionTokens(nn.Module):
         self.grid = token_grid(tokens)
         g = torch.Generator().manual_seed(seed)
         for i, c in enumerate(channels):
-            self.register_buffer(f"proj_{i}", torch.randn(c, dim, generator=g) / math.sqrt(c), persistent=False)  # rebuilt from the seed
+            self.register_buffer(f"proj_{i}", torch.randn(c, dim, generator=g, device=g.device) / math.sqrt(c), persistent=False)  # rebuilt from the seed
         self.count = len(channels)
 
     def forward(self, maps: Sequence[Tensor]) -> Tensor:
