@@ -99,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="encode each training image's and mask's VAE posterior once into DIR "
                    "(reused by later runs with the same VAE and --size) and sample training latents from it; default: "
                    "encode every step")
-    p.add_argument("--cuda-graph", action="store_true", help="replay each training step as one CUDA graph (GPU only; "
-                   "one graph per support count): the host no longer paces the GPU")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step as one CUDA graph "
+                   "(one graph per support count): the host no longer paces the GPU; default: on where the run has a GPU")
     p.predict_group.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
                                  help="a support image and its 0/255 mask of the object to find; repeat for K shots")
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="COCO-20i")
@@ -265,6 +265,7 @@ def main(argv=None) -> dict:
     device = job.device
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"diffews_coco20i.py: error: --cuda-graph needs a CUDA device, this run has {device}")
+    args.cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph  # tested equal to the eager step on a GPU
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation (demo: note 4)
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,

@@ -397,3 +397,14 @@ def test_graphed_training_steps_train_as_eager_steps_do(cached):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert len(graph_step.graphs) == 2
     graph_step.close()
+
+
+def test_cuda_graph_is_on_where_the_run_has_a_gpu_and_no_cuda_graph_turns_it_off(tmp_path, monkeypatch):
+    """The CUDA graph is the default on a GPU (tested equal to the eager step above); on the CPU the
+    run steps eagerly, and --no-cuda-graph is accepted."""
+    r = _recipe()
+    assert r.parse_args(["--demo"]).cuda_graph is None and r.parse_args(["--demo", "--no-cuda-graph"]).cuda_graph is False
+    captured = []
+    monkeypatch.setattr(r, "CudaGraphStep", lambda *a, **k: captured.append(a) or a[0])
+    r.main(TINY + ["--out", str(tmp_path)])
+    assert captured == []  # a CPU run: eager

@@ -919,6 +919,21 @@ def test_a_demo_far_shorter_than_its_default_says_at_its_end_what_it_cannot_show
     assert last.startswith(f"note: {steps} steps is a short demo (its default is 300): possibly too short to show the method:") == noted
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_compiling_run_says_on_its_first_line_that_the_first_compile_takes_minutes(tmp_path, capsys, monkeypatch, compile):
+    import argparse
+
+    from unet_seg.train import start_run
+
+    if "RANK" in os.environ:
+        pytest.skip("running under torchrun")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    start_run(argparse.Namespace(demo=False, demo_reason=None, seed=0, out=tmp_path, compile=compile), demo="d", real="r")
+    first = (capsys.readouterr().out.splitlines() or [""])[0]
+    assert first.startswith("compiling: about 2-5 min the first time") == compile
+    assert (str(tmp_path / "cache") in first) == compile
+
+
 def test_rank_share_and_head_of_one_process():
     from unet_seg.train import head, rank_and_world, rank_share
 

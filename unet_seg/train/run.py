@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .compute import compile_cache_dir
 from .distributed import barrier, cleanup_distributed, init_distributed, print0, print_demo
 from .rng import seed_everything
 from .report import PathLike, write_metrics
@@ -32,9 +33,12 @@ def start_run(args: argparse.Namespace, *, demo: str, real: str) -> Run:
     thread unless OMP_NUM_THREADS is set), seed this rank's own
     stream (`seed_everything(args.seed, rank)`; build models in `same_init_on_every_rank`) and
     create `args.out`. A demo of less than half its default steps (`args.demo_steps`, set by
-    `parse_recipe_args`) ends with a line saying that it is too short to show the method."""
+    `parse_recipe_args`) ends with a line saying that it is too short to show the method. With
+    `args.compile` the first line says that compiling takes minutes the first time."""
     started = time.perf_counter()
     rank, world, local_rank, device = init_distributed()
+    if getattr(args, "compile", False):  # cold compiles measured on an H100: 2 to 5 min per recipe (benchmarks/NOTES.md)
+        print0(f"compiling: about 2-5 min the first time, seconds once cached (in {compile_cache_dir()})")
     cpu = device.type.upper()
     if args.demo and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # A demo's tiny model gains 10% from a second thread on an idle machine and loses 3x to it
