@@ -51,8 +51,8 @@ synthetic images as a grey blur, and on its latents nothing beat a constant pred
 two objects of two classes of the split, painted in random order, and only the support's class
 is the target; the control pairs each query with supports of its *other* class. A model that
 finds objects without reading its supports scores the same on both rows. Measured (200
-episodes, one CPU thread): 1500 steps, the default (267 s), 1-shot 38.2 mIoU, 5-shot 37.5,
-control 17.4, baselines 6.9 / 4.8 (it reads them); 600 steps 30.0, control 29.1 (not yet).
+episodes, one CPU thread): 1500 steps, the default (381 s), 1-shot 40.1 mIoU, 5-shot 40.2,
+control 15.7, baselines 6.9 / 4.8 (it reads them); 600 steps 31.2, control 28.6 (not yet).
 docs/recipes/diffews.md has the random-start rows.
 (5) Training never augments (512² squash, no crop or flip), so each image's and
 each (image, class) mask's VAE posterior N(μ, σ²) is fixed: `--cache-dir DIR` encodes them once

@@ -54,7 +54,8 @@ classes, so a mask needs the prompt; the control gives each class the next class
 classes are in the codec's latents (a conv probe trained on them: 73 mIoU) and `--target
 label-map` learns them in 150 steps, but the per-class model does not read its prompts, from either
 start: from random weights it turns down the latent/4 and /8 path where they enter in 50 steps
-(output gain ÷70), then ignores them (docs/recipes/digseg.md).
+(output gain ÷70), then ignores them; from the packaged SD the path stays open (gain 0.011-0.015)
+and the prompts still do not steer the mask (docs/recipes/digseg.md).
 (8) `--target label-map` reads §3.4 / App. B instead: the label map painted in a palette (one
 colour per class, `codecs.make_palette`; App. B's grey replication would put ADE20K's 150 classes
 0.013 apart) is the target, and one run per image is decoded by the nearest colour: the per-image
