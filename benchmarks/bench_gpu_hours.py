@@ -242,6 +242,10 @@ def measure(name: str, fns: dict, batch: int, args) -> list:
 
 
 def write(rows, args, cuda: bool) -> None:
+    """The table of `rows` into args.out; a child process (`--rows`) hands its rows to its parent instead."""
+    if args.rows:
+        args.rows.write_text(json.dumps(rows))
+        return
     gpu = device_name(args.device)
     lines = []
     for name, variant, batch, ms in rows:
@@ -261,8 +265,6 @@ def write(rows, args, cuda: bool) -> None:
         "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"gpu_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
-    if args.rows:
-        args.rows.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

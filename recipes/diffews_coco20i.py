@@ -265,7 +265,8 @@ def main(argv=None) -> dict:
     device = job.device
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"diffews_coco20i.py: error: --cuda-graph needs a CUDA device, this run has {device}")
-    args.cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph  # tested equal to the eager step on a GPU
+    if args.cuda_graph is None:  # the default: on a GPU (tested equal to the eager step there)
+        args.cuda_graph = device.type == "cuda"
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation (demo: note 4)
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,

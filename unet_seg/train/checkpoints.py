@@ -99,8 +99,8 @@ def _frozen_header(frozen: dict[str, Tensor]) -> dict:
 
 
 def _check_frozen(path: PathLike, name: str, stored: dict, own: dict[str, Tensor]) -> None:
-    """FrozenWeightsDiffer, in one line naming what differs, unless `model`'s weights under the
-    names `stored` (`_frozen_header`) fingerprinted are the same ones."""
+    """FrozenWeightsDiffer, in one line naming what differs, unless the model's state dict `own`
+    holds, under the names `stored` (`_frozen_header`) fingerprinted, the same tensors."""
     names = stored["tensors"]
     absent = sorted(set(names) - set(own))
     if absent:
