@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="demo: skip training the no-IPKL baseline")
     p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the trained fusion block and head on a GPU (faster; the release trains them in fp32)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step (trajectory, head, "
+                   "optimiser) as one CUDA graph, one graph per prompt-row count: the host no longer paces the GPU; default: on "
+                   "where the run has one GPU and --features trajectory")
     p.add_argument("--small-head", action="store_true", help="the demo's fusion and head widths (32/64/128, 32, 32) instead of "
                    "the official 512/1024/2048, 256, 256 (106M parameters): to rehearse a real run on a CPU")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
@@ -99,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_recipe_args(p, argv, DEMO, REAL, data=["--data-root"], dataset="GTA5 / Cityscapes")
     if args.predict:
         return args
-    if args.features == "batched" and (given.trajectory is not None or args.prediction_type != "as-eps"):
-        p.error("--trajectory and --prediction-type apply to --features trajectory only (batched forward-noises the latents, no inversion)")
+    if args.features == "batched" and (given.trajectory is not None or args.prediction_type != "as-eps" or args.cuda_graph):
+        p.error("--trajectory, --prediction-type and --cuda-graph apply to --features trajectory only (batched forward-noises the latents, no inversion)")
     starts = [0, *sorted(args.trajectory)[:-1]]
     if args.features == "trajectory" and not set(args.timesteps) <= set(starts):
         p.error(f"--timesteps must be U-Net times of the trajectory ({starts}), got {args.timesteps}")
@@ -126,7 +129,7 @@ from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
+    CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, wrap_for_training,
 )  # fmt: skip
@@ -149,11 +152,20 @@ def level_names(unet) -> list[tuple[list[str], list[str]]]:
 
 def prompt_rows(labels, prompt_ids: list[int], size, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per trajectory a label map [H, W] (conditional branch) or None (unconditional) -> its prompt
-    rows: row_image [R], row_prompt [R] (0 = "", k = prompt of class prompt_ids[k − 1]), row_mask
-    [R, h, w] (1 for "", a present class's label mask, nearest-resized to the latent size)."""
+    rows on `device`: row_image [R], row_prompt [R] (0 = "", k = prompt of class prompt_ids[k − 1]),
+    row_mask [R, h, w] (1 for "", a present class's label mask, nearest-resized to the latent size).
+    R depends on the classes present, so the rows are found on the host, from the CPU labels."""
+    labels = [None if y is None else y.cpu() for y in labels]
     rows = [(n, k) for n, y in enumerate(labels) for k in [0, *([] if y is None else [k for k, c in enumerate(prompt_ids, 1) if bool((y == c).any())])]]
-    masks = [torch.ones(size, device=device) if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
-    return *torch.tensor(rows, device=device).T, torch.stack(masks)
+    masks = [torch.ones(size) if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
+    return *torch.tensor(rows, device=device).T, torch.stack(masks).to(device)
+
+
+def branch_rows(frozen: Frozen, label, ipkl: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `prompt_rows` of a training step's trajectories, label [B, H, W] (CPU): each image's
+    conditional branch, then its unconditional one (IPKL); or the unconditional ones alone."""
+    b, latent = len(label), (label.shape[-2] // 8, label.shape[-1] // 8)  # the VAE's stride
+    return prompt_rows([*label, *[None] * b] if ipkl else [None] * b, frozen.prompt_ids, latent, device)
 
 
 def inversion_schedule(trajectory, saved) -> tuple[list[tuple[int, int]], list[float], list[int]]:
@@ -165,18 +177,16 @@ def inversion_schedule(trajectory, saved) -> tuple[list[tuple[int, int]], list[f
     return steps, etas, [[t for t, _ in steps].index(t) for t in saved]
 
 
-def diffusion_levels(frozen: Frozen, z0, labels, args, generator=None) -> list[torch.Tensor]:
-    """z0 [N, 4, h, w] (one latent per branch of each image), labels per trajectory (None:
-    unconditional) -> per tapped level [N, C_level, h_l, w_l]: block-major, time-minor (official)."""
-    rows = prompt_rows(labels, frozen.prompt_ids, z0.shape[-2:], z0.device)
+def diffusion_levels(frozen: Frozen, z0, rows, args, generator=None) -> list[torch.Tensor]:
+    """z0 [N, 4, h, w] (one latent per branch of each image), the N trajectories' `prompt_rows` ->
+    per tapped level [N, C_level, h_l, w_l]: block-major, time-minor (official)."""
     levels = level_names(frozen.unet)
     plain, summed = [n for p, _ in levels for n in p], [n for _, s in levels for n in s]
     if args.features == "trajectory":
         steps, etas, save = inversion_schedule(args.trajectory, args.timesteps)
-        as_eps = NoiseSchedule(frozen.schedule.alphas_cumprod, "epsilon")  # the official reading of any output
         feats = inversion_trajectory_features(
             frozen.unet, z0, rows[0], frozen.contexts[rows[1]], rows[2], plain, summed, steps=steps, etas=etas, save_steps=save,
-            schedule=as_eps if args.prediction_type == "as-eps" else frozen.schedule, guidance_scale=GUIDANCE, generator=generator,
+            schedule=frozen.schedule, guidance_scale=GUIDANCE, generator=generator,
         )  # fmt: skip
     else:  # every prompt row forward-noised to the K times in one call, its features fused by the masks
         noise = torch.randn(z0.shape[0], len(args.timesteps), *z0.shape[1:], generator=generator, device=z0.device)
@@ -205,13 +215,16 @@ class Segmenter(nn.Module):
 # Training and inference
 
 
-def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> dict:
+def train_step(model, frozen: Frozen, opt, image, label, rows, ipkl: bool, args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step: official (CE on both branches + consistency, nothing detached), eq. 5
-    (`--loss paper`), or CE on the unconditional branch alone (without IPKL)."""
+    (`--loss paper`), or CE on the unconditional branch alone (without IPKL). image [B, 3, H, W],
+    label [B, H, W], rows: `prompt_rows` of [*label, None × B] (IPKL) or [None × B]. No host sync
+    (a CUDA graph can hold it): a non-finite loss skips the update on the device. -> (loss, {term:
+    value}), for the caller to check (`check_finite_everywhere`) and log."""
     b = image.shape[0]
     with torch.no_grad(), autocast(image.device):
         z0 = frozen.vae.encode(torch.cat([image] * (2 if ipkl else 1)), sample=True)  # own posterior sample per branch
-        levels = diffusion_levels(frozen, z0, [*label, *[None] * b] if ipkl else [None] * b, args)
+        levels = diffusion_levels(frozen, z0, rows, args)
     up = lambda logits: F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
     ce = partial(cross_entropy, count_ignored=True)  # mmseg 0.16: mean over all pixels
     with autocast(image.device, enabled=None if args.amp else False):  # fp32 as released; one head call per branch (BN statistics per branch)
@@ -229,8 +242,7 @@ def train_step(model, frozen: Frozen, opt, image, label, ipkl: bool, args) -> di
             # official kl_loss: min(0.1 · KL, 0.5), i.e. the KL cut at 5
             losses["consistency"] = consistency_kl(logits_u, logits_c, not official, reduction="batchmean", weight=0.1, max_value=0.5)
     loss = backward_and_step(opt, [p for g in opt.param_groups for p in g["params"]], sum(losses.values()), max_norm=5.0)
-    check_finite_everywhere(loss, "DIFF loss")  # after the step, which a non-finite loss skipped
-    return {k: v.item() for k, v in losses.items()}
+    return loss.detach(), {k: v.detach() for k, v in losses.items()}
 
 
 @torch.no_grad()
@@ -240,7 +252,7 @@ def predict_logits(segmenter, frozen: Frozen, image, args) -> torch.Tensor:
     with autocast(image.device):
         g = torch.Generator(image.device).manual_seed(args.seed)
         z0 = frozen.vae.encode(image, sample=True, generator=g)
-        levels = diffusion_levels(frozen, z0, [None] * len(image), args, g)
+        levels = diffusion_levels(frozen, z0, prompt_rows([None] * len(image), [], z0.shape[-2:], image.device), args, g)
     with autocast(image.device, enabled=None if args.amp else False):
         return segmenter(levels).float()
 
@@ -258,8 +270,14 @@ class Frozen:
     vae: nn.Module
     contexts: torch.Tensor  # [1 + P, 77, D]: the empty prompt, then one prompt per prompted class
     prompt_ids: list[int]
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule  # how the trajectory reads the U-Net's outputs (`output_schedule`), on the U-Net's device
     level_channels: list[int]
+
+
+def output_schedule(schedule: NoiseSchedule, prediction_type: str) -> NoiseSchedule:
+    """The checkpoint's schedule as the trajectory reads the U-Net's outputs: as ε whatever the
+    checkpoint predicts (official, `as-eps`), or in its own parameterisation (`model`)."""
+    return NoiseSchedule(schedule.alphas_cumprod, "epsilon") if prediction_type == "as-eps" else schedule
 
 
 def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, num_classes: int, device, trainings: int = 1):
@@ -275,8 +293,9 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
         if rank_and_world()[1] > 1:
             segmenter = nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
     models = {"segmenter": segmenter} | ({"unet": frozen.unet} if args.demo and args.random_demo_model else {})  # pre-trained here
-    groups = [{"params": segmenter.fusion.parameters(), "lr": args.lr}, {"params": segmenter.head.parameters(), "lr": 10 * args.lr}]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
+    rate = (lambda lr: torch.tensor(lr, device=device)) if args.cuda_graph else float  # a graph reads the schedule's lr from the GPU
+    groups = [{"params": segmenter.fusion.parameters(), "lr": rate(args.lr)}, {"params": segmenter.head.parameters(), "lr": rate(10 * args.lr)}]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.01, fused=True, capturable=args.cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_with_warmup(args.steps, args.warmup))
     step = resume_latest(out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
     if args.export:
@@ -285,14 +304,21 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
     model = wrap_for_training(segmenter, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
+    step_on = lambda image, label, *rows: train_step(model, frozen, opt, image, label, rows, ipkl, args)  # noqa: E731
+    train = step_on
+
     def one_step(batch) -> dict:
-        losses = train_step(model, frozen, opt, batch["image"].to(device), batch["label"].to(device), ipkl, args)
+        image, label = batch["image"], batch["label"]
+        loss, losses = train(image.to(device), label.to(device), *branch_rows(frozen, label, ipkl, device))
+        check_finite_everywhere(loss, "DIFF loss")  # after the step, which a non-finite loss skipped
         sched.step()
-        return losses
+        return {k: v.item() for k, v in losses.items()}
 
     predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
     sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
                  evaluate=lambda data: evaluate_semantic(predict, data, num_classes, device), targets=targets, trainings=trainings)  # fmt: skip
+    if args.cuda_graph:  # captured after the sanity check, which reloads the optimiser state a graph would hold; one graph per row count
+        train = CudaGraphStep(step_on, [model], opt)
     bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         losses = one_step(batch)
@@ -303,6 +329,8 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
         if should_checkpoint(step, args.save_every, args.steps):
             save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra={"args": str(vars(args))}, keep_last=2, final=args.demo and step == args.steps)
     bar.close()
+    if args.cuda_graph:
+        train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     return segmenter.eval()
 
 
@@ -330,9 +358,11 @@ def load_trained(run, device=None) -> Predictor:
     device, (folder, config, tensors) = default_device(device), read_export(run, "diff")
     sd = load_sd(config["model"], components=["unet"] if config["demo"] else ["unet", "vae"], device=device)
     vae = BlockCodec() if config["demo"] else sd.vae.eval()
-    frozen = Frozen(sd.unet.eval(), vae, tensors.pop("empty_prompt").to(device), [], sd.schedule.to(device), config["segmenter"]["level_channels"])
+    args = argparse.Namespace(**config["args"])
+    schedule = output_schedule(sd.schedule, args.prediction_type).to(device)
+    frozen = Frozen(sd.unet.eval(), vae, tensors.pop("empty_prompt").to(device), [], schedule, config["segmenter"]["level_channels"])
     segmenter = load_tensors(Segmenter(**config["segmenter"]), tensors, str(folder)).to(device).eval()
-    predict, args = lambda x: predict_logits(segmenter, frozen, x, args), argparse.Namespace(**config["args"])  # noqa: E731
+    predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
     parts = {"segmenter": segmenter, "unet": frozen.unet, "vae": vae, "empty_prompt": frozen.contexts, "schedule": frozen.schedule}
     return logits_predictor(predict, config, parts, device, untinted=0 if config["demo"] else None)
 
@@ -349,6 +379,10 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root <GTA5, Cityscapes, ...>",
     )
     device = job.device
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"diff_gta2cs.py: error: --cuda-graph needs a CUDA device, this run has {device}")
+    if args.cuda_graph is None:  # the default: one GPU, the official trajectory (tested equal to the eager step there)
+        args.cuda_graph = device.type == "cuda" and args.features == "trajectory" and rank_and_world()[1] == 1
 
     # ---- data: a labelled source domain; unseen target domains for evaluation only
     if args.demo:
@@ -388,7 +422,7 @@ def main(argv=None) -> dict:
     vae.eval().requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
-    contexts, schedule = sd.encode_prompt([""] + prompts), sd.schedule
+    contexts, schedule = sd.encode_prompt([""] + prompts), output_schedule(sd.schedule, args.prediction_type).to(device)
     sd.text_encoder = None  # the prompts are encoded: free it
     level_channels = [len(args.timesteps) * sum(unet.feature_info(n).channels for n in p + a) for p, a in level_names(unet)]
     frozen = Frozen(unet, vae, contexts, prompt_ids, schedule, level_channels)

@@ -81,7 +81,7 @@ def test_level_channels_match_the_features(features):
     label = torch.zeros(64, 64, dtype=torch.long)
     label[:32] = 9
     with torch.no_grad():
-        levels = recipe.diffusion_levels(frozen, randn(2, 4, 8, 8, seed=31), [label, None], args)
+        levels = recipe.diffusion_levels(frozen, randn(2, 4, 8, 8, seed=31), recipe.prompt_rows([label, None], [5, 9], (8, 8), "cpu"), args)
     assert [f.shape[1] for f in levels] == frozen.level_channels and all(f.shape[0] == 2 for f in levels)
     assert [f.shape[-1] for f in levels] == [8, 4, 2]  # strides 8, 16, 32 of a 64-pixel image (fine to coarse)
 
@@ -107,7 +107,7 @@ def test_batched_approximation_fuses_the_class_prompts_inside_their_masks_only()
     label[:32] = 5  # class 5 (prompted) in the top half
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.no_grad():
-        cond, uncond = (recipe.diffusion_levels(frozen, z0[:1], [y], args, g()) for y in (label, None))
+        cond, uncond = (recipe.diffusion_levels(frozen, z0[:1], recipe.prompt_rows([y], [5, 9], (8, 8), "cpu"), args, g()) for y in (label, None))
     for c, u in zip(cond, uncond):
         h = u.shape[-2]
         torch.testing.assert_close(c[..., h // 2 :, :], u[..., h // 2 :, :])  # outside the mask: the "" prompt
@@ -125,11 +125,16 @@ def test_train_step_losses_follow_the_official_code_or_eq_5(loss, keys, consiste
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     image, label = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randint(0, 6, (1, 64, 64))
     before = [p.detach().clone() for p in model.parameters()]
-    losses = recipe.train_step(model, frozen, opt, image, label, True, args)
+    loss, losses = train_step(recipe, model, frozen, opt, image, label, True, args)
     assert set(losses) == keys and all(v == v and v >= 0 for v in losses.values())
+    assert loss.item() == pytest.approx(sum(v.item() for v in losses.values()))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    only_uncond = recipe.train_step(model, frozen, opt, image, label, False, args)
+    only_uncond = train_step(recipe, model, frozen, opt, image, label, False, args)[1]
     assert set(only_uncond) == {"CE uncond"}
+
+
+def train_step(recipe, model, frozen, opt, image, label, ipkl, args):
+    return recipe.train_step(model, frozen, opt, image, label, recipe.branch_rows(frozen, label, ipkl, image.device), ipkl, args)
 
 
 def recorded_segmenter(recipe, frozen):
@@ -148,11 +153,11 @@ def test_kl_consistency_is_the_official_clamp_of_the_weighted_kl():
     frozen, args = frozen_tiny(recipe)
     args.consistency = "kl"
     record, calls, opt, image, label = recorded_segmenter(recipe, frozen)
-    losses = recipe.train_step(record, frozen, opt, image, label, True, args)
+    losses = train_step(recipe, record, frozen, opt, image, label, True, args)[1]
     student, teacher = (x.detach().double() for x in calls)  # unconditional first, then conditional
     kl = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum().item()  # batchmean, B = 1
     assert 0.5 < kl  # where the two orders differ: the old 0.1 · min(KL, 0.5) would give 0.05
-    assert losses["consistency"] == pytest.approx(min(0.1 * kl, 0.5), rel=1e-4)
+    assert losses["consistency"].item() == pytest.approx(min(0.1 * kl, 0.5), rel=1e-4)
 
 
 @pytest.mark.parametrize("amp, dtype", [(False, torch.float32), (True, torch.bfloat16)])
@@ -163,7 +168,7 @@ def test_trained_parts_run_in_fp32_as_released_unless_amp(monkeypatch, amp, dtyp
     # stand in for a GPU: autocast on (bf16) wherever the recipe leaves it to the device
     monkeypatch.setattr(recipe, "autocast", lambda device, enabled=None: torch.autocast("cpu", torch.bfloat16, enabled=enabled is not False))
     record, calls, opt, image, label = recorded_segmenter(recipe, frozen)
-    recipe.train_step(record, frozen, opt, image, label, True, args)
+    train_step(recipe, record, frozen, opt, image, label, True, args)
     recipe.predict_logits(record, frozen, image, args)
     assert [c.dtype for c in calls] == [dtype] * 3  # both training branches and inference
 
@@ -189,6 +194,60 @@ def test_batched_features_refuse_the_trajectory_only_options(extra, capsys):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--demo", "--random-demo-model", "--features", "batched", *extra])
     assert "apply to --features trajectory only" in capsys.readouterr().err
+
+
+def test_cuda_graph_options_are_refused_where_they_cannot_apply(tmp_path, capsys, cpu_only):
+    recipe = _recipe()
+    assert recipe.parse_args(["--demo"]).cuda_graph is None and recipe.parse_args(["--demo", "--no-cuda-graph"]).cuda_graph is False
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--demo", "--features", "batched", "--cuda-graph"])
+    assert "apply to --features trajectory only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        recipe.main(TINY + ["--cuda-graph", "--out", str(tmp_path)])
+
+
+def test_graphed_training_steps_train_as_eager_steps_do():
+    """The default on one GPU: the training step (VAE sample, 4-step trajectory, both branches'
+    head, losses, AdamW) replayed as a CUDA graph follows the eager step from the first step on: the
+    loss terms and every weight after each of 4 steps whose labels hold one or two prompted classes
+    (3 or 4 prompt rows: two graphs). Runs where a GPU is (CI has none)."""
+    import copy
+
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+    from unet_seg.train import CudaGraphStep
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    recipe, dev = _recipe(), torch.device("cuda")
+    cpu, args = frozen_tiny(recipe)
+    vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
+    frozen = recipe.Frozen(cpu.unet.to(dev), vae, cpu.contexts.to(dev), cpu.prompt_ids, cpu.schedule.to(dev), cpu.level_channels)
+    torch.manual_seed(0)
+    eager = recipe.Segmenter(frozen.level_channels, 10, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).to(dev).train()
+    graphed = copy.deepcopy(eager)
+    opts = [torch.optim.AdamW([{"params": m.fusion.parameters(), "lr": torch.tensor(1e-3, device=dev)},
+                               {"params": m.head.parameters(), "lr": torch.tensor(1e-2, device=dev)}],
+                              weight_decay=0.01, fused=True, capturable=True) for m in (eager, graphed)]  # fmt: skip
+    steps = [lambda image, label, *rows, m=m, o=o: recipe.train_step(m, frozen, o, image, label, rows, True, args) for m, o in zip((eager, graphed), opts)]
+    graph_step = CudaGraphStep(steps[1], [graphed], opts[1])
+    image = torch.rand(1, 3, 64, 64, device=dev) * 2 - 1
+    for i in range(4):
+        label = torch.zeros(1, 64, 64, dtype=torch.long)
+        label[:, :32] = 5
+        if i % 2:
+            label[:, 48:] = 9
+        inputs = (image, label.to(dev), *recipe.branch_rows(frozen, label, True, dev))
+        torch.cuda.manual_seed(100 + i)
+        loss_e, terms_e = steps[0](*inputs)
+        torch.cuda.manual_seed(100 + i)
+        loss_g, terms_g = graph_step(*inputs)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=0)
+        assert terms_g.keys() == terms_e.keys() and all(torch.allclose(terms_g[k], terms_e[k], rtol=1e-5, atol=0) for k in terms_e)
+        for p, q in zip(graphed.parameters(), eager.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert sorted(key[2][0][0] for key in graph_step.graphs) == [3, 4]  # row_image [R]: one graph per row count
+    graph_step.close()
 
 
 def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):

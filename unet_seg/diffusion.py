@@ -16,7 +16,6 @@ parameterisation; close over the conditioning (text context, concatenated image 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
@@ -257,17 +256,18 @@ def ddim_eta_step(x_t: Tensor, eps: Tensor, t: int, t_next: int, schedule: Noise
         x̂0 = (x_t − √(1−a)·ε) / √a,   c1 = η·√((1 − a_skip)(1 − a') / (1 − a)),   c2 = √max(1 − a' − c1², 1e-10)
         x_t' = √a'·x̂0 + c1·z + c2·ε                       z = noise ~ N(0, I), ignored where η = 0
 
-    x_t, eps, noise [B, ...]; t, t_next ints (one step for the batch). Computed in float32 or wider.
+    x_t, eps, noise [B, ...]; t, t_next ints (one step for the batch). Computed in float32 or wider,
+    the coefficients in float64 where the schedule's table is: no host sync (a CUDA graph can hold it).
     """
     check_same_shape(x_t, eps, "x_t", "eps")
-    a, a_next = (float(schedule.alphas_cumprod[s]) for s in (t, t_next))
-    a_skip = min(a, a_next) / max(a, a_next)
-    c1 = eta * math.sqrt((1 - a_skip) * (1 - a_next) / (1 - a)) if eta else 0.0
-    c2 = math.sqrt(max(1 - a_next - c1**2, 1e-10))
+    a, a_next = (schedule.alphas_cumprod[s].double() for s in (t, t_next))
+    a_skip = torch.minimum(a, a_next) / torch.maximum(a, a_next)
+    c1 = eta * ((1 - a_skip) * (1 - a_next) / (1 - a)).sqrt()
+    c2 = (1 - a_next - c1**2).clamp(min=1e-10).sqrt()
     dtype = torch.promote_types(x_t.dtype, torch.float32)
-    x0 = (x_t.to(dtype) - math.sqrt(1 - a) * eps.to(dtype)) / math.sqrt(a)
-    out = math.sqrt(a_next) * x0 + c2 * eps.to(dtype)
-    return out + c1 * noise.to(dtype) if c1 else out
+    x0 = (x_t.to(dtype) - (1 - a).sqrt() * eps.to(dtype)) / a.sqrt()
+    out = a_next.sqrt() * x0 + c2 * eps.to(dtype)
+    return out + c1 * noise.to(dtype) if eta else out
 
 
 def ensemble_mean(run: Callable[[Tensor], Tensor], noise: Tensor, chunk_size: Optional[int] = None) -> Tensor:
