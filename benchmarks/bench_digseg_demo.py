@@ -161,7 +161,7 @@ def main() -> None:
     rows, step, seconds, start = [evaluate(0, 0.0)], 0, 0.0, time.time()
     for batch in loader:
         z_y, cond = R.target_latents(vae, batch["label"].to(dev), emb, class_ids)
-        R.train_step(model, params, vae, schedule, opt, batch["image"].to(dev), z_y, cond)
+        R.train_step(model, params, vae, schedule, opt, batch["image"].to(dev), z_y, cond, *R.draw_noise(z_y, schedule))
         step += 1
         if step % a.every == 0:
             seconds += time.time() - start

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_diffews import cached_posteriors  # noqa: E402
-from bench_models import device_name, file_tag, interleaved, load_recipe, spread, write_table  # noqa: E402
+from bench_models import device_name, file_tag, interleaved, load_recipe, profile_kernels, spread, write_table  # noqa: E402
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD2_TEXT, SD21, SD_VAE, TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
@@ -61,13 +61,15 @@ def adamw(params, device, graph: bool, lr: float = 1e-5, **kw):
 
 
 def graphed(make):
-    """make() -> (step, modules, optimizer, inputs); a `CudaGraphStep` of the step captured now ->
-    a zero-argument replay, or why building or capturing it failed."""
+    """make() -> (step, modules, optimizer, inputs: a tuple, or a function drawing fresh ones each
+    step); a `CudaGraphStep` of the step captured now -> a zero-argument replay, or why building or
+    capturing it failed."""
     try:
         step, modules, opt, inputs = make()
+        fresh = inputs if callable(inputs) else lambda: inputs
         g = CudaGraphStep(step, modules, opt)
-        g(*inputs)
-        return lambda: g(*inputs)
+        g(*fresh())
+        return lambda: g(*fresh())
     except Exception as e:  # a host sync in the step: capture is refused
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
@@ -112,18 +114,20 @@ def diff(args, device, cuda: bool) -> dict:
         contexts = text(torch.randint(0, 49407, (1 + len(prompt_ids), 77), device=device))
     rev = unet.config.channels[::-1]
     channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
-    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
+    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd().to(device), channels)
     dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
     segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups, recipe.scaled_dilations(args.size // 4)).to(device).train()
     image = torch.rand(1, 3, args.size, args.size, device=device) * 2 - 1
     label = torch.zeros(1, args.size, args.size, dtype=torch.long, device=device)
     label[:, : args.size // 2] = prompt_ids[0]
     label[:, args.size // 2 :, : args.size // 2] = prompt_ids[1]
+    rows = recipe.branch_rows(frozen, label, True, device)  # 2 prompted classes: 4 rows per U-Net call
     opt = adamw(segmenter.parameters(), device, False, lr=6e-5, weight_decay=0.01)
-    fns = {"recipe": lambda: recipe.train_step(segmenter, frozen, opt, image, label, True, run)}
+    fns = {"recipe": lambda: recipe.train_step(segmenter, frozen, opt, image, label, rows, True, run)}
     if cuda:
         opt_g = adamw(segmenter.parameters(), device, True, lr=6e-5, weight_decay=0.01)
-        later = {"CUDA graph": lambda: (lambda i, l: recipe.train_step(segmenter, frozen, opt_g, i, l, True, run), [segmenter], opt_g, (image, label))}
+        step = lambda i, l, *r: recipe.train_step(segmenter, frozen, opt_g, i, l, r, True, run)  # noqa: E731
+        later = {"CUDA graph": lambda: (step, [segmenter], opt_g, (image, label, *rows))}
     return {"fns": fns, "batch": 1, "later": later if cuda else {}}
 
 
@@ -178,10 +182,11 @@ def digseg(args, device, cuda: bool) -> dict:
     embeds = torch.randn(b, p, device=device)
     forward = torch.compile(model) if args.compile else model
     opt = adamw(params, device, False, lr=1e-4, weight_decay=1e-2)
-    fns = {"recipe": lambda: recipe.train_step(forward, params, vae, schedule, opt, images, z_y, embeds)}
-    if cuda:
+    fns = {"recipe": lambda: recipe.train_step(forward, params, vae, schedule, opt, images, z_y, embeds, *recipe.draw_noise(z_y, schedule))}
+    if cuda:  # t and the multi-resolution noise drawn outside the graph each step, as the recipe does
         opt_g = adamw(params, device, True, lr=1e-4, weight_decay=1e-2)
-        later = {"CUDA graph": lambda: (functools.partial(recipe.train_step, forward, params, vae, schedule, opt_g), [forward], opt_g, (images, z_y, embeds))}
+        inputs = lambda: (images, z_y, embeds, *recipe.draw_noise(z_y, schedule))  # noqa: E731
+        later = {"CUDA graph": lambda: (functools.partial(recipe.train_step, forward, params, vae, schedule, opt_g), [forward], opt_g, inputs)}
     return {"fns": fns, "batch": b, "later": later if cuda else {}}
 
 
@@ -221,11 +226,11 @@ def main() -> None:
         batch = built["batch"]
         fns = {k: f for k, f in built["fns"].items() if callable(f)}
         rows += measure(name, fns, batch, args)
-        rows += [(name, variant, batch, why) for variant, why in built["fns"].items() if not callable(why)]
+        rows += [(name, variant, batch, why, None) for variant, why in built["fns"].items() if not callable(why)]
         write(rows, args, cuda)
         for variant, make in built.get("later", {}).items():  # after the plain rows: a failed capture cannot spoil them
             run = graphed(make)
-            rows += measure(name, {variant: run}, batch, args) if callable(run) else [(name, variant, batch, run)]
+            rows += measure(name, {variant: run}, batch, args) if callable(run) else [(name, variant, batch, run, None)]
             write(rows, args, cuda)
         del built, fns
         if cuda:
@@ -233,11 +238,17 @@ def main() -> None:
 
 
 def measure(name: str, fns: dict, batch: int, args) -> list:
-    """`fns` timed in interleaved rounds -> table rows (recipe, variant, batch, segment ms)."""
+    """`fns` timed in interleaved rounds, then each profiled for `args.iters` steps on CUDA (the
+    share of wall time no kernel runs: the host pacing the GPU) -> table rows (recipe, variant,
+    batch, segment ms, GPU idle share or None)."""
     rows = []
     for variant, ms in interleaved(fns, args.rounds, args.iters, 2, args.device).items():
-        rows.append((name, variant, batch, ms))
-        print(f"{name} {variant}: {spread(ms)} ms per step of {batch}", flush=True)
+        idle = None
+        if args.device.startswith("cuda"):
+            prof = profile_kernels(fns[variant], args.iters)
+            idle = max(prof["wall_ms"] - prof["kernel_ms"], 0) / prof["wall_ms"]
+        rows.append((name, variant, batch, ms, idle))
+        print(f"{name} {variant}: {spread(ms)} ms per step of {batch}" + ("" if idle is None else f", GPU idle {idle:.0%}"), flush=True)
     return rows
 
 
@@ -248,21 +259,23 @@ def write(rows, args, cuda: bool) -> None:
         return
     gpu = device_name(args.device)
     lines = []
-    for name, variant, batch, ms in rows:
+    for name, variant, batch, ms, idle in rows:
         iters, per_iter, unit = SCHEDULES[name]
         if isinstance(ms, str):
-            lines.append(f"| {name} | {variant} | {batch} | {ms} | | {iters:,} × {per_iter} {unit} | |")
+            lines.append(f"| {name} | {variant} | {batch} | {ms} | | | {iters:,} × {per_iter} {unit} | |")
             continue
         rate = 1e3 * batch / statistics.median(ms)
-        lines.append(f"| {name} | {variant} | {batch} | {spread(ms)} | {rate:.2f} | {iters:,} × {per_iter} {unit} | {iters * per_iter / rate / 3600:.1f} |")
+        idle = "" if idle is None else f"{idle:.0%}"
+        lines.append(f"| {name} | {variant} | {batch} | {spread(ms)} | {idle} | {rate:.2f} | {iters:,} × {per_iter} {unit} | {iters * per_iter / rate / 3600:.1f} |")
     table = (
         f"# GPU hours per paper schedule — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
         f"{'tiny configs' if args.tiny else 'SD 2.1-sized U-Net, SD VAE'}, random weights · {args.size}² · "
         f"{'bf16 autocast, frozen parts as the recipes keep them' if cuda else 'fp32 (CPU)'} · "
         f"{'U-Nets compiled' if args.compile else 'eager'} · each recipe's variants interleaved in {args.rounds} segments of "
-        f"{args.iters} steps · ms: median of segment medians (min–max)\n\n"
-        "| recipe | variant | samples/step | ms per step (min–max) | samples/s | paper schedule | hours, one GPU |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        f"{args.iters} steps · ms: median of segment medians (min–max) · GPU idle: share of a profiled segment's wall time "
+        "with no kernel running (host overhead, launch gaps, syncs)\n\n"
+        "| recipe | variant | samples/step | ms per step (min–max) | GPU idle | samples/s | paper schedule | hours, one GPU |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"gpu_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
 

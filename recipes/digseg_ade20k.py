@@ -66,6 +66,7 @@ embedding (no prompt: the palette fixes the classes), so no open vocabulary and 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 from unet_seg.cli import add_validation, parse_recipe_args, recipe_parser, run
@@ -100,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", type=int, help=f"E, seeds averaged in latent space ({REAL['ensemble']}, demo {DEMO['ensemble']})")
     p.add_argument("--ddim-steps", type=int, help=f"S, DDIM-trailing steps ({REAL['ddim_steps']}, demo {DEMO['ddim_steps']})")
     p.add_argument("--threshold", type=float, help=f"τ, mask and background threshold ({REAL['threshold']}, demo {DEMO['threshold']})")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step (VAE encode, "
+                   "U-Net forward and backward, optimiser) as one CUDA graph: the host no longer paces the GPU; default: on "
+                   "where the run has a GPU")
     add_validation(p, "test images", 20)
     p.predict_group.add_argument("--classes", help='your own class names, comma-separated ("cat,grass,sky"): the model is '
                                  "open-vocabulary; 0 in the output where none reaches τ")
@@ -136,7 +140,7 @@ from unet_seg.errors import InputError
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, palette_for, predict_files, read_export, save_export, trained_tensors
 from unet_seg.segmentation import PROGRESS_DELAY, candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
-    autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
+    CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
     resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
@@ -201,14 +205,22 @@ def class_embeddings(text_encoder: CLIPTextEncoderWithProjection, names, device,
     return whiten(embeds) if demo else embeds
 
 
-def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, class_embeds) -> Tensor:
+def draw_noise(z_y: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
+    """A training step's t [B] (uniform over the schedule) and annealed multi-resolution noise
+    [B, 4, h, w] (A.1) for the target latents z_y. The noise's pyramid sizes are drawn on the host:
+    draw them outside a CUDA graph and hand them to `train_step`."""
+    t = torch.randint(0, schedule.num_train_timesteps, (z_y.shape[0],), device=z_y.device)
+    return t, multires_noise(z_y, t, schedule.num_train_timesteps)
+
+
+def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, class_embeds, t, noise) -> Tensor:
     """One optimiser step of eq. 6 (`model`: DiGSeg as called, possibly compiled or DDP-wrapped;
     `params`: what it trains). images [B, 3, H, W], z_y [B, 4, h, w] the target latent (a class
-    mask's or the label map's, `target_latents`), class_embeds [B, P]."""
+    mask's or the label map's, `target_latents`), class_embeds [B, P], t and noise from `draw_noise`
+    -> the loss. No host sync (a CUDA graph can hold it): a non-finite loss skips the update on
+    the device; the caller reads the loss (`check_finite_everywhere`) to stop the run."""
     with torch.no_grad():
         z_x = vae.encode(images)
-        t = torch.randint(0, schedule.num_train_timesteps, (images.shape[0],), device=images.device)
-        noise = multires_noise(z_y, t, schedule.num_train_timesteps)  # A.1, annealed
         y_t = q_sample(z_y, noise, t, schedule)
         target = training_target(z_y, noise, t, schedule)
     with autocast(images.device):
@@ -218,12 +230,15 @@ def train_step(model, params, vae, schedule: NoiseSchedule, opt, images, z_y, cl
 
 @torch.no_grad()
 def target_latents(vae, labels, class_embeds, class_ids, palette=None) -> tuple[Tensor, Tensor]:
-    """Dataset labels [B, H, W] -> (z_y [B, 4, h, w], conditioning [B, P]): a present (or absent,
-    note 4) class's mask and embedding (A.3); with `palette` [C + 1, 3] (note 8) the label map painted
+    """Dataset labels [B, H, W] -> (z_y [B, 4, h, w], conditioning [B, P]) on class_embeds' device: a
+    present (or absent, note 4) class's mask and embedding (A.3), the class picked on the host (from
+    the loader's CPU labels: no device sync); with `palette` [C + 1, 3] (note 8) the label map painted
     palette[i] for class_ids[i], the last colour elsewhere (demo background), and a zero embedding."""
+    device = class_embeds.device
     if palette is None:
-        index, masks = class_mask_pairs(labels, class_ids, ABSENT_PROB)
-        return mask_to_latent(vae, masks), class_embeds[index]
+        index, masks = class_mask_pairs(labels.cpu(), class_ids.cpu(), ABSENT_PROB)
+        return mask_to_latent(vae, masks.to(device), check=False), class_embeds[index.to(device)]  # binary by construction
+    labels = labels.to(device)
     lookup = torch.full((256,), len(class_ids), dtype=torch.long, device=labels.device)
     lookup[class_ids.to(labels.device)], lookup[255] = torch.arange(len(class_ids), device=labels.device), 255
     return labels_to_palette_latent(vae, lookup[labels], palette), class_embeds.new_zeros(len(labels), class_embeds.shape[1])
@@ -350,6 +365,10 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>",
     )
     device = job.device
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"digseg_ade20k.py: error: --cuda-graph needs a CUDA device, this run has {device}")
+    if args.cuda_graph is None:  # the default: on a GPU (tested equal to the eager step there)
+        args.cuda_graph = device.type == "cuda"
 
     # ---- data: label vocabulary, training and test sets
     if args.demo:
@@ -396,7 +415,8 @@ def main(argv=None) -> dict:
     params = set_trainable(model, args.trainable)
     print0(f"training {sum(p.numel() for p in params) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
            f"parameters ({args.trainable}); {schedule.prediction_type} objective; {len(names)} classes")
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
+    lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr  # a graph reads its lr from the GPU
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True, capturable=args.cuda_graph)
 
     models = {"digseg": model}
     step = resume_latest(args.out, models, optimizer=opt, steps=args.steps) if args.resume else 0
@@ -416,12 +436,16 @@ def main(argv=None) -> dict:
     # ---- train: eq. 6 on (image, class) pairs
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
+    train = functools.partial(train_step, forward, params, vae, schedule, opt)
+
     def one_step(batch) -> torch.Tensor:
-        z_y, embeds = target_latents(vae, batch["label"].to(device), class_embeds, class_ids, palette)
-        return check_finite_everywhere(train_step(forward, params, vae, schedule, opt, batch["image"].to(device), z_y, embeds), "DiGSeg loss")
+        z_y, embeds = target_latents(vae, batch["label"], class_embeds, class_ids, palette)
+        return check_finite_everywhere(train(batch["image"].to(device), z_y, embeds, *draw_noise(z_y, schedule)), "DiGSeg loss")
 
     sanity_check(args, out=args.out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, targets={"ADE20K": test_data},
                  evaluate=lambda data: evaluate(model, data, **eval_kw, settings=settings, modes=args.candidates, control=args.demo and palette is None))  # fmt: skip
+    if args.cuda_graph:  # captured after the sanity check, which reloads the optimiser state a graph would hold
+        train = CudaGraphStep(train, [forward], opt)
     bar = progress(total=args.steps, initial=step, desc="DiGSeg")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         loss = one_step(batch)
@@ -435,6 +459,8 @@ def main(argv=None) -> dict:
             miou = summarise(next(iter(conf.values())), scored)["mIoU"]
             print0(f"step {step}: mIoU {miou:.2f} on {len(quick)} test images ({settings[0][0]}x{settings[0][1]})")
     bar.close()
+    if args.cuda_graph:
+        train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     train_time = time.perf_counter() - job.started
     export(model, class_embeds, clip_text, args, label_names, class_ids, vocab[1])
 

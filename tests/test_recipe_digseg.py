@@ -187,3 +187,49 @@ def test_label_map_targets_paint_each_class_its_palette_colour_and_take_no_promp
     assert torch.equal(cond, torch.zeros(2, 6))
     z, cond = recipe.target_latents(identity, labels, embeds, class_ids)  # per class: a present class's mask
     assert z.shape == (2, 3, 8, 8) and cond.shape == (2, 6)
+
+
+def test_cuda_graph_needs_a_gpu(tmp_path, cpu_only):
+    recipe = _recipe()
+    assert recipe.parse_args(["--demo"]).cuda_graph is None and recipe.parse_args(["--demo", "--no-cuda-graph"]).cuda_graph is False
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        recipe.main(TINY + ["--cuda-graph", "--out", str(tmp_path)])
+
+
+def test_graphed_training_steps_train_as_eager_steps_do():
+    """The default on a GPU: the training step (VAE encode, the paper's trainable subset forward and
+    backward, AdamW) replayed as one CUDA graph follows the eager step from the first step on: the
+    loss and every weight after each of 4 steps, t and the multi-resolution noise drawn outside the
+    graph each step (their pyramid sizes differ from step to step). Runs where a GPU is (CI has none)."""
+    import copy
+    import functools
+
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+    from unet_seg.train import CudaGraphStep
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    recipe, dev = _recipe(), torch.device("cuda")
+    vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
+    schedule = NoiseSchedule.sd().to(dev)
+    eager = _model(recipe).to(dev).train()
+    graphed = copy.deepcopy(eager)
+    params = [recipe.set_trainable(m, "paper") for m in (eager, graphed)]
+    opts = [torch.optim.AdamW(p, lr=torch.tensor(1e-3, device=dev), weight_decay=1e-2, fused=True, capturable=True) for p in params]
+    steps = [functools.partial(recipe.train_step, m, p, vae, schedule, o) for m, p, o in zip((eager, graphed), params, opts)]
+    graph_step = CudaGraphStep(steps[1], [graphed], opts[1])
+    images, embeds = torch.rand(2, 3, 64, 64, device=dev) * 2 - 1, torch.randn(2, 32, device=dev)
+    z_y = vae.encode(torch.rand(2, 3, 64, 64, device=dev) * 2 - 1)
+    for i in range(4):
+        inputs = (images, z_y, embeds, *recipe.draw_noise(z_y, schedule))
+        torch.cuda.manual_seed(100 + i)
+        loss_e = steps[0](*inputs)
+        torch.cuda.manual_seed(100 + i)
+        loss_g = graph_step(*inputs)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-5, atol=0)
+        for p, q in zip(graphed.parameters(), eager.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(graph_step.graphs) == 1
+    graph_step.close()
