@@ -72,7 +72,7 @@ def main() -> None:
         contexts = text(torch.randint(0, 49407, (1 + len(prompt_ids), 77), device=device))
     rev = unet.config.channels[::-1]
     channels = [len(run.timesteps) * 6 * rev[i] for i in recipe.LEVELS]
-    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd(), channels)
+    frozen = recipe.Frozen(unet, vae, contexts, prompt_ids, NoiseSchedule.sd().to(device), channels)
     dims, fine, embed, groups = ((32, 64, 128), 32, 32, 8) if args.tiny else ((512, 1024, 2048), 256, 256, 32)
     crop = (64, 64) if args.tiny else (512, 512)
     segmenter = recipe.Segmenter(channels, 19, dims, fine, embed, groups, recipe.scaled_dilations(crop[0] // 4)).to(device).train()
@@ -89,6 +89,8 @@ def main() -> None:
     for kind, r in runs.items():
         r.features = kind
 
+    uncond_rows, train_rows = recipe.prompt_rows([None], [], z0.shape[-2:], z0.device), recipe.branch_rows(frozen, label, True, image.device)
+
     def step_begin():
         if device == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
@@ -97,14 +99,14 @@ def main() -> None:
         def fn():
             step_begin()
             with torch.no_grad(), recipe.autocast(device):
-                return recipe.diffusion_levels(frozen, z0, [None], runs[kind])
+                return recipe.diffusion_levels(frozen, z0, uncond_rows, runs[kind])
 
         return fn
 
     def train(kind):
         def fn():
             step_begin()
-            return recipe.train_step(segmenter, frozen, opt, image, label, True, runs[kind])
+            return recipe.train_step(segmenter, frozen, opt, image, label, train_rows, True, runs[kind])
 
         return fn
 

@@ -399,7 +399,7 @@ def test_graphed_training_steps_train_as_eager_steps_do(cached):
     graph_step.close()
 
 
-def test_cuda_graph_is_on_where_the_run_has_a_gpu_and_no_cuda_graph_turns_it_off(tmp_path, monkeypatch):
+def test_cuda_graph_is_on_where_the_run_has_a_gpu_and_no_cuda_graph_turns_it_off(tmp_path, monkeypatch, cpu_only):
     """The CUDA graph is the default on a GPU (tested equal to the eager step above); on the CPU the
     run steps eagerly, and --no-cuda-graph is accepted."""
     r = _recipe()
