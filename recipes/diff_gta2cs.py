@@ -157,7 +157,7 @@ def prompt_rows(labels, prompt_ids: list[int], size, device) -> tuple[torch.Tens
     R depends on the classes present, so the rows are found on the host, from the CPU labels."""
     labels = [None if y is None else y.cpu() for y in labels]
     rows = [(n, k) for n, y in enumerate(labels) for k in [0, *([] if y is None else [k for k, c in enumerate(prompt_ids, 1) if bool((y == c).any())])]]
-    masks = [torch.ones(size) if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
+    masks = [torch.ones(size, device="cpu") if k == 0 else F.interpolate((labels[n] == prompt_ids[k - 1])[None, None].float(), size, mode="nearest")[0, 0] for n, k in rows]
     return *torch.tensor(rows, device=device).T, torch.stack(masks).to(device)
 
 

@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
         else:
             sd = load_sd(args.model, vae_dtype=torch.float32, prediction_type=args.prediction_type)
             clip_text, clip_vision = load_clip(args.clip)
-    unet, vae, schedule = sd.unet, sd.vae, sd.schedule
+    unet, vae, schedule = sd.unet, sd.vae, sd.schedule.to(device)  # on the device: a CUDA graph cannot copy it there
     sd.text_encoder.to(device).eval()
     null_context = sd.encode_prompt([""])  # [1, 77, D]
     class_embeds = class_embeddings(clip_text, names, device, args.demo)  # [C, P], cached (A.3)

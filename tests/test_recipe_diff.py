@@ -55,6 +55,9 @@ def test_prompt_rows_give_the_empty_prompt_everywhere_and_present_classes_their_
     assert image.tolist() == [0, 0, 1] and prompt.tolist() == [0, 2, 0]
     assert (mask[0] == 1).all() and (mask[2] == 1).all()
     assert mask[1, :2].eq(1).all() and mask[1, 2:].eq(0).all()
+    with torch.device("meta"):  # a default-device context (the benchmarks build on the GPU in one) moves nothing
+        rows = _recipe().prompt_rows([label[0], None], [5, 9], (4, 4), "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(rows, (image, prompt, mask)))
 
 
 def frozen_tiny(recipe, features="trajectory"):
