@@ -160,7 +160,7 @@ def main() -> None:
                                          num_workers=a.workers, persistent_workers=a.workers > 0)  # fmt: skip
     rows, step, seconds, start = [evaluate(0, 0.0)], 0, 0.0, time.time()
     for batch in loader:
-        z_y, cond = R.target_latents(vae, batch["label"].to(dev), emb, class_ids)
+        z_y, cond = R.target_latents(vae, batch["label"], emb, class_ids)  # picks from the CPU labels
         R.train_step(model, params, vae, schedule, opt, batch["image"].to(dev), z_y, cond, *R.draw_noise(z_y, schedule))
         step += 1
         if step % a.every == 0:

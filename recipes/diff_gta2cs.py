@@ -131,7 +131,7 @@ from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_fea
 from unet_seg.train import (
     CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
-    training_batches, wrap_for_training,
+    training_batches, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -304,8 +304,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
     model = wrap_for_training(segmenter, compile=args.compile)
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
 
-    step_on = lambda image, label, *rows: train_step(model, frozen, opt, image, label, rows, ipkl, args)  # noqa: E731
-    train = step_on
+    train = lambda image, label, *rows: train_step(model, frozen, opt, image, label, rows, ipkl, args)  # noqa: E731
 
     def one_step(batch) -> dict:
         image, label = batch["image"], batch["label"]
@@ -318,7 +317,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
     sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
                  evaluate=lambda data: evaluate_semantic(predict, data, num_classes, device), targets=targets, trainings=trainings)  # fmt: skip
     if args.cuda_graph:  # captured after the sanity check, which reloads the optimiser state a graph would hold; one graph per row count
-        train = CudaGraphStep(step_on, [model], opt)
+        train = CudaGraphStep(train, [model], opt)
     bar = progress(total=args.steps, initial=step, desc="DIFF + IPKL" if ipkl else "DIFF (no IPKL)")
     for step, epoch, batch in training_batches(loader, step, args.steps):
         losses = one_step(batch)
@@ -379,10 +378,8 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root <GTA5, Cityscapes, ...>",
     )
     device = job.device
-    if args.cuda_graph and device.type != "cuda":
-        raise SystemExit(f"diff_gta2cs.py: error: --cuda-graph needs a CUDA device, this run has {device}")
-    if args.cuda_graph is None:  # the default: one GPU, the official trajectory (tested equal to the eager step there)
-        args.cuda_graph = device.type == "cuda" and args.features == "trajectory" and rank_and_world()[1] == 1
+    # the default: one GPU and the official trajectory (tested equal to the eager step there)
+    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "diff_gta2cs.py", default=args.features == "trajectory" and rank_and_world()[1] == 1)
 
     # ---- data: a labelled source domain; unseen target domains for evaluation only
     if args.demo:

@@ -131,7 +131,7 @@ from unet_seg.segmentation import episode_tensors, evaluate_episodes, resize_lab
 from unet_seg.train import (
     CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, is_main, print0, progress,
     resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
-    training_batches, unwrap, wrap_for_training,
+    training_batches, unwrap, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -263,10 +263,7 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root <COCO-20i>",
     )
     device = job.device
-    if args.cuda_graph and device.type != "cuda":
-        raise SystemExit(f"diffews_coco20i.py: error: --cuda-graph needs a CUDA device, this run has {device}")
-    if args.cuda_graph is None:  # the default: on a GPU (tested equal to the eager step there)
-        args.cuda_graph = device.type == "cuda"
+    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "diffews_coco20i.py")  # on a GPU: tested equal to the eager step there
 
     # ---- data: the fold's training classes for training, its held-out classes for evaluation (demo: note 4)
     task = fewshot_episodes(args.fold, None if args.demo else args.data_root, size=args.size, train_shots=args.shots,

@@ -141,7 +141,7 @@ from unet_seg.predict import Predictor, default_device, load_checkpoint_for_expo
 from unet_seg.segmentation import PROGRESS_DELAY, candidates_to_labels, class_mask_pairs, clip_candidates, denoise_class_masks, denoise_label_maps, resize_labels
 from unet_seg.train import (
     CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, print0, progress, rank_share, resumable_loader,
-    resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, wrap_for_training,
+    resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run, training_batches, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -365,10 +365,7 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --clip <CLIP ViT-L/14> --data-root <ADEChallengeData2016>",
     )
     device = job.device
-    if args.cuda_graph and device.type != "cuda":
-        raise SystemExit(f"digseg_ade20k.py: error: --cuda-graph needs a CUDA device, this run has {device}")
-    if args.cuda_graph is None:  # the default: on a GPU (tested equal to the eager step there)
-        args.cuda_graph = device.type == "cuda"
+    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "digseg_ade20k.py")  # on a GPU: tested equal to the eager step there
 
     # ---- data: label vocabulary, training and test sets
     if args.demo:

@@ -363,3 +363,16 @@ models). -> (the first CompletedProcess, the draw counts)."""
     rng = [json.loads(safe_open(str(checkpoint_path(d, 2)), "pt").metadata()["state"])["rng"] for d in (straight, split)]
     assert len(rng[0]) == 2 and rng[0] == rng[1], "the ranks' RNG states after step 2 differ from the uninterrupted run's"
     return run, counts
+
+
+def assert_graph_follows_eager(eager_step, graph_step, eager_model, graphed_model, step_inputs) -> None:
+    """For each inputs tuple of `step_inputs`, the eager step and the `CudaGraphStep` from the same
+    CUDA seed give the same outputs (loss, or loss and terms) and leave the same weights."""
+    for i, inputs in enumerate(step_inputs):
+        torch.cuda.manual_seed(100 + i)
+        eager = eager_step(*inputs)
+        torch.cuda.manual_seed(100 + i)
+        graphed = graph_step(*inputs)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=0)
+        for p, q in zip(graphed_model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

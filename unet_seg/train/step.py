@@ -53,6 +53,14 @@ def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Te
     return norm
 
 
+def use_cuda_graph(flag: Optional[bool], device: torch.device, script: str, default: bool = True) -> bool:
+    """A recipe's `--cuda-graph / --no-cuda-graph` against its device: not given (None) -> `default`
+    where the run has a GPU, off elsewhere; asked for without a GPU -> a usage error naming `script`."""
+    if flag and device.type != "cuda":
+        raise SystemExit(f"{script}: error: --cuda-graph needs a CUDA device, this run has {device}")
+    return device.type == "cuda" and default if flag is None else flag
+
+
 class CudaGraphStep:
     """A training step `step(*inputs) -> outputs` (forward, backward, optimiser: a whole step)
     captured as one CUDA graph at its first call for each set of input shapes, then replayed:
