@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-head", action="store_true", help="the demo's decoder sizes (width 64, 4 heads, 2 pixel-decoder and 3 decoder layers, FFN 128, merge 64) instead of the release's (tests, smoke runs)")
     p.add_argument("--dcl-weight", type=float, default=1.0, help="weight of L_dist + L_sup (0: no diffusion branch)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the segmentation model on a GPU (faster; the release trains in fp32)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step (diffusion features, "
+                   "model forward, set loss with its matching, backward, optimiser) as one CUDA graph: the host no longer paces "
+                   "the GPU; default: on where the run has a GPU")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, help="also train the model without DCL (default: on with --demo)")
     p.add_argument("--t-weak", type=int, default=T_WEAK, help="weak-noise timestep t_w (of 1000)")
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
@@ -134,7 +137,7 @@ from unet_seg.backbones import DINOV2_HUB, ReinConvNet, ReinDINOv2
 from unet_seg.data.synthetic import CLASS_NAMES, CLEAN_STYLE, HAZY_STYLE, SemanticScenes, fold_split
 from unet_seg.demo import demo_sd, pretrain_denoiser
 from unet_seg.diffusion import NoiseSchedule
-from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, semantic_scores, semantic_targets, set_loss
+from unet_seg.mask2former import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, check_class_ids, semantic_scores, semantic_targets, set_loss
 from unet_seg.metrics import iou_per_class, iou_table
 from unet_seg.predict import Predictor, default_device, load_checkpoint_for_export, load_tensors, logits_predictor, predict_files, read_export, save_export, trained_tensors
 from unet_seg.models import TINY_SD2, UNet
@@ -142,9 +145,9 @@ from unet_seg.querydiff import DiffusionConsistency, DiffusionTokens, Progressiv
 from unet_seg.segmentation import evaluate_semantic, slide_logits
 from unet_seg.taps import timestep_features
 from unet_seg.train import (
-    autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0, progress,
-    resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
-    training_batches, wrap_for_training,
+    CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0,
+    progress, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
+    training_batches, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -202,9 +205,12 @@ def predict_scores(model: nn.Module, images: Tensor, amp: bool = False) -> Tenso
     return semantic_scores(cls[-1], masks[-1], images.shape[-2:])
 
 
-def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, loss_cfg: SetLossConfig, dcl_weight: float, teacher=None, amp: bool = False) -> dict:
-    """One optimiser step; `teacher` = (unet, vae, context, schedule, (t_w, t_s)) when dcl_weight > 0;
-    the model in fp32 as released (the frozen teacher in bf16 on a GPU), in bf16 autocast with `amp`."""
+def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, loss_cfg: SetLossConfig, dcl_weight: float, teacher=None,
+               amp: bool = False) -> tuple[Tensor, dict]:  # fmt: skip
+    """One optimiser step -> (loss, {term: value}), tensors; `teacher` = (unet, vae, context,
+    schedule, (t_w, t_s)) when dcl_weight > 0; the model in fp32 as released (the frozen teacher
+    in bf16 on a GPU), in bf16 autocast with `amp`. No host sync: a non-finite loss skips the
+    update on the device, and the caller reads the loss after the step (`check_finite_everywhere`)."""
     weak = strong = ()
     if dcl_weight > 0:
         with autocast(images.device):
@@ -212,10 +218,10 @@ def train_step(forward, opt, images: Tensor, labels: Tensor, num_classes: int, l
             weak, strong = diffusion_features(unet, vae, context, images, schedule, timesteps)
     with autocast(images.device, enabled=None if amp else False):
         cls, masks, dcl = forward(images, weak, strong)
-    seg = set_loss(cls, masks, *semantic_targets(labels), num_classes, loss_cfg)
+    seg = set_loss(cls, masks, *semantic_targets(labels, num_classes), loss_cfg)
     loss = seg if dcl is None else seg + dcl_weight * (dcl[0] + dcl[1])
-    check_finite_everywhere(backward_and_step(opt, (), loss, max_norm=None), "QueryDiff loss")  # no clipping (the release's); a non-finite loss skips the update
-    return {"seg": seg.detach()} | ({} if dcl is None else {"dist": dcl[0].detach(), "sup": dcl[1].detach()})
+    backward_and_step(opt, (), loss, max_norm=None)  # no clipping (the release's)
+    return loss.detach(), {"seg": seg.detach()} | ({} if dcl is None else {"dist": dcl[0].detach(), "sup": dcl[1].detach()})
 
 
 @torch.no_grad()
@@ -344,7 +350,10 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     sanity check: 2 steps, a checkpoint, one image of every test set); returns seconds."""
     started = time.perf_counter()
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, args.lr, args.backbone_lr_mult), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    groups = param_groups(model, args.lr, args.backbone_lr_mult)
+    if args.cuda_graph:  # a graph reads the schedule's lr from the GPU
+        groups = [{**g, "lr": torch.tensor(g["lr"], device=device)} for g in groups]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=args.cuda_graph)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=args.steps, power=0.9)
     models = {"model": model}
     step = resume_latest(out, models, optimizer=opt, scheduler=sched, steps=args.steps) if args.resume else 0
@@ -352,23 +361,31 @@ def train(args, model: QueryDiff, out: Path, dcl_weight: float, teacher, train_d
     loader = resumable_loader(train_data, args.batch_size, args.seed, num_workers=args.workers)
     loss_cfg = SetLossConfig(points=args.points)
 
+    train = lambda images, labels: train_step(forward, opt, images, labels, num_classes, loss_cfg, dcl_weight, teacher, args.amp)  # noqa: E731
+
     def one_step(batch) -> dict:
-        losses = train_step(forward, opt, batch["image"].to(device), batch["label"].to(device), num_classes, loss_cfg, dcl_weight, teacher, args.amp)
+        check_class_ids(batch["label"], num_classes)  # on the host: a graph's replays check nothing
+        loss, losses = train(batch["image"].to(device), batch["label"].to(device))
+        check_finite_everywhere(loss, "QueryDiff loss")  # after the step, which a non-finite loss skipped
         sched.step()
-        return losses
+        return {k: v.item() for k, v in losses.items()}
 
     sanity_check(args, out=out, step=step, loader=loader, train=one_step, models=models, optimizer=opt, scheduler=sched,
                  evaluate=lambda data: evaluate(model, data, num_classes, device, args.window if slide else None, args.amp), targets=tests,
                  trainings=trainings)  # fmt: skip
+    if args.cuda_graph:  # captured after the sanity check, which reloads the optimiser state a graph would hold
+        train = CudaGraphStep(train, [forward], opt)
     bar = progress(total=args.steps, initial=step, desc=desc)
     for step, epoch, batch in training_batches(loader, step, args.steps):
         losses = one_step(batch)
         bar.update()
-        bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
         if should_checkpoint(step, args.save_every, args.steps):
             extra = {"args": str(vars(args)), "dcl_weight": dcl_weight}
             save_checkpoint(out, step, models, optimizer=opt, scheduler=sched, epoch=epoch, extra=extra, keep_last=2, final=args.demo and step == args.steps)
     bar.close()
+    if args.cuda_graph:
+        train.close()  # before the process group goes: a live graph holding NCCL calls hangs destroy_process_group
     return time.perf_counter() - started
 
 
@@ -383,6 +400,7 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root ...",
     )
     device = job.device
+    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "querydiff_gta2cs.py")  # on a GPU: tested equal to the eager step there
     train_data, tests, class_names, slide, palette = datasets(args)
     num_classes = len(class_names)
     runs = [("QueryDiff", args.dcl_weight)] + ([("no DCL", 0.0)] if args.compare else [])

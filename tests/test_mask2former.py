@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unet_seg.mask2former import (
-    MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, point_sample, semantic_scores, semantic_targets,
-    set_loss, sine_position_embedding, uncertain_points,
+    MaskedAttentionDecoder, MSDeformAttnPixelDecoder, SetLossConfig, check_class_ids, point_sample, semantic_scores,
+    semantic_targets, set_loss, sine_position_embedding, uncertain_points,
 )  # fmt: skip
 from unet_seg.mask2former.criterion import match
 from unet_seg.mask2former.decoder import MaskedAttentionLayer
@@ -180,12 +180,23 @@ def _targets(b=2, size=32, seed=0):
     return labels
 
 
-def test_semantic_targets_exclude_ignore():
+def test_semantic_targets_are_one_mask_per_class_flagged_where_present():
     labels = _targets()
-    classes, masks = semantic_targets(labels)
-    for c, m, lab in zip(classes, masks, labels):
-        assert 255 not in c.tolist() and m.shape[1:] == lab.shape
-        assert torch.equal(m.sum(0), (lab != 255).float())
+    labels[1][labels[1] == 2] = 0  # image 1 holds classes 0 and 1 only
+    present, masks = semantic_targets(labels, 4)
+    assert present.tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert masks.shape == (2, 4, 32, 32) and masks.dtype == torch.float32
+    torch.testing.assert_close(masks.sum(1), (labels != 255).float())  # ignore pixels belong to no class
+    assert torch.equal(masks[:, 1].bool(), labels == 1)
+
+
+def test_labels_outside_the_vocabulary_are_refused_with_their_ids():
+    labels = _targets()
+    labels[0, 0, 0], labels[1, 0, 0] = 7, -1
+    with pytest.raises(ValueError, match=r"outside 0..2.*\[-1, 7\]"):
+        semantic_targets(labels, 3)
+    with pytest.raises(ValueError, match="class ids"):
+        check_class_ids(labels.float(), 3)
 
 
 def _perfect(labels, num_classes=3, q=5, flip=False):
@@ -203,45 +214,44 @@ def _perfect(labels, num_classes=3, q=5, flip=False):
 
 def test_set_loss_is_small_for_the_right_answer_and_large_for_the_inverted_masks():
     labels = _targets()
-    classes, masks = semantic_targets(labels)
+    targets = semantic_targets(labels, 3)
     cfg = SetLossConfig(points=256)
-    good = set_loss(*[[t] for t in _perfect(labels)], classes, masks, 3, cfg, torch.Generator().manual_seed(0))
-    bad = set_loss(*[[t] for t in _perfect(labels, flip=True)], classes, masks, 3, cfg, torch.Generator().manual_seed(0))
+    good = set_loss(*[[t] for t in _perfect(labels)], *targets, cfg, torch.Generator().manual_seed(0))
+    bad = set_loss(*[[t] for t in _perfect(labels, flip=True)], *targets, cfg, torch.Generator().manual_seed(0))
     assert good < 0.05 * bad, (good, bad)
 
 
 def test_set_loss_without_targets_is_the_weighted_no_object_cross_entropy():
     cls = randn(2, 4, 4, seed=12)
     labels = torch.full((2, 8, 8), 255)
-    loss = set_loss([cls], [randn(2, 4, 2, 2, seed=13)], *semantic_targets(labels), 3)
+    loss = set_loss([cls], [randn(2, 4, 2, 2, seed=13)], *semantic_targets(labels, 3))
     expected = 2.0 * torch.nn.functional.cross_entropy(cls.flatten(0, 1), torch.full((8,), 3))
     torch.testing.assert_close(loss, expected)
 
 
 def test_matching_is_permutation_equivariant_and_loss_reaches_only_matched_masks():
     labels = _targets()
-    classes, masks = semantic_targets(labels)
+    labels[1][labels[1] == 2] = 0  # class 2 absent from image 1: no query of it is matched or trained
+    present, masks = semantic_targets(labels, 3)
     cls, pred = _perfect(labels)
     cls = cls + 0.1 * randn(cls.shape, seed=14)
     perm = torch.randperm(5, generator=torch.Generator().manual_seed(15))
-    q_idx, t_idx = match(cls[0], pred[0], classes[0], masks[0], SetLossConfig(points=256), torch.Generator().manual_seed(1))
-    q_p, t_p = match(cls[0, perm], pred[0, perm], classes[0], masks[0], SetLossConfig(points=256), torch.Generator().manual_seed(1))
-    assert dict(zip(t_idx.tolist(), q_idx.tolist())) == dict(zip(t_p.tolist(), perm[q_p].tolist()))
+    cfg = SetLossConfig(points=256)
+    queries = match([cls], [pred], present, masks, cfg, torch.Generator().manual_seed(1))[0]
+    permuted = match([cls[:, perm]], [pred[:, perm]], present, masks, cfg, torch.Generator().manual_seed(1))[0]
+    assert queries.tolist() == [[0, 1, 2], [0, 1, -1]]
+    assert torch.equal(torch.where(present, perm[permuted.clamp(min=0)], -1), queries)
     pred.requires_grad_()
-    set_loss([cls], [pred], classes, masks, 3, SetLossConfig(points=256)).backward()
+    set_loss([cls], [pred], present, masks, cfg).backward()
     touched = pred.grad.flatten(2).abs().sum(-1) > 0
-    assert touched[:, :3].all() and not touched[:, 3:].any()  # queries 3, 4 predict no-object and match nothing
+    assert touched.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
 
 
-def test_deep_supervision_sums_the_steps():
+def test_set_loss_refuses_targets_of_another_vocabulary():
     labels = _targets()
-    targets = semantic_targets(labels)
-    (cls_a, pred_a), (cls_b, pred_b) = _perfect(labels), _perfect(labels, flip=True)
-    cfg = SetLossConfig(points=64)
-    both = set_loss([cls_a, cls_b], [pred_a, pred_b], *targets, 3, cfg, torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)  # the same random draws, in the same order
-    apart = set_loss([cls_a], [pred_a], *targets, 3, cfg, g) + set_loss([cls_b], [pred_b], *targets, 3, cfg, g)
-    torch.testing.assert_close(both, apart)
+    cls, pred = _perfect(labels)
+    with pytest.raises(ValueError, match="K\\+1"):
+        set_loss([cls], [pred], *semantic_targets(labels, 4))
 
 
 # ------------------------------------------------------- the set loss against a loop of its terms
@@ -260,25 +270,28 @@ def _bilinear(mask, x, y):
     return total
 
 
-def set_loss_reference(all_cls, all_masks, classes, masks, num_classes, cfg, seed):
+def set_loss_reference(all_cls, all_masks, labels, num_classes, cfg, seed):
     """Mask2Former's SetCriterion for semantic segmentation as loops over steps, images, queries,
-    targets and points, replaying the generator's draws in the criterion's order (per image the
-    matching points; then per matched mask the candidate and the uniform points). Matching: the
-    cheapest assignment over all injective maps targets -> queries (brute force)."""
+    targets and points, replaying the generator's draws in the criterion's order (the matching
+    points of every step and image; then per step the candidate and the uniform points of every
+    (image, class) mask, absent classes' included). Targets: per image the classes present, one
+    mask each. Matching: the cheapest assignment over all injective maps targets -> queries
+    (brute force)."""
     import itertools
 
     g = torch.Generator().manual_seed(seed)
     n_points, important = cfg.points, int(cfg.importance_sample_ratio * cfg.points)
+    classes = [sorted(set(lab.flatten().tolist()) - {255}) for lab in labels]
+    masks = [[(lab == c).float() for c in cs] for lab, cs in zip(labels, classes)]
     num_masks = max(sum(len(c) for c in classes), 1)
-    total = 0.0
+    matched = []  # per step {(image, query): target index}
     for cls, logits in zip(all_cls, all_masks):
         b, q = cls.shape[:2]
-        target_of = {}  # (image, query) -> target index
+        target_of = {}
+        all_pts = torch.rand(b, n_points, 2, generator=g).tolist()
         for i in range(b):
             t_n = len(classes[i])
-            if t_n == 0:
-                continue
-            pts = torch.rand(1, n_points, 2, generator=g)[0].tolist()
+            pts = all_pts[i]
             cost = [[0.0] * t_n for _ in range(q)]
             for qi in range(q):
                 prob = torch.softmax(cls[i, qi].double(), -1)
@@ -291,6 +304,10 @@ def set_loss_reference(all_cls, all_masks, classes, masks, num_classes, cfg, see
                     cost[qi][ti] = -cfg.class_weight * prob[classes[i][ti]].item() + cfg.mask_weight * bce + cfg.dice_weight * dice
             best = min(itertools.permutations(range(q), t_n), key=lambda qs: sum(cost[qs[t]][t] for t in range(t_n)))
             target_of.update({(i, qi): ti for ti, qi in enumerate(best)})
+        matched.append(target_of)
+    total = 0.0
+    for cls, logits, target_of in zip(all_cls, all_masks, matched):
+        b, q = cls.shape[:2]
         # class term: cross-entropy over every query, weighted mean with weight no_object_weight on "no object"
         num = den = 0.0
         for i in range(b):
@@ -300,22 +317,21 @@ def set_loss_reference(all_cls, all_masks, classes, masks, num_classes, cfg, see
                 num -= weight * torch.log_softmax(cls[i, qi].double(), -1)[k].item()
                 den += weight
         total += cfg.class_weight * num / den
-        # mask terms of the matched masks, in the criterion's order (image, then query)
-        pairs = sorted(target_of.items())
-        if pairs:
-            cand = torch.rand(len(pairs), int(n_points * cfg.oversample_ratio), 2, generator=g).tolist()
-            rest = torch.rand(len(pairs), n_points - important, 2, generator=g).tolist()
-            bce_sum = dice_sum = 0.0
-            for n, ((i, qi), ti) in enumerate(pairs):
-                uncertainty = [-abs(_bilinear(logits[i, qi], x, y)) for x, y in cand[n]]
-                top = sorted(range(len(cand[n])), key=lambda c: -uncertainty[c])[:important]
-                pts = [cand[n][c] for c in top] + rest[n]
-                xs = [_bilinear(logits[i, qi], x, y) for x, y in pts]
-                ys = [_bilinear(masks[i][ti], x, y) for x, y in pts]
-                bce_sum += sum(math.log1p(math.exp(-abs(a))) + max(a, 0) - a * t for a, t in zip(xs, ys)) / n_points
-                s = [1 / (1 + math.exp(-a)) for a in xs]
-                dice_sum += 1 - (2 * sum(si * t for si, t in zip(s, ys)) + 1) / (sum(s) + sum(ys) + 1)
-            total += (cfg.mask_weight * bce_sum + cfg.dice_weight * dice_sum) / num_masks
+        # mask terms of the matched masks; the draws of mask (image i, class c) are row i·K + c
+        cand = torch.rand(b * num_classes, int(n_points * cfg.oversample_ratio), 2, generator=g).tolist()
+        rest = torch.rand(b * num_classes, n_points - important, 2, generator=g).tolist()
+        bce_sum = dice_sum = 0.0
+        for (i, qi), ti in target_of.items():
+            n = i * num_classes + classes[i][ti]
+            uncertainty = [-abs(_bilinear(logits[i, qi], x, y)) for x, y in cand[n]]
+            top = sorted(range(len(cand[n])), key=lambda c: -uncertainty[c])[:important]
+            pts = [cand[n][c] for c in top] + rest[n]
+            xs = [_bilinear(logits[i, qi], x, y) for x, y in pts]
+            ys = [_bilinear(masks[i][ti], x, y) for x, y in pts]
+            bce_sum += sum(math.log1p(math.exp(-abs(a))) + max(a, 0) - a * t for a, t in zip(xs, ys)) / n_points
+            s = [1 / (1 + math.exp(-a)) for a in xs]
+            dice_sum += 1 - (2 * sum(si * t for si, t in zip(s, ys)) + 1) / (sum(s) + sum(ys) + 1)
+        total += (cfg.mask_weight * bce_sum + cfg.dice_weight * dice_sum) / num_masks
     return total
 
 
@@ -328,11 +344,11 @@ def test_set_loss_equals_a_loop_over_its_terms_with_their_reductions():
     labels = torch.randint(0, 3, (2, 10, 13), generator=g)
     labels[1][labels[1] == 2] = 1
     labels[1, :2] = 255
-    classes, masks = semantic_targets(labels)
-    assert [len(c) for c in classes] == [3, 2]
+    present, masks = semantic_targets(labels, 3)
+    assert present.sum(1).tolist() == [3, 2]
     all_cls = [torch.randn(2, 4, 4, generator=g) for _ in range(2)]
     all_masks = [3 * torch.randn(2, 4, 5, 7, generator=g) for _ in range(2)]
     cfg = SetLossConfig(points=12, oversample_ratio=3.0, importance_sample_ratio=0.75)
-    got = set_loss(all_cls, all_masks, classes, masks, 3, cfg, torch.Generator().manual_seed(5))
-    expected = set_loss_reference(all_cls, all_masks, classes, masks, 3, cfg, seed=5)
-    assert abs(got.item() - expected) <= 1e-5 * abs(expected), (got.item(), expected)  # measured 8.1e-8 relative (float32 against float64)
+    got = set_loss(all_cls, all_masks, present, masks, cfg, torch.Generator().manual_seed(5))
+    expected = set_loss_reference(all_cls, all_masks, labels, 3, cfg, seed=5)
+    assert abs(got.item() - expected) <= 1e-5 * abs(expected), (got.item(), expected)  # measured 2.5e-8 relative (float32 against float64)

@@ -198,3 +198,57 @@ def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_spli
     scores = [(run, col) for run, row in one.items() for col in row if "mIoU" in col]
     assert len(scores) >= 4 and all(two[run][col] == one[run][col] for run, col in scores), (one, two)
 
+
+
+def test_cuda_graph_needs_a_gpu(tmp_path, cpu_only):
+    recipe = _recipe()
+    assert recipe.parse_args(["--demo"]).cuda_graph is None and recipe.parse_args(["--demo", "--no-cuda-graph"]).cuda_graph is False
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        recipe.main(TINY + ["--cuda-graph", "--out", str(tmp_path)])
+
+
+def test_labels_outside_the_vocabulary_stop_the_step_before_the_weights_move(tmp_path, monkeypatch):
+    """The recipe checks the loader's labels on the host (a graph's replays check nothing)."""
+    recipe = _recipe()
+    bad = recipe.ContiguousLabels.__getitem__
+
+    def corrupt(self, i):
+        item = bad(self, i)
+        item["label"][0, 0] = 9  # the demo's vocabulary is 0..5
+        return item
+
+    monkeypatch.setattr(recipe.ContiguousLabels, "__getitem__", corrupt)
+    with pytest.raises(ValueError, match=r"outside 0..5.*\[9\]"):
+        recipe.main(TINY + ["--no-compare", "--out", str(tmp_path)])
+
+
+def test_graphed_training_steps_train_as_eager_steps_do():
+    """The default on a GPU: the training step (the teacher's features at t_w and t_s, the model,
+    the set loss with its matching on the device, backward, AdamW with the release's groups)
+    replayed as one CUDA graph follows the eager step: the loss and its terms, and every weight
+    after each of 4 steps on labels holding different classes. Runs where a GPU is (CI has none)."""
+    import copy
+
+    from unet_seg.train import CudaGraphStep
+
+    from .helpers import assert_graph_follows_eager
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    recipe, dev = _recipe(), torch.device("cuda")
+    args = recipe.parse_args(TINY)
+    teacher = recipe.build_teacher(args, dev)
+    eager = recipe.build_model(args, 6, guided=True, unet=teacher[0]).to(dev).train()
+    graphed = copy.deepcopy(eager)
+    groups = [[{**g, "lr": torch.tensor(g["lr"], device=dev)} for g in recipe.param_groups(m, 1e-3, 0.1)] for m in (eager, graphed)]
+    opts = [torch.optim.AdamW(g, lr=1e-3, fused=True, capturable=True) for g in groups]
+    loss_cfg = recipe.SetLossConfig(points=256)
+    steps = [lambda x, y, m=m, o=o: recipe.train_step(m, o, x, y, 6, loss_cfg, 1.0, teacher) for m, o in zip((eager, graphed), opts)]
+    graph_step = CudaGraphStep(steps[1], [graphed], opts[1])
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, k, (2, 8, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2) for k in (6, 3, 6, 2)]
+    inputs = [(torch.rand(2, 3, 64, 64, generator=g).to(dev) * 2 - 1, y.to(dev)) for y in labels]
+    assert_graph_follows_eager(steps[0], graph_step, eager, graphed, inputs)
+    assert len(graph_step.graphs) == 1
+    graph_step.close()

@@ -122,7 +122,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255, count
     return total / (target.numel() if count_ignored else (target != ignore_index).sum().clamp(min=1))
 
 
-def dice_loss(mask_logits: Tensor, targets: Tensor, ignore_index: Optional[int] = None) -> Tensor:
+def dice_loss(mask_logits: Tensor, targets: Tensor, ignore_index: Optional[int] = None, reduction: str = "mean") -> Tensor:
     """Mask2Former's Dice loss for mask classification: mask logits and {0, 1} (or soft)
     targets [N, ...] for N matched masks, each mask normalised on its own, then averaged:
 
@@ -130,16 +130,20 @@ def dice_loss(mask_logits: Tensor, targets: Tensor, ignore_index: Optional[int] 
 
     With `ignore_index`, pixels whose target equals it are left out of all three sums (as
     `cross_entropy` leaves them out): a binary mask with 255 borders can be passed as it is.
+    `reduction="none"`: the N per-mask losses [N] instead of their mean.
     """
     check_same_shape(mask_logits, targets, "mask_logits", "targets")
     if mask_logits.ndim < 2:
         raise ValueError(f"mask_logits must be [N, ...] with pixels after the mask dim, got {tuple(mask_logits.shape)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     p, t = mask_logits.sigmoid().flatten(1), targets.flatten(1)
     if ignore_index is not None:
         keep = t != ignore_index
         p, t = p * keep, torch.where(keep, t, 0)
     t = t.to(p.dtype)
-    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+    per_mask = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    return per_mask.mean() if reduction == "mean" else per_mask
 
 
 def latent_mse(pred: Tensor, target: Tensor) -> Tensor:

@@ -1,67 +1,71 @@
 """Bipartite matching for set-prediction losses (Mask2Former-style mask classification).
 
-    rows, cols = linear_sum_assignment(cost)      # cost [T targets, Q queries], T <= Q
-    loss on pairs (rows[i], cols[i])              # every target gets its own query
+    cols = min_cost_assignment(cost, rows)        # cost [N, T targets, Q queries], T <= Q
+    loss on pairs (t, cols[n, t]) where rows[n, t] # every target gets its own query
 
-A plain O(n²·m) shortest-augmenting-path Hungarian algorithm (Kuhn–Munkres with potentials,
-Jonker–Volgenant style) in numpy, so the package needs no SciPy. It is exact: the total cost of
-the pairs is the minimum over all assignments that give each row of the smaller side a distinct
-column. Matching is bookkeeping outside autograd; the cost matrix is read on the host.
+The shortest-augmenting-path Hungarian algorithm (Kuhn–Munkres with potentials, Jonker–Volgenant
+style), exact: in each of the N matrices the marked rows get distinct columns of minimum total
+cost. It runs on the tensors' device, all N matrices at once, in a fixed number of tensor
+operations (≈ T² of them) with no host sync and no data-dependent Python control flow, so a
+training step that matches can be replayed as one CUDA graph. Unmarked rows (a class absent
+from an image) take no column, as if they were not in the matrix.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 
-def linear_sum_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
-    """cost [n, m] (finite) -> (rows, cols), int64 CPU tensors of length min(n, m), rows sorted:
-    row rows[i] is assigned column cols[i], distinct columns, minimising Σ cost[rows, cols].
-    (Same contract as `scipy.optimize.linear_sum_assignment` for finite rectangular costs.)"""
-    if cost.ndim != 2:
-        raise ValueError(f"cost must be a matrix [n, m], got shape {tuple(cost.shape)}")
-    c = cost.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(c).all():
-        raise ValueError("cost must be finite (mask infeasible pairs with a large finite value)")
-    transposed = c.shape[0] > c.shape[1]
-    if transposed:
-        c = c.T
-    n, m = c.shape
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty.clone()
-    u, v = np.zeros(n + 1), np.zeros(m + 1)  # potentials; index 0 is the virtual row/column
-    owner = np.zeros(m + 1, dtype=np.int64)  # owner[j] = row (1-based) assigned to column j, 0 = free
-    way = np.zeros(m + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        owner[0], j0 = i, 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:  # grow a shortest-path tree from row i until it reaches a free column
-            used[j0] = True
-            i0 = owner[j0]
-            reduced = c[i0 - 1] - u[i0] - v[1:]
-            better = ~used[1:] & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            free_cols = np.flatnonzero(~used[1:]) + 1
-            j1 = free_cols[np.argmin(minv[free_cols])]
-            delta = minv[j1]
-            u[owner[used]] += delta
-            v[used] -= delta
-            minv[~used] -= delta
-            j0 = j1
-            if owner[j0] == 0:
-                break
-        while j0:  # augment along the path
-            j1 = way[j0]
-            owner[j0] = owner[j1]
-            j0 = j1
-    cols = np.flatnonzero(owner[1:])
-    rows = owner[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows)
-    return torch.from_numpy(rows[order].astype(np.int64)), torch.from_numpy(cols[order].astype(np.int64))
+def min_cost_assignment(cost: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """cost [N, T, Q] (finite, T <= Q), rows [N, T] bool (None: all) -> cols [N, T] long: in each
+    matrix the marked rows get distinct columns minimising Σ cost[n, t, cols[n, t]]; -1 for the
+    unmarked. Bookkeeping outside autograd (float64 inside); no host sync."""
+    if cost.ndim != 3:
+        raise ValueError(f"cost must be matrices [N, T, Q], got shape {tuple(cost.shape)}")
+    n, t, q = cost.shape
+    if t > q:
+        raise ValueError(f"cost must have no more rows than columns (T <= Q), got T = {t}, Q = {q}")
+    rows = torch.ones(n, t, dtype=torch.bool, device=cost.device) if rows is None else rows.to(cost.device)
+    if rows.shape != (n, t) or rows.dtype != torch.bool:
+        raise ValueError(f"rows must be bool [{n}, {t}], got {rows.dtype} {tuple(rows.shape)}")
+    if not (cost.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync; a graph's warm-up calls check it
+        if not torch.isfinite(cost).all():
+            raise ValueError("cost must be finite (mask infeasible pairs with a large finite value)")
+    c = cost.detach().double()
+    inf = torch.tensor(float("inf"), dtype=c.dtype, device=c.device)
+    # index 0 of the columns is a virtual column; rows are 1-based in `owner` (0: column free)
+    u, v = c.new_zeros(n, t + 1), c.new_zeros(n, q + 1)  # potentials of rows and columns
+    owner = torch.zeros(n, q + 1, dtype=torch.long, device=c.device)  # owner[:, j] = row holding column j
+    way = torch.zeros_like(owner)  # the previous column on the shortest path to j
+    for i in range(1, t + 1):
+        active = rows[:, i - 1].clone()  # matrices still growing row i's shortest-path tree
+        owner[:, 0] = i
+        j0 = torch.zeros(n, 1, dtype=torch.long, device=c.device)
+        minv = c.new_full((n, q + 1), float("inf"))
+        used = torch.zeros(n, q + 1, dtype=torch.bool, device=c.device)
+        for _ in range(i):  # each pass adds one column to the tree; at most i - 1 columns are held, so a free one comes by pass i
+            used = used | (torch.nn.functional.one_hot(j0[:, 0], q + 1).bool() & active[:, None])
+            i0 = owner.gather(1, j0)  # [N, 1], the row holding j0
+            reduced = c.gather(1, (i0 - 1).clamp(min=0)[:, :, None].expand(-1, 1, q))[:, 0] - u.gather(1, i0) - v[:, 1:]
+            better = ~used[:, 1:] & (reduced < minv[:, 1:]) & active[:, None]
+            minv[:, 1:] = torch.where(better, reduced, minv[:, 1:])
+            way[:, 1:] = torch.where(better, j0, way[:, 1:])
+            open_minv = torch.where(used[:, 1:], inf, minv[:, 1:])
+            j1 = open_minv.argmin(1, keepdim=True)  # first of equal minima, as a sequential scan
+            delta = torch.where(active[:, None], open_minv.gather(1, j1), 0)
+            u = u.scatter_add(1, owner, torch.where(used, delta, 0))  # the tree's rows (owners of used columns)
+            v = v - torch.where(used, delta, 0)
+            minv = minv - torch.where(used, 0, delta)
+            j0 = torch.where(active[:, None], j1 + 1, j0)
+            active = active & (owner.gather(1, j0)[:, 0] != 0)
+        for _ in range(i):  # augment back along the path (at most i columns long) to the virtual column
+            moving = j0 != 0
+            j1 = way.gather(1, j0)
+            owner = owner.scatter(1, j0, torch.where(moving, owner.gather(1, j1), owner.gather(1, j0)))
+            j0 = torch.where(moving, j1, j0)
+    cols = torch.full((n, t + 1), -1, dtype=torch.long, device=c.device)
+    cols = cols.scatter(1, owner[:, 1:], torch.arange(q, device=c.device).expand(n, q))  # free columns all land on index 0
+    return cols[:, 1:]

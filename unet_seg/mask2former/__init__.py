@@ -3,12 +3,12 @@
     ms_deform_attn, MSDeformAttn       multi-scale deformable attention (deform.py)
     MSDeformAttnPixelDecoder           6-layer deformable encoder + FPN to stride 4 (pixel_decoder.py)
     MaskedAttentionDecoder             masked-attention transformer decoder, deep supervision (decoder.py)
-    set_loss, semantic_targets         Hungarian-matched set loss with importance-sampled points (criterion.py)
+    set_loss, semantic_targets         Hungarian-matched set loss with importance-sampled points, no host sync (criterion.py)
     semantic_scores                    per-class scores from (class, mask) predictions
 
     mask_features, memories = pixel_decoder(features)             # 4 maps, strides 4..32
     all_cls, all_masks = decoder(mask_features, memories, q, q_pos)
-    loss = set_loss(all_cls, all_masks, *semantic_targets(labels), num_classes)
+    loss = set_loss(all_cls, all_masks, *semantic_targets(labels, num_classes))
     scores = semantic_scores(all_cls[-1], all_masks[-1], (H, W))  # [B, K, H, W]
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .criterion import SetLossConfig, point_sample, semantic_targets, set_loss, uncertain_points
+from .criterion import SetLossConfig, check_class_ids, point_sample, semantic_targets, set_loss, uncertain_points
 from .decoder import MaskedAttentionDecoder
 from .deform import MSDeformAttn, ms_deform_attn
 from .pixel_decoder import MSDeformAttnPixelDecoder, sine_position_embedding
@@ -35,6 +35,6 @@ def semantic_scores(cls: Tensor, masks: Tensor, size: Optional[tuple[int, int]] 
 
 
 __all__ = [
-    "MSDeformAttn", "MSDeformAttnPixelDecoder", "MaskedAttentionDecoder", "SetLossConfig", "ms_deform_attn", "point_sample",
+    "MSDeformAttn", "MSDeformAttnPixelDecoder", "MaskedAttentionDecoder", "SetLossConfig", "check_class_ids", "ms_deform_attn", "point_sample",
     "semantic_scores", "semantic_targets", "set_loss", "sine_position_embedding", "uncertain_points",
 ]  # fmt: skip
