@@ -13,6 +13,11 @@ batch, the frozen parts in bf16 and training under bf16 autocast as the recipes 
 - DIFF: one 512² crop, IPKL, the official trajectory features. Schedule: 40 000 × 1.
 - QueryDiff: 4 crops of 512², DCL on (DINOv2-L + Rein, random weights). Schedule: 60 000 × 4.
 - DiGSeg: 2 images of 512², the paper's trainable subset. Schedule: the recipe's 30 000 × 2.
+With `--eval`, DIFF's and QueryDiff's evaluation too: the recipe's prediction of one image at
+each target's evaluation size (DIFF: the whole image through the 37-step trajectory; QueryDiff:
+512² windows at stride 341), times the target's validation images -> hours per evaluation of
+all targets (a second table). Sizes: Cityscapes 1024×512 (500 images), BDD100K 1280×720
+(1000), Mapillary 680×512 (2000; its 4:3 images), ACDC 960×544 (406), Dark Zurich 960×544 (50).
 For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
 after its plain rows are timed (not interleaved with them; a failed capture cannot spoil them);
 where capture fails (a host sync in the step) the table says so instead of a time. Each recipe
@@ -43,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_diffews import cached_posteriors  # noqa: E402
-from bench_models import device_name, file_tag, interleaved, load_recipe, profile_kernels, spread, write_table  # noqa: E402
+from bench_models import device_name, file_tag, interleaved, load_recipe, profile_kernels, spread, timed, write_table  # noqa: E402
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD2_TEXT, SD21, SD_VAE, TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
@@ -51,6 +56,8 @@ from unet_seg.train import CudaGraphStep  # noqa: E402
 
 # (iterations, samples per iteration, what a sample is) of each paper's schedule
 SCHEDULES = {"DiffewS": (10_000, 16, "episodes"), "DIFF": (40_000, 1, "crops"), "QueryDiff": (60_000, 4, "crops"), "DiGSeg": (30_000, 2, "images")}
+# validation sets: (name, images, (H, W) the recipes evaluate at: `ResizeImage(LAYOUTS[name].scale)` of a typical image)
+TARGETS = [("Cityscapes", 500, (512, 1024)), ("BDD100K", 1000, (720, 1280)), ("Mapillary", 2000, (512, 680)), ("ACDC", 406, (544, 960)), ("Dark Zurich", 50, (544, 960))]
 
 
 def adamw(params, device, graph: bool, lr: float = 1e-5, **kw):
@@ -130,7 +137,12 @@ def diff(args, device, cuda: bool) -> dict:
         opt_g = adamw(segmenter.parameters(), device, True, lr=6e-5, weight_decay=0.01)
         step = lambda i, l, *r: recipe.train_step(segmenter, frozen, opt_g, i, l, r, True, run)  # noqa: E731
         later = {"CUDA graph": lambda: (step, [segmenter], opt_g, (image, label, *rows))}
-    return {"fns": fns, "batch": 1, "later": later if cuda else {}}
+
+    def evaluation():  # the whole image, the unconditional branch's trajectory, as `evaluate_semantic` calls it
+        segmenter.eval()
+        return [(name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run)) for name, n, size in TARGETS]
+
+    return {"fns": fns, "batch": 1, "later": later if cuda else {}, "eval": evaluation}
 
 
 def querydiff(args, device, cuda: bool) -> dict:
@@ -162,7 +174,18 @@ def querydiff(args, device, cuda: bool) -> dict:
             step = lambda xs, ys: recipe.train_step(model, opt_g, xs, ys, num_classes, loss_cfg, 1.0, teacher, amp=True)  # noqa: E731
             return step, [model], opt_g, (x, labels)
 
-    return {"fns": fns, "batch": b, "later": {"CUDA graph": make} if cuda else {}}
+    def evaluation():  # slid 512² windows at stride 341 (the release's test_cfg), no diffusion branch
+        model.eval()
+        score = recipe.scores(model, num_classes, recipe.slide_window(size), amp=True)
+        return [(name, n, hw, lambda hw=hw: score(eval_image(hw, args, device))) for name, n, hw in TARGETS[:3]]
+
+    return {"fns": fns, "batch": b, "later": {"CUDA graph": make} if cuda else {}, "eval": evaluation}
+
+
+def eval_image(size: tuple[int, int], args, device) -> torch.Tensor:
+    """One test image [1, 3, H, W] at a target's evaluation size (--tiny: an eighth of each side)."""
+    h, w = (max(64, s // 8 // 64 * 64) for s in size) if args.tiny else size
+    return torch.rand(1, 3, h, w, device=device) * 2 - 1
 
 
 def digseg(args, device, cuda: bool) -> dict:
@@ -202,6 +225,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="steps per timed segment")
     p.add_argument("--rounds", type=int, default=4, help="segments per variant, interleaved")
     p.add_argument("--compile", action="store_true", help="DiffewS's, DIFF's and DiGSeg's U-Net compiled, as the recipes' --compile")
+    p.add_argument("--eval", action="store_true", help="also time DIFF's and QueryDiff's evaluation of each target (a second table)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
@@ -214,13 +238,17 @@ def main() -> None:
     names = [wanted[key.strip().lower()] for key in args.recipes.split(",")]
     if len(names) > 1:  # one process per recipe: a failed CUDA-graph capture leaves the CUDA RNG unusable in its process
         rows = []
+        evals = []
         for name in names:
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run([sys.executable, __file__, *sys.argv[1:], "--recipes", name, "--rows", f"{tmp}/rows.json"], check=True)
-                rows += [tuple(r) for r in json.loads(Path(tmp, "rows.json").read_text())]
+                got = json.loads(Path(tmp, "rows.json").read_text())
+                rows += [tuple(r) for r in got["train"]]
+                evals += [tuple(r) for r in got["eval"]]
             write(rows, args, cuda)
+            write_eval(evals, args)
         return
-    rows = []
+    rows, evals = [], []
     for name in names:
         torch.manual_seed(0)
         with torch.device(device):  # weights initialised where they run: seconds instead of a minute at SD's size
@@ -229,11 +257,19 @@ def main() -> None:
         fns = {k: f for k, f in built["fns"].items() if callable(f)}
         rows += measure(name, fns, batch, args)
         rows += [(name, variant, batch, why, None) for variant, why in built["fns"].items() if not callable(why)]
-        write(rows, args, cuda)
+        write(rows, args, cuda, evals)
+        if args.eval and "eval" in built:  # before any capture: a failed one leaves the CUDA RNG unusable
+            with torch.no_grad():
+                for target, images, size, fn in built["eval"]():
+                    ms = timed(fn, args.iters, 2, args.device)
+                    evals.append((name, target, images, list(size), ms))
+                    print(f"{name} evaluation, {target} {size[1]}×{size[0]}: {ms:.1f} ms per image", flush=True)
+            write(rows, args, cuda, evals)
+            write_eval(evals, args)
         for variant, make in built.get("later", {}).items():  # after the plain rows: a failed capture cannot spoil them
             run = graphed(make)
             rows += measure(name, {variant: run}, batch, args) if callable(run) else [(name, variant, batch, run, None)]
-            write(rows, args, cuda)
+            write(rows, args, cuda, evals)
         del built, fns
         if cuda:
             torch.cuda.empty_cache()
@@ -254,10 +290,31 @@ def measure(name: str, fns: dict, batch: int, args) -> list:
     return rows
 
 
-def write(rows, args, cuda: bool) -> None:
-    """The table of `rows` into args.out; a child process (`--rows`) hands its rows to its parent instead."""
+def write_eval(evals, args) -> None:
+    """The evaluation table (recipe, target, images, (H, W), ms per image) into args.out."""
+    if args.rows or not evals:
+        return
+    gpu = device_name(args.device)
+    lines, hours = [], {}
+    for name, target, images, (h, w), ms in evals:
+        hours[name] = hours.get(name, 0.0) + images * ms / 3.6e6
+        lines.append(f"| {name} | {target} | {w}×{h} | {images} | {ms:.1f} | {images * ms / 3.6e6:.2f} |")
+    lines += [f"| {name} | all of them | | | | **{h:.2f}** |" for name, h in hours.items()]
+    table = (
+        f"# Evaluation hours — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
+        f"{'tiny configs' if args.tiny else 'real sizes'}, random weights, {'bf16 autocast' if args.device.startswith('cuda') else 'fp32 (CPU)'} · {'compiled' if args.compile else 'eager'} · "
+        f"median of {args.iters} calls after 2 warm-up ones · one image per call (DIFF: whole, its trajectory; QueryDiff: "
+        "512² windows at stride 341, batched)\n\n"
+        "| recipe | target | evaluated at | images | ms per image | hours |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+    write_table(table, args.out, f"eval_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
+
+
+def write(rows, args, cuda: bool, evals=()) -> None:
+    """The table of `rows` into args.out; a child process (`--rows`) hands its rows (and evaluation
+    rows) to its parent instead."""
     if args.rows:
-        args.rows.write_text(json.dumps(rows))
+        args.rows.write_text(json.dumps({"train": rows, "eval": list(evals)}))
         return
     gpu = device_name(args.device)
     lines = []

@@ -19,7 +19,8 @@ SMOKE = {
     "bench_models.py": CPU + ["--modes", "eager", "--batches", "1", "--iters", "1", "--rounds", "2", "--models", "unet-sd21,vae-encode", "--size", "64"],
     "bench_diffews.py": CPU + ["--eager", "--shots", "1", "--train-batches", "1", "--iters", "1", "--rounds", "2", "--batch", "2", "--size", "64"],
     "bench_querydiff.py": CPU + ["--modes", "eager", "--iters", "1", "--rounds", "1"],
-    "bench_gpu_hours.py": CPU + ["--iters", "1", "--rounds", "1", "--size", "64"],
+    "bench_gpu_hours.py": CPU + ["--iters", "1", "--rounds", "1", "--size", "64", "--eval"],
+    "bench_matching.py": CPU + ["--iters", "2", "--rounds", "2"],
 }
 
 
