@@ -58,9 +58,9 @@ stages, trained in full) instead of DINOv2, d = 64, 2 encoder and 3 decoder laye
 queries, 64² images of 5 synthetic classes; the teacher is a tiny SD2-structured U-Net with the
 frozen `BlockCodec` as its VAE: the package's pre-trained demo SD (`--random-demo-model`: a
 random one pre-trained here as a denoiser). Control: the same model without the diffusion branch.
-Measured (300 steps, 100 hazy images, seed 0, one CPU thread): 24.48 mIoU with DCL, 23.87
-without, background everywhere 13.35 (earlier, random-start teacher, seeds 0 / 1: 24.41 / 23.74
-with DCL, 24.12 / 25.17 without): no clear DCL gain. (⁵) The release feeds its VAE x/255·2−1 of the normalised input.
+Measured (300 steps, 100 hazy images, seeds 0 / 1, one CPU thread): 25.45 / 22.56 mIoU with DCL,
+22.88 / 23.66 without, background everywhere 13.35 / 13.22 (earlier, random-start teacher: 24.41 /
+23.74 with DCL, 24.12 / 25.17 without): no clear DCL gain. (⁵) The release feeds its VAE x/255·2−1 of the normalised input.
 """
 
 from __future__ import annotations
