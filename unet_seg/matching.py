@@ -34,38 +34,37 @@ def min_cost_assignment(cost: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     if not (cost.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync; a graph's warm-up calls check it
         if not torch.isfinite(cost).all():
             raise ValueError("cost must be finite (mask infeasible pairs with a large finite value)")
-    c = cost.detach().double()
-    inf = torch.tensor(float("inf"), dtype=c.dtype, device=c.device)
-    # index 0 of the columns is a virtual column; rows are 1-based in `owner` (0: column free)
+    c = torch.nn.functional.pad(cost.detach().double(), (1, 0, 1, 0))  # [N, T+1, Q+1]: row and column 0 are virtual
+    # owner[:, j] = row (1-based) holding column j, 0: free; way[:, j] = the column before j on the shortest path to it
     u, v = c.new_zeros(n, t + 1), c.new_zeros(n, q + 1)  # potentials of rows and columns
-    owner = torch.zeros(n, q + 1, dtype=torch.long, device=c.device)  # owner[:, j] = row holding column j
-    way = torch.zeros_like(owner)  # the previous column on the shortest path to j
+    owner = torch.zeros(n, q + 1, dtype=torch.long, device=c.device)
+    way = torch.zeros_like(owner)
     for i in range(1, t + 1):
         active = rows[:, i - 1].clone()  # matrices still growing row i's shortest-path tree
         owner[:, 0] = i
         j0 = torch.zeros(n, 1, dtype=torch.long, device=c.device)
-        minv = c.new_full((n, q + 1), float("inf"))
+        minv = c.new_full((n, q + 1), float("inf"))  # -inf once a column joins the tree: never "better", unchanged by -= delta
         used = torch.zeros(n, q + 1, dtype=torch.bool, device=c.device)
         for _ in range(i):  # each pass adds one column to the tree; at most i - 1 columns are held, so a free one comes by pass i
-            used = used | (torch.nn.functional.one_hot(j0[:, 0], q + 1).bool() & active[:, None])
+            used.scatter_(1, j0, True)  # (a finished matrix marks its free column again: its delta is 0 from here on)
+            minv.scatter_(1, j0, float("-inf"))
             i0 = owner.gather(1, j0)  # [N, 1], the row holding j0
-            reduced = c.gather(1, (i0 - 1).clamp(min=0)[:, :, None].expand(-1, 1, q))[:, 0] - u.gather(1, i0) - v[:, 1:]
-            better = ~used[:, 1:] & (reduced < minv[:, 1:]) & active[:, None]
-            minv[:, 1:] = torch.where(better, reduced, minv[:, 1:])
-            way[:, 1:] = torch.where(better, j0, way[:, 1:])
-            open_minv = torch.where(used[:, 1:], inf, minv[:, 1:])
-            j1 = open_minv.argmin(1, keepdim=True)  # first of equal minima, as a sequential scan
-            delta = torch.where(active[:, None], open_minv.gather(1, j1), 0)
-            u = u.scatter_add(1, owner, torch.where(used, delta, 0))  # the tree's rows (owners of used columns)
-            v = v - torch.where(used, delta, 0)
-            minv = minv - torch.where(used, 0, delta)
-            j0 = torch.where(active[:, None], j1 + 1, j0)
-            active = active & (owner.gather(1, j0)[:, 0] != 0)
-        for _ in range(i):  # augment back along the path (at most i columns long) to the virtual column
-            moving = j0 != 0
+            reduced = c.gather(1, i0[:, :, None].expand(-1, 1, q + 1))[:, 0] - u.gather(1, i0) - v
+            better = (reduced < minv) & active[:, None]
+            minv = torch.where(better, reduced, minv)
+            way = torch.where(better, j0, way)
+            j1 = minv.masked_fill(used, float("inf")).argmin(1, keepdim=True)  # first of equal minima, as a sequential scan
+            delta = torch.where(active[:, None], minv.gather(1, j1), 0)
+            held = torch.where(used, delta, 0)
+            u.scatter_add_(1, owner, held)  # the tree's rows: owners of its columns (column 0's is row i)
+            v -= held
+            minv -= delta
+            j0 = torch.where(active[:, None], j1, j0)
+            active &= owner.gather(1, j0)[:, 0] != 0
+        for _ in range(i):  # augment back along the path (at most i columns) to the virtual column, whose way is 0
             j1 = way.gather(1, j0)
-            owner = owner.scatter(1, j0, torch.where(moving, owner.gather(1, j1), owner.gather(1, j0)))
-            j0 = torch.where(moving, j1, j0)
+            owner.scatter_(1, j0, owner.gather(1, j1))
+            j0 = j1
     cols = torch.full((n, t + 1), -1, dtype=torch.long, device=c.device)
     cols = cols.scatter(1, owner[:, 1:], torch.arange(q, device=c.device).expand(n, q))  # free columns all land on index 0
     return cols[:, 1:]
