@@ -61,12 +61,16 @@ def timestep_features(
     if z0.ndim != 4:
         raise ValueError(f"z0 must be [B, C, h, w] latents, got shape {tuple(z0.shape)}")
     b, c, h, w = z0.shape
-    t = torch.as_tensor(timesteps, device=z0.device)
+    t = torch.as_tensor(timesteps)
     if t.ndim != 1 or len(t) == 0 or t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"timesteps must be a non-empty 1-D sequence of ints, got {timesteps!r}")
     k = len(t)
-    if not isinstance(timesteps, Tensor) and not all(0 <= s < schedule.num_train_timesteps for s in timesteps):
-        raise ValueError(f"timesteps must lie in [0, {schedule.num_train_timesteps}), got {list(timesteps)}")
+    if not isinstance(timesteps, Tensor):
+        if not all(0 <= s < schedule.num_train_timesteps for s in timesteps):
+            raise ValueError(f"timesteps must lie in [0, {schedule.num_train_timesteps}), got {list(timesteps)}")
+        # filled in on the device, not copied from the host: a CUDA graph can hold fills, not a synchronous copy
+        t = torch.stack([torch.full((), int(s), dtype=torch.long, device=z0.device) for s in timesteps])
+    t = t.to(z0.device)
     if not names and not attention_maps:
         raise ValueError("ask for at least one feature (names) or attention map (attention_maps)")
     if context.ndim != 3 or context.shape[0] not in (1, b):
