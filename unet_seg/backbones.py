@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.layers import filled
+
 DINOV2_HUB = "timm/vit_large_patch14_dinov2.lvd142m"  # model.safetensors, config.json
 
 
@@ -64,8 +66,8 @@ TIMM_ARGS = {"embed_dim": "width", "depth": "layers", "num_heads": "heads", "mlp
 
 def imagenet_normalise(x: Tensor) -> Tensor:
     """[-1, 1] RGB -> ImageNet mean/std normalised."""
-    mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = filled([0.485, 0.456, 0.406], x).view(1, 3, 1, 1)
+    std = filled([0.229, 0.224, 0.225], x).view(1, 3, 1, 1)
     return ((x + 1) / 2 - mean) / std
 
 

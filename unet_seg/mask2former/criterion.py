@@ -120,8 +120,7 @@ def set_loss(all_cls: Sequence[Tensor], all_masks: Sequence[Tensor], present: Te
         raise ValueError(f"class logits [{b}, Q, K+1] need targets present [{b}, K] and masks [{b}, K, H, W], got "
                          f"{tuple(all_cls[0].shape)}, {tuple(present.shape)} and {tuple(masks.shape)}")  # fmt: skip
     device = all_cls[0].device
-    class_weight = torch.ones(k + 1, device=device)
-    class_weight[-1] = cfg.no_object_weight
+    class_weight = torch.cat([torch.ones(k, device=device), torch.full((1,), cfg.no_object_weight, device=device)])  # fills: no host copy
     matched = present.flatten().float()  # [B·K] weights of the (image, class) masks: 0 for an absent class
     num_masks = matched.sum().clamp(min=1)
     queries = match(all_cls, all_masks, present, masks, cfg, generator)  # [S, B, K]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.layers import filled
+
 Shapes = Union[Tensor, Sequence[Sequence[int]]]
 
 
@@ -118,6 +120,6 @@ class MSDeformAttn(nn.Module):
         v = self.value_proj(value).view(b, value.shape[1], m, self.dim // m)
         offsets = self.sampling_offsets(query).view(b, q, m, l, p, 2)
         weights = self.attention_weights(query).view(b, q, m, l * p).softmax(-1).view(b, q, m, l, p)
-        normaliser = query.new_tensor([(w, h) for h, w in sizes])  # [L, 2] as (x, y)
+        normaliser = filled([v for h, w in sizes for v in (w, h)], query).view(l, 2)  # [L, 2] as (x, y)
         loc = reference[:, :, None, None, None, :] + offsets / normaliser[:, None, :]
         return self.output_proj(ms_deform_attn(v, sizes, loc, weights))

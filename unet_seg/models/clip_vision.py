@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clip import CLIPTextEncoderWithProjection, EncoderLayer
+from .layers import filled
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -146,6 +147,6 @@ def clip_preprocess(img: Tensor, size: int = 224) -> Tensor:
     x = F.interpolate(img, size=resized, mode="bicubic", antialias=True, align_corners=False)
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     x = ((x[:, :, top : top + size, left : left + size] + 1) / 2).clamp(0, 1)
-    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = filled(CLIP_MEAN, x).view(1, 3, 1, 1)
+    std = filled(CLIP_STD, x).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -24,6 +24,12 @@ AttnProc = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 Procs = Optional[Mapping[str, AttnProc]]
 
 
+def filled(values, like: Tensor) -> Tensor:
+    """Python numbers -> a 1-D tensor of `like`'s dtype on its device, made by fills: a CUDA graph
+    can hold fills, not the synchronous host copy of `like.new_tensor(values)`."""
+    return torch.stack([like.new_full((), v) for v in values])
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, name: str = "") -> Tensor:
     """Default attention processor: softmax(q kᵀ / √d) v through `F.scaled_dot_product_attention`."""
     return F.scaled_dot_product_attention(q, k, v)
