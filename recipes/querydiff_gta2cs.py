@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the segmentation model on a GPU (faster; the release trains in fp32)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step (diffusion features, "
                    "model forward, set loss with its matching, backward, optimiser) as one CUDA graph: the host no longer paces "
-                   "the GPU; default: on where the run has a GPU")
+                   "the GPU; default: on where the run has one GPU (several: opt in)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, help="also train the model without DCL (default: on with --demo)")
     p.add_argument("--t-weak", type=int, default=T_WEAK, help="weak-noise timestep t_w (of 1000)")
     p.add_argument("--t-strong", type=int, default=T_STRONG, help="strong-noise timestep t_s (of 1000)")
@@ -147,7 +147,7 @@ from unet_seg.taps import timestep_features
 from unet_seg.train import (
     CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, evaluation, finish_run, head, load_latest, maybe_compile, print0,
     progress, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
-    training_batches, use_cuda_graph, wrap_for_training,
+    rank_and_world, training_batches, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
 from unet_seg.viz import image_to_uint8, overlay, save_grid
 
@@ -400,7 +400,8 @@ def main(argv=None) -> dict:
         real="--model <SD 2.x> --data-root ...",
     )
     device = job.device
-    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "querydiff_gta2cs.py")  # on a GPU: tested equal to the eager step there
+    # on one GPU, where it is tested equal to the eager step; several GPUs: --cuda-graph (its DDP graph is not measured)
+    args.cuda_graph = use_cuda_graph(args.cuda_graph, device, "querydiff_gta2cs.py", default=rank_and_world()[1] == 1)
     train_data, tests, class_names, slide, palette = datasets(args)
     num_classes = len(class_names)
     runs = [("QueryDiff", args.dcl_weight)] + ([("no DCL", 0.0)] if args.compare else [])
