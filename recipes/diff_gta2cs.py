@@ -52,6 +52,7 @@ import argparse
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 from unet_seg.cli import parse_recipe_args, recipe_parser, run
 
@@ -90,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-rcs", action="store_true", help="uniform image sampling instead of rare-class sampling")
     p.add_argument("--amp", action="store_true", help="bf16 autocast over the trained fusion block and head on a GPU (faster; the release trains them in fp32)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay each training step (trajectory, head, "
-                   "optimiser) as one CUDA graph, one graph per prompt-row count: the host no longer paces the GPU; default: on "
-                   "where the run has one GPU and --features trajectory")
+                   "optimiser) as one CUDA graph, one graph per prompt-row count, and each evaluation's trajectory and head, one graph "
+                   "per image size: the host no longer paces the GPU; default: on where the run has one GPU and --features trajectory")
     p.add_argument("--small-head", action="store_true", help="the demo's fusion and head widths (32/64/128, 32, 32) instead of "
                    "the official 512/1024/2048, 256, 256 (106M parameters): to rehearse a real run on a CPU")
     p.add_argument("--timesteps", type=int, nargs="+", help=f"U-Net times of the saved steps (default {REAL['timesteps']}, demo {DEMO['timesteps']})")
@@ -129,7 +130,7 @@ from unet_seg.models import UNet
 from unet_seg.segmentation import evaluate_semantic
 from unet_seg.taps import fuse_rows, inversion_trajectory_features, timestep_features
 from unet_seg.train import (
-    CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
+    CudaGraphCall, CudaGraphStep, autocast, backward_and_step, check_finite_everywhere, finish_run, head, maybe_compile, print0, progress,
     rank_and_world, resumable_loader, resume_latest, same_init_on_every_rank, sanity_check, save_checkpoint, should_checkpoint, start_run,
     training_batches, use_cuda_graph, wrap_for_training,
 )  # fmt: skip
@@ -246,13 +247,23 @@ def train_step(model, frozen: Frozen, opt, image, label, rows, ipkl: bool, args)
 
 
 @torch.no_grad()
-def predict_logits(segmenter, frozen: Frozen, image, args) -> torch.Tensor:
+def predict_logits(segmenter, frozen: Frozen, image, args, graphs: Optional[CudaGraphCall] = None) -> torch.Tensor:
     """Inference, the unconditional branch only: image [B, 3, H, W] -> logits [B, K, H/4, W/4].
-    The VAE sample and the trajectory noise come from `args.seed`, so predictions are reproducible."""
+    The VAE sample and the trajectory noise are drawn from `args.seed` for every call, so predictions
+    are reproducible; `graphs` (a `CudaGraphCall` of `unconditional_logits`) replays one graph per image size."""
+    rows = prompt_rows([None] * len(image), [], (image.shape[-2] // 8, image.shape[-1] // 8), image.device)  # the VAE's stride
+    with torch.random.fork_rng(devices=[image.device] if image.is_cuda else []):
+        torch.manual_seed(args.seed)
+        if graphs is not None:
+            return graphs(image, *rows).clone()
+        return unconditional_logits(segmenter, frozen, args, image, *rows)
+
+
+def unconditional_logits(segmenter, frozen: Frozen, args, image, *rows) -> torch.Tensor:
+    """`predict_logits` without its seeding: draws from the default generators, no host sync."""
     with autocast(image.device):
-        g = torch.Generator(image.device).manual_seed(args.seed)
-        z0 = frozen.vae.encode(image, sample=True, generator=g)
-        levels = diffusion_levels(frozen, z0, prompt_rows([None] * len(image), [], z0.shape[-2:], image.device), args, g)
+        z0 = frozen.vae.encode(image, sample=True)
+        levels = diffusion_levels(frozen, z0, rows, args)
     with autocast(image.device, enabled=None if args.amp else False):
         return segmenter(levels).float()
 
@@ -334,13 +345,17 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
 
 
 def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_names, device, args):
-    """mIoU of the unconditional branch on every domain -> ({domain: mIoU %}, rows of overlays)."""
-    predict = lambda x: predict_logits(segmenter, frozen, x, args)  # noqa: E731
+    """mIoU of the unconditional branch on every domain -> ({domain: mIoU %}, rows of overlays);
+    with --cuda-graph each image size's trajectory replays as one CUDA graph."""
+    graphs = CudaGraphCall(torch.no_grad()(partial(unconditional_logits, segmenter, frozen, args))) if args.cuda_graph else None
+    predict = lambda x: predict_logits(segmenter, frozen, x, args, graphs)  # noqa: E731
     metrics, shown = {}, {}
     for name, data in targets.items():
         conf, shown[name] = evaluate_semantic(predict, data, num_classes, device, batch_size=8 if args.demo else 1)
         metrics[name] = round(100 * mean_iou(conf).item(), 2)
         print0("\n" + iou_table(conf, class_names, title=f"{name}: IoU per class (mIoU {metrics[name]:.2f}: their mean)"))
+    if graphs is not None:
+        graphs.close()
     return metrics, shown
 
 

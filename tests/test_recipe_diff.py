@@ -4,6 +4,7 @@ and builds the conditional branch from the class prompts inside their masks only
 numbers are in the README (it does not show the paper's gain in miniature; no test claims it)."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -244,6 +245,32 @@ def test_graphed_training_steps_train_as_eager_steps_do():
     assert_graph_follows_eager(steps[0], graph_step, eager, graphed, inputs)  # (loss, {term: value}) compared whole
     assert sorted(key[2][0][0] for key in graph_step.graphs) == [3, 4]  # row_image [R]: one graph per row count
     graph_step.close()
+
+
+def test_graphed_evaluation_predicts_as_the_eager_one_does():
+    """--cuda-graph on one GPU: each evaluation image size's VAE sample, trajectory and head replay as
+    one CUDA graph (two sizes, two graphs), drawing from the seed as the eager prediction does: the
+    same logits, image after image, and the global RNG left as it was. Runs where a GPU is."""
+    from unet_seg.models import TINY_VAE, AutoencoderKL
+    from unet_seg.train import CudaGraphCall
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    recipe, dev = _recipe(), torch.device("cuda")
+    cpu, args = frozen_tiny(recipe)
+    vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
+    frozen = recipe.Frozen(cpu.unet.to(dev), vae, cpu.contexts.to(dev), cpu.prompt_ids, cpu.schedule.to(dev), cpu.level_channels)
+    torch.manual_seed(0)
+    model = recipe.Segmenter(frozen.level_channels, 10, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).to(dev).eval()
+    graphs = CudaGraphCall(torch.no_grad()(partial(recipe.unconditional_logits, model, frozen, args)))
+    state = torch.cuda.get_rng_state()
+    for size in [(64, 64), (72, 40), (64, 64), (72, 40)]:
+        image = torch.rand(1, 3, *size, device=dev) * 2 - 1
+        eager = recipe.predict_logits(model, frozen, image, args)
+        torch.testing.assert_close(recipe.predict_logits(model, frozen, image, args, graphs), eager, rtol=1e-5, atol=1e-5)
+    assert len(graphs.graphs) == 2 and torch.equal(torch.cuda.get_rng_state(), state)
+    graphs.close()
 
 
 def test_two_gloo_processes_share_weights_draw_own_noise_resume_exactly_and_split_the_evaluation(tmp_path):

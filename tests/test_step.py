@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from unet_seg.train import CudaGraphStep, check_finite_everywhere, clip_and_step, load_checkpoint, save_checkpoint
+from unet_seg.train import CudaGraphCall, CudaGraphStep, check_finite_everywhere, clip_and_step, load_checkpoint, save_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -97,6 +97,8 @@ def test_cuda_graph_step_says_it_needs_a_gpu():
     net = _net()
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CudaGraphStep(lambda: None, [net], torch.optim.AdamW(net.parameters(), fused=True))
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        CudaGraphCall(lambda x: x)
 
 
 # ---- on a GPU
@@ -177,3 +179,20 @@ def test_backward_and_step_is_zero_grad_backward_clip_and_step():
         clip_and_step(opts[1], b.parameters(), ref, max_norm=0.5)
         assert torch.equal(loss, ref)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@needs_cuda
+def test_graphed_calls_draw_what_eager_calls_draw_from_the_same_seed_one_graph_per_shape():
+    """CudaGraphCall: a no-grad function with random draws, captured per input shape; seeded before
+    each call it returns what the eager function returns, and replays leave shapes' graphs apart."""
+    net = _net("cuda").eval()
+    fn = torch.no_grad()(lambda x: net(x + torch.randn_like(x)))
+    call = CudaGraphCall(fn)
+    for shape in [(3, 6), (5, 6), (3, 6)]:
+        x = torch.rand(shape, device="cuda")
+        torch.cuda.manual_seed(7)
+        eager = fn(x)
+        torch.cuda.manual_seed(7)
+        torch.testing.assert_close(call(x), eager)
+    assert len(call.graphs) == 2
+    call.close()

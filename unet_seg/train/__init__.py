@@ -42,7 +42,7 @@ One job per module; import everything from `unet_seg.train`:
     checkpoints   save_checkpoint, load_checkpoint, resume_latest, load_latest, latest_checkpoint,
                   checkpoint_path, frozen_weights, FrozenWeightsDiffer
     compute       autocast, maybe_compile, compile_cache_dir, wrap_for_training, ddp, evaluation
-    step          backward_and_step, clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph), use_cuda_graph (a recipe's --cuda-graph)
+    step          backward_and_step, clip_and_step (no host sync), CudaGraphStep (a whole step as one CUDA graph), CudaGraphCall (the same for inference), use_cuda_graph (a recipe's --cuda-graph)
     report        progress (LineProgress), write_metrics
     run           start_run, finish_run
     sanity        sanity_check (a real run's first minutes: steps, checkpoint, one item per eval set)
@@ -63,7 +63,7 @@ from .report import LineProgress, PathLike, progress, write_metrics
 from .rng import rank_seed, rng_states, same_init_on_every_rank, seed_everything, set_rng_states
 from .run import Run, finish_run, start_run
 from .sanity import SanityReport, sanity_check
-from .step import CudaGraphStep, backward_and_step, clip_and_step, use_cuda_graph
+from .step import CudaGraphCall, CudaGraphStep, backward_and_step, clip_and_step, use_cuda_graph
 
 __all__ = [
     "CHECKPOINT_FORMAT", "FrozenWeightsDiffer", "Resumed", "checkpoint_path", "frozen_weights", "latest_checkpoint", "load_checkpoint",
@@ -76,6 +76,6 @@ __all__ = [
     "LineProgress", "PathLike", "progress", "write_metrics",
     "Run", "finish_run", "start_run",
     "SanityReport", "sanity_check",
-    "CudaGraphStep", "backward_and_step", "clip_and_step", "use_cuda_graph",
+    "CudaGraphCall", "CudaGraphStep", "backward_and_step", "clip_and_step", "use_cuda_graph",
     "atomic_path",  # unet_seg.files', also importable from here
 ]  # fmt: skip

@@ -120,25 +120,66 @@ class CudaGraphStep:
         return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
 
     def _capture(self, inputs: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Any]:
-        device = inputs[0].device
-        static_inputs = [x.detach().clone() for x in inputs]
         saved = {id(t): t.detach().clone() for t in self._state()}
-        with torch.random.fork_rng(devices=[device]):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):  # compiles, picks kernels, creates the optimiser state
-                    self.step(*static_inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
+
+        def undo_warmup():
             with torch.no_grad():
-                for t in self._state():  # undo the warm-up; state it created starts from zero, as Adam's does
+                for t in self._state():  # state the warm-up created starts from zero, as Adam's does
                     if id(t) in saved:
                         t.copy_(saved[id(t)])
                     else:
                         t.zero_()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a DataLoader's pin-memory thread allocating pinned memory meanwhile is legal
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self.step(*static_inputs)
+
+        graph, static_inputs, outputs = capture(self.step, inputs, self.pool, self.warmup, undo_warmup)
         self.pool = graph.pool()
         return graph, static_inputs, outputs
+
+
+class CudaGraphCall:
+    """An inference function `fn(*inputs) -> outputs` (no grad, fixed shapes, no host syncs)
+    captured as one CUDA graph at its first call for each set of input shapes, then replayed.
+    Its random draws come from the default CUDA generator at the offset it has at each call: seed
+    it before a call (`torch.manual_seed` under `fork_rng`) and the replay draws what an eager call
+    would. Calls copy the inputs in and return the captured outputs, valid until the next call.
+    Graphs of several shapes share one memory pool; `close()` frees them."""
+
+    def __init__(self, fn: Callable[..., Any], warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaGraphCall needs a CUDA device")
+        self.fn, self.warmup, self.pool = fn, warmup, None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Any]] = {}
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = capture(self.fn, inputs, self.pool, self.warmup)
+            self.pool = self.graphs[key][0].pool()
+        graph, static_inputs, outputs = self.graphs[key]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    close = CudaGraphStep.close
+
+
+def capture(fn: Callable[..., Any], inputs: Sequence[Tensor], pool, warmup: int, after_warmup: Optional[Callable[[], None]] = None):
+    """`fn` warmed up `warmup` times on a side stream and a forked RNG (kernels picked, lazy state
+    made), `after_warmup()` run, then captured into a CUDA graph on copies of `inputs` -> (graph,
+    the static inputs, the captured outputs). The RNG is left as before: the replays draw."""
+    device = inputs[0].device
+    static_inputs = [x.detach().clone() for x in inputs]
+    with torch.random.fork_rng(devices=[device]):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread allocating pinned memory meanwhile is legal
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn(*static_inputs)
+    return graph, static_inputs, outputs
