@@ -16,7 +16,8 @@ batch, the frozen parts in bf16 and training under bf16 autocast as the recipes 
 With `--eval`, DIFF's and QueryDiff's evaluation too: the recipe's prediction of one image at
 each target's evaluation size (DIFF: the whole image through the 37-step trajectory; QueryDiff:
 512² windows at stride 341), times the target's validation images -> hours per evaluation of
-all targets (a second table). Sizes: Cityscapes 1024×512 (500 images), BDD100K 1280×720
+all targets (a second table); on CUDA DIFF's also as the recipe's `--cuda-graph` replays it (one
+graph per image size; the first of the two warm-up calls captures). Sizes: Cityscapes 1024×512 (500 images), BDD100K 1280×720
 (1000), Mapillary 680×512 (2000; its 4:3 images), ACDC 960×544 (406), Dark Zurich 960×544 (50).
 For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
 after its plain rows are timed (not interleaved with them; a failed capture cannot spoil them);
@@ -52,7 +53,7 @@ from bench_models import device_name, file_tag, interleaved, load_recipe, profil
 
 from unet_seg.diffusion import NoiseSchedule  # noqa: E402
 from unet_seg.models import SD2_TEXT, SD21, SD_VAE, TINY_SD2, TINY_SD2_TEXT, TINY_VAE, AutoencoderKL, CLIPTextEncoder, UNet  # noqa: E402
-from unet_seg.train import CudaGraphStep  # noqa: E402
+from unet_seg.train import CudaGraphCall, CudaGraphStep  # noqa: E402
 
 # (iterations, samples per iteration, what a sample is) of each paper's schedule
 SCHEDULES = {"DiffewS": (10_000, 16, "episodes"), "DIFF": (40_000, 1, "crops"), "QueryDiff": (60_000, 4, "crops"), "DiGSeg": (30_000, 2, "images")}
@@ -138,9 +139,14 @@ def diff(args, device, cuda: bool) -> dict:
         step = lambda i, l, *r: recipe.train_step(segmenter, frozen, opt_g, i, l, r, True, run)  # noqa: E731
         later = {"CUDA graph": lambda: (step, [segmenter], opt_g, (image, label, *rows))}
 
-    def evaluation():  # the whole image, the unconditional branch's trajectory, as `evaluate_semantic` calls it
+    def evaluation():  # the whole image, the unconditional branch's trajectory, as `evaluate_semantic` calls it; graphed as --cuda-graph
         segmenter.eval()
-        return [(name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run)) for name, n, size in TARGETS]
+        rows = [("eager", name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run)) for name, n, size in TARGETS]
+        if cuda:
+            graphs = CudaGraphCall(torch.no_grad()(functools.partial(recipe.unconditional_logits, segmenter, frozen, run)))
+            rows += [("CUDA graph", name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run, graphs))
+                     for name, n, size in TARGETS]  # fmt: skip
+        return rows
 
     return {"fns": fns, "batch": 1, "later": later if cuda else {}, "eval": evaluation}
 
@@ -177,7 +183,7 @@ def querydiff(args, device, cuda: bool) -> dict:
     def evaluation():  # slid 512² windows at stride 341 (the release's test_cfg), no diffusion branch
         model.eval()
         score = recipe.scores(model, num_classes, recipe.slide_window(size), amp=True)
-        return [(name, n, hw, lambda hw=hw: score(eval_image(hw, args, device))) for name, n, hw in TARGETS[:3]]
+        return [("eager", name, n, hw, lambda hw=hw: score(eval_image(hw, args, device))) for name, n, hw in TARGETS[:3]]
 
     return {"fns": fns, "batch": b, "later": {"CUDA graph": make} if cuda else {}, "eval": evaluation}
 
@@ -260,10 +266,14 @@ def main() -> None:
         write(rows, args, cuda, evals)
         if args.eval and "eval" in built:  # before any capture: a failed one leaves the CUDA RNG unusable
             with torch.no_grad():
-                for target, images, size, fn in built["eval"]():
-                    ms = timed(fn, args.iters, 2, args.device)
-                    evals.append((name, target, images, list(size), ms))
-                    print(f"{name} evaluation, {target} {size[1]}×{size[0]}: {ms:.1f} ms per image", flush=True)
+                for variant, target, images, size, fn in built["eval"]():
+                    try:
+                        ms = timed(fn, args.iters, 2, args.device)
+                    except Exception as e:  # a failed capture: say so, keep the eager rows
+                        print(f"{name} evaluation, {variant}, {target}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                        break
+                    evals.append((name, variant, target, images, list(size), ms))
+                    print(f"{name} evaluation ({variant}), {target} {size[1]}×{size[0]}: {ms:.1f} ms per image", flush=True)
             write(rows, args, cuda, evals)
             write_eval(evals, args)
         for variant, make in built.get("later", {}).items():  # after the plain rows: a failed capture cannot spoil them
@@ -291,21 +301,21 @@ def measure(name: str, fns: dict, batch: int, args) -> list:
 
 
 def write_eval(evals, args) -> None:
-    """The evaluation table (recipe, target, images, (H, W), ms per image) into args.out."""
+    """The evaluation table (recipe, variant, target, images, (H, W), ms per image) into args.out."""
     if args.rows or not evals:
         return
     gpu = device_name(args.device)
     lines, hours = [], {}
-    for name, target, images, (h, w), ms in evals:
-        hours[name] = hours.get(name, 0.0) + images * ms / 3.6e6
-        lines.append(f"| {name} | {target} | {w}×{h} | {images} | {ms:.1f} | {images * ms / 3.6e6:.2f} |")
-    lines += [f"| {name} | all of them | | | | **{h:.2f}** |" for name, h in hours.items()]
+    for name, variant, target, images, (h, w), ms in evals:
+        hours[name, variant] = hours.get((name, variant), 0.0) + images * ms / 3.6e6
+        lines.append(f"| {name} | {variant} | {target} | {w}×{h} | {images} | {ms:.1f} | {images * ms / 3.6e6:.2f} |")
+    lines += [f"| {name} | {variant} | all of them | | | | **{h:.2f}** |" for (name, variant), h in hours.items()]
     table = (
         f"# Evaluation hours — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
         f"{'tiny configs' if args.tiny else 'real sizes'}, random weights, {'bf16 autocast' if args.device.startswith('cuda') else 'fp32 (CPU)'} · {'compiled' if args.compile else 'eager'} · "
         f"median of {args.iters} calls after 2 warm-up ones · one image per call (DIFF: whole, its trajectory; QueryDiff: "
         "512² windows at stride 341, batched)\n\n"
-        "| recipe | target | evaluated at | images | ms per image | hours |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        "| recipe | variant | target | evaluated at | images | ms per image | hours |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"eval_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
 
