@@ -210,15 +210,9 @@ def test_cuda_graph_options_are_refused_where_they_cannot_apply(tmp_path, capsys
         recipe.main(TINY + ["--cuda-graph", "--out", str(tmp_path)])
 
 
-def test_graphed_training_steps_train_as_eager_steps_do():
-    """The default on one GPU: the training step (VAE sample, 4-step trajectory, both branches'
-    head, losses, AdamW) replayed as a CUDA graph follows the eager step from the first step on: the
-    loss terms and every weight after each of 4 steps whose labels hold one or two prompted classes
-    (3 or 4 prompt rows: two graphs). Runs where a GPU is (CI has none)."""
-    import copy
-
+def _frozen_on_gpu():
+    """(recipe, the tiny Frozen with a tiny SD VAE on the GPU, args, device); skips without a GPU."""
     from unet_seg.models import TINY_VAE, AutoencoderKL
-    from unet_seg.train import CudaGraphStep
 
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a GPU")
@@ -228,6 +222,19 @@ def test_graphed_training_steps_train_as_eager_steps_do():
     vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
     frozen = recipe.Frozen(cpu.unet.to(dev), vae, cpu.contexts.to(dev), cpu.prompt_ids, cpu.schedule.to(dev), cpu.level_channels)
     torch.manual_seed(0)
+    return recipe, frozen, args, dev
+
+
+def test_graphed_training_steps_train_as_eager_steps_do():
+    """The default on one GPU: the training step (VAE sample, 4-step trajectory, both branches'
+    head, losses, AdamW) replayed as a CUDA graph follows the eager step from the first step on: the
+    loss terms and every weight after each of 4 steps whose labels hold one or two prompted classes
+    (3 or 4 prompt rows: two graphs). Runs where a GPU is (CI has none)."""
+    import copy
+
+    from unet_seg.train import CudaGraphStep
+
+    recipe, frozen, args, dev = _frozen_on_gpu()
     eager = recipe.Segmenter(frozen.level_channels, 10, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).to(dev).train()
     graphed = copy.deepcopy(eager)
     # eps 1: updates linear in the gradient. With a small eps Adam's first steps move a weight of near-zero gradient by
@@ -253,17 +260,9 @@ def test_graphed_evaluation_predicts_as_the_eager_one_does():
     """--cuda-graph on one GPU: each evaluation image size's VAE sample, trajectory and head replay as
     one CUDA graph (two sizes, two graphs), drawing from the seed as the eager prediction does: the
     same logits, image after image, and the global RNG left as it was. Runs where a GPU is."""
-    from unet_seg.models import TINY_VAE, AutoencoderKL
     from unet_seg.train import CudaGraphCall
 
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA graphs need a GPU")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    recipe, dev = _recipe(), torch.device("cuda")
-    cpu, args = frozen_tiny(recipe)
-    vae = AutoencoderKL(TINY_VAE).to(dev).eval().requires_grad_(False)
-    frozen = recipe.Frozen(cpu.unet.to(dev), vae, cpu.contexts.to(dev), cpu.prompt_ids, cpu.schedule.to(dev), cpu.level_channels)
-    torch.manual_seed(0)
+    recipe, frozen, args, dev = _frozen_on_gpu()
     model = recipe.Segmenter(frozen.level_channels, 10, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).to(dev).eval()
     graphs = CudaGraphCall(torch.no_grad()(partial(recipe.unconditional_logits, model, frozen, args)))
     images = [(torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(i)) * 2 - 1).to(dev) for i, size in enumerate([(64, 64), (72, 40)] * 2)]

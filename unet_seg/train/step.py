@@ -61,7 +61,45 @@ def use_cuda_graph(flag: Optional[bool], device: torch.device, script: str, defa
     return device.type == "cuda" and default if flag is None else flag
 
 
-class CudaGraphStep:
+class CudaGraphCall:
+    """An inference function `fn(*inputs) -> outputs` (no grad, fixed shapes, no host syncs)
+    captured as one CUDA graph at its first call for each set of input shapes, then replayed.
+    Its random draws come from the default CUDA generator at the offset it has at each call: seed
+    it before a call (`torch.manual_seed` under `fork_rng`) and the replay draws what an eager call
+    would. Calls copy the inputs in and return the captured outputs, valid until the next call.
+    Graphs of several shapes share one memory pool; `close()` frees them."""
+
+    def __init__(self, fn: Callable[..., Any], warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{type(self).__name__} needs a CUDA device")
+        self.fn, self.warmup, self.pool = fn, warmup, None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Any]] = {}
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = capture(self.fn, inputs, self.pool, self.warmup, self._after_warmup())
+            self.pool = self.graphs[key][0].pool()
+        graph, static_inputs, outputs = self.graphs[key]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def close(self) -> None:
+        """Free the graphs and their memory; a later call captures again. Call it before
+        `cleanup_distributed`: a live graph holding NCCL calls makes destroy_process_group hang
+        (pytorch/pytorch#115388)."""
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.pool = None
+
+    def _after_warmup(self) -> Optional[Callable[[], None]]:
+        return None
+
+
+class CudaGraphStep(CudaGraphCall):
     """A training step `step(*inputs) -> outputs` (forward, backward, optimiser: a whole step)
     captured as one CUDA graph at its first call for each set of input shapes, then replayed:
     one launch per step instead of thousands, so the GPU no longer waits for the host.
@@ -79,8 +117,7 @@ class CudaGraphStep:
     and warms up for 11 steps (done here); `close()` before leaving the process group."""
 
     def __init__(self, step: Callable[..., Any], modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, warmup: int = 3):
-        if not torch.cuda.is_available():
-            raise RuntimeError("CudaGraphStep needs a CUDA device")
+        super().__init__(step, warmup)
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise TypeError(f"CudaGraphStep undoes its warm-up steps for Adam and AdamW only, got {type(optimizer).__name__}")
         for group in optimizer.param_groups:
@@ -91,76 +128,27 @@ class CudaGraphStep:
                     f"got fused={group['fused']}, capturable={group['capturable']}, lr={lr!r}"
                 )
         ddp = any(isinstance(getattr(m, "_orig_mod", m), nn.parallel.DistributedDataParallel) for m in modules)
-        self.step, self.modules, self.optimizer = step, list(modules), optimizer
+        self.modules, self.optimizer = list(modules), optimizer
         self.warmup = max(warmup, 11) if ddp else warmup
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Any]] = {}
-        self.pool = None
-
-    def __call__(self, *inputs: Tensor) -> Any:
-        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        graph, static_inputs, outputs = self.graphs[key]
-        for static, x in zip(static_inputs, inputs):
-            static.copy_(x, non_blocking=True)
-        graph.replay()
-        return outputs
-
-    def close(self) -> None:
-        """Free the graphs and their memory; a later call captures again. Call it before
-        `cleanup_distributed`: a live graph holding NCCL calls makes destroy_process_group hang
-        (pytorch/pytorch#115388)."""
-        for graph, _, _ in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
-        self.pool = None
 
     def _state(self) -> list[Tensor]:
         tensors = [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
         return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
 
-    def _capture(self, inputs: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Any]:
+    def _after_warmup(self) -> Callable[[], None]:
+        """Undo the warm-up steps: a copy of the state now, put back after them (state they
+        created starts from zero, as Adam's does)."""
         saved = {id(t): t.detach().clone() for t in self._state()}
 
-        def undo_warmup():
+        def undo():
             with torch.no_grad():
-                for t in self._state():  # state the warm-up created starts from zero, as Adam's does
+                for t in self._state():
                     if id(t) in saved:
                         t.copy_(saved[id(t)])
                     else:
                         t.zero_()
 
-        graph, static_inputs, outputs = capture(self.step, inputs, self.pool, self.warmup, undo_warmup)
-        self.pool = graph.pool()
-        return graph, static_inputs, outputs
-
-
-class CudaGraphCall:
-    """An inference function `fn(*inputs) -> outputs` (no grad, fixed shapes, no host syncs)
-    captured as one CUDA graph at its first call for each set of input shapes, then replayed.
-    Its random draws come from the default CUDA generator at the offset it has at each call: seed
-    it before a call (`torch.manual_seed` under `fork_rng`) and the replay draws what an eager call
-    would. Calls copy the inputs in and return the captured outputs, valid until the next call.
-    Graphs of several shapes share one memory pool; `close()` frees them."""
-
-    def __init__(self, fn: Callable[..., Any], warmup: int = 2):
-        if not torch.cuda.is_available():
-            raise RuntimeError("CudaGraphCall needs a CUDA device")
-        self.fn, self.warmup, self.pool = fn, warmup, None
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Any]] = {}
-
-    def __call__(self, *inputs: Tensor) -> Any:
-        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = capture(self.fn, inputs, self.pool, self.warmup)
-            self.pool = self.graphs[key][0].pool()
-        graph, static_inputs, outputs = self.graphs[key]
-        for static, x in zip(static_inputs, inputs):
-            static.copy_(x, non_blocking=True)
-        graph.replay()
-        return outputs
-
-    close = CudaGraphStep.close
+        return undo
 
 
 def capture(fn: Callable[..., Any], inputs: Sequence[Tensor], pool, warmup: int, after_warmup: Optional[Callable[[], None]] = None):
