@@ -143,7 +143,7 @@ def diff(args, device, cuda: bool) -> dict:
         segmenter.eval()
         rows = [("eager", name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run)) for name, n, size in TARGETS]
         if cuda:
-            graphs = CudaGraphCall(torch.no_grad()(functools.partial(recipe.unconditional_logits, segmenter, frozen, run)))
+            graphs = CudaGraphCall(functools.partial(recipe.unconditional_logits, segmenter, frozen, run))
             rows += [("CUDA graph", name, n, size, lambda size=size: recipe.predict_logits(segmenter, frozen, eval_image(size, args, device), run, graphs))
                      for name, n, size in TARGETS]  # fmt: skip
         return rows

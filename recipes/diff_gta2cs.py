@@ -246,7 +246,6 @@ def train_step(model, frozen: Frozen, opt, image, label, rows, ipkl: bool, args)
     return loss.detach(), {k: v.detach() for k, v in losses.items()}
 
 
-@torch.no_grad()
 def predict_logits(segmenter, frozen: Frozen, image, args, graphs: Optional[CudaGraphCall] = None) -> torch.Tensor:
     """Inference, the unconditional branch only: image [B, 3, H, W] -> logits [B, K, H/4, W/4].
     The VAE sample and the trajectory noise are drawn from `args.seed` for every call, so predictions
@@ -259,6 +258,7 @@ def predict_logits(segmenter, frozen: Frozen, image, args, graphs: Optional[Cuda
         return unconditional_logits(segmenter, frozen, args, image, *rows)
 
 
+@torch.no_grad()
 def unconditional_logits(segmenter, frozen: Frozen, args, image, *rows) -> torch.Tensor:
     """`predict_logits` without its seeding: draws from the default generators, no host sync."""
     with autocast(image.device):
@@ -347,7 +347,7 @@ def fit(args, ipkl: bool, out: Path, frozen: Frozen, train_data, targets: dict, 
 def evaluate(segmenter, frozen: Frozen, targets: dict, num_classes: int, class_names, device, args):
     """mIoU of the unconditional branch on every domain -> ({domain: mIoU %}, rows of overlays);
     with --cuda-graph each image size's trajectory replays as one CUDA graph."""
-    graphs = CudaGraphCall(torch.no_grad()(partial(unconditional_logits, segmenter, frozen, args))) if args.cuda_graph else None
+    graphs = CudaGraphCall(partial(unconditional_logits, segmenter, frozen, args)) if args.cuda_graph else None
     predict = lambda x: predict_logits(segmenter, frozen, x, args, graphs)  # noqa: E731
     metrics, shown = {}, {}
     for name, data in targets.items():

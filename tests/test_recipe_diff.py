@@ -264,7 +264,7 @@ def test_graphed_evaluation_predicts_as_the_eager_one_does():
 
     recipe, frozen, args, dev = _frozen_on_gpu()
     model = recipe.Segmenter(frozen.level_channels, 10, (32, 16, 8), 8, 8, 4, (1, 2, 2, 2)).to(dev).eval()
-    graphs = CudaGraphCall(torch.no_grad()(partial(recipe.unconditional_logits, model, frozen, args)))
+    graphs = CudaGraphCall(partial(recipe.unconditional_logits, model, frozen, args))
     images = [(torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(i)) * 2 - 1).to(dev) for i, size in enumerate([(64, 64), (72, 40)] * 2)]
     state = torch.cuda.get_rng_state()
     for image in images:
