@@ -250,3 +250,35 @@ def test_denoising_samplers_decode_without_autograd_history():
     images, schedule = torch.zeros(1, 3, 8, 8), NoiseSchedule.sd("sample")
     assert not denoise_class_masks(denoiser, codec, schedule, images, torch.zeros(1, 7), 1, 1).requires_grad
     assert not denoise_label_maps(denoiser, codec, schedule, images, torch.zeros(1, 7), palette, 1, 1).requires_grad
+
+
+class CountingCodec(NearestCodec):
+    """NearestCodec recording how many latents each decode call holds."""
+
+    def __init__(self):
+        self.decoded = []
+
+    def decode(self, z):
+        self.decoded.append(z.shape[0])
+        return super().decode(z)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), k=st.integers(1, 6), rows=st.integers(1, 20), seed=st.integers(0, 2**31 - 1))
+def test_class_masks_decode_at_most_decode_rows_latents_per_call_and_equal_one_decode(b, k, rows, seed):
+    """The VAE decodes B·K latents in calls of at most `decode_rows` (its memory grows with the
+    batch: ≈ 0.9 GB per 512² latent in fp32), and the probabilities equal those of one decode."""
+    from unet_seg.diffusion import NoiseSchedule
+    from unet_seg.segmentation import denoise_class_masks
+
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(b * k, 4, 2, 2, generator=g)
+    images, embeds, schedule = torch.rand(b, 3, 16, 16, generator=g), torch.randn(k, 5, generator=g), NoiseSchedule.sd("sample")
+    chunked, whole = CountingCodec(), CountingCodec()
+    prob = denoise_class_masks(_oracle_x0(target), chunked, schedule, images, embeds, 1, 1, decode_rows=rows)
+    once = denoise_class_masks(_oracle_x0(target), whole, schedule, images, embeds, 1, 1, decode_rows=b * k)
+    assert prob.shape == (b, k, 16, 16) and torch.equal(prob, once)
+    assert sum(chunked.decoded) == b * k and max(chunked.decoded) <= rows and len(chunked.decoded) == -(-b * k // rows)
+    assert whole.decoded == [b * k]
+    with pytest.raises(ValueError, match="decode_rows must be a positive"):
+        denoise_class_masks(_oracle_x0(target), whole, schedule, images, embeds, 1, 1, decode_rows=0)

@@ -273,11 +273,16 @@ def denoise_latents(denoiser, vae, schedule: NoiseSchedule, images: Tensor, clas
 
 @torch.no_grad()
 def denoise_class_masks(denoiser, vae, schedule: NoiseSchedule, images: Tensor, class_embeds: Tensor, ensemble: int,
-                        ddim_steps: int, noise: Optional[Tensor] = None) -> Tensor:
+                        ddim_steps: int, noise: Optional[Tensor] = None, decode_rows: int = 8) -> Tensor:
     """images [B, 3, H, W], class_embeds [K, P] -> class probabilities [B, K, H, W]: one
-    `denoise_latents` run per (image, class), each decoded as a white-on-black mask (A.3)."""
+    `denoise_latents` run per (image, class), each decoded as a white-on-black mask (A.3), at most
+    `decode_rows` latents per VAE call (an fp32 decode at 512² holds ≈ 0.9 GB per latent: all 150
+    of ADE20K's classes in one call run out of an 80 GB GPU)."""
+    if decode_rows < 1:
+        raise ValueError(f"decode_rows must be a positive number of latents per VAE decode, got {decode_rows}")
     z = denoise_latents(denoiser, vae, schedule, images, class_embeds, ensemble, ddim_steps, noise)
-    return latent_to_probability(vae, z).unflatten(0, (images.shape[0], class_embeds.shape[0]))
+    prob = torch.cat([latent_to_probability(vae, part) for part in z.split(decode_rows)])
+    return prob.unflatten(0, (images.shape[0], class_embeds.shape[0]))
 
 
 @torch.no_grad()
