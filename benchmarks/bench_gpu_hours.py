@@ -13,10 +13,12 @@ batch, the frozen parts in bf16 and training under bf16 autocast as the recipes 
 - DIFF: one 512² crop, IPKL, the official trajectory features. Schedule: 40 000 × 1.
 - QueryDiff: 4 crops of 512², DCL on (DINOv2-L + Rein, random weights). Schedule: 60 000 × 4.
 - DiGSeg: 2 images of 512², the paper's trainable subset. Schedule: the recipe's 30 000 × 2.
-With `--eval`, DIFF's and QueryDiff's evaluation too: the recipe's prediction of one image at
-each target's evaluation size (DIFF: the whole image through the 37-step trajectory; QueryDiff:
-512² windows at stride 341), times the target's validation images -> hours per evaluation of
-all targets (a second table); on CUDA DIFF's also as the recipe's `--cuda-graph` replays it (one
+With `--eval`, each recipe's evaluation but DiffewS's (bench_diffews.py times it) too: the
+recipe's prediction of one image at each target's evaluation size (DIFF: the whole image through
+the 37-step trajectory; QueryDiff: 512² windows at stride 341; DiGSeg: an ADE20K image squashed to
+512², 8 candidate classes (about an image's class count; CLIP's real selection needs the real
+weights) and all 150 (`--candidates all`), at E×S 8×2 and 1×1), times the target's validation
+images -> hours per evaluation of all targets (a second table); on CUDA DIFF's also as the recipe's `--cuda-graph` replays it (one
 graph per image size; the first of the two warm-up calls captures). Sizes: Cityscapes 1024×512 (500 images), BDD100K 1280×720
 (1000), Mapillary 680×512 (2000; its 4:3 images), ACDC 960×544 (406), Dark Zurich 960×544 (50).
 For DIFF, QueryDiff and DiGSeg a "CUDA graph" row tries `CudaGraphStep` on the recipe's step
@@ -27,7 +29,8 @@ process); the table is written after every recipe, so a call cut short keeps wha
 A recipe's variants are interleaved (A B B A ...; `--rounds` segments of `--iters` steps each),
 recipe after recipe (one set of models in memory at a time). Hours on one GPU = schedule samples
 / measured samples per second; several GPUs divide it by their measured scaling (DiffewS: 1.86×
-on 2, benchmarks/NOTES.md). Evaluation is not included (bench_diffews.py adds DiffewS's).
+on 2, benchmarks/NOTES.md). The training table leaves evaluation out (`--eval`'s second table;
+bench_diffews.py times DiffewS's).
 """
 
 from __future__ import annotations
@@ -218,7 +221,19 @@ def digseg(args, device, cuda: bool) -> dict:
         opt_g = adamw(params, device, True, lr=1e-4, weight_decay=1e-2)
         inputs = lambda: (images, z_y, embeds, *recipe.draw_noise(z_y, schedule))  # noqa: E731
         later = {"CUDA graph": lambda: (functools.partial(recipe.train_step, forward, params, vae, schedule, opt_g), [forward], opt_g, inputs)}
-    return {"fns": fns, "batch": b, "later": later if cuda else {}}
+
+    def evaluation():  # one ADE20K image squashed to 512², scored at 683×512: K candidate classes denoised E×S, as `evaluate` does
+        model.eval()
+        image, class_ids, rules = eval_image((s, s), args, device), torch.arange(150, device=device), {"argmax": None, "τ 0.7": 0.7}
+        out = (s, s * 4 // 3)
+        embeds = torch.randn(150, p, device=device)
+
+        def segment(k, e_s):
+            return lambda: recipe.segment_batch(model, vae, schedule, image, embeds, torch.arange(k, device=device), e_s, out, class_ids, 150, rules)
+
+        return [(f"eager, {k} candidates, E×S {e}×{st}", "ADE20K", 2000, out, segment(k, (e, st))) for k in (8, 150) for e, st in ((8, 2), (1, 1))]
+
+    return {"fns": fns, "batch": b, "later": later if cuda else {}, "eval": evaluation}
 
 
 BUILDERS = {"DiffewS": diffews, "DIFF": diff, "QueryDiff": querydiff, "DiGSeg": digseg}
@@ -231,7 +246,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="steps per timed segment")
     p.add_argument("--rounds", type=int, default=4, help="segments per variant, interleaved")
     p.add_argument("--compile", action="store_true", help="DiffewS's, DIFF's and DiGSeg's U-Net compiled, as the recipes' --compile")
-    p.add_argument("--eval", action="store_true", help="also time DIFF's and QueryDiff's evaluation of each target (a second table)")
+    p.add_argument("--eval", action="store_true", help="also time DIFF's, QueryDiff's and DiGSeg's evaluation of each target (a second table)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     p.add_argument("--out", default="benchmarks/results")
@@ -309,12 +324,13 @@ def write_eval(evals, args) -> None:
     for name, variant, target, images, (h, w), ms in evals:
         hours[name, variant] = hours.get((name, variant), 0.0) + images * ms / 3.6e6
         lines.append(f"| {name} | {variant} | {target} | {w}×{h} | {images} | {ms:.1f} | {images * ms / 3.6e6:.2f} |")
-    lines += [f"| {name} | {variant} | all of them | | | | **{h:.2f}** |" for (name, variant), h in hours.items()]
+    targets = [(name, variant) for name, variant, *_ in evals]
+    lines += [f"| {name} | {variant} | all of them | | | | **{h:.2f}** |" for (name, variant), h in hours.items() if targets.count((name, variant)) > 1]
     table = (
         f"# Evaluation hours — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
         f"{'tiny configs' if args.tiny else 'real sizes'}, random weights, {'bf16 autocast' if args.device.startswith('cuda') else 'fp32 (CPU)'} · {'compiled' if args.compile else 'eager'} · "
         f"median of {args.iters} calls after 2 warm-up ones · one image per call (DIFF: whole, its trajectory; QueryDiff: "
-        "512² windows at stride 341, batched)\n\n"
+        "512² windows at stride 341, batched; DiGSeg: K candidate classes of an image squashed to 512², E×S, scored at 683×512)\n\n"
         "| recipe | variant | target | evaluated at | images | ms per image | hours |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"eval_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)

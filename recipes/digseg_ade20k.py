@@ -7,7 +7,7 @@ statements are the defaults, our readings of what it leaves open are marked "our
 
     python recipes/digseg_ade20k.py --demo                                      # CPU, minutes, no download
     torchrun --nproc_per_node=8 recipes/digseg_ade20k.py --model stabilityai/stable-diffusion-2-base \\
-        --clip openai/clip-vit-large-patch14 --data-root /data/ADEChallengeData2016 --candidates clip all
+        --clip openai/clip-vit-large-patch14 --data-root /data/ADEChallengeData2016
 
 Method (one training sample = an image and one class c; one denoising run per candidate class):
 
