@@ -222,7 +222,7 @@ def digseg(args, device, cuda: bool) -> dict:
         inputs = lambda: (images, z_y, embeds, *recipe.draw_noise(z_y, schedule))  # noqa: E731
         later = {"CUDA graph": lambda: (functools.partial(recipe.train_step, forward, params, vae, schedule, opt_g), [forward], opt_g, inputs)}
 
-    def evaluation():  # one ADE20K image squashed to 512², scored at 683×512: K candidate classes denoised E×S, as `evaluate` does
+    def evaluation():  # one ADE20K image squashed to 512², scored at 682×512: K candidate classes denoised E×S, as `evaluate` does
         model.eval()
         image, class_ids, rules = eval_image((s, s), args, device), torch.arange(150, device=device), {"argmax": None, "τ 0.7": 0.7}
         out = (s, s * 4 // 3)
@@ -330,7 +330,7 @@ def write_eval(evals, args) -> None:
         f"# Evaluation hours — {gpu}\n\n{datetime.date.today()} · torch {torch.__version__} · "
         f"{'tiny configs' if args.tiny else 'real sizes'}, random weights, {'bf16 autocast' if args.device.startswith('cuda') else 'fp32 (CPU)'} · {'compiled' if args.compile else 'eager'} · "
         f"median of {args.iters} calls after 2 warm-up ones · one image per call (DIFF: whole, its trajectory; QueryDiff: "
-        "512² windows at stride 341, batched; DiGSeg: K candidate classes of an image squashed to 512², E×S, scored at 683×512)\n\n"
+        "512² windows at stride 341, batched; DiGSeg: K candidate classes of an image squashed to 512², E×S, scored at 682×512)\n\n"
         "| recipe | variant | target | evaluated at | images | ms per image | hours |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     write_table(table, args.out, f"eval_hours_{file_tag(gpu)}{'_compiled' if args.compile else ''}", args.tiny)
