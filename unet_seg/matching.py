@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .models.layers import capturing
+
 
 def min_cost_assignment(cost: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     """cost [N, T, Q] (finite, T <= Q), rows [N, T] bool (None: all) -> cols [N, T] long: in each
@@ -31,9 +33,8 @@ def min_cost_assignment(cost: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     rows = torch.ones(n, t, dtype=torch.bool, device=cost.device) if rows is None else rows.to(cost.device)
     if rows.shape != (n, t) or rows.dtype != torch.bool:
         raise ValueError(f"rows must be bool [{n}, {t}], got {rows.dtype} {tuple(rows.shape)}")
-    if not (cost.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync; a graph's warm-up calls check it
-        if not torch.isfinite(cost).all():
-            raise ValueError("cost must be finite (mask infeasible pairs with a large finite value)")
+    if not capturing(cost) and not torch.isfinite(cost).all():
+        raise ValueError("cost must be finite (mask infeasible pairs with a large finite value)")
     c = torch.nn.functional.pad(cost.detach().double(), (1, 0, 1, 0))  # [N, T+1, Q+1]: row and column 0 are virtual
     # owner[:, j] = row (1-based) holding column j, 0: free; way[:, j] = the column before j on the shortest path to it
     u, v = c.new_zeros(n, t + 1), c.new_zeros(n, q + 1)  # potentials of rows and columns

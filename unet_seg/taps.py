@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .attention import attention_map_capture
 from .diffusion import NoiseSchedule, ddim_eta_step, eps_from_v, q_sample
-from .models.layers import Procs
+from .models.layers import Procs, capturing, filled
 from .models.unet import UNet
 
 
@@ -68,8 +68,7 @@ def timestep_features(
     if not isinstance(timesteps, Tensor):
         if not all(0 <= s < schedule.num_train_timesteps for s in timesteps):
             raise ValueError(f"timesteps must lie in [0, {schedule.num_train_timesteps}), got {list(timesteps)}")
-        # filled in on the device, not copied from the host: a CUDA graph can hold fills, not a synchronous copy
-        t = torch.stack([torch.full((), int(s), dtype=torch.long, device=z0.device) for s in timesteps])
+        t = filled([int(s) for s in timesteps], z0, dtype=torch.long)
     t = t.to(z0.device)
     if not names and not attention_maps:
         raise ValueError("ask for at least one feature (names) or attention map (attention_maps)")
@@ -184,7 +183,7 @@ def inversion_trajectory_features(
             f"row_image [R], row_context [R, L, D] and row_mask [R, h, w] must agree with z0 {tuple(z0.shape)}; "
             f"got {tuple(row_image.shape)}, {tuple(row_context.shape)}, {tuple(row_mask.shape)}"
         )
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):  # a host sync; a graph's warm-up calls check it
+    if not capturing(row_image):
         step = row_image.diff()
         if r == 0 or row_image[0] != 0 or row_image[-1] != b - 1 or ((step < 0) | (step > 1)).any():
             raise ValueError(f"row_image must be sorted and give every one of the {b} trajectories a row, got {row_image.tolist()}")

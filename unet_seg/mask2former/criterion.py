@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..losses import dice_loss
 from ..matching import min_cost_assignment
+from ..models.layers import capturing
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def check_class_ids(labels: Tensor, num_classes: int, ignore_index: int = 255) -
 def semantic_targets(labels: Tensor, num_classes: int, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
     """labels [B, H, W] (0..K-1, or `ignore_index`) -> (present [B, K] bool, masks [B, K, H, W]
     float): one binary mask per class, present where it has a pixel; ignore pixels belong to none."""
-    if not (labels.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync; a graph's warm-up calls check it
+    if not capturing(labels):
         check_class_ids(labels, num_classes, ignore_index)
     masks = labels[:, None] == torch.arange(num_classes, device=labels.device)[:, None, None]
     return masks.flatten(2).any(-1), masks.float()

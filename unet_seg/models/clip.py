@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import capturing
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -134,8 +136,7 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"ids must be [B, L] with 1 <= L <= {cfg.max_positions}, got shape {tuple(ids.shape)}")
         # A value check needs the ids on the host; under torch.compile and while a CUDA graph is
         # captured (which a host sync would break; its warm-up calls check) it is left to the embedding.
-        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and ids.numel():
+        if not torch.compiler.is_compiling() and not capturing(ids) and ids.numel():
             lo, hi = (int(v) for v in ids.aminmax())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")

@@ -24,10 +24,16 @@ AttnProc = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 Procs = Optional[Mapping[str, AttnProc]]
 
 
-def filled(values, like: Tensor) -> Tensor:
-    """Python numbers -> a 1-D tensor of `like`'s dtype on its device, made by fills: a CUDA graph
-    can hold fills, not the synchronous host copy of `like.new_tensor(values)`."""
-    return torch.stack([like.new_full((), v) for v in values])
+def filled(values, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Python numbers -> a 1-D tensor of `dtype` (default `like`'s) on `like`'s device, made by
+    fills: a CUDA graph can hold fills, not the synchronous host copy of `like.new_tensor(values)`."""
+    return torch.stack([like.new_full((), v, dtype=dtype) for v in values])
+
+
+def capturing(x: Tensor) -> bool:
+    """Whether `x`'s CUDA stream is being captured into a graph: a value check there would sync
+    with the host and break the capture, so skip it (the graph's warm-up calls make it)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, name: str = "") -> Tensor:

@@ -78,7 +78,7 @@ class CudaGraphCall:
     def __call__(self, *inputs: Tensor) -> Any:
         key = tuple((x.shape, x.dtype, x.device) for x in inputs)
         if key not in self.graphs:
-            self.graphs[key] = capture(self.fn, inputs, self.pool, self.warmup, self._after_warmup())
+            self.graphs[key] = capture(self.fn, inputs, self.pool, self.warmup, self._undo_warmup())
             self.pool = self.graphs[key][0].pool()
         graph, static_inputs, outputs = self.graphs[key]
         for static, x in zip(static_inputs, inputs):
@@ -95,7 +95,7 @@ class CudaGraphCall:
         self.graphs.clear()
         self.pool = None
 
-    def _after_warmup(self) -> Optional[Callable[[], None]]:
+    def _undo_warmup(self) -> Optional[Callable[[], None]]:
         return None
 
 
@@ -135,9 +135,9 @@ class CudaGraphStep(CudaGraphCall):
         tensors = [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
         return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
 
-    def _after_warmup(self) -> Callable[[], None]:
-        """Undo the warm-up steps: a copy of the state now, put back after them (state they
-        created starts from zero, as Adam's does)."""
+    def _undo_warmup(self) -> Callable[[], None]:
+        """A copy of the state now, before the warm-up steps -> the function that puts it back
+        after them (state they created starts from zero, as Adam's does)."""
         saved = {id(t): t.detach().clone() for t in self._state()}
 
         def undo():
