@@ -365,10 +365,14 @@ models). -> (the first CompletedProcess, the draw counts)."""
     return run, counts
 
 
-def assert_graph_follows_eager(eager_step, graph_step, eager_model, graphed_model, step_inputs) -> None:
+def assert_graph_follows_eager(eager_step, graph_step, eager_model, graphed_model, step_inputs, optimizers=None) -> None:
     """For each inputs tuple of `step_inputs`, the eager step and the `CudaGraphStep` from the same
-    CUDA seed give the same outputs (loss, or loss and terms) and leave the same weights."""
+    CUDA seed give the same outputs (loss, or loss and terms) and leave the same weights. With
+    `optimizers` (eager, graphed), each step starts the graphed model from the eager one's state
+    (weights, buffers, optimiser state): for a step whose loss is discontinuous in the weights."""
     for i, inputs in enumerate(step_inputs):
+        if optimizers is not None and i > 0:
+            copy_training_state(eager_model, graphed_model, *optimizers)
         torch.cuda.manual_seed(100 + i)
         eager = eager_step(*inputs)
         torch.cuda.manual_seed(100 + i)
@@ -376,3 +380,14 @@ def assert_graph_follows_eager(eager_step, graph_step, eager_model, graphed_mode
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=0)
         for p, q in zip(graphed_model.parameters(), eager_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def copy_training_state(source: torch.nn.Module, target: torch.nn.Module, source_opt, target_opt) -> None:
+    """`source`'s parameters, buffers and optimiser state into `target`'s tensors, in place (a
+    CUDA graph reads them where they are)."""
+    for t, s in zip((*target.parameters(), *target.buffers()), (*source.parameters(), *source.buffers())):
+        t.copy_(s)
+    for t, s in zip(target.parameters(), source.parameters()):
+        for key, value in source_opt.state[s].items():
+            target_opt.state[t][key].copy_(value)
